@@ -1,0 +1,156 @@
+"""Gradients of an equilibrium: implicit, phantom, one-step and unrolled.
+
+Every mode computes the forward fixed point `z* = f(z*, x)` with a solver and
+differs only in how the gradient reaches `x` and the cell's variables:
+
+- `"implicit"`: the implicit function theorem. With `g = dL/dz*`, solve the
+  adjoint fixed point `u = J^T u + g` (`J = df/dz` at `z*`) with a solver, one
+  vector-Jacobian product per step, then pull `u` back through one application
+  of `f`. Memory does not grow with the number of solver steps.
+- `"phantom"`: `k` damped steps `z <- (1 - tau) z + tau f(z, x)` from `z*`,
+  differentiated by autodiff.
+- `"one_step"`: one step `f(z*, x)` differentiated by autodiff, i.e. the
+  Jacobian-free approximation `(I - J)^{-1} ~ I`.
+- `"unrolled"`: autodiff through the whole forward solve (the reference; memory
+  grows with the number of steps).
+"""
+
+import contextlib
+
+import tensorflow as tf
+
+MODES = ("implicit", "phantom", "one_step", "unrolled")
+
+
+def check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"`backward` must be one of {MODES}. Received: backward={mode!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def _not_recorded():
+    """Keeps eager gradient tapes from recording the forward solve."""
+    if not tf.executing_eagerly():
+        yield
+        return
+    from tensorflow.python.eager import record  # noqa: PLC0415
+
+    with record.stop_recording():
+        yield
+
+
+def _zeros_for_none(grads, like):
+    return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+
+
+def equilibrium(
+    fn,
+    x,
+    z0,
+    forward,
+    mode="implicit",
+    backward=None,
+    variables=(),
+    phantom_steps=5,
+    phantom_damping=0.5,
+    on_backward=None,
+):
+    """Solves `z = fn(z, x)` and returns `(z_out, forward_result)` with gradients.
+
+    Args:
+        fn: The cell as a function `(z, x) -> next z`, structures in and out.
+        x: The injection: a tensor or a nest of tensors, differentiable.
+        z0: The initial state, a nest matching `fn`'s output. Not differentiated.
+        forward: `solver(f, z0) -> SolverResult` for the forward pass.
+        mode: One of `MODES`.
+        backward: `solver(h, u0) -> SolverResult` for the adjoint fixed point
+            (`"implicit"` only).
+        variables: The trainable variables `fn` reads; the implicit mode returns
+            a gradient for each of them.
+        phantom_steps: Number of damped steps of the `"phantom"` mode.
+        phantom_damping: Damping `tau` of the `"phantom"` mode.
+        on_backward: Optional callback receiving the adjoint `SolverResult` each
+            time the implicit gradient is computed (for statistics).
+
+    Returns:
+        A tuple `(z, forward_result)`: the output state (structure of `z0`) and
+        the forward `SolverResult`.
+    """
+    check_mode(mode)
+    if mode == "unrolled":
+        result = forward(lambda z: fn(z, x), z0)
+        return result.state, result
+    if mode == "implicit":
+        return _implicit(fn, x, z0, forward, backward, list(variables), on_backward)
+
+    x_const = tf.nest.map_structure(tf.stop_gradient, x)
+    with _not_recorded():
+        result = forward(lambda z: fn(z, x_const), z0)
+    z_star = tf.nest.map_structure(tf.stop_gradient, result.state)
+    if mode == "one_step":
+        return fn(z_star, x), result
+    tau = phantom_damping
+
+    def damped_step(i, z):
+        fz = fn(z, x)
+        return i + 1, tf.nest.map_structure(lambda a, b: (1.0 - tau) * a + tau * b, z, fz)
+
+    _, z = tf.while_loop(
+        lambda i, z: i < phantom_steps,
+        damped_step,
+        (tf.constant(0), z_star),
+        maximum_iterations=phantom_steps,
+    )
+    return z, result
+
+
+def _implicit(fn, x, z0, forward, backward, variables, on_backward):
+    x_struct = x
+    holder = {}
+
+    @tf.custom_gradient
+    def solve(*x_flat):
+        x_in = tf.nest.pack_sequence_as(x_struct, list(x_flat))
+        # Read each variable once where the tape can see it, so that
+        # tf.custom_gradient hands them to `grad` even though the solve
+        # itself is not recorded.
+        for v in variables:
+            tf.convert_to_tensor(v)
+        with _not_recorded():
+            result = forward(lambda z: fn(z, x_in), z0)
+        holder["result"] = result
+        z_star = tf.nest.map_structure(tf.identity, result.state)
+        z_flat = tf.nest.flatten(z_star)
+
+        def grad(*upstream, variables=None):
+            variables = list(variables or [])
+            upstream = _zeros_for_none(upstream, z_flat)
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch(z_flat)
+                tape.watch(list(x_flat))
+                z_in = tf.nest.pack_sequence_as(z_star, z_flat)
+                fz_flat = tf.nest.flatten(fn(z_in, x_in))
+
+            def adjoint_map(u):
+                vjp = tape.gradient(fz_flat, z_flat, output_gradients=tf.nest.flatten(u))
+                vjp = _zeros_for_none(vjp, z_flat)
+                return tf.nest.pack_sequence_as(
+                    z_star, [a + b for a, b in zip(vjp, upstream)]
+                )
+
+            g = tf.nest.pack_sequence_as(z_star, upstream)
+            adjoint = backward(adjoint_map, g)
+            if on_backward is not None:
+                on_backward(adjoint)
+            u = tf.nest.flatten(adjoint.state)
+            grads = tape.gradient(fz_flat, list(x_flat) + variables, output_gradients=u)
+            del tape
+            x_grads = _zeros_for_none(grads[: len(x_flat)], x_flat)
+            return x_grads, grads[len(x_flat) :]
+
+        return z_flat, grad
+
+    z_flat = solve(*tf.nest.flatten(x))
+    z = tf.nest.pack_sequence_as(z0, tf.nest.flatten(z_flat))
+    return z, holder["result"]

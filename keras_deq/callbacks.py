@@ -1,0 +1,95 @@
+"""Callbacks that steer DEQ layers during `fit`."""
+
+import keras
+
+from keras_deq.layers.deq import DEQ
+
+
+def stepwise_schedule(initial, increment=0.1, every=None, stop_step=None):
+    """The Jacobian-regularization schedule of the DEQ papers' recipes.
+
+    `weight(step) = initial + increment * floor(step / every)`, and 0 from
+    `stop_step` on.
+
+    Args:
+        initial: Weight at step 0.
+        increment: Added every `every` steps.
+        every: Steps between increments; None keeps the weight constant.
+        stop_step: First step at which the weight is 0; None never stops.
+
+    Returns:
+        A function `step -> weight`.
+
+    Example:
+
+    >>> schedule = stepwise_schedule(1.0, increment=0.1, every=100, stop_step=1000)
+    >>> schedule(0), round(schedule(250), 6), schedule(1000)
+    (1.0, 1.2, 0.0)
+    """
+
+    def schedule(step):
+        if stop_step is not None and step >= stop_step:
+            return 0.0
+        bumps = step // every if every else 0
+        return float(initial + increment * bumps)
+
+    return schedule
+
+
+class JacobianRegularizationScheduler(keras.callbacks.Callback):
+    """Sets the Jacobian-regularization weight (and frequency) of DEQ layers.
+
+    The schedule is a function of the global training step, read from the
+    optimizer's iteration counter, so a run resumed with
+    `keras.callbacks.BackupAndRestore` continues the schedule where it stopped.
+
+    Args:
+        schedule: A function `step -> weight` (see `stepwise_schedule`).
+        frequency: Optional fixed probability per step, or a function
+            `step -> probability`; None leaves the layers' own.
+        layers: DEQ layers to steer; None steers every `DEQ` in the model.
+        verbose: If 1, print the weight when it changes.
+
+    Example:
+
+    ```python
+    model.fit(x, y, callbacks=[
+        keras_deq.callbacks.JacobianRegularizationScheduler(
+            keras_deq.callbacks.stepwise_schedule(0.5, 0.1, every=1000), frequency=0.3)
+    ])
+    ```
+    """
+
+    def __init__(self, schedule, frequency=None, layers=None, verbose=0):
+        super().__init__()
+        if not callable(schedule):
+            raise ValueError(f"`schedule` must be a function of the step. Received: schedule={schedule!r}")
+        self.schedule = schedule
+        self.frequency = frequency
+        self.layers = layers
+        self.verbose = verbose
+        self._last = None
+
+    def _targets(self):
+        if self.layers is not None:
+            return list(self.layers)
+        found = [layer for layer in self.model._flatten_layers() if isinstance(layer, DEQ)]
+        if not found:
+            raise ValueError("JacobianRegularizationScheduler found no DEQ layer in the model.")
+        return found
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        weight = float(self.schedule(step))
+        frequency = self.frequency(step) if callable(self.frequency) else self.frequency
+        for layer in self._targets():
+            layer.jacobian_weight = weight
+            if frequency is not None:
+                layer.jacobian_frequency = frequency
+        if self.verbose and weight != self._last:
+            print(f"\nStep {step}: Jacobian regularization weight set to {weight:g}.")
+        self._last = weight
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["jacobian_weight"] = self._last

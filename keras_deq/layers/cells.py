@@ -1,0 +1,97 @@
+"""Ready-made cells `f(z, x)` for `keras_deq.DEQ`."""
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="keras_deq")
+class DenseCell(keras.layers.Layer):
+    """The cell `z_next = activation(z W + x U + b)`.
+
+    Args:
+        units: Size of the state `z`.
+        activation: Activation function (name or callable); `"tanh"` by default.
+        use_injection: If True (default), multiply the injection `x` by a learned
+            `U`; if False, add `x` as is (it must then have `units` features).
+        kernel_initializer: Initializer of `W`; small by default so that the
+            untrained cell is a contraction.
+        injection_initializer: Initializer of `U`.
+        kernel_constraint: Optional Keras constraint on `W`.
+        kernel_regularizer: Optional Keras regularizer on `W`.
+        **kwargs: Base layer arguments.
+
+    Example:
+
+    ```python
+    cell = keras_deq.layers.DenseCell(64)
+    z_next = cell(z, x)  # z: (batch, 64), x: (batch, features)
+    ```
+    """
+
+    def __init__(
+        self,
+        units,
+        activation="tanh",
+        use_injection=True,
+        kernel_initializer=None,
+        injection_initializer="glorot_uniform",
+        kernel_constraint=None,
+        kernel_regularizer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+            raise ValueError(f"`units` must be a positive integer. Received: units={units!r}")
+        self.units = units
+        self.activation = keras.activations.get(activation)
+        self.use_injection = use_injection
+        self.kernel_initializer = keras.initializers.get(
+            kernel_initializer or keras.initializers.Orthogonal(gain=0.5)
+        )
+        self.injection_initializer = keras.initializers.get(injection_initializer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+
+    def build(self, z_shape, x_shape):
+        if z_shape[-1] != self.units:
+            raise ValueError(
+                f"The state must have `units`={self.units} features. Received: z_shape={z_shape}"
+            )
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(self.units, self.units),
+            initializer=self.kernel_initializer,
+            constraint=self.kernel_constraint,
+            regularizer=self.kernel_regularizer,
+        )
+        if self.use_injection:
+            self.injection_kernel = self.add_weight(
+                name="injection_kernel", shape=(x_shape[-1], self.units), initializer=self.injection_initializer
+            )
+        elif x_shape[-1] != self.units:
+            raise ValueError(
+                "With use_injection=False the input must have `units` features. "
+                f"Received: x_shape={x_shape}, units={self.units}"
+            )
+        self.bias = self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
+
+    def call(self, z, x):
+        injection = keras.ops.matmul(x, self.injection_kernel) if self.use_injection else x
+        return self.activation(keras.ops.matmul(z, self.kernel) + injection + self.bias)
+
+    def compute_output_shape(self, z_shape, x_shape):
+        return z_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "units": self.units,
+                "activation": keras.activations.serialize(self.activation),
+                "use_injection": self.use_injection,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "injection_initializer": keras.initializers.serialize(self.injection_initializer),
+                "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
+                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+            }
+        )
+        return config

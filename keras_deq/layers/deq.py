@@ -1,0 +1,425 @@
+"""The `DEQ` layer: the fixed point of any Keras cell `f(z, x)` as a layer."""
+
+import warnings
+
+import keras
+import tensorflow as tf
+
+from keras_deq import backward as backward_lib
+from keras_deq import jacobian
+from keras_deq.solvers import common, registry
+
+ON_FAILURE = ("warn", "raise", "ignore")
+
+
+def _in_xla_context():
+    try:
+        from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
+
+        return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    except Exception:  # pragma: no cover - private API moved
+        return False
+
+
+@keras.saving.register_keras_serializable(package="keras_deq")
+class DEQ(keras.layers.Layer):
+    """A deep equilibrium layer: returns the fixed point `z* = cell(z*, x)`.
+
+    The cell is any Keras layer called as `cell(z, x)` that returns the next
+    state `z`, with the same shape as `z`. The layer input `x` is the injection,
+    passed unchanged to every call of the cell. The state has the shape of `x`
+    unless `state_shape` says otherwise; it starts at zeros.
+
+    The forward pass runs `solver` without recording gradients. The backward pass
+    is chosen by `backward` (see `keras_deq.backward`): by default the implicit
+    function theorem, solving the adjoint fixed point `u = J^T u + g` with
+    `backward_solver`, so training memory does not grow with the solver steps.
+
+    While training or evaluating, the layer reports metrics named after itself
+    (shown in the progress bar and in `History`):
+
+    - `{name}_fwd_steps`: forward iterations run (= cell evaluations), batch mean.
+    - `{name}_fwd_residual`: residual (per `stop_mode`) of the returned state,
+      mean over samples.
+    - `{name}_converged`: fraction of samples whose residual met `tol`.
+    - `{name}_bwd_steps`, `{name}_bwd_residual`: the same for the adjoint solve
+      (implicit backward only; 0 in evaluation, which has no backward pass).
+    - `{name}_jac_loss`: the unweighted Jacobian estimate when it is applied.
+
+    If some sample does not converge, a warning is issued once per layer
+    (`on_failure="warn"`), or an error is raised (`"raise"`). Under XLA
+    (`jit_compile=True`) no Python warning can be issued: watch
+    `{name}_converged` instead.
+
+    Args:
+        cell: A `keras.layers.Layer` called as `cell(z, x)` returning the next `z`.
+        solver: Forward solver name (`"anderson"`, `"broyden"`, `"fixed_point"`).
+        max_iter: Maximum forward iterations.
+        tol: Forward tolerance on the per-sample residual.
+        stop_mode: `"rel"` (`||f(z)-z|| / ||f(z)||`) or `"abs"` (`||f(z)-z||`).
+        solver_options: Extra options of the forward solver (e.g.
+            `{"window": 5}` for Anderson). Unknown keys are refused.
+        backward: `"implicit"`, `"phantom"`, `"one_step"` or `"unrolled"`.
+        backward_solver: Solver for the adjoint fixed point; defaults to `solver`.
+        backward_max_iter: Maximum adjoint iterations; defaults to `max_iter`.
+        backward_tol: Adjoint tolerance; defaults to `tol`.
+        backward_solver_options: Extra options of the adjoint solver.
+        phantom_steps: Damped steps of the `"phantom"` backward.
+        phantom_damping: Damping in (0, 1] of the `"phantom"` backward.
+        jacobian_weight: Weight of the Jacobian regularizer
+            `||df/dz at z*||_F^2 / d` (Hutchinson estimate) added with `add_loss`
+            in training. 0 disables it. Changeable during training with
+            `keras_deq.callbacks.JacobianRegularizationScheduler`.
+        jacobian_frequency: Probability in (0, 1] that a training step computes
+            and adds the regularizer.
+        jacobian_probes: Number of Hutchinson probe vectors.
+        state_shape: Shape of the state without the batch dimension (a tuple, or
+            a list of tuples for a multi-tensor state). Defaults to the input's.
+        on_failure: `"warn"`, `"raise"` or `"ignore"` when a sample does not
+            converge.
+        seed: Seed for the regularizer's probes and its per-step draw.
+        **kwargs: Base layer arguments (`name`, `dtype`, ...).
+
+    Example:
+
+    ```python
+    model = keras.Sequential([
+        keras.Input((64,)),
+        keras.layers.Dense(128),
+        keras_deq.DEQ(keras_deq.layers.DenseCell(128), solver="anderson"),
+        keras.layers.Dense(10),
+    ])
+    ```
+    """
+
+    def __init__(
+        self,
+        cell,
+        solver="anderson",
+        max_iter=30,
+        tol=1e-4,
+        stop_mode="rel",
+        solver_options=None,
+        backward="implicit",
+        backward_solver=None,
+        backward_max_iter=None,
+        backward_tol=None,
+        backward_solver_options=None,
+        phantom_steps=5,
+        phantom_damping=0.5,
+        jacobian_weight=0.0,
+        jacobian_frequency=1.0,
+        jacobian_probes=1,
+        state_shape=None,
+        on_failure="warn",
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(cell, keras.layers.Layer):
+            raise ValueError(
+                "`cell` must be a keras.layers.Layer called as `cell(z, x)`. "
+                f"Received: cell={cell!r}"
+            )
+        self.cell = cell
+        self.solver = self._check_solver_name("solver", solver)
+        self.max_iter = common.check_positive_int("max_iter", max_iter)
+        self.tol = common.check_positive_float("tol", tol)
+        self.stop_mode = common.check_stop_mode(stop_mode)
+        self.solver_options = registry.check_options(solver, solver_options, "solver_options")
+        self.backward = backward_lib.check_mode(backward)
+        self.backward_solver = self._check_solver_name("backward_solver", backward_solver or solver)
+        self.backward_max_iter = common.check_positive_int(
+            "backward_max_iter", max_iter if backward_max_iter is None else backward_max_iter
+        )
+        self.backward_tol = common.check_positive_float("backward_tol", tol if backward_tol is None else backward_tol)
+        self.backward_solver_options = registry.check_options(
+            self.backward_solver, backward_solver_options, "backward_solver_options"
+        )
+        self.phantom_steps = common.check_positive_int("phantom_steps", phantom_steps)
+        self.phantom_damping = common.check_fraction("phantom_damping", phantom_damping)
+        self._jacobian_weight_init = common.check_nonnegative_float("jacobian_weight", jacobian_weight)
+        self._jacobian_frequency_init = common.check_fraction("jacobian_frequency", jacobian_frequency)
+        self.jacobian_probes = common.check_positive_int("jacobian_probes", jacobian_probes)
+        self.state_shape = self._check_state_shape(state_shape)
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"`on_failure` must be one of {ON_FAILURE}. Received: on_failure={on_failure!r}")
+        self.on_failure = on_failure
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self._warned = False
+        self._metrics_by_name = {
+            key: keras.metrics.Mean(name=f"{self.name}_{key}")
+            for key in ("fwd_steps", "fwd_residual", "converged", "bwd_steps", "bwd_residual", "jac_loss")
+        }
+        for key, metric in self._metrics_by_name.items():
+            setattr(self, f"_{key}_metric", metric)
+
+    # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _check_solver_name(argument, solver):
+        if solver not in registry.names():
+            raise ValueError(f"Unknown solver. Expected one of {registry.names()}. Received: {argument}={solver!r}")
+        return solver
+
+    @staticmethod
+    def _check_state_shape(state_shape):
+        if state_shape is None:
+            return None
+
+        def is_shape(s):
+            return isinstance(s, (tuple, list)) and all(
+                isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s
+            )
+
+        if is_shape(state_shape) and len(state_shape) > 0:
+            return tuple(state_shape)
+        if isinstance(state_shape, (tuple, list)) and state_shape and all(is_shape(s) and s for s in state_shape):
+            return [tuple(s) for s in state_shape]
+        raise ValueError(
+            "`state_shape` must be a tuple of positive ints (the state shape without "
+            "the batch dimension) or a list of such tuples. "
+            f"Received: state_shape={state_shape!r}"
+        )
+
+    # ------------------------------------------------------------------ build
+    @staticmethod
+    def _is_multi(input_shape):
+        return isinstance(input_shape, (list, tuple)) and bool(input_shape) and isinstance(
+            input_shape[0], (list, tuple)
+        )
+
+    def _state_shapes(self, input_shape):
+        """Sample shape(s) of the state: a tuple, or a list of tuples."""
+        if self.state_shape is not None:
+            return self.state_shape
+        if self._is_multi(input_shape):
+            raise ValueError(
+                "The input is a list of tensors, so the state shape cannot be inferred: "
+                f"pass `state_shape=`. Received: input_shape={input_shape}"
+            )
+        return tuple(input_shape[1:])
+
+    def _batched(self, batch, shapes):
+        if isinstance(shapes, list):
+            return [(batch, *s) for s in shapes]
+        return (batch, *shapes)
+
+    def _spec(self, shapes):
+        if isinstance(shapes, list):
+            return [keras.KerasTensor(tuple(s), dtype=self.compute_dtype) for s in shapes]
+        return keras.KerasTensor(tuple(shapes), dtype=self.compute_dtype)
+
+    def build(self, input_shape):
+        multi = self._is_multi(input_shape)
+        batch = input_shape[0][0] if multi else input_shape[0]
+        z_spec = self._spec(self._batched(batch, self._state_shapes(input_shape)))
+        x_spec = self._spec(list(input_shape) if multi else input_shape)
+        out = self.cell(z_spec, x_spec)
+        self._check_cell_output(out, z_spec)
+        self._jacobian_weight = self.add_weight(
+            name="jacobian_weight",
+            shape=(),
+            initializer=keras.initializers.Constant(self._jacobian_weight_init),
+            trainable=False,
+            dtype="float32",
+        )
+        self._jacobian_frequency = self.add_weight(
+            name="jacobian_frequency",
+            shape=(),
+            initializer=keras.initializers.Constant(self._jacobian_frequency_init),
+            trainable=False,
+            dtype="float32",
+        )
+
+    def _check_cell_output(self, out, z_spec):
+        want = [tuple(t.shape[1:]) for t in tf.nest.flatten(z_spec)]
+        try:
+            got = [tuple(t.shape[1:]) for t in tf.nest.flatten(out)]
+        except AttributeError:
+            got = None
+        if got != want:
+            got_desc = got if got is not None else type(out).__name__
+            raise ValueError(
+                "The cell's output must have the shape of the state. "
+                f"Received: cell output shape={got_desc} (without batch), state shape={want}. "
+                "Pass `state_shape=` if the state differs from the input's shape."
+            )
+
+    def compute_output_shape(self, input_shape):
+        batch = input_shape[0][0] if self._is_multi(input_shape) else input_shape[0]
+        return self._batched(batch, self._state_shapes(input_shape))
+
+    # ------------------------------------------------------- jacobian controls
+    @property
+    def jacobian_weight(self):
+        """The regularizer's weight (a float32 variable once built)."""
+        return self._jacobian_weight if self.built else self._jacobian_weight_init
+
+    @jacobian_weight.setter
+    def jacobian_weight(self, value):
+        value = common.check_nonnegative_float("jacobian_weight", value)
+        if self.built:
+            self._jacobian_weight.assign(value)
+        self._jacobian_weight_init = value
+
+    @property
+    def jacobian_frequency(self):
+        """Probability that a training step applies the regularizer."""
+        return self._jacobian_frequency if self.built else self._jacobian_frequency_init
+
+    @jacobian_frequency.setter
+    def jacobian_frequency(self, value):
+        value = common.check_fraction("jacobian_frequency", value)
+        if self.built:
+            self._jacobian_frequency.assign(value)
+        self._jacobian_frequency_init = value
+
+    # ------------------------------------------------------------------- call
+    def _initial_state(self, x):
+        flat = tf.nest.flatten(x)
+        if self.state_shape is None:
+            return tf.zeros_like(flat[0])
+        batch = tf.shape(flat[0])[:1]
+        shapes = self.state_shape if isinstance(self.state_shape, list) else [self.state_shape]
+        zeros = [tf.zeros(tf.concat([batch, s], 0), self.compute_dtype) for s in shapes]
+        return zeros if isinstance(self.state_shape, list) else zeros[0]
+
+    def _solver(self, name, max_iter, tol, options):
+        fn = registry.get(name)
+
+        def solve(f, z0):
+            return fn(f, z0, max_iter=max_iter, tol=tol, stop_mode=self.stop_mode, **options)
+
+        return solve
+
+    def call(self, inputs, training=None):
+        x = inputs
+        z0 = self._initial_state(x)
+
+        def fn(z, x_in):
+            return self.cell(z, x_in, training=training)
+
+        z, result = backward_lib.equilibrium(
+            fn,
+            x,
+            z0,
+            forward=self._solver(self.solver, self.max_iter, self.tol, self.solver_options),
+            mode=self.backward,
+            backward=self._solver(
+                self.backward_solver, self.backward_max_iter, self.backward_tol, self.backward_solver_options
+            ),
+            variables=self.cell.trainable_variables,
+            phantom_steps=self.phantom_steps,
+            phantom_damping=self.phantom_damping,
+            on_backward=self._record_backward,
+        )
+        self._record_forward(result)
+        if training:
+            self._add_jacobian_loss(fn, tf.nest.map_structure(tf.stop_gradient, result.state), x)
+        return z
+
+    # -------------------------------------------------------------- statistics
+    def _residual(self, result):
+        return result.rel_residual if self.stop_mode == "rel" else result.abs_residual
+
+    def _record_forward(self, result):
+        m = self._metrics_by_name
+        m["fwd_steps"].update_state(tf.cast(result.steps, "float32"))
+        finite = tf.where(tf.math.is_finite(self._residual(result)), self._residual(result), tf.zeros_like(self._residual(result)))
+        m["fwd_residual"].update_state(tf.cast(finite, "float32"))
+        m["converged"].update_state(tf.cast(result.converged, "float32"))
+        self._report_failure(result.converged, result.rel_residual, "forward")
+
+    def _record_backward(self, result):
+        m = self._metrics_by_name
+        m["bwd_steps"].update_state(tf.cast(result.steps, "float32"))
+        m["bwd_residual"].update_state(tf.cast(self._residual(result), "float32"))
+        self._report_failure(result.converged, result.rel_residual, "backward")
+
+    def _failure_message(self, which, n_failed, worst):
+        return (
+            f"DEQ layer '{self.name}': the {which} solver did not reach tol="
+            f"{self.tol if which == 'forward' else self.backward_tol} for {n_failed} sample(s) "
+            f"(worst relative residual {worst:.3g}). Increase max_iter, change the solver, or "
+            "regularize the cell (jacobian_weight). This warning is shown once per layer; "
+            f"the metric '{self.name}_converged' tracks it."
+        )
+
+    def _on_host_failure(self, which, n_failed, worst):
+        if isinstance(n_failed, tf.Tensor):
+            n_failed, worst = int(n_failed.numpy()), float(worst.numpy())
+        message = self._failure_message(which, n_failed, worst)
+        if self.on_failure == "raise":
+            raise FloatingPointError(message)
+        if not self._warned:
+            self._warned = True
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return 0
+
+    def _report_failure(self, converged, rel_residual, which):
+        if self.on_failure == "ignore" or _in_xla_context():
+            return
+        n_failed = tf.reduce_sum(tf.cast(~converged, tf.int32))
+        worst = tf.reduce_max(rel_residual)
+        if tf.executing_eagerly():
+            if int(n_failed) > 0:
+                self._on_host_failure(which, n_failed, worst)
+            return
+        if self._warned and self.on_failure == "warn":
+            return
+
+        def report():
+            return tf.py_function(lambda a, b: self._on_host_failure(which, a, b), [n_failed, worst], tf.int32)
+
+        tf.cond(n_failed > 0, report, lambda: tf.constant(0))
+
+    # ---------------------------------------------------------------- jacobian
+    def _add_jacobian_loss(self, fn, z_star, x):
+        weight = self._jacobian_weight
+        draw = keras.random.uniform((), seed=self.seed_generator)
+        apply = (draw < self._jacobian_frequency) & (weight > 0)
+
+        def estimate():
+            est = jacobian.hutchinson_frobenius(
+                lambda z: fn(z, x), z_star, num_probes=self.jacobian_probes, seed=self.seed_generator
+            )
+            return tf.cast(est, "float32")
+
+        est = tf.cond(apply, estimate, lambda: tf.constant(0.0, "float32"))
+        self._metrics_by_name["jac_loss"].update_state(est, sample_weight=tf.cast(apply, "float32"))
+        self.add_loss(weight * est)
+
+    # ------------------------------------------------------------------ config
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "cell": keras.saving.serialize_keras_object(self.cell),
+                "solver": self.solver,
+                "max_iter": self.max_iter,
+                "tol": self.tol,
+                "stop_mode": self.stop_mode,
+                "solver_options": dict(self.solver_options),
+                "backward": self.backward,
+                "backward_solver": self.backward_solver,
+                "backward_max_iter": self.backward_max_iter,
+                "backward_tol": self.backward_tol,
+                "backward_solver_options": dict(self.backward_solver_options),
+                "phantom_steps": self.phantom_steps,
+                "phantom_damping": self.phantom_damping,
+                "jacobian_weight": float(self._jacobian_weight_init),
+                "jacobian_frequency": float(self._jacobian_frequency_init),
+                "jacobian_probes": self.jacobian_probes,
+                "state_shape": self.state_shape,
+                "on_failure": self.on_failure,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["cell"] = keras.saving.deserialize_keras_object(config["cell"])
+        return cls(**config)

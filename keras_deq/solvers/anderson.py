@@ -1,0 +1,120 @@
+"""Anderson acceleration (type II) with a relative ridge."""
+
+import tensorflow as tf
+
+from keras_deq.solvers import common
+from keras_deq.solvers import result as res
+
+
+def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, ridge=1e-4):
+    """Anderson-accelerated fixed-point iteration.
+
+    Each iteration mixes the last `window` iterates with weights `alpha` that
+    minimize `||sum_i alpha_i g_i||^2 + lam ||alpha||^2` subject to
+    `sum_i alpha_i = 1`, where `g_i = f(z_i) - z_i`. The ridge `lam` is relative:
+    `lam = ridge * mean_i ||g_i||^2`, so it shrinks with the residuals and the
+    acceleration does not stall near the solution. If the small system is
+    singular or not finite for a sample, that sample takes a plain step instead.
+
+    Args:
+        f: The map, taking and returning a structure like `z0`.
+        z0: The initial state: a `(batch, ...)` tensor or a nest of such tensors.
+        max_iter: Maximum number of iterations (each evaluates `f` once).
+        tol: Tolerance on the per-sample residual named by `stop_mode`.
+        stop_mode: `"rel"` for `||f(z) - z|| / ||f(z)||`, `"abs"` for `||f(z) - z||`.
+        window: Number of past iterates mixed (the history size `m`).
+        beta: Mixing parameter in (0, 1]: 1 mixes the `f(z_i)`, smaller values
+            move part way from the mixed `z_i`.
+        ridge: Relative Tikhonov regularization of the least-squares system, >= 0.
+
+    Returns:
+        A `SolverResult`.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> result = anderson(lambda z: 0.9 * tf.tanh(z) + 1.0, tf.zeros([4, 8]))
+    >>> bool(tf.reduce_all(result.converged))
+    True
+    """
+    max_iter, tol, stop_mode = common.check_common(f, max_iter, tol, stop_mode)
+    window = common.check_positive_int("window", window)
+    beta = common.check_fraction("beta", beta)
+    ridge = common.check_nonnegative_float("ridge", ridge)
+    return common.solve_structure(
+        _anderson,
+        f,
+        z0,
+        max_iter=max_iter,
+        tol=tol,
+        stop_mode=stop_mode,
+        window=window,
+        beta=beta,
+        ridge=ridge,
+    )
+
+
+def _write(buffer, slot, value):
+    """Writes `value` (batch, n) into slot `slot` of a `(window, batch, n)` buffer."""
+    return tf.tensor_scatter_nd_update(buffer, [[slot]], value[None])
+
+
+def _update_gram(gram, slot, row, window):
+    """Replaces row and column `slot` of the `(batch, m, m)` Gram matrix by `row`."""
+    e = tf.one_hot(slot, window, dtype=gram.dtype)
+    keep = (1.0 - e)[:, None] * (1.0 - e)[None, :]
+    new = e[:, None] * row[:, None, :] + row[:, :, None] * e[None, :]
+    diag = e[:, None] * e[None, :] * tf.reduce_sum(row * e, axis=1)[:, None, None]
+    return gram * keep + new - diag
+
+
+def _mixing_weights(gram, k, slot, window, ridge):
+    """Solves for the Anderson weights, falling back to the newest iterate."""
+    acc = gram.dtype
+    n_valid = tf.minimum(k + 1, window)
+    valid = tf.cast(tf.range(window) < n_valid, acc)
+    mean_sq = tf.linalg.trace(gram) / tf.cast(n_valid, acc)
+    tiny = tf.constant(1e-30 if acc == tf.float64 else 1e-20, acc)
+    lam = ridge * mean_sq + tiny
+    system = gram + tf.linalg.diag(lam[:, None] * valid[None, :] + (1.0 - valid)[None, :])
+    rhs = tf.broadcast_to(valid[None, :, None], tf.shape(gram[:, :, :1]))
+    w = tf.linalg.solve(system, rhs)[:, :, 0]
+    total = tf.reduce_sum(w, axis=1, keepdims=True)
+    alpha = w / total
+    ok = tf.reduce_all(tf.math.is_finite(alpha), axis=1, keepdims=True) & (tf.abs(total) > tiny)
+    newest = tf.one_hot(slot, window, dtype=acc)[None, :]
+    return tf.where(ok, alpha, newest)
+
+
+def _anderson(f, z0, unpack, max_iter, tol, stop_mode, window, beta, ridge):
+    dtype = z0.dtype
+    acc = res.accumulation_dtype(dtype)
+    batch, n = tf.shape(z0)[0], tf.shape(z0)[1]
+    history_z = tf.zeros([window, batch, n], dtype)
+    history_g = tf.zeros([window, batch, n], dtype)
+    gram = tf.zeros([batch, window, window], acc)
+
+    def body(k, z, history_z, history_g, gram, best, _):
+        fz = f(z)
+        g = fz - z
+        abs_res, rel_res = res.residuals(fz, z)
+        best = res.update_best(best, z, abs_res, rel_res, stop_mode)
+        slot = k % window
+        history_z = _write(history_z, slot, z)
+        # Zero a non-finite residual so that one bad sample cannot spoil the Gram
+        # matrix of the others; its own weights fall back to a plain step.
+        history_g = _write(history_g, slot, tf.where(tf.math.is_finite(g), g, tf.zeros_like(g)))
+        row = tf.einsum("mbn,bn->bm", tf.cast(history_g, acc), tf.cast(history_g[slot], acc))
+        gram = _update_gram(gram, slot, row, window)
+        alpha = tf.cast(_mixing_weights(gram, k, slot, window, ridge), dtype)
+        mixed = history_z + tf.cast(beta, dtype) * history_g if beta != 1.0 else history_z + history_g
+        z_next = tf.einsum("bm,mbn->bn", alpha, mixed)
+        z_next = tf.where(tf.math.is_finite(g), z_next, fz)
+        return k + 1, z_next, history_z, history_g, gram, best, res.keep_going(best, z_next, tol, stop_mode)
+
+    def cond(k, *rest):
+        return tf.logical_and(rest[-1], k < max_iter)
+
+    loop_vars = (tf.constant(0), z0, history_z, history_g, gram, res.initial_best(z0), tf.constant(True))
+    steps, *_, best, _ = tf.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
+    return res.to_result(best, steps, tol, stop_mode, unpack)

@@ -1,0 +1,102 @@
+"""The result every solver returns, and the bookkeeping that fills it."""
+
+from typing import Any, NamedTuple
+
+import tensorflow as tf
+
+STOP_MODES = ("rel", "abs")
+# Added to ||f(z)|| in the relative residual so that a zero state is not a 0/0.
+REL_EPS = 1e-8
+
+
+class SolverResult(NamedTuple):
+    """What a fixed-point solver returns.
+
+    Attributes:
+        state: The returned state, with the structure of `z0`. It is the iterate
+            with the lowest residual seen for each sample, not necessarily the last.
+        steps: Scalar int32, the number of iterations run. Every iteration evaluates
+            `f` exactly once, so this is also the number of evaluations of `f`.
+        abs_residual: Per-sample `||f(z) - z||_2` of the returned state, shape
+            `(batch,)`, in float32 or wider.
+        rel_residual: Per-sample `||f(z) - z|| / (||f(z)|| + 1e-8)` of the returned
+            state, shape `(batch,)`.
+        converged: Per-sample bool, whether the residual named by `stop_mode` is
+            at most `tol`. A sample whose iterates were never finite has
+            residual `inf` and is not converged.
+    """
+
+    state: Any
+    steps: tf.Tensor
+    abs_residual: tf.Tensor
+    rel_residual: tf.Tensor
+    converged: tf.Tensor
+
+
+def accumulation_dtype(dtype):
+    """The dtype for norms and small linear solves: float32 or wider."""
+    dtype = tf.as_dtype(dtype)
+    return tf.float64 if dtype == tf.float64 else tf.float32
+
+
+def residuals(fz, z):
+    """Per-sample absolute and relative residuals of flat `(batch, n)` states."""
+    acc = accumulation_dtype(z.dtype)
+    fz32 = tf.cast(fz, acc)
+    diff = fz32 - tf.cast(z, acc)
+    abs_res = tf.sqrt(tf.reduce_sum(tf.square(diff), axis=1))
+    f_norm = tf.sqrt(tf.reduce_sum(tf.square(fz32), axis=1))
+    return abs_res, abs_res / (f_norm + REL_EPS)
+
+
+class Best(NamedTuple):
+    """The lowest-residual iterate seen so far, per sample."""
+
+    z: tf.Tensor
+    abs_residual: tf.Tensor
+    rel_residual: tf.Tensor
+
+
+def initial_best(z0):
+    inf = tf.fill([tf.shape(z0)[0]], tf.constant(float("inf"), accumulation_dtype(z0.dtype)))
+    return Best(z0, inf, inf)
+
+
+def criterion(abs_res, rel_res, stop_mode):
+    return rel_res if stop_mode == "rel" else abs_res
+
+
+def update_best(best, z, abs_res, rel_res, stop_mode):
+    """Keeps, per sample, whichever of `best` and `z` has the lower residual.
+
+    A NaN residual never counts as better, so a finite iterate is never replaced by
+    a non-finite one.
+    """
+    better = criterion(abs_res, rel_res, stop_mode) < criterion(
+        best.abs_residual, best.rel_residual, stop_mode
+    )
+    return Best(
+        tf.where(better[:, None], z, best.z),
+        tf.where(better, abs_res, best.abs_residual),
+        tf.where(better, rel_res, best.rel_residual),
+    )
+
+
+def converged(best, tol, stop_mode):
+    return criterion(best.abs_residual, best.rel_residual, stop_mode) <= tol
+
+
+def keep_going(best, z_next, tol, stop_mode):
+    """True while some sample is unconverged and its next iterate is finite."""
+    finite = tf.reduce_all(tf.math.is_finite(z_next), axis=1)
+    return tf.reduce_any(tf.logical_and(~converged(best, tol, stop_mode), finite))
+
+
+def to_result(best, steps, tol, stop_mode, unpack):
+    return SolverResult(
+        state=unpack(best.z),
+        steps=tf.cast(steps, tf.int32),
+        abs_residual=best.abs_residual,
+        rel_residual=best.rel_residual,
+        converged=converged(best, tol, stop_mode),
+    )
