@@ -16,7 +16,6 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 import keras_deq  # noqa: E402
 
@@ -34,7 +33,14 @@ def load_digits_split(seed=0, test_fraction=0.2):
     return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
 
 
-def build_model(width=128, solver="anderson", backward="implicit", max_iter=30, tol=1e-4, jacobian_weight=0.0):
+def build_model(
+    width=128,
+    solver="anderson",
+    backward="implicit",
+    max_iter=30,
+    tol=1e-4,
+    jacobian_weight=0.0,
+):
     """A DEQ classifier for 64 input features and 10 classes."""
     return keras.Sequential(
         [
@@ -76,12 +82,18 @@ class EpochReport(keras.callbacks.Callback):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--solver", default="anderson", choices=keras_deq.solvers.names())
-    parser.add_argument("--backward", default="implicit", choices=keras_deq.backward.MODES)
+    parser.add_argument(
+        "--solver", default="anderson", choices=keras_deq.solvers.names()
+    )
+    parser.add_argument(
+        "--backward", default="implicit", choices=keras_deq.backward.MODES
+    )
     parser.add_argument("--max-iter", type=int, default=30)
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--jacobian-weight", type=float, default=0.0)
@@ -91,7 +103,14 @@ def main(argv=None):
 
     keras.utils.set_random_seed(args.seed)
     x_train, y_train, x_test, y_test = load_digits_split(seed=args.seed)
-    model = build_model(args.width, args.solver, args.backward, args.max_iter, args.tol, args.jacobian_weight)
+    model = build_model(
+        args.width,
+        args.solver,
+        args.backward,
+        args.max_iter,
+        args.tol,
+        args.jacobian_weight,
+    )
     model.compile(
         optimizer=keras.optimizers.Adam(args.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

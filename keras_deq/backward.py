@@ -24,7 +24,9 @@ MODES = ("implicit", "phantom", "one_step", "unrolled")
 
 def check_mode(mode):
     if mode not in MODES:
-        raise ValueError(f"`backward` must be one of {MODES}. Received: backward={mode!r}")
+        raise ValueError(
+            f"`backward` must be one of {MODES}. Received: backward={mode!r}"
+        )
     return mode
 
 
@@ -94,7 +96,9 @@ def equilibrium(
 
     def damped_step(i, z):
         fz = fn(z, x)
-        return i + 1, tf.nest.map_structure(lambda a, b: (1.0 - tau) * a + tau * b, z, fz)
+        return i + 1, tf.nest.map_structure(
+            lambda a, b: (1.0 - tau) * a + tau * b, z, fz
+        )
 
     _, z = tf.while_loop(
         lambda i, z: i < phantom_steps,
@@ -133,7 +137,9 @@ def _implicit(fn, x, z0, forward, backward, variables, on_backward):
                 fz_flat = tf.nest.flatten(fn(z_in, x_in))
 
             def adjoint_map(u):
-                vjp = tape.gradient(fz_flat, z_flat, output_gradients=tf.nest.flatten(u))
+                vjp = tape.gradient(
+                    fz_flat, z_flat, output_gradients=tf.nest.flatten(u)
+                )
                 vjp = _zeros_for_none(vjp, z_flat)
                 return tf.nest.pack_sequence_as(
                     z_star, [a + b for a, b in zip(vjp, upstream)]

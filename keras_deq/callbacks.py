@@ -63,7 +63,9 @@ class JacobianRegularizationScheduler(keras.callbacks.Callback):
     def __init__(self, schedule, frequency=None, layers=None, verbose=0):
         super().__init__()
         if not callable(schedule):
-            raise ValueError(f"`schedule` must be a function of the step. Received: schedule={schedule!r}")
+            raise ValueError(
+                f"`schedule` must be a function of the step. Received: schedule={schedule!r}"
+            )
         self.schedule = schedule
         self.frequency = frequency
         self.layers = layers
@@ -73,9 +75,13 @@ class JacobianRegularizationScheduler(keras.callbacks.Callback):
     def _targets(self):
         if self.layers is not None:
             return list(self.layers)
-        found = [layer for layer in self.model._flatten_layers() if isinstance(layer, DEQ)]
+        found = [
+            layer for layer in self.model._flatten_layers() if isinstance(layer, DEQ)
+        ]
         if not found:
-            raise ValueError("JacobianRegularizationScheduler found no DEQ layer in the model.")
+            raise ValueError(
+                "JacobianRegularizationScheduler found no DEQ layer in the model."
+            )
         return found
 
     def on_train_batch_begin(self, batch, logs=None):

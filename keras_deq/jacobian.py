@@ -50,9 +50,22 @@ def hutchinson_frobenius(fn, z, num_probes=1, seed=None):
     flat = tf.nest.flatten(z)
     total = 0.0
     for _ in range(num_probes):
-        probes = [keras.random.normal(tf.shape(t), dtype=t.dtype, seed=seed) for t in flat]
-        vjp = _vjp(lambda s: fn(tf.nest.pack_sequence_as(z, tf.nest.flatten(s))), flat, probes)
-        total += tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32 if g.dtype != tf.float64 else g.dtype))) for g in vjp])
+        probes = [
+            keras.random.normal(tf.shape(t), dtype=t.dtype, seed=seed) for t in flat
+        ]
+        vjp = _vjp(
+            lambda s: fn(tf.nest.pack_sequence_as(z, tf.nest.flatten(s))), flat, probes
+        )
+        total += tf.add_n(
+            [
+                tf.reduce_sum(
+                    tf.square(
+                        tf.cast(g, tf.float32 if g.dtype != tf.float64 else g.dtype)
+                    )
+                )
+                for g in vjp
+            ]
+        )
     count = tf.cast(_batch_size(flat) * _sample_size(flat), total.dtype)
     return total / (num_probes * count)
 
@@ -78,16 +91,29 @@ def spectral_radius(fn, z, num_iters=100, seed=None):
     flat = [tf.stop_gradient(t) for t in tf.nest.flatten(z)]
 
     def norms(vs):
-        return tf.sqrt(tf.add_n([tf.reduce_sum(tf.reshape(tf.square(v), [tf.shape(v)[0], -1]), axis=1) for v in vs]))
+        return tf.sqrt(
+            tf.add_n(
+                [
+                    tf.reduce_sum(
+                        tf.reshape(tf.square(v), [tf.shape(v)[0], -1]), axis=1
+                    )
+                    for v in vs
+                ]
+            )
+        )
 
     def normalize(vs):
         n = norms(vs)
         return [v / tf.reshape(n + 1e-30, [-1] + [1] * (v.shape.rank - 1)) for v in vs]
 
-    v0 = normalize([keras.random.normal(tf.shape(t), dtype=t.dtype, seed=seed) for t in flat])
+    v0 = normalize(
+        [keras.random.normal(tf.shape(t), dtype=t.dtype, seed=seed) for t in flat]
+    )
 
     def body(i, v, _):
-        jv = _vjp(lambda s: fn(tf.nest.pack_sequence_as(z, tf.nest.flatten(s))), flat, v)
+        jv = _vjp(
+            lambda s: fn(tf.nest.pack_sequence_as(z, tf.nest.flatten(s))), flat, v
+        )
         return i + 1, normalize(jv), norms(jv)
 
     _, _, radius = tf.while_loop(

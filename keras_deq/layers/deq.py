@@ -16,7 +16,9 @@ def _in_xla_context():
     try:
         from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
 
-        return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+        return control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()
+        )
     except Exception:  # pragma: no cover - private API moved
         return False
 
@@ -126,31 +128,53 @@ class DEQ(keras.layers.Layer):
         self.max_iter = common.check_positive_int("max_iter", max_iter)
         self.tol = common.check_positive_float("tol", tol)
         self.stop_mode = common.check_stop_mode(stop_mode)
-        self.solver_options = registry.check_options(solver, solver_options, "solver_options")
-        self.backward = backward_lib.check_mode(backward)
-        self.backward_solver = self._check_solver_name("backward_solver", backward_solver or solver)
-        self.backward_max_iter = common.check_positive_int(
-            "backward_max_iter", max_iter if backward_max_iter is None else backward_max_iter
+        self.solver_options = registry.check_options(
+            solver, solver_options, "solver_options"
         )
-        self.backward_tol = common.check_positive_float("backward_tol", tol if backward_tol is None else backward_tol)
+        self.backward = backward_lib.check_mode(backward)
+        self.backward_solver = self._check_solver_name(
+            "backward_solver", backward_solver or solver
+        )
+        self.backward_max_iter = common.check_positive_int(
+            "backward_max_iter",
+            max_iter if backward_max_iter is None else backward_max_iter,
+        )
+        self.backward_tol = common.check_positive_float(
+            "backward_tol", tol if backward_tol is None else backward_tol
+        )
         self.backward_solver_options = registry.check_options(
             self.backward_solver, backward_solver_options, "backward_solver_options"
         )
         self.phantom_steps = common.check_positive_int("phantom_steps", phantom_steps)
         self.phantom_damping = common.check_fraction("phantom_damping", phantom_damping)
-        self._jacobian_weight_init = common.check_nonnegative_float("jacobian_weight", jacobian_weight)
-        self._jacobian_frequency_init = common.check_fraction("jacobian_frequency", jacobian_frequency)
-        self.jacobian_probes = common.check_positive_int("jacobian_probes", jacobian_probes)
+        self._jacobian_weight_init = common.check_nonnegative_float(
+            "jacobian_weight", jacobian_weight
+        )
+        self._jacobian_frequency_init = common.check_fraction(
+            "jacobian_frequency", jacobian_frequency
+        )
+        self.jacobian_probes = common.check_positive_int(
+            "jacobian_probes", jacobian_probes
+        )
         self.state_shape = self._check_state_shape(state_shape)
         if on_failure not in ON_FAILURE:
-            raise ValueError(f"`on_failure` must be one of {ON_FAILURE}. Received: on_failure={on_failure!r}")
+            raise ValueError(
+                f"`on_failure` must be one of {ON_FAILURE}. Received: on_failure={on_failure!r}"
+            )
         self.on_failure = on_failure
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._warned = False
         self._metrics_by_name = {
             key: keras.metrics.Mean(name=f"{self.name}_{key}")
-            for key in ("fwd_steps", "fwd_residual", "converged", "bwd_steps", "bwd_residual", "jac_loss")
+            for key in (
+                "fwd_steps",
+                "fwd_residual",
+                "converged",
+                "bwd_steps",
+                "bwd_residual",
+                "jac_loss",
+            )
         }
         for key, metric in self._metrics_by_name.items():
             setattr(self, f"_{key}_metric", metric)
@@ -159,7 +183,9 @@ class DEQ(keras.layers.Layer):
     @staticmethod
     def _check_solver_name(argument, solver):
         if solver not in registry.names():
-            raise ValueError(f"Unknown solver. Expected one of {registry.names()}. Received: {argument}={solver!r}")
+            raise ValueError(
+                f"Unknown solver. Expected one of {registry.names()}. Received: {argument}={solver!r}"
+            )
         return solver
 
     @staticmethod
@@ -174,7 +200,11 @@ class DEQ(keras.layers.Layer):
 
         if is_shape(state_shape) and len(state_shape) > 0:
             return tuple(state_shape)
-        if isinstance(state_shape, (tuple, list)) and state_shape and all(is_shape(s) and s for s in state_shape):
+        if (
+            isinstance(state_shape, (tuple, list))
+            and state_shape
+            and all(is_shape(s) and s for s in state_shape)
+        ):
             return [tuple(s) for s in state_shape]
         raise ValueError(
             "`state_shape` must be a tuple of positive ints (the state shape without "
@@ -185,8 +215,10 @@ class DEQ(keras.layers.Layer):
     # ------------------------------------------------------------------ build
     @staticmethod
     def _is_multi(input_shape):
-        return isinstance(input_shape, (list, tuple)) and bool(input_shape) and isinstance(
-            input_shape[0], (list, tuple)
+        return (
+            isinstance(input_shape, (list, tuple))
+            and bool(input_shape)
+            and isinstance(input_shape[0], (list, tuple))
         )
 
     def _state_shapes(self, input_shape):
@@ -207,14 +239,18 @@ class DEQ(keras.layers.Layer):
 
     def _spec(self, shapes):
         if isinstance(shapes, list):
-            return [keras.KerasTensor(tuple(s), dtype=self.compute_dtype) for s in shapes]
+            return [
+                keras.KerasTensor(tuple(s), dtype=self.compute_dtype) for s in shapes
+            ]
         return keras.KerasTensor(tuple(shapes), dtype=self.compute_dtype)
 
     def build(self, input_shape):
         multi = self._is_multi(input_shape)
+        # Shapes read back from a config are lists: a list means several tensors here.
+        input_shape = [tuple(s) for s in input_shape] if multi else tuple(input_shape)
         batch = input_shape[0][0] if multi else input_shape[0]
         z_spec = self._spec(self._batched(batch, self._state_shapes(input_shape)))
-        x_spec = self._spec(list(input_shape) if multi else input_shape)
+        x_spec = self._spec(input_shape)
         out = self.cell(z_spec, x_spec)
         self._check_cell_output(out, z_spec)
         self._jacobian_weight = self.add_weight(
@@ -281,7 +317,11 @@ class DEQ(keras.layers.Layer):
         if self.state_shape is None:
             return tf.zeros_like(flat[0])
         batch = tf.shape(flat[0])[:1]
-        shapes = self.state_shape if isinstance(self.state_shape, list) else [self.state_shape]
+        shapes = (
+            self.state_shape
+            if isinstance(self.state_shape, list)
+            else [self.state_shape]
+        )
         zeros = [tf.zeros(tf.concat([batch, s], 0), self.compute_dtype) for s in shapes]
         return zeros if isinstance(self.state_shape, list) else zeros[0]
 
@@ -289,7 +329,9 @@ class DEQ(keras.layers.Layer):
         fn = registry.get(name)
 
         def solve(f, z0):
-            return fn(f, z0, max_iter=max_iter, tol=tol, stop_mode=self.stop_mode, **options)
+            return fn(
+                f, z0, max_iter=max_iter, tol=tol, stop_mode=self.stop_mode, **options
+            )
 
         return solve
 
@@ -304,10 +346,15 @@ class DEQ(keras.layers.Layer):
             fn,
             x,
             z0,
-            forward=self._solver(self.solver, self.max_iter, self.tol, self.solver_options),
+            forward=self._solver(
+                self.solver, self.max_iter, self.tol, self.solver_options
+            ),
             mode=self.backward,
             backward=self._solver(
-                self.backward_solver, self.backward_max_iter, self.backward_tol, self.backward_solver_options
+                self.backward_solver,
+                self.backward_max_iter,
+                self.backward_tol,
+                self.backward_solver_options,
             ),
             variables=self.cell.trainable_variables,
             phantom_steps=self.phantom_steps,
@@ -316,7 +363,9 @@ class DEQ(keras.layers.Layer):
         )
         self._record_forward(result)
         if training:
-            self._add_jacobian_loss(fn, tf.nest.map_structure(tf.stop_gradient, result.state), x)
+            self._add_jacobian_loss(
+                fn, tf.nest.map_structure(tf.stop_gradient, result.state), x
+            )
         return z
 
     # -------------------------------------------------------------- statistics
@@ -326,7 +375,11 @@ class DEQ(keras.layers.Layer):
     def _record_forward(self, result):
         m = self._metrics_by_name
         m["fwd_steps"].update_state(tf.cast(result.steps, "float32"))
-        finite = tf.where(tf.math.is_finite(self._residual(result)), self._residual(result), tf.zeros_like(self._residual(result)))
+        finite = tf.where(
+            tf.math.is_finite(self._residual(result)),
+            self._residual(result),
+            tf.zeros_like(self._residual(result)),
+        )
         m["fwd_residual"].update_state(tf.cast(finite, "float32"))
         m["converged"].update_state(tf.cast(result.converged, "float32"))
         self._report_failure(result.converged, result.rel_residual, "forward")
@@ -370,7 +423,11 @@ class DEQ(keras.layers.Layer):
             return
 
         def report():
-            return tf.py_function(lambda a, b: self._on_host_failure(which, a, b), [n_failed, worst], tf.int32)
+            return tf.py_function(
+                lambda a, b: self._on_host_failure(which, a, b),
+                [n_failed, worst],
+                tf.int32,
+            )
 
         tf.cond(n_failed > 0, report, lambda: tf.constant(0))
 
@@ -382,12 +439,17 @@ class DEQ(keras.layers.Layer):
 
         def estimate():
             est = jacobian.hutchinson_frobenius(
-                lambda z: fn(z, x), z_star, num_probes=self.jacobian_probes, seed=self.seed_generator
+                lambda z: fn(z, x),
+                z_star,
+                num_probes=self.jacobian_probes,
+                seed=self.seed_generator,
             )
             return tf.cast(est, "float32")
 
         est = tf.cond(apply, estimate, lambda: tf.constant(0.0, "float32"))
-        self._metrics_by_name["jac_loss"].update_state(est, sample_weight=tf.cast(apply, "float32"))
+        self._metrics_by_name["jac_loss"].update_state(
+            est, sample_weight=tf.cast(apply, "float32")
+        )
         self.add_loss(weight * est)
 
     # ------------------------------------------------------------------ config

@@ -69,13 +69,25 @@ def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
         dg = g_new - g
         v = _apply_inverse_transposed(us, vs, step)
         denom = tf.reduce_sum(tf.cast(v, acc) * tf.cast(dg, acc), axis=1, keepdims=True)
-        ok = (tf.abs(denom) > tiny) & tf.reduce_all(tf.math.is_finite(dg), axis=1, keepdims=True)
-        u = (step - _apply_inverse(us, vs, dg)) / tf.cast(tf.where(ok, denom, tf.ones_like(denom)), dtype)
+        ok = (tf.abs(denom) > tiny) & tf.reduce_all(
+            tf.math.is_finite(dg), axis=1, keepdims=True
+        )
+        u = (step - _apply_inverse(us, vs, dg)) / tf.cast(
+            tf.where(ok, denom, tf.ones_like(denom)), dtype
+        )
         u = tf.where(ok, u, tf.zeros_like(u))
         slot = (k - 1) % memory
         us = tf.tensor_scatter_nd_update(us, [[slot]], u[None])
         vs = tf.tensor_scatter_nd_update(vs, [[slot]], v[None])
-        return k + 1, z_new, g_new, us, vs, best, res.keep_going(best, z_new, tol, stop_mode)
+        return (
+            k + 1,
+            z_new,
+            g_new,
+            us,
+            vs,
+            best,
+            res.keep_going(best, z_new, tol, stop_mode),
+        )
 
     def cond(k, *rest):
         return tf.logical_and(rest[-1], k < max_iter)
@@ -83,5 +95,7 @@ def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
     zeros = tf.zeros([memory, batch, n], dtype)
     go = res.keep_going(best0, z0, tol, stop_mode)
     loop_vars = (tf.constant(1), z0, fz0 - z0, zeros, zeros, best0, go)
-    steps, *_, best, _ = tf.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
+    steps, *_, best, _ = tf.while_loop(
+        cond, body, loop_vars, maximum_iterations=max_iter
+    )
     return res.to_result(best, steps, tol, stop_mode, unpack)

@@ -10,39 +10,57 @@ from keras_deq.solvers.result import STOP_MODES
 
 def check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
     return int(value)
 
 
 def check_positive_float(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
+        raise ValueError(
+            f"`{name}` must be a positive number. Received: {name}={value!r}"
+        )
     return float(value)
 
 
 def check_nonnegative_float(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"`{name}` must be a non-negative number. Received: {name}={value!r}")
+        raise ValueError(
+            f"`{name}` must be a non-negative number. Received: {name}={value!r}"
+        )
     return float(value)
 
 
 def check_fraction(name, value):
     """A number in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
-        raise ValueError(f"`{name}` must be a number in (0, 1]. Received: {name}={value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0 < value <= 1
+    ):
+        raise ValueError(
+            f"`{name}` must be a number in (0, 1]. Received: {name}={value!r}"
+        )
     return float(value)
 
 
 def check_stop_mode(stop_mode):
     if stop_mode not in STOP_MODES:
-        raise ValueError(f"`stop_mode` must be one of {STOP_MODES}. Received: stop_mode={stop_mode!r}")
+        raise ValueError(
+            f"`stop_mode` must be one of {STOP_MODES}. Received: stop_mode={stop_mode!r}"
+        )
     return stop_mode
 
 
 def check_common(f, max_iter, tol, stop_mode):
     if not callable(f):
         raise ValueError(f"`f` must be callable. Received: f={f!r}")
-    return check_positive_int("max_iter", max_iter), check_positive_float("tol", tol), check_stop_mode(stop_mode)
+    return (
+        check_positive_int("max_iter", max_iter),
+        check_positive_float("tol", tol),
+        check_stop_mode(stop_mode),
+    )
 
 
 def solve_structure(flat_solver, f, z0, **kwargs):
@@ -58,5 +76,7 @@ def solve_structure(flat_solver, f, z0, **kwargs):
     z0 = tf.nest.map_structure(tf.convert_to_tensor, z0)
     packer = Packer(z0)
     if not packer.dtype.is_floating:
-        raise ValueError(f"The state must be a floating-point tensor. Received: dtype={packer.dtype.name}")
+        raise ValueError(
+            f"The state must be a floating-point tensor. Received: dtype={packer.dtype.name}"
+        )
     return flat_solver(packer.flat_fn(f), packer.pack(z0), packer.unpack, **kwargs)

@@ -30,7 +30,13 @@ def fixed_point(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", damping=1.0):
     max_iter, tol, stop_mode = common.check_common(f, max_iter, tol, stop_mode)
     damping = common.check_fraction("damping", damping)
     return common.solve_structure(
-        _fixed_point, f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, damping=damping
+        _fixed_point,
+        f,
+        z0,
+        max_iter=max_iter,
+        tol=tol,
+        stop_mode=stop_mode,
+        damping=damping,
     )
 
 
@@ -46,5 +52,7 @@ def _fixed_point(f, z0, unpack, max_iter, tol, stop_mode, damping):
         return tf.logical_and(go, k < max_iter)
 
     loop_vars = (tf.constant(0), z0, res.initial_best(z0), tf.constant(True))
-    steps, _, best, _ = tf.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
+    steps, _, best, _ = tf.while_loop(
+        cond, body, loop_vars, maximum_iterations=max_iter
+    )
     return res.to_result(best, steps, tol, stop_mode, unpack)

@@ -21,7 +21,9 @@ class Packer:
         self.structure = structure
         self.tensors = tf.nest.flatten(structure)
         if not self.tensors:
-            raise ValueError("The state must contain at least one tensor. Received: an empty structure.")
+            raise ValueError(
+                "The state must contain at least one tensor. Received: an empty structure."
+            )
         self.dtype = self.tensors[0].dtype
         self.shapes = [self._sample_shape(t) for t in self.tensors]
         self.sizes = [self._size(t, s) for t, s in zip(self.tensors, self.shapes)]
@@ -52,9 +54,16 @@ class Packer:
         if self.single_matrix:
             return tf.nest.pack_sequence_as(self.structure, [matrix])
         batch = tf.shape(matrix)[0]
-        parts = [matrix] if len(self.sizes) == 1 else tf.split(matrix, self.sizes, axis=1)
+        parts = (
+            [matrix] if len(self.sizes) == 1 else tf.split(matrix, self.sizes, axis=1)
+        )
         tensors = [
-            tf.reshape(p, tf.concat([[batch], shape], axis=0) if not isinstance(shape, list) else [batch] + shape)
+            tf.reshape(
+                p,
+                tf.concat([[batch], shape], axis=0)
+                if not isinstance(shape, list)
+                else [batch] + shape,
+            )
             for p, shape in zip(parts, self.shapes)
         ]
         return tf.nest.pack_sequence_as(self.structure, tensors)
