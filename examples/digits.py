@@ -88,12 +88,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=128)
-    parser.add_argument(
-        "--solver", default="anderson", choices=keras_deq.solvers.names()
-    )
-    parser.add_argument(
-        "--backward", default="implicit", choices=keras_deq.backward.MODES
-    )
+    parser.add_argument("--solver", default="anderson", choices=keras_deq.solvers.names())
+    parser.add_argument("--backward", default="implicit", choices=keras_deq.backward.MODES)
     parser.add_argument("--max-iter", type=int, default=30)
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--jacobian-weight", type=float, default=0.0)

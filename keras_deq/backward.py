@@ -24,9 +24,7 @@ MODES = ("implicit", "phantom", "one_step", "unrolled")
 
 def check_mode(mode):
     if mode not in MODES:
-        raise ValueError(
-            f"`backward` must be one of {MODES}. Received: backward={mode!r}"
-        )
+        raise ValueError(f"`backward` must be one of {MODES}. Received: backward={mode!r}")
     return mode
 
 
@@ -43,7 +41,7 @@ def _not_recorded():
 
 
 def _zeros_for_none(grads, like):
-    return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+    return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
 
 
 def equilibrium(
@@ -96,9 +94,7 @@ def equilibrium(
 
     def damped_step(i, z):
         fz = fn(z, x)
-        return i + 1, tf.nest.map_structure(
-            lambda a, b: (1.0 - tau) * a + tau * b, z, fz
-        )
+        return i + 1, tf.nest.map_structure(lambda a, b: (1.0 - tau) * a + tau * b, z, fz)
 
     _, z = tf.while_loop(
         lambda i, z: i < phantom_steps,
@@ -137,12 +133,10 @@ def _implicit(fn, x, z0, forward, backward, variables, on_backward):
                 fz_flat = tf.nest.flatten(fn(z_in, x_in))
 
             def adjoint_map(u):
-                vjp = tape.gradient(
-                    fz_flat, z_flat, output_gradients=tf.nest.flatten(u)
-                )
+                vjp = tape.gradient(fz_flat, z_flat, output_gradients=tf.nest.flatten(u))
                 vjp = _zeros_for_none(vjp, z_flat)
                 return tf.nest.pack_sequence_as(
-                    z_star, [a + b for a, b in zip(vjp, upstream)]
+                    z_star, [a + b for a, b in zip(vjp, upstream, strict=True)]
                 )
 
             g = tf.nest.pack_sequence_as(z_star, upstream)
@@ -151,7 +145,6 @@ def _implicit(fn, x, z0, forward, backward, variables, on_backward):
                 on_backward(adjoint)
             u = tf.nest.flatten(adjoint.state)
             grads = tape.gradient(fz_flat, list(x_flat) + variables, output_gradients=u)
-            del tape
             x_grads = _zeros_for_none(grads[: len(x_flat)], x_flat)
             return x_grads, grads[len(x_flat) :]
 

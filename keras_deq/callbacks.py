@@ -75,13 +75,9 @@ class JacobianRegularizationScheduler(keras.callbacks.Callback):
     def _targets(self):
         if self.layers is not None:
             return list(self.layers)
-        found = [
-            layer for layer in self.model._flatten_layers() if isinstance(layer, DEQ)
-        ]
+        found = [layer for layer in self.model._flatten_layers() if isinstance(layer, DEQ)]
         if not found:
-            raise ValueError(
-                "JacobianRegularizationScheduler found no DEQ layer in the model."
-            )
+            raise ValueError("JacobianRegularizationScheduler found no DEQ layer in the model.")
         return found
 
     def on_train_batch_begin(self, batch, logs=None):

@@ -9,7 +9,7 @@ def _vjp(fn, z, v):
         tape.watch(z)
         fz = tf.nest.flatten(fn(tf.nest.pack_sequence_as(z, z)))
     grads = tape.gradient(fz, z, output_gradients=v)
-    return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, z)]
+    return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, z, strict=True)]
 
 
 def _batch_size(flat):
@@ -50,18 +50,12 @@ def hutchinson_frobenius(fn, z, num_probes=1, seed=None):
     flat = tf.nest.flatten(z)
     total = 0.0
     for _ in range(num_probes):
-        probes = [
-            keras.random.normal(tf.shape(t), dtype=t.dtype, seed=seed) for t in flat
-        ]
-        vjp = _vjp(
-            lambda s: fn(tf.nest.pack_sequence_as(z, tf.nest.flatten(s))), flat, probes
-        )
+        probes = [keras.random.normal(tf.shape(t), dtype=t.dtype, seed=seed) for t in flat]
+        vjp = _vjp(lambda s: fn(tf.nest.pack_sequence_as(z, tf.nest.flatten(s))), flat, probes)
         total += tf.add_n(
             [
                 tf.reduce_sum(
-                    tf.square(
-                        tf.cast(g, tf.float32 if g.dtype != tf.float64 else g.dtype)
-                    )
+                    tf.square(tf.cast(g, tf.float32 if g.dtype != tf.float64 else g.dtype))
                 )
                 for g in vjp
             ]
@@ -93,12 +87,7 @@ def spectral_radius(fn, z, num_iters=100, seed=None):
     def norms(vs):
         return tf.sqrt(
             tf.add_n(
-                [
-                    tf.reduce_sum(
-                        tf.reshape(tf.square(v), [tf.shape(v)[0], -1]), axis=1
-                    )
-                    for v in vs
-                ]
+                [tf.reduce_sum(tf.reshape(tf.square(v), [tf.shape(v)[0], -1]), axis=1) for v in vs]
             )
         )
 
@@ -106,14 +95,10 @@ def spectral_radius(fn, z, num_iters=100, seed=None):
         n = norms(vs)
         return [v / tf.reshape(n + 1e-30, [-1] + [1] * (v.shape.rank - 1)) for v in vs]
 
-    v0 = normalize(
-        [keras.random.normal(tf.shape(t), dtype=t.dtype, seed=seed) for t in flat]
-    )
+    v0 = normalize([keras.random.normal(tf.shape(t), dtype=t.dtype, seed=seed) for t in flat])
 
     def body(i, v, _):
-        jv = _vjp(
-            lambda s: fn(tf.nest.pack_sequence_as(z, tf.nest.flatten(s))), flat, v
-        )
+        jv = _vjp(lambda s: fn(tf.nest.pack_sequence_as(z, tf.nest.flatten(s))), flat, v)
         return i + 1, normalize(jv), norms(jv)
 
     _, _, radius = tf.while_loop(

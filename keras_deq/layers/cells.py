@@ -40,9 +40,7 @@ class DenseCell(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:
-            raise ValueError(
-                f"`units` must be a positive integer. Received: units={units!r}"
-            )
+            raise ValueError(f"`units` must be a positive integer. Received: units={units!r}")
         self.units = units
         self.activation = keras.activations.get(activation)
         self.use_injection = use_injection
@@ -76,14 +74,10 @@ class DenseCell(keras.layers.Layer):
                 "With use_injection=False the input must have `units` features. "
                 f"Received: x_shape={x_shape}, units={self.units}"
             )
-        self.bias = self.add_weight(
-            name="bias", shape=(self.units,), initializer="zeros"
-        )
+        self.bias = self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
 
     def call(self, z, x):
-        injection = (
-            keras.ops.matmul(x, self.injection_kernel) if self.use_injection else x
-        )
+        injection = keras.ops.matmul(x, self.injection_kernel) if self.use_injection else x
         return self.activation(keras.ops.matmul(z, self.kernel) + injection + self.bias)
 
     def compute_output_shape(self, z_shape, x_shape):
@@ -96,18 +90,10 @@ class DenseCell(keras.layers.Layer):
                 "units": self.units,
                 "activation": keras.activations.serialize(self.activation),
                 "use_injection": self.use_injection,
-                "kernel_initializer": keras.initializers.serialize(
-                    self.kernel_initializer
-                ),
-                "injection_initializer": keras.initializers.serialize(
-                    self.injection_initializer
-                ),
-                "kernel_constraint": keras.constraints.serialize(
-                    self.kernel_constraint
-                ),
-                "kernel_regularizer": keras.regularizers.serialize(
-                    self.kernel_regularizer
-                ),
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "injection_initializer": keras.initializers.serialize(self.injection_initializer),
+                "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
+                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
             }
         )
         return config

@@ -16,9 +16,7 @@ def _in_xla_context():
     try:
         from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
 
-        return control_flow_util.GraphOrParentsInXlaContext(
-            tf.compat.v1.get_default_graph()
-        )
+        return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
     except Exception:  # pragma: no cover - private API moved
         return False
 
@@ -128,13 +126,9 @@ class DEQ(keras.layers.Layer):
         self.max_iter = common.check_positive_int("max_iter", max_iter)
         self.tol = common.check_positive_float("tol", tol)
         self.stop_mode = common.check_stop_mode(stop_mode)
-        self.solver_options = registry.check_options(
-            solver, solver_options, "solver_options"
-        )
+        self.solver_options = registry.check_options(solver, solver_options, "solver_options")
         self.backward = backward_lib.check_mode(backward)
-        self.backward_solver = self._check_solver_name(
-            "backward_solver", backward_solver or solver
-        )
+        self.backward_solver = self._check_solver_name("backward_solver", backward_solver or solver)
         self.backward_max_iter = common.check_positive_int(
             "backward_max_iter",
             max_iter if backward_max_iter is None else backward_max_iter,
@@ -153,9 +147,7 @@ class DEQ(keras.layers.Layer):
         self._jacobian_frequency_init = common.check_fraction(
             "jacobian_frequency", jacobian_frequency
         )
-        self.jacobian_probes = common.check_positive_int(
-            "jacobian_probes", jacobian_probes
-        )
+        self.jacobian_probes = common.check_positive_int("jacobian_probes", jacobian_probes)
         self.state_shape = self._check_state_shape(state_shape)
         if on_failure not in ON_FAILURE:
             raise ValueError(
@@ -239,9 +231,7 @@ class DEQ(keras.layers.Layer):
 
     def _spec(self, shapes):
         if isinstance(shapes, list):
-            return [
-                keras.KerasTensor(tuple(s), dtype=self.compute_dtype) for s in shapes
-            ]
+            return [keras.KerasTensor(tuple(s), dtype=self.compute_dtype) for s in shapes]
         return keras.KerasTensor(tuple(shapes), dtype=self.compute_dtype)
 
     def build(self, input_shape):
@@ -317,11 +307,7 @@ class DEQ(keras.layers.Layer):
         if self.state_shape is None:
             return tf.zeros_like(flat[0])
         batch = tf.shape(flat[0])[:1]
-        shapes = (
-            self.state_shape
-            if isinstance(self.state_shape, list)
-            else [self.state_shape]
-        )
+        shapes = self.state_shape if isinstance(self.state_shape, list) else [self.state_shape]
         zeros = [tf.zeros(tf.concat([batch, s], 0), self.compute_dtype) for s in shapes]
         return zeros if isinstance(self.state_shape, list) else zeros[0]
 
@@ -329,9 +315,7 @@ class DEQ(keras.layers.Layer):
         fn = registry.get(name)
 
         def solve(f, z0):
-            return fn(
-                f, z0, max_iter=max_iter, tol=tol, stop_mode=self.stop_mode, **options
-            )
+            return fn(f, z0, max_iter=max_iter, tol=tol, stop_mode=self.stop_mode, **options)
 
         return solve
 
@@ -346,9 +330,7 @@ class DEQ(keras.layers.Layer):
             fn,
             x,
             z0,
-            forward=self._solver(
-                self.solver, self.max_iter, self.tol, self.solver_options
-            ),
+            forward=self._solver(self.solver, self.max_iter, self.tol, self.solver_options),
             mode=self.backward,
             backward=self._solver(
                 self.backward_solver,
@@ -363,9 +345,7 @@ class DEQ(keras.layers.Layer):
         )
         self._record_forward(result)
         if training:
-            self._add_jacobian_loss(
-                fn, tf.nest.map_structure(tf.stop_gradient, result.state), x
-            )
+            self._add_jacobian_loss(fn, tf.nest.map_structure(tf.stop_gradient, result.state), x)
         return z
 
     # -------------------------------------------------------------- statistics
@@ -447,9 +427,7 @@ class DEQ(keras.layers.Layer):
             return tf.cast(est, "float32")
 
         est = tf.cond(apply, estimate, lambda: tf.constant(0.0, "float32"))
-        self._metrics_by_name["jac_loss"].update_state(
-            est, sample_weight=tf.cast(apply, "float32")
-        )
+        self._metrics_by_name["jac_loss"].update_state(est, sample_weight=tf.cast(apply, "float32"))
         self.add_loss(weight * est)
 
     # ------------------------------------------------------------------ config

@@ -6,9 +6,7 @@ from keras_deq.solvers import common
 from keras_deq.solvers import result as res
 
 
-def anderson(
-    f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, ridge=1e-4
-):
+def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, ridge=1e-4):
     """Anderson-accelerated fixed-point iteration.
 
     Each iteration mixes the last `window` iterates with weights `alpha` that
@@ -78,16 +76,12 @@ def _mixing_weights(gram, k, slot, window, ridge):
     mean_sq = tf.linalg.trace(gram) / tf.cast(n_valid, acc)
     tiny = tf.constant(1e-30 if acc == tf.float64 else 1e-20, acc)
     lam = ridge * mean_sq + tiny
-    system = gram + tf.linalg.diag(
-        lam[:, None] * valid[None, :] + (1.0 - valid)[None, :]
-    )
+    system = gram + tf.linalg.diag(lam[:, None] * valid[None, :] + (1.0 - valid)[None, :])
     rhs = tf.broadcast_to(valid[None, :, None], tf.shape(gram[:, :, :1]))
     w = tf.linalg.solve(system, rhs)[:, :, 0]
     total = tf.reduce_sum(w, axis=1, keepdims=True)
     alpha = w / total
-    ok = tf.reduce_all(tf.math.is_finite(alpha), axis=1, keepdims=True) & (
-        tf.abs(total) > tiny
-    )
+    ok = tf.reduce_all(tf.math.is_finite(alpha), axis=1, keepdims=True) & (tf.abs(total) > tiny)
     newest = tf.one_hot(slot, window, dtype=acc)[None, :]
     return tf.where(ok, alpha, newest)
 
@@ -109,18 +103,12 @@ def _anderson(f, z0, unpack, max_iter, tol, stop_mode, window, beta, ridge):
         history_z = _write(history_z, slot, z)
         # Zero a non-finite residual so that one bad sample cannot spoil the Gram
         # matrix of the others; its own weights fall back to a plain step.
-        history_g = _write(
-            history_g, slot, tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
-        )
-        row = tf.einsum(
-            "mbn,bn->bm", tf.cast(history_g, acc), tf.cast(history_g[slot], acc)
-        )
+        history_g = _write(history_g, slot, tf.where(tf.math.is_finite(g), g, tf.zeros_like(g)))
+        row = tf.einsum("mbn,bn->bm", tf.cast(history_g, acc), tf.cast(history_g[slot], acc))
         gram = _update_gram(gram, slot, row, window)
         alpha = tf.cast(_mixing_weights(gram, k, slot, window, ridge), dtype)
         mixed = (
-            history_z + tf.cast(beta, dtype) * history_g
-            if beta != 1.0
-            else history_z + history_g
+            history_z + tf.cast(beta, dtype) * history_g if beta != 1.0 else history_z + history_g
         )
         z_next = tf.einsum("bm,mbn->bn", alpha, mixed)
         z_next = tf.where(tf.math.is_finite(g), z_next, fz)
@@ -146,7 +134,5 @@ def _anderson(f, z0, unpack, max_iter, tol, stop_mode, window, beta, ridge):
         res.initial_best(z0),
         tf.constant(True),
     )
-    steps, *_, best, _ = tf.while_loop(
-        cond, body, loop_vars, maximum_iterations=max_iter
-    )
+    steps, *_, best, _ = tf.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
     return res.to_result(best, steps, tol, stop_mode, unpack)

@@ -69,9 +69,7 @@ def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
         dg = g_new - g
         v = _apply_inverse_transposed(us, vs, step)
         denom = tf.reduce_sum(tf.cast(v, acc) * tf.cast(dg, acc), axis=1, keepdims=True)
-        ok = (tf.abs(denom) > tiny) & tf.reduce_all(
-            tf.math.is_finite(dg), axis=1, keepdims=True
-        )
+        ok = (tf.abs(denom) > tiny) & tf.reduce_all(tf.math.is_finite(dg), axis=1, keepdims=True)
         u = (step - _apply_inverse(us, vs, dg)) / tf.cast(
             tf.where(ok, denom, tf.ones_like(denom)), dtype
         )
@@ -95,7 +93,5 @@ def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
     zeros = tf.zeros([memory, batch, n], dtype)
     go = res.keep_going(best0, z0, tol, stop_mode)
     loop_vars = (tf.constant(1), z0, fz0 - z0, zeros, zeros, best0, go)
-    steps, *_, best, _ = tf.while_loop(
-        cond, body, loop_vars, maximum_iterations=max_iter
-    )
+    steps, *_, best, _ = tf.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
     return res.to_result(best, steps, tol, stop_mode, unpack)

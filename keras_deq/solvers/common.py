@@ -10,38 +10,26 @@ from keras_deq.solvers.result import STOP_MODES
 
 def check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     return int(value)
 
 
 def check_positive_float(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(
-            f"`{name}` must be a positive number. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
     return float(value)
 
 
 def check_nonnegative_float(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(
-            f"`{name}` must be a non-negative number. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be a non-negative number. Received: {name}={value!r}")
     return float(value)
 
 
 def check_fraction(name, value):
     """A number in (0, 1]."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not 0 < value <= 1
-    ):
-        raise ValueError(
-            f"`{name}` must be a number in (0, 1]. Received: {name}={value!r}"
-        )
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+        raise ValueError(f"`{name}` must be a number in (0, 1]. Received: {name}={value!r}")
     return float(value)
 
 

@@ -52,7 +52,5 @@ def _fixed_point(f, z0, unpack, max_iter, tol, stop_mode, damping):
         return tf.logical_and(go, k < max_iter)
 
     loop_vars = (tf.constant(0), z0, res.initial_best(z0), tf.constant(True))
-    steps, _, best, _ = tf.while_loop(
-        cond, body, loop_vars, maximum_iterations=max_iter
-    )
+    steps, _, best, _ = tf.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
     return res.to_result(best, steps, tol, stop_mode, unpack)

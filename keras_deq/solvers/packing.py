@@ -26,7 +26,7 @@ class Packer:
             )
         self.dtype = self.tensors[0].dtype
         self.shapes = [self._sample_shape(t) for t in self.tensors]
-        self.sizes = [self._size(t, s) for t, s in zip(self.tensors, self.shapes)]
+        self.sizes = [self._size(t, s) for t, s in zip(self.tensors, self.shapes, strict=True)]
         self.single_matrix = len(self.tensors) == 1 and self.tensors[0].shape.rank == 2
 
     @staticmethod
@@ -54,9 +54,7 @@ class Packer:
         if self.single_matrix:
             return tf.nest.pack_sequence_as(self.structure, [matrix])
         batch = tf.shape(matrix)[0]
-        parts = (
-            [matrix] if len(self.sizes) == 1 else tf.split(matrix, self.sizes, axis=1)
-        )
+        parts = [matrix] if len(self.sizes) == 1 else tf.split(matrix, self.sizes, axis=1)
         tensors = [
             tf.reshape(
                 p,
@@ -64,7 +62,7 @@ class Packer:
                 if not isinstance(shape, list)
                 else [batch] + shape,
             )
-            for p, shape in zip(parts, self.shapes)
+            for p, shape in zip(parts, self.shapes, strict=True)
         ]
         return tf.nest.pack_sequence_as(self.structure, tensors)
 

@@ -34,9 +34,7 @@ def get(identifier):
         return identifier
     if isinstance(identifier, str) and identifier in _SOLVERS:
         return _SOLVERS[identifier]
-    raise ValueError(
-        f"Unknown solver. Expected one of {names()}. Received: solver={identifier!r}"
-    )
+    raise ValueError(f"Unknown solver. Expected one of {names()}. Received: solver={identifier!r}")
 
 
 def options_of(solver):

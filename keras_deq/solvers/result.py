@@ -58,9 +58,7 @@ class Best(NamedTuple):
 
 
 def initial_best(z0):
-    inf = tf.fill(
-        [tf.shape(z0)[0]], tf.constant(float("inf"), accumulation_dtype(z0.dtype))
-    )
+    inf = tf.fill([tf.shape(z0)[0]], tf.constant(float("inf"), accumulation_dtype(z0.dtype)))
     return Best(z0, inf, inf)
 
 
