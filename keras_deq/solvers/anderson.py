@@ -55,8 +55,10 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
 
 
 def _write(buffer, slot, value):
-    """Writes `value` (batch, n) into slot `slot` of a `(window, batch, n)` buffer."""
-    return tf.tensor_scatter_nd_update(buffer, [[slot]], value[None])
+    """Writes `value` (batch, n) into slot `slot` of a `(batch, window, n)` buffer."""
+    batch = tf.shape(value)[0]
+    index = tf.stack([tf.range(batch), tf.fill([batch], slot)], axis=1)
+    return tf.tensor_scatter_nd_update(buffer, index, value)
 
 
 def _update_gram(gram, slot, row, window):
@@ -90,32 +92,34 @@ def _anderson(f, z0, unpack, max_iter, tol, stop_mode, window, beta, ridge):
     dtype = z0.dtype
     acc = res.accumulation_dtype(dtype)
     batch, n = tf.shape(z0)[0], tf.shape(z0)[1]
-    history_z = tf.zeros([window, batch, n], dtype)
-    history_g = tf.zeros([window, batch, n], dtype)
+    # Histories of f(z_i) and of the residuals g_i = f(z_i) - z_i, (batch, window, n),
+    # kept in the state's dtype; the Gram matrix of the g_i in `acc`.
+    history_f = tf.zeros([batch, window, n], dtype)
+    history_g = tf.zeros([batch, window, n], dtype)
     gram = tf.zeros([batch, window, window], acc)
 
-    def body(k, z, history_z, history_g, gram, best, _):
+    def body(k, z, history_f, history_g, gram, best, _):
         fz = f(z)
-        g = fz - z
         abs_res, rel_res = res.residuals(fz, z)
         best = res.update_best(best, z, abs_res, rel_res, stop_mode)
+        # A sample with a non-finite residual gets g = 0 and f = z in its history so
+        # that it cannot spoil anything; its weights then fall back to a plain step.
+        finite = tf.math.is_finite(abs_res)[:, None]
+        g = tf.where(finite, fz - z, tf.zeros_like(z))
         slot = k % window
-        history_z = _write(history_z, slot, z)
-        # Zero a non-finite residual so that one bad sample cannot spoil the Gram
-        # matrix of the others; its own weights fall back to a plain step.
-        history_g = _write(history_g, slot, tf.where(tf.math.is_finite(g), g, tf.zeros_like(g)))
-        row = tf.einsum("mbn,bn->bm", tf.cast(history_g, acc), tf.cast(history_g[slot], acc))
+        history_f = _write(history_f, slot, tf.where(finite, fz, z))
+        history_g = _write(history_g, slot, g)
+        row = tf.matmul(tf.cast(history_g, acc), tf.cast(g, acc)[:, :, None])[:, :, 0]
         gram = _update_gram(gram, slot, row, window)
-        alpha = tf.cast(_mixing_weights(gram, k, slot, window, ridge), dtype)
-        mixed = (
-            history_z + tf.cast(beta, dtype) * history_g if beta != 1.0 else history_z + history_g
-        )
-        z_next = tf.einsum("bm,mbn->bn", alpha, mixed)
-        z_next = tf.where(tf.math.is_finite(g), z_next, fz)
+        alpha = tf.cast(_mixing_weights(gram, k, slot, window, ridge), dtype)[:, None, :]
+        z_next = tf.matmul(alpha, history_f)[:, 0, :]
+        if beta != 1.0:
+            z_next -= (1.0 - beta) * tf.matmul(alpha, history_g)[:, 0, :]
+        z_next = tf.where(finite, z_next, fz)
         return (
             k + 1,
             z_next,
-            history_z,
+            history_f,
             history_g,
             gram,
             best,
@@ -128,7 +132,7 @@ def _anderson(f, z0, unpack, max_iter, tol, stop_mode, window, beta, ridge):
     loop_vars = (
         tf.constant(0),
         z0,
-        history_z,
+        history_f,
         history_g,
         gram,
         res.initial_best(z0),

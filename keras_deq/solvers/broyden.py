@@ -10,8 +10,8 @@ def broyden(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
     """Finds a root of `g(z) = f(z) - z` with a low-rank inverse-Jacobian model.
 
     The inverse Jacobian of `g` starts at `-I` (so the first step is a Picard step)
-    and receives one rank-one "good Broyden" update per iteration; the last
-    `memory` updates are kept. Unlike Picard iteration, it can converge when `f`
+    and receives one rank-one "good Broyden" update per iteration. When `memory`
+    updates are stored, the model restarts from `-I` with the newest update. Unlike Picard iteration, it can converge when `f`
     is not a contraction, e.g. a linear map with spectral radius above 1.
 
     Args:
@@ -20,7 +20,7 @@ def broyden(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
         max_iter: Maximum number of evaluations of `f`.
         tol: Tolerance on the per-sample residual named by `stop_mode`.
         stop_mode: `"rel"` for `||f(z) - z|| / ||f(z)||`, `"abs"` for `||f(z) - z||`.
-        memory: Number of rank-one updates kept (oldest dropped first).
+        memory: Number of rank-one updates stored before the model restarts.
 
     Returns:
         A `SolverResult`.
@@ -39,14 +39,26 @@ def broyden(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
     )
 
 
+def _low_rank(left, right, x):
+    """`sum_i left_i (right_i . x)` per sample; buffers are `(batch, memory, n)`."""
+    coefficients = tf.matmul(right, x[:, :, None])  # (batch, memory, 1)
+    return tf.matmul(coefficients, left, transpose_a=True)[:, 0, :]
+
+
 def _apply_inverse(us, vs, x):
-    """`H x` with `H = -I + sum_i u_i v_i^T`; buffers are `(memory, batch, n)`."""
-    return -x + tf.einsum("mb,mbn->bn", tf.einsum("mbn,bn->mb", vs, x), us)
+    """`H x` with `H = -I + sum_i u_i v_i^T`."""
+    return -x + _low_rank(us, vs, x)
 
 
 def _apply_inverse_transposed(us, vs, x):
     """`H^T x` with `H = -I + sum_i u_i v_i^T`."""
-    return -x + tf.einsum("mb,mbn->bn", tf.einsum("mbn,bn->mb", us, x), vs)
+    return -x + _low_rank(vs, us, x)
+
+
+def _write(buffer, slot, value):
+    batch = tf.shape(value)[0]
+    index = tf.stack([tf.range(batch), tf.fill([batch], slot)], axis=1)
+    return tf.tensor_scatter_nd_update(buffer, index, value)
 
 
 def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
@@ -74,9 +86,13 @@ def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
             tf.where(ok, denom, tf.ones_like(denom)), dtype
         )
         u = tf.where(ok, u, tf.zeros_like(u))
+        # When the memory is full, restart from H = -I: dropping only the oldest
+        # update would leave the later ones, which were built on it, inconsistent.
         slot = (k - 1) % memory
-        us = tf.tensor_scatter_nd_update(us, [[slot]], u[None])
-        vs = tf.tensor_scatter_nd_update(vs, [[slot]], v[None])
+        full = tf.logical_and(slot == 0, k > 1)
+        us, vs = tf.cond(full, lambda: (tf.zeros_like(us), tf.zeros_like(vs)), lambda: (us, vs))
+        us = _write(us, slot, u)
+        vs = _write(vs, slot, v)
         return (
             k + 1,
             z_new,
@@ -90,7 +106,7 @@ def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
     def cond(k, *rest):
         return tf.logical_and(rest[-1], k < max_iter)
 
-    zeros = tf.zeros([memory, batch, n], dtype)
+    zeros = tf.zeros([batch, memory, n], dtype)
     go = res.keep_going(best0, z0, tol, stop_mode)
     loop_vars = (tf.constant(1), z0, fz0 - z0, zeros, zeros, best0, go)
     steps, *_, best, _ = tf.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
