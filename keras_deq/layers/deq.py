@@ -12,6 +12,22 @@ from keras_deq.solvers import common, registry
 ON_FAILURE = ("warn", "raise", "ignore")
 
 
+def _float32_metrics():
+    """A scope in which metric variables are read in float32.
+
+    Under a mixed-precision policy Keras reads float32 variables in the compute
+    dtype inside `call`; metric totals accumulated in float16/bfloat16 drift.
+    Keras has no public switch for this, so the private scope is used when present.
+    """
+    try:
+        from keras.src.backend import AutocastScope  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        import contextlib  # noqa: PLC0415
+
+        return contextlib.nullcontext()
+    return AutocastScope(None)
+
+
 def _in_xla_context():
     try:
         from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
@@ -158,7 +174,7 @@ class DEQ(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._warned = False
         self._metrics_by_name = {
-            key: keras.metrics.Mean(name=f"{self.name}_{key}")
+            key: keras.metrics.Mean(name=f"{self.name}_{key}", dtype="float32")
             for key in (
                 "fwd_steps",
                 "fwd_residual",
@@ -249,6 +265,7 @@ class DEQ(keras.layers.Layer):
             initializer=keras.initializers.Constant(self._jacobian_weight_init),
             trainable=False,
             dtype="float32",
+            autocast=False,
         )
         self._jacobian_frequency = self.add_weight(
             name="jacobian_frequency",
@@ -256,6 +273,7 @@ class DEQ(keras.layers.Layer):
             initializer=keras.initializers.Constant(self._jacobian_frequency_init),
             trainable=False,
             dtype="float32",
+            autocast=False,
         )
 
     def _check_cell_output(self, out, z_spec):
@@ -353,6 +371,11 @@ class DEQ(keras.layers.Layer):
         return result.rel_residual if self.stop_mode == "rel" else result.abs_residual
 
     def _record_forward(self, result):
+        with _float32_metrics():
+            self._update_forward_metrics(result)
+        self._report_failure(result.converged, result.rel_residual, "forward")
+
+    def _update_forward_metrics(self, result):
         m = self._metrics_by_name
         m["fwd_steps"].update_state(tf.cast(result.steps, "float32"))
         finite = tf.where(
@@ -362,21 +385,26 @@ class DEQ(keras.layers.Layer):
         )
         m["fwd_residual"].update_state(tf.cast(finite, "float32"))
         m["converged"].update_state(tf.cast(result.converged, "float32"))
-        self._report_failure(result.converged, result.rel_residual, "forward")
 
     def _record_backward(self, result):
         m = self._metrics_by_name
-        m["bwd_steps"].update_state(tf.cast(result.steps, "float32"))
-        m["bwd_residual"].update_state(tf.cast(self._residual(result), "float32"))
+        with _float32_metrics():
+            m["bwd_steps"].update_state(tf.cast(result.steps, "float32"))
+            m["bwd_residual"].update_state(tf.cast(self._residual(result), "float32"))
         self._report_failure(result.converged, result.rel_residual, "backward")
 
     def _failure_message(self, which, n_failed, worst):
+        tol = self.tol if which == "forward" else self.backward_tol
+        cause = (
+            "the cell produced NaN or Inf for them (check the input and the cell)"
+            if worst != worst or worst == float("inf")
+            else f"worst relative residual {worst:.3g}"
+        )
         return (
-            f"DEQ layer '{self.name}': the {which} solver did not reach tol="
-            f"{self.tol if which == 'forward' else self.backward_tol} for {n_failed} sample(s) "
-            f"(worst relative residual {worst:.3g}). Increase max_iter, change the solver, or "
+            f"DEQ layer '{self.name}': the {which} solver did not reach tol={tol} for "
+            f"{n_failed} sample(s); {cause}. Increase max_iter, change the solver, or "
             "regularize the cell (jacobian_weight). This warning is shown once per layer; "
-            f"the metric '{self.name}_converged' tracks it."
+            f"the metric '{self.name}_converged' tracks convergence."
         )
 
     def _on_host_failure(self, which, n_failed, worst):
@@ -414,7 +442,7 @@ class DEQ(keras.layers.Layer):
     # ---------------------------------------------------------------- jacobian
     def _add_jacobian_loss(self, fn, z_star, x):
         weight = self._jacobian_weight
-        draw = keras.random.uniform((), seed=self.seed_generator)
+        draw = keras.random.uniform((), dtype="float32", seed=self.seed_generator)
         apply = (draw < self._jacobian_frequency) & (weight > 0)
 
         def estimate():
@@ -427,7 +455,10 @@ class DEQ(keras.layers.Layer):
             return tf.cast(est, "float32")
 
         est = tf.cond(apply, estimate, lambda: tf.constant(0.0, "float32"))
-        self._metrics_by_name["jac_loss"].update_state(est, sample_weight=tf.cast(apply, "float32"))
+        with _float32_metrics():
+            self._metrics_by_name["jac_loss"].update_state(
+                est, sample_weight=tf.cast(apply, "float32")
+            )
         self.add_loss(weight * est)
 
     # ------------------------------------------------------------------ config
