@@ -337,9 +337,25 @@ class DEQ(keras.layers.Layer):
 
         return solve
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, initial_state=None, training=None):
+        """Solves for the equilibrium of the cell with injection `inputs`.
+
+        Args:
+            inputs: The injection `x`: a tensor or a list of tensors.
+            initial_state: Optional starting state (the structure and shape of the
+                state). Defaults to zeros. It receives no gradient.
+            training: Passed to the cell.
+
+        Returns:
+            The equilibrium state.
+        """
         x = inputs
-        z0 = self._initial_state(x)
+        if initial_state is None:
+            z0 = self._initial_state(x)
+        else:
+            z0 = tf.nest.map_structure(
+                lambda t: tf.stop_gradient(tf.cast(t, self.compute_dtype)), initial_state
+            )
 
         def fn(z, x_in):
             return self.cell(z, x_in, training=training)
