@@ -5,8 +5,8 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from keras_deq import backward, callbacks, jacobian, layers, solvers  # noqa: E402
-from keras_deq.layers import DEQ, DenseCell  # noqa: E402
+from keras_deq.layers import DEQ, DenseCell, PcDEQ  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["DEQ", "DenseCell", "backward", "callbacks", "jacobian", "layers", "solvers"]
+__all__ = ["DEQ", "DenseCell", "PcDEQ", "backward", "callbacks", "jacobian", "layers", "solvers"]

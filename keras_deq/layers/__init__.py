@@ -1,6 +1,7 @@
-"""Keras layers: the `DEQ` wrapper and ready-made cells."""
+"""Keras layers: the `DEQ` wrapper, ready-made cells, and the papers' layers."""
 
 from keras_deq.layers.cells import DenseCell
 from keras_deq.layers.deq import DEQ
+from keras_deq.layers.pcdeq import PcDEQ, PositiveConcaveCell
 
-__all__ = ["DEQ", "DenseCell"]
+__all__ = ["DEQ", "DenseCell", "PcDEQ", "PositiveConcaveCell"]

@@ -1,0 +1,63 @@
+"""Image classification data for the vision examples.
+
+`digits` (scikit-learn's bundled 8x8 digits) works offline and is every script's
+default. `mnist`, `svhn_cropped` and `cifar10` are loaded with
+tensorflow-datasets (`pip install "keras-deq[examples]"`), which downloads them on
+first use.
+"""
+
+DATASETS = ("digits", "mnist", "svhn_cropped", "cifar10")
+
+
+def load(name, seed=0, limit=None):
+    """Returns `(x_train, y_train, x_test, y_test)`: float32 NHWC images, int labels.
+
+    Images are standardized with the training set's per-channel mean and std.
+
+    Args:
+        name: One of `DATASETS`.
+        seed: Seed of the digits train/test split.
+        limit: Optional number of training (and test) examples to keep.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset. Expected one of {DATASETS}. Received: dataset={name!r}")
+    if name == "digits":
+        x_train, y_train, x_test, y_test = _digits(seed)
+    else:
+        x_train, y_train, x_test, y_test = _tfds(name)
+    if limit is not None:
+        x_train, y_train, x_test, y_test = (
+            x_train[:limit],
+            y_train[:limit],
+            x_test[:limit],
+            y_test[:limit],
+        )
+    mean = x_train.mean(axis=(0, 1, 2), keepdims=True)
+    std = x_train.std(axis=(0, 1, 2), keepdims=True) + 1e-6
+    return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
+
+
+def _digits(seed):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = x.reshape(-1, 8, 8, 1).astype("float32")
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=0.2, stratify=y, random_state=seed
+    )
+    return x_train, y_train, x_test, y_test
+
+
+def _tfds(name):
+    import tensorflow_datasets as tfds
+
+    train, test = tfds.load(name, split=["train", "test"], as_supervised=True, batch_size=-1)
+    x_train, y_train = tfds.as_numpy(train)
+    x_test, y_test = tfds.as_numpy(test)
+    return (
+        x_train.astype("float32"),
+        y_train.astype("int64"),
+        x_test.astype("float32"),
+        y_test.astype("int64"),
+    )

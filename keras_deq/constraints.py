@@ -1,0 +1,249 @@
+"""Weight constraints that bound Lipschitz constants: conv operator norm, |gamma| cap.
+
+Keras applies a variable's `constraint` after every optimizer step
+(`variable.assign(constraint(variable))`), so the caps hold for the weights the
+next forward pass reads. Keras' own `MaxNorm`, `MinMaxNorm`, `NonNeg` and
+`UnitNorm` cover norms of weight vectors; the two constraints here cover what
+they do not: the operator norm of a convolution and an elementwise bound.
+"""
+
+import numbers
+
+import keras
+import tensorflow as tf
+
+PADDINGS = ("same", "valid")
+
+
+def _check_positive_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
+    return float(value)
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    return int(value)
+
+
+def _pair(name, value):
+    """`value` as a pair of positive ints (an int means the same on both axes)."""
+    pair = (value, value) if isinstance(value, numbers.Integral) else tuple(value)
+    if len(pair) != 2 or any(
+        isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in pair
+    ):
+        raise ValueError(
+            f"`{name}` must be a positive int or a pair of positive ints. Received: {name}={value!r}"
+        )
+    return tuple(int(v) for v in pair)
+
+
+def _check_input_shape(input_shape):
+    """`(height, width)` or `(height, width, channels)` as a tuple of positive ints."""
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else ()
+    if len(shape) not in (2, 3) or any(
+        isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in shape
+    ):
+        raise ValueError(
+            "`input_shape` must be (height, width) or (height, width, channels), positive "
+            f"ints. Received: input_shape={input_shape!r}"
+        )
+    return tuple(int(d) for d in shape)
+
+
+def _operator_dims(kernel, input_shape, strides, padding):
+    """Checks the arguments; returns `(input_shape_4d, strides_4d, padding)`."""
+    input_shape = _check_input_shape(input_shape)
+    strides = _pair("strides", strides)
+    if padding not in PADDINGS:
+        raise ValueError(f"`padding` must be one of {PADDINGS}. Received: padding={padding!r}")
+    if kernel.shape.rank != 4:
+        raise ValueError(
+            "The kernel must have shape (kernel_h, kernel_w, in_channels, out_channels). "
+            f"Received: kernel.shape={kernel.shape}"
+        )
+    in_channels = kernel.shape[2]
+    if len(input_shape) == 3 and input_shape[2] != in_channels:
+        raise ValueError(
+            f"`input_shape` has {input_shape[2]} channels but the kernel reads {in_channels}. "
+            f"Received: input_shape={input_shape}, kernel.shape={kernel.shape}"
+        )
+    return (1, input_shape[0], input_shape[1], in_channels), (1, *strides, 1), padding.upper()
+
+
+def conv_operator_norm(kernel, input_shape, strides=1, padding="same", iterations=30):
+    """Estimates the spectral norm of a 2D convolution as a linear map.
+
+    The convolution `A: (H, W, C_in) -> (H', W', C_out)` (zero padding, the
+    given strides, no bias) is a matrix of size `H'W'C_out x HWC_in`; its
+    largest singular value is what bounds `||conv(a) - conv(b)|| / ||a - b||`.
+    It is found from the power-iteration products `v -> A^T A v`, applying `A`
+    with `tf.nn.conv2d` and its exact adjoint `A^T` with
+    `tf.nn.conv2d_transpose` on one input of the true size. The estimate is the
+    largest Ritz value of the Krylov space these products span (Lanczos with
+    full reorthogonalization) rather than the last iterate's Rayleigh quotient:
+    the same products, but it converges in a few dozen steps where plain power
+    iteration can need hundreds (close top singular values, strided convs).
+    The start vector is a fixed pseudo-random draw, so the result is
+    deterministic. Ritz values never exceed the largest eigenvalue, so the
+    estimate approaches the norm from below (up to round-off).
+
+    This is not the norm of the kernel reshaped to `(k*k*C_in, C_out)`, which
+    can be smaller (by up to a factor `k` for a `k x k` kernel) or larger (for
+    strided convs).
+
+    Args:
+        kernel: A `(kh, kw, C_in, C_out)` tensor (Keras `Conv2D` layout).
+        input_shape: `(H, W)` or `(H, W, C_in)`: the input size the conv sees.
+        strides: An int or a pair of ints.
+        padding: `"same"` or `"valid"`, as in `keras.layers.Conv2D`.
+        iterations: Number of Krylov steps (each one conv and one transposed
+            conv on a single image).
+
+    Returns:
+        A scalar tensor in the kernel's dtype.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> kernel = tf.ones((1, 1, 1, 1)) * 3.0  # a 1x1 conv scaling by 3
+    >>> round(float(conv_operator_norm(kernel, (4, 4))), 4)
+    3.0
+    """
+    kernel = tf.convert_to_tensor(kernel)
+    shape, strides, padding = _operator_dims(kernel, input_shape, strides, padding)
+    iterations = _check_positive_int("iterations", iterations)
+
+    def normal_op(v):
+        """`A^T A v` for a flat `v`."""
+        u = tf.nn.conv2d(tf.reshape(v, shape), kernel, strides, padding)
+        return tf.reshape(tf.nn.conv2d_transpose(u, kernel, shape, strides, padding), [-1])
+
+    return tf.sqrt(_lanczos_max_eigenvalue(normal_op, shape, kernel.dtype, iterations))
+
+
+def _lanczos_max_eigenvalue(op, shape, dtype, steps):
+    """Largest eigenvalue of the symmetric PSD map `op` on flat vectors of `shape`."""
+    size = 1
+    for d in shape:
+        size *= d
+    # Below this relative size the next Krylov vector is round-off: the space is invariant.
+    breakdown = tf.constant(10.0 * float(tf.as_dtype(dtype).eps) ** 0.5, dtype)
+    v0 = tf.random.stateless_normal([size], seed=(1234, 5678), dtype=dtype)
+    v0 = v0 / tf.norm(v0)
+
+    def body(j, v, basis, alphas, betas):
+        basis = tf.tensor_scatter_nd_update(basis, [[j]], v[None])
+        w = op(v)
+        a = tf.reduce_sum(w * v)
+        for _ in range(2):  # full reorthogonalization, twice for float32
+            w = w - tf.linalg.matvec(basis, tf.linalg.matvec(basis, w), transpose_a=True)
+        b = tf.norm(w)
+        alphas = tf.tensor_scatter_nd_update(alphas, [[j]], [a])
+        scale = tf.reduce_max(tf.abs(alphas))
+        b = tf.where(b > breakdown * scale, b, tf.zeros_like(b))
+        betas = tf.tensor_scatter_nd_update(betas, [[j]], [b])
+        v = tf.math.divide_no_nan(w, b)
+        return j + 1, v, basis, alphas, betas
+
+    zeros = tf.zeros([steps], dtype)
+    loop_vars = (tf.constant(0), v0, tf.zeros([steps, size], dtype), zeros, zeros)
+    *_, alphas, betas = tf.while_loop(
+        lambda j, *_: j < steps, body, loop_vars, maximum_iterations=steps
+    )
+    off = betas[:-1]
+    tridiagonal = tf.linalg.diag(alphas) + tf.linalg.diag(off, k=1) + tf.linalg.diag(off, k=-1)
+    return tf.maximum(tf.reduce_max(tf.linalg.eigvalsh(tridiagonal)), tf.zeros([], dtype))
+
+
+@keras.saving.register_keras_serializable(package="keras_deq")
+class ConvOperatorNorm(keras.constraints.Constraint):
+    """Caps the operator norm of a 2D convolution kernel at `max_norm`.
+
+    After each optimizer step the kernel `W` is replaced by
+    `W / max(1, sigma / max_norm)`, where `sigma` is the Krylov (power-iteration
+    products) estimate of the conv's operator norm on inputs of size `input_shape`
+    (see `conv_operator_norm`). Unlike capping the norm of the reshaped kernel
+    (as spectral normalization of dense layers does), this bounds the conv's
+    true Lipschitz constant, padding and strides included.
+
+    The estimate approaches `sigma` from below, so the true norm after the
+    rescale is at most `max_norm * sigma_true / sigma_est`; with the default 30
+    Krylov steps the excess measured on 3x3 kernels up to 8x8x16 is below 1e-5
+    relative (float32 round-off).
+
+    Args:
+        max_norm: The cap, > 0.
+        input_shape: `(H, W)` or `(H, W, C_in)`, the input size the conv sees.
+        strides: The conv's strides, an int or a pair.
+        padding: `"same"` or `"valid"`, the conv's padding.
+        iterations: Krylov steps per application (see `conv_operator_norm`).
+
+    Example:
+
+    ```python
+    conv = keras.layers.Conv2D(
+        8, 3, padding="same",
+        kernel_constraint=ConvOperatorNorm(2.0, input_shape=(8, 8)),
+    )
+    ```
+    """
+
+    def __init__(self, max_norm, input_shape, strides=1, padding="same", iterations=30):
+        self.max_norm = _check_positive_number("max_norm", max_norm)
+        self.input_shape = _check_input_shape(input_shape)
+        self.strides = _pair("strides", strides)
+        if padding not in PADDINGS:
+            raise ValueError(f"`padding` must be one of {PADDINGS}. Received: padding={padding!r}")
+        self.padding = padding
+        self.iterations = _check_positive_int("iterations", iterations)
+
+    def norm(self, kernel):
+        """The estimated operator norm of `kernel` (a scalar tensor)."""
+        return conv_operator_norm(
+            kernel, self.input_shape, self.strides, self.padding, self.iterations
+        )
+
+    def __call__(self, w):
+        w = tf.convert_to_tensor(w)
+        scale = tf.maximum(tf.constant(1.0, w.dtype), self.norm(w) / self.max_norm)
+        return w / scale
+
+    def get_config(self):
+        return {
+            "max_norm": self.max_norm,
+            "input_shape": self.input_shape,
+            "strides": self.strides,
+            "padding": self.padding,
+            "iterations": self.iterations,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_deq")
+class MaxAbs(keras.constraints.Constraint):
+    """Clips every entry of a weight to `[-max_value, max_value]`.
+
+    Used on normalization scales `gamma`: the map `x -> gamma * x` (per channel)
+    then has Lipschitz constant `max|gamma| <= max_value`. Keras' `MaxNorm`
+    bounds the L2 norm of the whole vector instead, which is stricter.
+
+    Args:
+        max_value: The bound, > 0.
+
+    Example:
+
+    ```python
+    norm = keras.layers.GroupNormalization(4, gamma_constraint=MaxAbs(1.0))
+    ```
+    """
+
+    def __init__(self, max_value=1.0):
+        self.max_value = _check_positive_number("max_value", max_value)
+
+    def __call__(self, w):
+        w = tf.convert_to_tensor(w)
+        return tf.clip_by_value(w, -self.max_value, self.max_value)
+
+    def get_config(self):
+        return {"max_value": self.max_value}
