@@ -80,6 +80,14 @@ class JacobianRegularizationScheduler(keras.callbacks.Callback):
             raise ValueError("JacobianRegularizationScheduler found no DEQ layer in the model.")
         return found
 
+    def on_train_begin(self, logs=None):
+        disabled = [layer for layer in self._targets() if not layer._jacobian_enabled]
+        for layer in disabled:
+            layer._jacobian_enabled = True
+        if disabled:
+            # The regularizer was not in the traced training graph: trace it again.
+            self.model.make_train_function(force=True)
+
     def on_train_batch_begin(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
         weight = float(self.schedule(step))

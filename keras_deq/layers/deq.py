@@ -84,7 +84,8 @@ class DEQ(keras.layers.Layer):
         phantom_damping: Damping in (0, 1] of the `"phantom"` backward.
         jacobian_weight: Weight of the Jacobian regularizer
             `||df/dz at z*||_F^2 / d` (Hutchinson estimate) added with `add_loss`
-            in training. 0 disables it. Changeable during training with
+            in training. 0 leaves it out of the training graph (it needs
+            second-order gradients of the cell). Changeable during training with
             `keras_deq.callbacks.JacobianRegularizationScheduler`.
         jacobian_frequency: Probability in (0, 1] that a training step computes
             and adds the regularizer.
@@ -160,6 +161,9 @@ class DEQ(keras.layers.Layer):
         self._jacobian_weight_init = common.check_nonnegative_float(
             "jacobian_weight", jacobian_weight
         )
+        # The regularizer is part of the training graph only when enabled: it needs
+        # second-order gradients of the cell, which some ops do not have.
+        self._jacobian_enabled = self._jacobian_weight_init > 0
         self._jacobian_frequency_init = common.check_fraction(
             "jacobian_frequency", jacobian_frequency
         )
@@ -303,6 +307,10 @@ class DEQ(keras.layers.Layer):
     @jacobian_weight.setter
     def jacobian_weight(self, value):
         value = common.check_nonnegative_float("jacobian_weight", value)
+        if value > 0 and not self._jacobian_enabled:
+            # Takes effect in training graphs traced from now on (e.g. after
+            # `compile`); `JacobianRegularizationScheduler` retraces for you.
+            self._jacobian_enabled = True
         if self.built:
             self._jacobian_weight.assign(value)
         self._jacobian_weight_init = value
@@ -378,7 +386,7 @@ class DEQ(keras.layers.Layer):
             on_backward=self._record_backward,
         )
         self._record_forward(result)
-        if training:
+        if training and self._jacobian_enabled:
             self._add_jacobian_loss(fn, tf.nest.map_structure(tf.stop_gradient, result.state), x)
         return z
 

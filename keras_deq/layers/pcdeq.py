@@ -208,6 +208,7 @@ class PcDEQ(DEQ):
             activation,
             kernel_size=None if units is not None else kernel_size,
             weight_norm=self.weight_norm,
+            dtype=kwargs.get("dtype"),
         )
         self.pc_kernel_size = kernel_size
         super().__init__(cell, solver=solver, max_iter=max_iter, tol=tol, **kwargs)

@@ -45,7 +45,7 @@ class Packer:
     def pack(self, structure):
         tensors = tf.nest.flatten(structure)
         if self.single_matrix:
-            return tensors[0]
+            return tf.cast(tensors[0], self.dtype)
         batch = tf.shape(tensors[0])[0]
         flat = [tf.reshape(tf.cast(t, self.dtype), [batch, -1]) for t in tensors]
         return flat[0] if len(flat) == 1 else tf.concat(flat, axis=1)
