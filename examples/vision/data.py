@@ -50,14 +50,14 @@ def _digits(seed):
 
 
 def _tfds(name):
+    import numpy as np
     import tensorflow_datasets as tfds
 
-    train, test = tfds.load(name, split=["train", "test"], as_supervised=True, batch_size=-1)
-    x_train, y_train = tfds.as_numpy(train)
-    x_test, y_test = tfds.as_numpy(test)
-    return (
-        x_train.astype("float32"),
-        y_train.astype("int64"),
-        x_test.astype("float32"),
-        y_test.astype("int64"),
-    )
+    def to_arrays(split):
+        dataset = tfds.load(name, split=split, as_supervised=True)
+        images, labels = zip(*tfds.as_numpy(dataset), strict=True)
+        return np.stack(images).astype("float32"), np.asarray(labels, dtype="int64")
+
+    # Iterated rather than loaded with batch_size=-1, which aborts on some
+    # tensorflow-datasets builds with mocked data.
+    return (*to_arrays("train"), *to_arrays("test"))
