@@ -20,12 +20,24 @@ def stepwise_schedule(initial, increment=0.1, every=None, stop_step=None):
     Returns:
         A function `step -> weight`.
 
+    With `steps_per_execution=k` in `compile`, the weight is updated every `k`
+    steps (Keras calls batch hooks once per execution).
+
     Example:
 
     >>> schedule = stepwise_schedule(1.0, increment=0.1, every=100, stop_step=1000)
     >>> schedule(0), round(schedule(250), 6), schedule(1000)
     (1.0, 1.2, 0.0)
     """
+
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"`every` must be a positive integer or None. Received: every={every!r}")
+    if stop_step is not None and (
+        isinstance(stop_step, bool) or not isinstance(stop_step, int) or stop_step < 0
+    ):
+        raise ValueError(
+            f"`stop_step` must be a non-negative integer or None. Received: stop_step={stop_step!r}"
+        )
 
     def schedule(step):
         if stop_step is not None and step >= stop_step:

@@ -12,6 +12,13 @@ def _vjp(fn, z, v):
     return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, z, strict=True)]
 
 
+def _seed_generator(seed):
+    """An int seed is stateless in `keras.random`: draws would all be equal."""
+    import keras  # noqa: PLC0415
+
+    return keras.random.SeedGenerator(seed) if isinstance(seed, int) else seed
+
+
 def _batch_size(flat):
     return tf.shape(flat[0])[0]
 
@@ -47,6 +54,7 @@ def hutchinson_frobenius(fn, z, num_probes=1, seed=None):
     """
     import keras  # noqa: PLC0415
 
+    seed = _seed_generator(seed)
     flat = tf.nest.flatten(z)
     total = 0.0
     for _ in range(num_probes):
@@ -82,6 +90,7 @@ def spectral_radius(fn, z, num_iters=100, seed=None):
     """
     import keras  # noqa: PLC0415
 
+    seed = _seed_generator(seed)
     flat = [tf.stop_gradient(t) for t in tf.nest.flatten(z)]
 
     def norms(vs):

@@ -308,9 +308,16 @@ class DEQ(keras.layers.Layer):
     def jacobian_weight(self, value):
         value = common.check_nonnegative_float("jacobian_weight", value)
         if value > 0 and not self._jacobian_enabled:
-            # Takes effect in training graphs traced from now on (e.g. after
-            # `compile`); `JacobianRegularizationScheduler` retraces for you.
             self._jacobian_enabled = True
+            if self.built:
+                warnings.warn(
+                    f"DEQ layer '{self.name}' was created with jacobian_weight=0, so a "
+                    "training function traced before now has no Jacobian regularizer. It "
+                    "is included once the function is traced again: call "
+                    "`model.make_train_function(force=True)` or `model.compile(...)`. "
+                    "`keras_deq.callbacks.JacobianRegularizationScheduler` does this for you.",
+                    stacklevel=2,
+                )
         if self.built:
             self._jacobian_weight.assign(value)
         self._jacobian_weight_init = value

@@ -320,7 +320,7 @@ class MultiscaleCell(keras.layers.Layer):
     normalization = "standard"
     conv_norm_cap = None
     gamma_cap = None
-    norm_iterations = 30
+    norm_iterations = 20
 
     def __init__(
         self,
@@ -692,7 +692,7 @@ class LipschitzMultiscaleCell(MultiscaleCell):
         normalization="mean",
         conv_norm_cap=2.0,
         gamma_cap=1.0,
-        norm_iterations=30,
+        norm_iterations=20,
         expansion=1,
         groups=4,
         kernel_initializer="glorot_uniform",
@@ -868,7 +868,7 @@ class LipschitzMultiscale(_MultiscaleDEQBase):
         normalization="mean",
         conv_norm_cap=2.0,
         gamma_cap=1.0,
-        norm_iterations=30,
+        norm_iterations=20,
         expansion=1,
         groups=4,
         kernel_initializer="glorot_uniform",
