@@ -23,11 +23,10 @@ def stepwise_schedule(initial, increment=0.1, every=None, stop_step=None):
     With `steps_per_execution=k` in `compile`, the weight is updated every `k`
     steps (Keras calls batch hooks once per execution).
 
-    Example:
-
-    >>> schedule = stepwise_schedule(1.0, increment=0.1, every=100, stop_step=1000)
-    >>> schedule(0), round(schedule(250), 6), schedule(1000)
-    (1.0, 1.2, 0.0)
+    Examples:
+        >>> schedule = stepwise_schedule(1.0, increment=0.1, every=100, stop_step=1000)
+        >>> schedule(0), round(schedule(250), 6), schedule(1000)
+        (1.0, 1.2, 0.0)
     """
 
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):

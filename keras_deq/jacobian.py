@@ -45,12 +45,11 @@ def hutchinson_frobenius(fn, z, num_probes=1, seed=None):
     Returns:
         A scalar tensor (float32 or wider).
 
-    Example:
-
-    >>> import tensorflow as tf
-    >>> est = hutchinson_frobenius(lambda z: 2.0 * z, tf.ones([4, 3]), 100, seed=0)
-    >>> abs(float(est) - 4.0) < 1.0
-    True
+    Examples:
+        >>> import tensorflow as tf
+        >>> est = hutchinson_frobenius(lambda z: 2.0 * z, tf.ones([4, 3]), 100, seed=0)
+        >>> abs(float(est) - 4.0) < 1.0
+        True
     """
     import keras  # noqa: PLC0415
 

@@ -28,6 +28,17 @@ def _float32_metrics():
     return AutocastScope(None)
 
 
+def _finite_values(values):
+    """`(values, weights)` for a Mean metric that skips non-finite samples.
+
+    Samples whose solve never produced a finite iterate (residual inf or NaN) are
+    counted by the `converged` metric and the failure warning instead.
+    """
+    values = tf.cast(values, "float32")
+    finite = tf.math.is_finite(values)
+    return tf.where(finite, values, tf.zeros_like(values)), tf.cast(finite, "float32")
+
+
 def _in_xla_context():
     try:
         from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
@@ -54,9 +65,10 @@ class DEQ(keras.layers.Layer):
     While training or evaluating, the layer reports metrics named after itself
     (shown in the progress bar and in `History`):
 
-    - `{name}_fwd_steps`: forward iterations run (= cell evaluations), batch mean.
+    - `{name}_fwd_steps`: forward iterations run (= cell evaluations) per
+      batch, averaged over the batches of the epoch.
     - `{name}_fwd_residual`: residual (per `stop_mode`) of the returned state,
-      mean over samples.
+      mean over the samples with a finite residual.
     - `{name}_converged`: fraction of samples whose residual met `tol`.
     - `{name}_bwd_steps`, `{name}_bwd_residual`: the same for the adjoint solve
       (implicit backward only; 0 in evaluation, which has no backward pass).
@@ -404,32 +416,27 @@ class DEQ(keras.layers.Layer):
     def _record_forward(self, result):
         with _float32_metrics():
             self._update_forward_metrics(result)
-        self._report_failure(result.converged, result.rel_residual, "forward")
+        self._report_failure(result.converged, self._residual(result), "forward")
 
     def _update_forward_metrics(self, result):
         m = self._metrics_by_name
         m["fwd_steps"].update_state(tf.cast(result.steps, "float32"))
-        finite = tf.where(
-            tf.math.is_finite(self._residual(result)),
-            self._residual(result),
-            tf.zeros_like(self._residual(result)),
-        )
-        m["fwd_residual"].update_state(tf.cast(finite, "float32"))
+        m["fwd_residual"].update_state(*_finite_values(self._residual(result)))
         m["converged"].update_state(tf.cast(result.converged, "float32"))
 
     def _record_backward(self, result):
         m = self._metrics_by_name
         with _float32_metrics():
             m["bwd_steps"].update_state(tf.cast(result.steps, "float32"))
-            m["bwd_residual"].update_state(tf.cast(self._residual(result), "float32"))
-        self._report_failure(result.converged, result.rel_residual, "backward")
+            m["bwd_residual"].update_state(*_finite_values(self._residual(result)))
+        self._report_failure(result.converged, self._residual(result), "backward")
 
     def _failure_message(self, which, n_failed, worst):
         tol = self.tol if which == "forward" else self.backward_tol
         cause = (
             "the cell produced NaN or Inf for them (check the input and the cell)"
             if worst != worst or worst == float("inf")
-            else f"worst relative residual {worst:.3g}"
+            else f"worst {'relative' if self.stop_mode == 'rel' else 'absolute'} residual {worst:.3g}"
         )
         return (
             f"DEQ layer '{self.name}': the {which} solver did not reach tol={tol} for "
@@ -449,11 +456,11 @@ class DEQ(keras.layers.Layer):
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         return 0
 
-    def _report_failure(self, converged, rel_residual, which):
+    def _report_failure(self, converged, residual, which):
         if self.on_failure == "ignore" or _in_xla_context():
             return
         n_failed = tf.reduce_sum(tf.cast(~converged, tf.int32))
-        worst = tf.reduce_max(rel_residual)
+        worst = tf.reduce_max(residual)
         if tf.executing_eagerly():
             if int(n_failed) > 0:
                 self._on_host_failure(which, n_failed, worst)

@@ -30,12 +30,11 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
     Returns:
         A `SolverResult`.
 
-    Example:
-
-    >>> import tensorflow as tf
-    >>> result = anderson(lambda z: 0.9 * tf.tanh(z) + 1.0, tf.zeros([4, 8]))
-    >>> bool(tf.reduce_all(result.converged))
-    True
+    Examples:
+        >>> import tensorflow as tf
+        >>> result = anderson(lambda z: 0.9 * tf.tanh(z) + 1.0, tf.zeros([4, 8]))
+        >>> bool(tf.reduce_all(result.converged))
+        True
     """
     max_iter, tol, stop_mode = common.check_common(f, max_iter, tol, stop_mode)
     window = common.check_positive_int("window", window)

@@ -25,12 +25,11 @@ def broyden(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
     Returns:
         A `SolverResult`.
 
-    Example:
-
-    >>> import tensorflow as tf
-    >>> result = broyden(lambda z: 1.5 * z + 1.0, tf.zeros([2, 3]), tol=1e-6)
-    >>> bool(tf.reduce_all(result.converged))
-    True
+    Examples:
+        >>> import tensorflow as tf
+        >>> result = broyden(lambda z: 1.5 * z + 1.0, tf.zeros([2, 3]), tol=1e-6)
+        >>> bool(tf.reduce_all(result.converged))
+        True
     """
     max_iter, tol, stop_mode = common.check_common(f, max_iter, tol, stop_mode)
     memory = common.check_positive_int("memory", memory)

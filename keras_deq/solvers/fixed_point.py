@@ -20,12 +20,11 @@ def fixed_point(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", damping=1.0):
     Returns:
         A `SolverResult`.
 
-    Example:
-
-    >>> import tensorflow as tf
-    >>> result = fixed_point(lambda z: 0.5 * z + 1.0, tf.zeros([2, 3]), tol=1e-6)
-    >>> bool(tf.reduce_all(result.converged))
-    True
+    Examples:
+        >>> import tensorflow as tf
+        >>> result = fixed_point(lambda z: 0.5 * z + 1.0, tf.zeros([2, 3]), tol=1e-6)
+        >>> bool(tf.reduce_all(result.converged))
+        True
     """
     max_iter, tol, stop_mode = common.check_common(f, max_iter, tol, stop_mode)
     damping = common.check_fraction("damping", damping)

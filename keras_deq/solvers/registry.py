@@ -23,12 +23,11 @@ def get(identifier):
 
     Returns:
         A solver function with the shared call shape
-        `solver(f, z0, max_iter=..., tol=..., stop_mode=..., **options)`.
+            `solver(f, z0, max_iter=..., tol=..., stop_mode=..., **options)`.
 
-    Example:
-
-    >>> get("anderson").__name__
-    'anderson'
+    Examples:
+        >>> get("anderson").__name__
+        'anderson'
     """
     if callable(identifier):
         return identifier

@@ -1,0 +1,22 @@
+"""The examples in the docstrings run and print what they say."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "keras_deq.solvers.fixed_point",
+    "keras_deq.solvers.anderson",
+    "keras_deq.solvers.broyden",
+    "keras_deq.solvers.registry",
+    "keras_deq.jacobian",
+    "keras_deq.callbacks",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
