@@ -1,5 +1,6 @@
 """Anderson acceleration (type II) with a relative ridge."""
 
+import numpy as np
 import tensorflow as tf
 
 from keras_deq.solvers import common
@@ -26,6 +27,8 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
         beta: Mixing parameter in (0, 1]: 1 mixes the `f(z_i)`, smaller values
             move part way from the mixed `z_i`.
         ridge: Relative Tikhonov regularization of the least-squares system, >= 0.
+            Values below 100 machine epsilons of the accumulation dtype are raised
+            to that floor, which keeps the small system invertible.
 
     Returns:
         A `SolverResult`.
@@ -74,15 +77,27 @@ def _mixing_weights(gram, k, slot, window, ridge):
     acc = gram.dtype
     n_valid = tf.minimum(k + 1, window)
     valid = tf.cast(tf.range(window) < n_valid, acc)
+    # A sample whose Gram matrix overflowed solves the identity system instead and
+    # falls back to the newest iterate below.
+    finite = tf.reduce_all(tf.math.is_finite(gram), axis=[1, 2])
+    gram = tf.where(finite[:, None, None], gram, tf.zeros_like(gram))
     mean_sq = tf.linalg.trace(gram) / tf.cast(n_valid, acc)
     tiny = tf.constant(1e-30 if acc == tf.float64 else 1e-20, acc)
-    lam = ridge * mean_sq + tiny
+    # The ridge never drops below a few machine epsilons (relative), so that the
+    # system stays invertible with `ridge=0` and a linearly dependent history:
+    # tf.linalg.solve raises on an exactly singular matrix.
+    floor = tf.constant(100.0, acc) * tf.constant(np.finfo(acc.as_numpy_dtype).eps, acc)
+    lam = tf.maximum(tf.constant(ridge, acc), floor) * mean_sq + tiny
     system = gram + tf.linalg.diag(lam[:, None] * valid[None, :] + (1.0 - valid)[None, :])
     rhs = tf.broadcast_to(valid[None, :, None], tf.shape(gram[:, :, :1]))
     w = tf.linalg.solve(system, rhs)[:, :, 0]
     total = tf.reduce_sum(w, axis=1, keepdims=True)
     alpha = w / total
-    ok = tf.reduce_all(tf.math.is_finite(alpha), axis=1, keepdims=True) & (tf.abs(total) > tiny)
+    ok = (
+        tf.reduce_all(tf.math.is_finite(alpha), axis=1, keepdims=True)
+        & (tf.abs(total) > tiny)
+        & finite[:, None]
+    )
     newest = tf.one_hot(slot, window, dtype=acc)[None, :]
     return tf.where(ok, alpha, newest)
 

@@ -11,7 +11,7 @@ def broyden(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
 
     The inverse Jacobian of `g` starts at `-I` (so the first step is a Picard step)
     and receives one rank-one "good Broyden" update per iteration. When `memory`
-    updates are stored, the model restarts from `-I` with the newest update. Unlike Picard iteration, it can converge when `f`
+    updates are stored, the model restarts from `-I` plus the newest secant update. Unlike Picard iteration, it can converge when `f`
     is not a contraction, e.g. a linear map with spectral radius above 1.
 
     Args:
@@ -78,6 +78,11 @@ def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
         abs_res, rel_res = res.residuals(fz_new, z_new)
         best = res.update_best(best, z_new, abs_res, rel_res, stop_mode)
         dg = g_new - g
+        # When the memory is full, restart from H = -I and make the newest secant
+        # update against -I, so that the new model satisfies H dg = step.
+        slot = (k - 1) % memory
+        full = tf.logical_and(slot == 0, k > 1)
+        us, vs = tf.cond(full, lambda: (tf.zeros_like(us), tf.zeros_like(vs)), lambda: (us, vs))
         v = _apply_inverse_transposed(us, vs, step)
         denom = tf.reduce_sum(tf.cast(v, acc) * tf.cast(dg, acc), axis=1, keepdims=True)
         ok = (tf.abs(denom) > tiny) & tf.reduce_all(tf.math.is_finite(dg), axis=1, keepdims=True)
@@ -85,11 +90,6 @@ def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
             tf.where(ok, denom, tf.ones_like(denom)), dtype
         )
         u = tf.where(ok, u, tf.zeros_like(u))
-        # When the memory is full, restart from H = -I: dropping only the oldest
-        # update would leave the later ones, which were built on it, inconsistent.
-        slot = (k - 1) % memory
-        full = tf.logical_and(slot == 0, k > 1)
-        us, vs = tf.cond(full, lambda: (tf.zeros_like(us), tf.zeros_like(vs)), lambda: (us, vs))
         us = _write(us, slot, u)
         vs = _write(vs, slot, v)
         return (

@@ -65,6 +65,6 @@ def solve_structure(flat_solver, f, z0, **kwargs):
     packer = Packer(z0)
     if not packer.dtype.is_floating:
         raise ValueError(
-            f"The state must be a floating-point tensor. Received: dtype={packer.dtype.name}"
+            f"`z0` must be a floating-point tensor or a nest of them. Received: z0 with dtype={packer.dtype.name}"
         )
     return flat_solver(packer.flat_fn(f), packer.pack(z0), packer.unpack, **kwargs)

@@ -21,9 +21,7 @@ class Packer:
         self.structure = structure
         self.tensors = tf.nest.flatten(structure)
         if not self.tensors:
-            raise ValueError(
-                "The state must contain at least one tensor. Received: an empty structure."
-            )
+            raise ValueError("`z0` must contain at least one tensor. Received: an empty structure.")
         self.dtype = self.tensors[0].dtype
         self.shapes = [self._sample_shape(t) for t in self.tensors]
         self.sizes = [self._size(t, s) for t, s in zip(self.tensors, self.shapes, strict=True)]

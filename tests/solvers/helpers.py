@@ -1,0 +1,204 @@
+"""Maps, independent reference computations and recorders for the solver tests.
+
+Nothing here uses `keras_deq`: the references are plain numpy (or plain eager
+loops over the map), so the tests compare the solvers against code that shares
+none of their machinery.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from keras_deq import solvers
+
+SOLVER_NAMES = ("fixed_point", "anderson", "broyden")
+REL_EPS = 1e-8  # documented in SolverResult.rel_residual: ||f(z) - z|| / (||f(z)|| + 1e-8)
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def solver(name):
+    return solvers.get(name)
+
+
+def matrix_with_norm(n, norm, seed=0):
+    """A random (n, n) matrix with spectral norm exactly `norm`."""
+    w = rng(seed).standard_normal((n, n))
+    return norm * w / np.linalg.norm(w, 2)
+
+
+def symmetric_with_spectrum(eigenvalues, seed=0):
+    """A symmetric matrix with the given eigenvalues and a random eigenbasis."""
+    n = len(eigenvalues)
+    q, _ = np.linalg.qr(rng(seed).standard_normal((n, n)))
+    return q @ np.diag(eigenvalues) @ q.T
+
+
+def matrix_with_spectral_radius(n, radius, seed=0):
+    """A random non-symmetric matrix whose largest |eigenvalue| is `radius`."""
+    m = rng(seed).standard_normal((n, n))
+    a = radius * m / np.max(np.abs(np.linalg.eigvals(m)))
+    assert np.min(np.abs(np.linalg.eigvals(a) - 1.0)) > 1e-2  # 1 is not an eigenvalue
+    return a
+
+
+class TanhMap:
+    """f(z) = tanh(z W + x), a contraction when ||W||_2 < 1; in tf and in numpy."""
+
+    def __init__(self, n, batch, norm=0.5, seed=0, dtype=np.float64):
+        self.w = matrix_with_norm(n, norm, seed).astype(dtype)
+        self.x = rng(seed + 1).standard_normal((batch, n)).astype(dtype)
+
+    def __call__(self, z):
+        return tf.tanh(tf.matmul(z, tf.constant(self.w, z.dtype)) + tf.constant(self.x, z.dtype))
+
+    def np(self, z):
+        return np.tanh(z @ self.w + self.x)
+
+    def reference(self, iters=400):
+        """The fixed point by a long numpy Picard iteration (contraction 0.5: exact)."""
+        z = np.zeros_like(self.x, dtype=np.float64)
+        for _ in range(iters):
+            z = np.tanh(z @ self.w.astype(np.float64) + self.x.astype(np.float64))
+        return z
+
+
+class LinearMap:
+    """f(z) = z A + c (row vectors); its fixed point solves z (I - A) = c."""
+
+    def __init__(self, a, c):
+        self.a = np.asarray(a, np.float64)
+        self.c = np.asarray(c, np.float64)
+
+    def __call__(self, z):
+        return tf.matmul(z, tf.constant(self.a, z.dtype)) + tf.constant(self.c, z.dtype)
+
+    def np(self, z):
+        return z @ self.a + self.c
+
+    def reference(self):
+        n = self.a.shape[0]
+        return np.linalg.solve((np.eye(n) - self.a).T, self.c.T).T
+
+
+def flat(structure):
+    """A nest of (batch, ...) arrays as one (batch, n) float64 numpy matrix."""
+    leaves = [np.asarray(t, np.float64) for t in tf.nest.flatten(structure)]
+    return np.concatenate([t.reshape(t.shape[0], -1) for t in leaves], axis=1)
+
+
+def residuals_np(fz, z):
+    """Per-sample (abs, rel) residuals, computed in float64 numpy."""
+    fz, z = flat(fz), flat(z)
+    abs_res = np.linalg.norm(fz - z, axis=1)
+    return abs_res, abs_res / (np.linalg.norm(fz, axis=1) + REL_EPS)
+
+
+def true_residuals(f, state):
+    """Residuals of `state` recomputed by evaluating `f` outside any solver."""
+    return residuals_np(f(state), state)
+
+
+class Recorder:
+    """Wraps a map and records, in eager mode, every state it is evaluated at."""
+
+    def __init__(self, f):
+        self.f = f
+        self.inputs = []
+        self.outputs = []
+
+    def __call__(self, z):
+        fz = self.f(z)
+        self.inputs.append(flat(tf.nest.map_structure(lambda t: t.numpy(), z)))
+        self.outputs.append(flat(tf.nest.map_structure(lambda t: t.numpy(), fz)))
+        return fz
+
+    @property
+    def calls(self):
+        return len(self.inputs)
+
+    def residual_history(self, stop_mode):
+        """(calls, batch) residuals of every evaluated iterate, by `stop_mode`."""
+        pairs = [residuals_np(fz, z) for fz, z in zip(self.outputs, self.inputs, strict=True)]
+        index = 1 if stop_mode == "rel" else 0
+        return np.stack([p[index] for p in pairs])
+
+
+def picard_np(f_np, z0, iters, damping=1.0):
+    """Iterates z <- z + damping (f(z) - z); returns the list z_0 .. z_iters."""
+    zs = [np.asarray(z0, np.float64)]
+    for _ in range(iters):
+        z = zs[-1]
+        zs.append(z + damping * (f_np(z) - z))
+    return zs
+
+
+def anderson_np(f_np, z0, iters, window, beta, ridge):
+    """Anderson type II as documented, per sample, dense numpy; returns z_0 .. z_iters.
+
+    alpha minimizes ||sum_i alpha_i g_i||^2 + lam ||alpha||^2 s.t. sum alpha = 1 with
+    lam = ridge * mean_i ||g_i||^2; z_next = sum_i alpha_i (z_i + beta g_i).
+    """
+    z = np.asarray(z0, np.float64)
+    zs, hist_z, hist_g = [z], [], []
+    for _ in range(iters):
+        g = f_np(z) - z
+        hist_z = (hist_z + [z])[-window:]
+        hist_g = (hist_g + [g])[-window:]
+        zm = np.stack(hist_z, axis=1)  # (batch, m, n)
+        gm = np.stack(hist_g, axis=1)
+        gram = gm @ gm.transpose(0, 2, 1)
+        m = gm.shape[1]
+        lam = ridge * np.trace(gram, axis1=1, axis2=2) / m
+        w = np.linalg.solve(gram + lam[:, None, None] * np.eye(m), np.ones((z.shape[0], m, 1)))
+        alpha = w[..., 0] / w[..., 0].sum(axis=1, keepdims=True)
+        z = np.einsum("bm,bmn->bn", alpha, zm + beta * gm)
+        zs.append(z)
+    return zs
+
+
+def broyden_np(f_np, z0, iters, memory):
+    """Good Broyden on g = f(z) - z, per sample, with explicit rank-one terms.
+
+    H_0 = -I; z_{k+1} = z_k - H_k g_k; H_{k+1} = H_k + (s - H y) s^T H / (s^T H y) with
+    s = z_{k+1} - z_k, y = g_{k+1} - g_k. As documented, when `memory` terms are
+    stored the model restarts from -I and takes the newest secant update computed
+    against -I. Returns z_0 .. z_iters.
+    """
+
+    def dot(a, b):
+        return np.sum(a * b, axis=1, keepdims=True)
+
+    def h(x):
+        return -x + sum(u * dot(v, x) for u, v in zip(us, vs, strict=True))
+
+    def h_t(x):
+        return -x + sum(v * dot(u, x) for u, v in zip(us, vs, strict=True))
+
+    z = np.asarray(z0, np.float64)
+    g = f_np(z) - z
+    us, vs, zs = [], [], [z]
+    for _ in range(iters):
+        s = -h(g)
+        z = z + s
+        g_new = f_np(z) - z
+        y = g_new - g
+        if len(us) == memory:
+            us.clear()
+            vs.clear()
+        v = h_t(s)
+        u = (s - h(y)) / dot(v, y)
+        us.append(u)
+        vs.append(v)
+        g = g_new
+        zs.append(z)
+    return zs
+
+
+def assert_result_shapes(result, batch):
+    assert result.steps.shape == ()
+    assert result.steps.dtype == tf.int32
+    for t in (result.abs_residual, result.rel_residual, result.converged):
+        assert t.shape == (batch,)
+    assert result.converged.dtype == tf.bool
