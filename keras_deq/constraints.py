@@ -121,6 +121,12 @@ def conv_operator_norm(kernel, input_shape, strides=1, padding="same", iteration
         # A 1x1 conv applies one (C_in, C_out) matrix at every kept pixel, so its
         # norm is that matrix's (exactly; strides only drop pixels).
         return tf.linalg.svd(kernel[0, 0], compute_uv=False)[0]
+    return _krylov_operator_norm(kernel, shape, strides, padding, iterations)
+
+
+@tf.function(autograph=False)
+def _krylov_operator_norm(kernel, shape, strides, padding, iterations):
+    """A graph (also when called eagerly: the loop then runs in C++, not Python)."""
 
     def normal_op(v):
         """`A^T A v` for a flat `v`."""
@@ -176,9 +182,9 @@ class ConvOperatorNorm(keras.constraints.Constraint):
     true Lipschitz constant, padding and strides included.
 
     The estimate approaches `sigma` from below, so the true norm after the
-    rescale is at most `max_norm * sigma_true / sigma_est`; with the default 20
-    Krylov steps the excess measured on 3x3 kernels up to 8x8x16 inputs is below
-    5e-5 relative.
+    rescale is at most `max_norm * sigma_true / sigma_est`: over 40 random 3x3
+    kernels on inputs up to 8x8x8 the worst excess was 1.6e-3 relative with the
+    default 20 Krylov steps, and 6e-5 with 30.
 
     Args:
         max_norm: The cap, > 0.

@@ -1,5 +1,7 @@
 """Ready-made cells `f(z, x)` for `keras_deq.DEQ`."""
 
+import numbers
+
 import keras
 
 
@@ -39,9 +41,9 @@ class DenseCell(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+        if isinstance(units, bool) or not isinstance(units, numbers.Integral) or units < 1:
             raise ValueError(f"`units` must be a positive integer. Received: units={units!r}")
-        self.units = units
+        self.units = int(units)
         self.activation = keras.activations.get(activation)
         self.use_injection = use_injection
         self.kernel_initializer = keras.initializers.get(

@@ -91,7 +91,8 @@ class DEQ(keras.layers.Layer):
         backward_solver: Solver for the adjoint fixed point; defaults to `solver`.
         backward_max_iter: Maximum adjoint iterations; defaults to `max_iter`.
         backward_tol: Adjoint tolerance; defaults to `tol`.
-        backward_solver_options: Extra options of the adjoint solver.
+        backward_solver_options: Extra options of the adjoint solver; default to
+            `solver_options` when the adjoint uses the same solver.
         phantom_steps: Damped steps of the `"phantom"` backward.
         phantom_damping: Damping in (0, 1] of the `"phantom"` backward.
         jacobian_weight: Weight of the Jacobian regularizer
@@ -165,6 +166,8 @@ class DEQ(keras.layers.Layer):
         self.backward_tol = common.check_positive_float(
             "backward_tol", tol if backward_tol is None else backward_tol
         )
+        if backward_solver_options is None and self.backward_solver == self.solver:
+            backward_solver_options = self.solver_options
         self.backward_solver_options = registry.check_options(
             self.backward_solver, backward_solver_options, "backward_solver_options"
         )
@@ -350,7 +353,7 @@ class DEQ(keras.layers.Layer):
     def _initial_state(self, x):
         flat = tf.nest.flatten(x)
         if self.state_shape is None:
-            return tf.zeros_like(flat[0])
+            return tf.zeros(tf.shape(flat[0]), self.compute_dtype)
         batch = tf.shape(flat[0])[:1]
         shapes = self.state_shape if isinstance(self.state_shape, list) else [self.state_shape]
         zeros = [tf.zeros(tf.concat([batch, s], 0), self.compute_dtype) for s in shapes]

@@ -523,14 +523,14 @@ class MultiscaleCell(keras.layers.Layer):
         return z_shape
 
     # ---------------------------------------------------------------- lipschitz
-    def _chain_lipschitz(self, layers, size):
+    def _chain_lipschitz(self, layers, size, iterations):
         """Product of the Lipschitz constants of `layers` applied in turn at `size`."""
         total = tf.constant(1.0, self.variable_dtype)
         for layer in layers:
             if isinstance(layer, keras.layers.Conv2D):
                 kernel = tf.convert_to_tensor(layer.kernel)
                 factor = constraints.conv_operator_norm(
-                    kernel, size, layer.strides, iterations=self.norm_iterations
+                    kernel, size, layer.strides, iterations=iterations
                 )
                 size = tuple(-(-d // s) for d, s in zip(size, layer.strides, strict=True))
             elif isinstance(layer, MeanGroupNormalization):
@@ -548,7 +548,7 @@ class MultiscaleCell(keras.layers.Layer):
             total = total * tf.cast(factor, self.variable_dtype)
         return total
 
-    def lipschitz_bound(self):
+    def lipschitz_bound(self, iterations=60):
         """An upper bound of the cell's Lipschitz constant in `z`, from its weights.
 
         Norms are Euclidean over the whole state (all branches). For each
@@ -578,8 +578,13 @@ class MultiscaleCell(keras.layers.Layer):
         (`c <= L_c`, `g <= L_g`) this is at most
         `s L_c L_g * s [(1 - alpha) + alpha s L_g^2 L_c^2] * ||C||_2`, e.g.
         0.69 for the `LipschitzMultiscaleCell` defaults with two branches.
-        The conv norms are estimated from below by a Krylov method accurate to
-        about 1e-6 relative (see `conv_operator_norm`).
+        The conv norms are Krylov estimates from below (`conv_operator_norm`);
+        with 60 steps they matched the exact norms to round-off (float64) on
+        40 random 3x3 kernels with inputs up to 8x8x8.
+
+        Args:
+            iterations: Krylov steps of each conv-norm estimate (more than the
+                constraints use: this is not in the training step).
 
         Returns:
             A scalar tensor (the cell's variable dtype); `inf` with a standard
@@ -591,18 +596,18 @@ class MultiscaleCell(keras.layers.Layer):
         blocks = []
         for i in range(n):
             inner = self._chain_lipschitz(
-                [*self.block_inner[i].steps, self.block_norms[i]], self._sizes[i]
+                [*self.block_inner[i].steps, self.block_norms[i]], self._sizes[i], iterations
             )
             mixed = (1.0 - self.alpha) + self.alpha * inner if self.alpha > 0 else 1.0 + inner
             blocks.append(self.slope * mixed)
         paths = {
-            pair: self._chain_lipschitz(path.steps, self._sizes[pair[1]])
+            pair: self._chain_lipschitz(path.steps, self._sizes[pair[1]], iterations)
             for pair, path in zip(self._pairs(), self.fusions, strict=True)
         }
         weights = fusion_weights(n, self.softmax_weights)
         rows = []
         for i in range(n):
-            post = self._chain_lipschitz(self.post_fusion[i].steps, self._sizes[i])
+            post = self._chain_lipschitz(self.post_fusion[i].steps, self._sizes[i], iterations)
             row = []
             for j in range(n):
                 if i == j:

@@ -73,8 +73,8 @@ def _check_nonnegative(name, value):
 
 def _check_alpha(alpha, learnable):
     """`alpha` in (0, 1], or in (0, 1) when it is learnable (a sigmoid's value)."""
-    upper_ok = alpha < 1 if learnable else alpha <= 1
-    if not _is_number(alpha) or not (alpha > 0 and upper_ok):
+    in_range = _is_number(alpha) and 0 < alpha and (alpha < 1 if learnable else alpha <= 1)
+    if not in_range:
         interval = "(0, 1) when learnable_alpha=True" if learnable else "(0, 1]"
         raise ValueError(f"`alpha` must be a number in {interval}. Received: alpha={alpha!r}")
     return float(alpha)

@@ -1,5 +1,6 @@
 """Look-up of solvers by name."""
 
+from keras_deq.solvers import common
 from keras_deq.solvers.anderson import anderson
 from keras_deq.solvers.broyden import broyden
 from keras_deq.solvers.fixed_point import fixed_point
@@ -44,8 +45,17 @@ def options_of(solver):
     return {k: p.default for k, p in params.items() if k not in COMMON_ARGS}
 
 
+_OPTION_CHECKS = {
+    "damping": common.check_fraction,
+    "beta": common.check_fraction,
+    "window": common.check_positive_int,
+    "memory": common.check_positive_int,
+    "ridge": common.check_nonnegative_float,
+}
+
+
 def check_options(solver, options, argument="solver_options"):
-    """Refuses options that `solver` does not take; returns a plain dict."""
+    """Refuses options that `solver` does not take or bad values; returns a dict."""
     options = dict(options or {})
     known = options_of(solver)
     unknown = sorted(set(options) - set(known))
@@ -54,4 +64,7 @@ def check_options(solver, options, argument="solver_options"):
             f"Unknown option(s) {unknown} for solver {getattr(get(solver), '__name__', solver)!r}. "
             f"Expected a subset of {sorted(known)}. Received: {argument}={options!r}"
         )
+    for key, value in options.items():
+        if key in _OPTION_CHECKS:
+            _OPTION_CHECKS[key](f"{argument}['{key}']", value)
     return options

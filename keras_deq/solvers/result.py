@@ -15,6 +15,9 @@ class SolverResult(NamedTuple):
     Attributes:
         state: The returned state, with the structure of `z0`. It is the iterate
             with the lowest residual seen for each sample, not necessarily the last.
+            Only iterates whose residual was measured count, so after `k`
+            fixed-point iterations the state is at most `z_{k-1}` (`f` applied
+            `k - 1` times): the last evaluation measured its residual.
         steps: Scalar int32, the number of iterations run. Every iteration evaluates
             `f` exactly once, so this is also the number of evaluations of `f`.
         abs_residual: Per-sample `||f(z) - z||_2` of the returned state, shape
@@ -46,7 +49,9 @@ def residuals(fz, z):
     diff = fz32 - tf.cast(z, acc)
     abs_res = tf.sqrt(tf.reduce_sum(tf.square(diff), axis=1))
     f_norm = tf.sqrt(tf.reduce_sum(tf.square(fz32), axis=1))
-    return abs_res, abs_res / (f_norm + REL_EPS)
+    # Residuals only steer the solve; without stop_gradient, differentiating
+    # through an unrolled solve would keep `fz - z` of every iteration.
+    return tf.stop_gradient(abs_res), tf.stop_gradient(abs_res / (f_norm + REL_EPS))
 
 
 class Best(NamedTuple):

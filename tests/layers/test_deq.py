@@ -1,0 +1,763 @@
+"""Tests of the `keras_deq.DEQ` layer: arguments, shapes, failures, regularizer, saving.
+
+Gradient correctness is in tests/test_backward.py; models, fit and XLA in
+test_deq_training.py.
+"""
+
+import json
+import re
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_deq
+from keras_deq import DEQ, DenseCell
+
+
+# ----------------------------------------------------------------------------- helpers
+def runtime_warnings(caught):
+    return [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def data(batch=4, features=5, seed=0):
+    return np.random.default_rng(seed).normal(size=(batch, features)).astype("float32")
+
+
+def layer_metric(layer, key):
+    """The layer's metric `{name}_{key}`, found through `layer.metrics`."""
+    found = [m for m in layer.metrics if m.name == f"{layer.name}_{key}"]
+    assert len(found) == 1, [m.name for m in layer.metrics]
+    return found[0]
+
+
+def metric(layer, key):
+    return float(layer_metric(layer, key).result())
+
+
+class ShrinkCell(keras.layers.Layer):
+    """Returns a state with fewer features than it receives (a broken cell)."""
+
+    def call(self, z, x):
+        return z[:, :3] + x[:, :3]
+
+
+class NoneCell(keras.layers.Layer):
+    def call(self, z, x):
+        return None
+
+
+@keras.saving.register_keras_serializable(package="keras_deq_tests")
+class TwoStateCell(keras.layers.Layer):
+    """State `[a (3,), b (4,)]`."""
+
+    def build(self, z_shape, x_shape):
+        orth = keras.initializers.Orthogonal
+        self.w_a = self.add_weight(name="w_a", shape=(4, 3), initializer=orth(0.4, seed=1))
+        self.w_b = self.add_weight(name="w_b", shape=(3, 4), initializer=orth(0.4, seed=2))
+        self.u_a = self.add_weight(
+            name="u_a", shape=(x_shape[-1], 3), initializer=keras.initializers.RandomNormal(seed=3)
+        )
+
+    def call(self, z, x):
+        a, b = z
+        a_next = keras.ops.tanh(keras.ops.matmul(b, self.w_a) + keras.ops.matmul(x, self.u_a))
+        b_next = keras.ops.tanh(keras.ops.matmul(a, self.w_b))
+        return [a_next, b_next]
+
+
+@keras.saving.register_keras_serializable(package="keras_deq_tests")
+class TwoInputCell(keras.layers.Layer):
+    """Injection `[x1, x2]`, state (5,)."""
+
+    def build(self, z_shape, x_shape):
+        self.w = self.add_weight(
+            name="w", shape=(5, 5), initializer=keras.initializers.Orthogonal(0.5, seed=4)
+        )
+
+    def call(self, z, x):
+        x1, x2 = x
+        return keras.ops.tanh(keras.ops.matmul(z, self.w) + x1 - x2)
+
+
+# -------------------------------------------------------------------- 8. arguments
+@pytest.mark.parametrize("cell", [None, "dense", lambda z, x: z, keras.ops.tanh])
+def test_cell_must_be_a_layer(cell):
+    with pytest.raises(ValueError, match="cell"):
+        DEQ(cell)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"solver": "newton"}, r"solver='newton'"),
+        ({"solver": None}, r"solver=None"),
+        ({"backward_solver": "newton"}, r"backward_solver='newton'"),
+        ({"backward": "exact"}, r"backward='exact'"),
+        ({"backward": None}, r"backward=None"),
+        ({"max_iter": 0}, r"max_iter=0"),
+        ({"max_iter": -2}, r"max_iter=-2"),
+        ({"max_iter": 2.5}, r"max_iter=2.5"),
+        ({"max_iter": True}, r"max_iter=True"),
+        ({"tol": 0}, r"tol=0"),
+        ({"tol": -1e-3}, r"tol=-0.001"),
+        ({"tol": float("nan")}, r"tol=nan"),
+        ({"backward_max_iter": 0}, r"backward_max_iter=0"),
+        ({"backward_tol": -1.0}, r"backward_tol=-1.0"),
+        ({"stop_mode": "max"}, r"stop_mode='max'"),
+        ({"phantom_steps": 0}, r"phantom_steps=0"),
+        ({"phantom_damping": 0.0}, r"phantom_damping=0.0"),
+        ({"phantom_damping": 1.5}, r"phantom_damping=1.5"),
+        ({"jacobian_weight": -0.1}, r"jacobian_weight=-0.1"),
+        ({"jacobian_frequency": 0.0}, r"jacobian_frequency=0.0"),
+        ({"jacobian_frequency": 2.0}, r"jacobian_frequency=2.0"),
+        ({"jacobian_probes": 0}, r"jacobian_probes=0"),
+        ({"on_failure": "error"}, r"on_failure='error'"),
+        ({"on_failure": None}, r"on_failure=None"),
+    ],
+)
+def test_bad_argument_names_the_argument(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        DEQ(DenseCell(5), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"solver_options": {"windoww": 3}}, r"windoww.*solver_options="),
+        ({"solver": "fixed_point", "solver_options": {"window": 3}}, r"window.*solver_options="),
+        ({"solver": "broyden", "solver_options": {"damping": 0.5}}, r"damping.*solver_options="),
+        (
+            {"backward_solver": "anderson", "backward_solver_options": {"memory": 3}},
+            r"memory.*backward_solver_options=",
+        ),
+        # The backward solver defaults to the forward one; its options are checked against it.
+        (
+            {"solver": "fixed_point", "backward_solver_options": {"window": 3}},
+            r"window.*backward_solver_options=",
+        ),
+    ],
+)
+def test_unknown_solver_option_is_refused(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        DEQ(DenseCell(5), **kwargs)
+
+
+def test_known_solver_options_are_accepted_and_used():
+    x = data()
+    layer = DEQ(
+        DenseCell(5),
+        solver="fixed_point",
+        solver_options={"damping": 0.5},
+        backward_solver="anderson",
+        backward_solver_options={"window": 2},
+        tol=1e-5,
+        max_iter=200,
+    )
+    undamped = DEQ(DenseCell(5), solver="fixed_point", tol=1e-5, max_iter=200)
+    layer(x)
+    undamped(x)
+    undamped.set_weights(layer.get_weights())
+    layer_metric(undamped, "fwd_steps").reset_state()
+    np.testing.assert_allclose(layer(x), undamped(x), atol=1e-4)
+    # Damping 0.5 on a contraction with rate <= 0.5 slows the iteration down.
+    assert metric(layer, "fwd_steps") > metric(undamped, "fwd_steps")
+
+
+@pytest.mark.parametrize(
+    "state_shape",
+    [(), [], (0,), (-2,), (3.0,), (True,), ("3",), "abc", 5, [(3,), ()], [(3,), "x"], [[]]],
+)
+def test_malformed_state_shape(state_shape):
+    with pytest.raises(ValueError, match="state_shape"):
+        DEQ(DenseCell(5), state_shape=state_shape)
+
+
+def test_cell_output_shape_must_match_state_shape():
+    with pytest.raises(ValueError, match=r"\(3,\).*\(5,\)"):
+        DEQ(ShrinkCell())(data(features=5))
+
+
+def test_cell_output_must_match_explicit_state_shape():
+    with pytest.raises(ValueError, match=r"\(3,\).*\(6,\)"):
+        DEQ(ShrinkCell(), state_shape=(6,))(data(features=5))
+
+
+class FirstPartCell(keras.layers.Layer):
+    """Returns only the first part of a list state."""
+
+    def call(self, z, x):
+        return z[0]
+
+
+def test_cell_output_must_match_list_state():
+    with pytest.raises(ValueError, match=r"\[\(3,\)\].*state shape=\[\(3,\), \(4,\)\]"):
+        DEQ(FirstPartCell(), state_shape=[(3,), (4,)])(data(features=5))
+
+
+def test_cell_returning_none_is_refused():
+    with pytest.raises(ValueError, match="NoneType"):
+        DEQ(NoneCell())(data())
+
+
+def test_list_input_needs_state_shape():
+    with pytest.raises(ValueError, match="state_shape"):
+        DEQ(DenseCell(5))([data(), data()])
+
+
+# ------------------------------------------------------------------ 10. state shape
+def test_state_shape_different_from_input():
+    x = data(batch=3, features=5)
+    layer = DEQ(DenseCell(7), state_shape=(7,), tol=1e-6, max_iter=100, on_failure="raise")
+    z = layer(x)
+    assert tuple(z.shape) == (3, 7)
+    assert layer.compute_output_shape((None, 5)) == (None, 7)
+    assert layer.compute_output_shape((3, 5)) == (3, 7)
+    cell = layer.cell
+    # It is the fixed point of the cell.
+    np.testing.assert_allclose(cell(z, x), z, atol=1e-4)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    assert model.output_shape == (None, 7)
+    assert model.predict(x, verbose=0).shape == (3, 7)
+
+
+def test_default_state_shape_is_the_input_shape():
+    layer = DEQ(DenseCell(5))
+    assert layer.compute_output_shape((None, 5)) == (None, 5)
+    assert tuple(layer(data(batch=2, features=5)).shape) == (2, 5)
+
+
+def test_list_state_output_shape():
+    layer = DEQ(TwoStateCell(), state_shape=[(3,), (4,)])
+    assert layer.compute_output_shape((None, 5)) == [(None, 3), (None, 4)]
+    out = layer(data(batch=2, features=5))
+    assert [tuple(t.shape) for t in out] == [(2, 3), (2, 4)]
+    inputs = keras.Input((5,))
+    outputs = DEQ(TwoStateCell(), state_shape=[(3,), (4,)])(inputs)
+    assert [tuple(t.shape) for t in outputs] == [(None, 3), (None, 4)]
+
+
+def test_image_state_shape():
+    class ConvCell(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = keras.layers.Conv2D(
+                3, 3, padding="same", kernel_initializer=keras.initializers.RandomNormal(0, 0.05)
+            )
+            self.inject = keras.layers.Conv2D(3, 1)
+
+        def call(self, z, x):
+            return keras.ops.tanh(self.conv(z) + self.inject(x))
+
+    layer = DEQ(ConvCell(), state_shape=(4, 4, 3), on_failure="raise")
+    assert layer.compute_output_shape((None, 4, 4, 2)) == (None, 4, 4, 3)
+    z = layer(np.random.default_rng(1).normal(size=(2, 4, 4, 2)).astype("float32"))
+    assert tuple(z.shape) == (2, 4, 4, 3)
+
+
+def test_initial_state_gives_the_same_fixed_point_without_gradient():
+    x = tf.constant(data())
+    layer = DEQ(DenseCell(5), tol=1e-6, max_iter=100, on_failure="raise")
+    z_star = layer(x)
+    steps_from_zero = metric(layer, "fwd_steps")
+    layer_metric(layer, "fwd_steps").reset_state()
+    z_init = tf.Variable(z_star)
+    with tf.GradientTape() as tape:
+        z = layer(x, initial_state=z_init)
+    np.testing.assert_allclose(z, z_star, atol=1e-5)
+    assert metric(layer, "fwd_steps") < steps_from_zero
+    assert tape.gradient(tf.reduce_sum(z), z_init) is None
+
+
+# --------------------------------------------------------------- 9. non-convergence
+def slow_layer(**kwargs):
+    """A linear cell with W = 0.99 I that Picard iteration cannot solve in 3 steps.
+
+    From z = 0 the iterates are z_k = c (1 + ... + 0.99^(k-1)), so the best
+    relative residual after 3 evaluations is 0.99^2 / (1 + 0.99 + 0.99^2) = 0.33
+    whatever the injection c, and the absolute one is 0.98 ||c||.
+    """
+    cell = DenseCell(8, activation="linear", kernel_initializer=keras.initializers.Identity(0.99))
+    options = {"solver": "fixed_point", "max_iter": 3, "tol": 1e-4, "name": "slow"}
+    return DEQ(cell, **{**options, **kwargs})
+
+
+def test_non_convergence_warns_once_eagerly():
+    layer = slow_layer()
+    x = data(features=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            layer(x)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=True))
+        tape.gradient(loss, layer.trainable_variables)
+    found = runtime_warnings(caught)
+    assert len(found) == 1, [str(w.message) for w in found]
+    message = str(found[0].message)
+    assert "slow" in message and "forward" in message and "tol=0.0001" in message
+    assert metric(layer, "converged") < 1
+    assert metric(layer, "fwd_steps") == 3
+
+
+def test_non_convergence_warns_once_in_fit():
+    x = data(batch=16, features=8)
+    y = data(batch=16, features=8, seed=1)
+    model = keras.Sequential([keras.Input((8,)), slow_layer()])
+    model.compile(optimizer="sgd", loss="mse", jit_compile=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        result = model.evaluate(x, y, verbose=0, return_dict=True)
+        model.predict(x, verbose=0)
+    found = runtime_warnings(caught)
+    assert len(found) == 1, [str(w.message) for w in found]
+    assert "slow" in str(found[0].message)
+    assert max(history.history["slow_converged"]) < 1
+    assert result["slow_converged"] < 1
+
+
+def test_non_convergence_in_graph_predict_warns():
+    x = data(batch=16, features=8)
+    model = keras.Sequential([keras.Input((8,)), slow_layer()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.predict(x, verbose=0, batch_size=8)
+        model.predict(x, verbose=0, batch_size=8)
+    assert len(runtime_warnings(caught)) == 1
+
+
+def test_failure_message_reports_the_residual_compared_with_tol():
+    # stop_mode="abs": tol bounds the absolute residual, so the message must quote it
+    # (here the relative residual is below tol while the absolute one is far above).
+    x = 100.0 * data(features=8)
+    layer = slow_layer(stop_mode="abs", tol=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(x)
+    found = runtime_warnings(caught)
+    assert len(found) == 1
+    assert metric(layer, "converged") == 0
+    message = str(found[0].message)
+    quoted = float(re.search(r"residual ([0-9.e+-]+?)\.? ", message).group(1))
+    assert quoted > 1.0, message
+
+
+def test_unconverged_backward_warns_once_in_fit():
+    x = data(batch=16, features=8)
+    y = data(batch=16, features=8, seed=1)
+    layer = DEQ(
+        DenseCell(8, kernel_initializer=keras.initializers.Orthogonal(0.9, seed=0)),
+        solver="fixed_point",
+        max_iter=200,
+        backward_max_iter=2,
+        name="adj",
+    )
+    model = keras.Sequential([keras.Input((8,)), layer])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", jit_compile=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(x, y, batch_size=8, epochs=2, verbose=0).history
+    found = runtime_warnings(caught)
+    assert len(found) == 1, [str(w.message) for w in found]
+    assert "backward" in str(found[0].message)
+    assert history["adj_converged"] == [1.0, 1.0]
+    assert history["adj_bwd_steps"] == [2.0, 2.0]
+    assert min(history["adj_bwd_residual"]) > 1e-4
+
+
+def test_non_convergence_raises_eagerly():
+    layer = slow_layer(on_failure="raise")
+    with pytest.raises(FloatingPointError, match="did not reach tol"):
+        layer(data(features=8))
+
+
+def test_non_convergence_raises_in_fit():
+    x = data(batch=8, features=8)
+    model = keras.Sequential([keras.Input((8,)), slow_layer(on_failure="raise")])
+    model.compile(optimizer="sgd", loss="mse", jit_compile=False)
+    with pytest.raises(Exception, match="did not reach tol"):
+        model.fit(x, x, epochs=1, verbose=0)
+
+
+def test_on_failure_ignore_is_silent_but_measured():
+    layer = slow_layer(on_failure="ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(data(features=8))
+    assert not runtime_warnings(caught)
+    assert metric(layer, "converged") < 1
+
+
+def test_converged_layer_does_not_warn():
+    layer = DEQ(DenseCell(8), max_iter=50, tol=1e-4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(data(features=8))
+    assert not runtime_warnings(caught)
+    assert metric(layer, "converged") == 1
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
+def test_nan_input_is_reported_not_silent(solver):
+    x = data(batch=2, features=5)
+    good = DEQ(DenseCell(5), solver=solver, name="good")
+    z_good = good(x[1:])
+    x_bad = x.copy()
+    x_bad[0, 2] = np.nan
+    layer = DEQ(DenseCell(5), solver=solver, name="bad")
+    layer(x_bad[1:])
+    layer.set_weights(good.get_weights())
+    for m in layer.metrics:
+        m.reset_state()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        z = layer(x_bad)
+    found = runtime_warnings(caught)
+    assert len(found) == 1
+    assert "1 sample" in str(found[0].message)
+    assert metric(layer, "converged") == 0.5
+    # The residual metric averages the finite samples only.
+    assert metric(layer, "fwd_residual") == pytest.approx(metric(good, "fwd_residual"), rel=1e-3)
+    # The good sample is unaffected by the bad one.
+    np.testing.assert_allclose(np.asarray(z)[1:], z_good, atol=1e-6)
+
+    with pytest.raises(FloatingPointError):
+        DEQ(DenseCell(5), solver=solver, on_failure="raise")(x_bad)
+
+
+def test_nan_input_whole_batch():
+    layer = DEQ(DenseCell(5))
+    x = np.full((3, 5), np.nan, "float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(x)
+    assert len(runtime_warnings(caught)) == 1
+    assert metric(layer, "converged") == 0
+
+
+# ------------------------------------------------------ 11. Jacobian regularization
+def orthogonal_linear_layer(**kwargs):
+    cell = DenseCell(
+        8, activation="linear", kernel_initializer=keras.initializers.Orthogonal(0.5, seed=0)
+    )
+    return DEQ(cell, seed=0, name="deq", **kwargs)
+
+
+def test_jacobian_loss_only_in_training():
+    x = data(features=8)
+    layer = orthogonal_linear_layer(jacobian_weight=1.0, jacobian_probes=64)
+    layer(x, training=True)
+    assert len(layer.losses) == 1
+    # ||W||_F^2 / d = 0.25 for W = 0.5 * orthogonal; Hutchinson with 64 probes.
+    assert abs(float(layer.losses[0]) - 0.25) < 0.04
+    assert abs(metric(layer, "jac_loss") - float(layer.losses[0])) < 1e-6
+    layer(x, training=False)
+    assert layer.losses == []
+    layer(x)
+    assert layer.losses == []
+    model = keras.Sequential([keras.Input((8,)), layer])
+    model(x, training=True)
+    assert len(model.losses) == 1 and float(model.losses[0]) > 0.1
+    model(x, training=False)
+    assert model.losses == []
+
+
+def test_jacobian_estimate_is_reproducible_with_a_seed():
+    x = data(features=8)
+    first = DEQ(DenseCell(8, activation="relu"), jacobian_weight=1.0, seed=5)
+    second = DEQ(DenseCell(8, activation="relu"), jacobian_weight=1.0, seed=5)
+    third = DEQ(DenseCell(8, activation="relu"), jacobian_weight=1.0, seed=6)
+    first(x)
+    for layer in (second, third):
+        layer(x)
+        layer.set_weights(first.get_weights())
+    values = []
+    for layer in (first, second, third):
+        layer(x, training=True)
+        values.append(float(layer.losses[0]))
+    assert values[0] == values[1]
+    assert values[0] != values[2]
+
+
+def test_jacobian_loss_with_list_state_in_float64():
+    layer = DEQ(
+        TwoStateCell(dtype="float64"),
+        state_shape=[(3,), (4,)],
+        dtype="float64",
+        jacobian_weight=1.0,
+        jacobian_probes=8,
+    )
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 5)))
+    layer.build(x.shape)
+    with tf.GradientTape() as tape:
+        layer(x, training=True)
+        reg = tf.add_n(layer.losses)
+    assert float(reg) > 0
+    grads = tape.gradient(reg, layer.cell.trainable_variables)
+    assert len(grads) == 3
+    assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+
+
+def test_jacobian_loss_is_differentiable_with_respect_to_the_cell():
+    x = data(features=8)
+    layer = orthogonal_linear_layer(jacobian_weight=1.0)
+    layer.build(x.shape)
+    with tf.GradientTape() as tape:
+        layer(x, training=True)
+        reg = tf.add_n(layer.losses)
+    grad = tape.gradient(reg, layer.cell.kernel)
+    assert grad is not None and float(tf.reduce_max(tf.abs(grad))) > 0
+
+
+def test_jacobian_weight_zero_adds_nothing():
+    layer = orthogonal_linear_layer()
+    layer(data(features=8), training=True)
+    assert sum(float(v) for v in layer.losses) == 0
+    assert metric(layer, "jac_loss") == 0
+
+
+def jacobian_model(weight):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((8,)), orthogonal_linear_layer(jacobian_weight=weight, jacobian_probes=4)]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", jit_compile=False)
+    return model
+
+
+def test_jacobian_loss_in_training_step_and_weight_change_after_build():
+    x = data(batch=8, features=8)
+    y = data(batch=8, features=8, seed=1)
+    model = jacobian_model(0.1)
+    layer = model.layers[0]
+    base = float(keras.losses.mean_squared_error(y, model.predict(x, verbose=0)).numpy().mean())
+
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert logs["deq_jac_loss"] > 0
+    assert logs["loss"] == pytest.approx(base + 0.1 * logs["deq_jac_loss"], rel=1e-4)
+
+    layer.jacobian_weight = 0.5
+    assert float(layer.jacobian_weight) == 0.5
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert logs["loss"] == pytest.approx(base + 0.5 * logs["deq_jac_loss"], rel=1e-4)
+
+    layer.jacobian_weight = 0.0
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert logs["loss"] == pytest.approx(base, rel=1e-5)
+
+    # Never in inference.
+    layer.jacobian_weight = 0.5
+    evaluated = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert evaluated["loss"] == pytest.approx(base, rel=1e-5)
+    assert evaluated["deq_jac_loss"] == 0
+
+
+def test_jacobian_weight_enabled_after_build_from_zero():
+    x = data(batch=8, features=8)
+    y = data(batch=8, features=8, seed=1)
+    model = jacobian_model(0.0)
+    layer = model.layers[0]
+    base = model.train_on_batch(x, y, return_dict=True)
+    assert base["deq_jac_loss"] == 0
+    layer(x, training=True)
+    assert sum(float(v) for v in layer.losses) == 0
+    with pytest.warns(UserWarning, match="make_train_function"):
+        layer.jacobian_weight = 0.5
+    # Eagerly it applies at once.
+    layer(x, training=True)
+    assert float(tf.add_n(layer.losses)) > 0.05
+    # A compiled model applies it once the train function is traced again.
+    model.make_train_function(force=True)
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert logs["deq_jac_loss"] > 0.1
+    assert logs["loss"] == pytest.approx(base["loss"] + 0.5 * logs["deq_jac_loss"], rel=1e-4)
+
+
+def test_jacobian_loss_makes_fit_loss_larger():
+    x = data(batch=8, features=8)
+    y = data(batch=8, features=8, seed=1)
+    plain = jacobian_model(0.0).fit(x, y, epochs=1, verbose=0).history
+    regularized = jacobian_model(1.0).fit(x, y, epochs=1, verbose=0).history
+    assert regularized["loss"][0] > plain["loss"][0] + 0.1
+    assert regularized["deq_jac_loss"][0] > 0.1
+    assert plain["deq_jac_loss"][0] == 0
+
+
+def test_jacobian_frequency_setter_after_build():
+    layer = orthogonal_linear_layer(jacobian_weight=1.0)
+    x = data(features=8)
+    layer(x, training=True)
+    layer.jacobian_frequency = 1e-9  # (0, 1]: almost never applied
+    assert float(layer.jacobian_frequency) == pytest.approx(1e-9)
+    for m in layer.metrics:
+        m.reset_state()
+    for _ in range(3):
+        layer(x, training=True)
+        assert sum(float(v) for v in layer.losses) == 0
+    with pytest.raises(ValueError, match="jacobian_frequency"):
+        layer.jacobian_frequency = 0.0
+    with pytest.raises(ValueError, match="jacobian_weight"):
+        layer.jacobian_weight = -1.0
+
+
+# ---------------------------------------------------------------------- 7. config
+FULL_OPTIONS = {
+    "solver": "broyden",
+    "max_iter": 17,
+    "tol": 1e-5,
+    "stop_mode": "abs",
+    "solver_options": {"memory": 7},
+    "backward": "phantom",
+    "backward_solver": "fixed_point",
+    "backward_max_iter": 11,
+    "backward_tol": 1e-3,
+    "backward_solver_options": {"damping": 0.7},
+    "phantom_steps": 3,
+    "phantom_damping": 0.8,
+    "jacobian_weight": 0.2,
+    "jacobian_frequency": 0.5,
+    "jacobian_probes": 2,
+    "state_shape": (7,),
+    "on_failure": "ignore",
+    "seed": 4,
+}
+
+
+def test_get_config_has_every_argument():
+    layer = DEQ(DenseCell(7, activation="relu"), name="full", **FULL_OPTIONS)
+    config = layer.get_config()
+    for key, value in FULL_OPTIONS.items():
+        assert config[key] == value, key
+    assert config["name"] == "full"
+
+
+def test_config_round_trip_including_the_cell():
+    layer = DEQ(DenseCell(7, activation="relu"), name="full", **FULL_OPTIONS)
+    config = layer.get_config()
+    clone = DEQ.from_config(config)
+    assert clone.get_config() == config
+    assert isinstance(clone.cell, DenseCell)
+    assert clone.cell is not layer.cell
+    assert clone.cell.get_config() == layer.cell.get_config()
+
+    # Through JSON, as in a `.keras` file: tuples come back as lists.
+    as_json = json.loads(json.dumps(config))
+    clone = DEQ.from_config(as_json)
+    assert clone.state_shape == (7,)
+    assert json.loads(json.dumps(clone.get_config())) == as_json
+
+
+def test_config_round_trip_with_list_state_and_serializer():
+    layer = DEQ(TwoStateCell(), state_shape=[(3,), (4,)], name="two")
+    payload = json.loads(json.dumps(keras.saving.serialize_keras_object(layer)))
+    clone = keras.saving.deserialize_keras_object(payload)
+    assert isinstance(clone, DEQ)
+    assert isinstance(clone.cell, TwoStateCell)
+    assert clone.state_shape == [(3,), (4,)]
+    x = data(features=5)
+    out, clone_out = layer(x), clone(x)
+    clone.set_weights(layer.get_weights())
+    for a, b in zip(layer(x), clone(x), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert len(out) == len(clone_out) == 2
+
+
+def test_config_reflects_weight_changed_after_build():
+    layer = DEQ(DenseCell(5), jacobian_weight=0.1)
+    layer(data())
+    layer.jacobian_weight = 0.7
+    assert layer.get_config()["jacobian_weight"] == pytest.approx(0.7)
+
+
+# -------------------------------------------------------------------- 7. saving
+def saving_model():
+    keras.utils.set_random_seed(3)
+    return keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(6),
+            DEQ(
+                DenseCell(7, activation="tanh"),
+                state_shape=(7,),
+                solver="anderson",
+                solver_options={"window": 3},
+                tol=1e-5,
+                jacobian_weight=0.1,
+                name="deq",
+            ),
+            keras.layers.Dense(2),
+        ]
+    )
+
+
+def test_keras_file_round_trip(tmp_path):
+    model = saving_model()
+    x = data(batch=6, features=5)
+    model.get_layer("deq").jacobian_weight = 0.3
+    expected = model.predict(x, verbose=0)
+    path = tmp_path / "deq.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, rtol=1e-6, atol=1e-6)
+    layer = loaded.get_layer("deq")
+    assert isinstance(layer, DEQ) and isinstance(layer.cell, DenseCell)
+    assert layer.solver_options == {"window": 3}
+    assert layer.tol == 1e-5 and layer.state_shape == (7,)
+    assert float(layer.jacobian_weight) == pytest.approx(0.3)
+
+
+def test_keras_file_round_trip_functional_list_state(tmp_path):
+    inputs = keras.Input((5,))
+    a, b = DEQ(TwoStateCell(), state_shape=[(3,), (4,)], name="two")(inputs)
+    outputs = keras.layers.Concatenate()([a, b])
+    model = keras.Model(inputs, outputs)
+    x = data(batch=6, features=5)
+    expected = model.predict(x, verbose=0)
+    path = tmp_path / "two.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, rtol=1e-6, atol=1e-6)
+    assert loaded.get_layer("two").state_shape == [(3,), (4,)]
+
+
+def test_keras_file_round_trip_two_inputs(tmp_path):
+    x1, x2 = keras.Input((5,)), keras.Input((5,))
+    z = DEQ(TwoInputCell(), state_shape=(5,), name="two_in")([x1, x2])
+    model = keras.Model([x1, x2], keras.layers.Dense(2)(z))
+    inputs = [data(batch=6, features=5), data(batch=6, features=5, seed=1)]
+    expected = model.predict(inputs, verbose=0)
+    path = tmp_path / "two_in.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.predict(inputs, verbose=0), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_save_weights_restores_into_a_fresh_model(tmp_path):
+    model = saving_model()
+    x = data(batch=6, features=5)
+    model.get_layer("deq").jacobian_weight = 0.3
+    expected = model.predict(x, verbose=0)
+    path = tmp_path / "deq.weights.h5"
+    model.save_weights(path)
+
+    keras.utils.set_random_seed(99)
+    fresh = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(6),
+            DEQ(DenseCell(7), state_shape=(7,), solver_options={"window": 3}, tol=1e-5, name="deq"),
+            keras.layers.Dense(2),
+        ]
+    )
+    assert not np.allclose(fresh.predict(x, verbose=0), expected, atol=1e-3)
+    fresh.load_weights(path)
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), expected, rtol=1e-6, atol=1e-6)
+    assert float(fresh.get_layer("deq").jacobian_weight) == pytest.approx(0.3)
+
+
+def test_top_level_exports():
+    assert keras_deq.DEQ is DEQ
+    assert keras_deq.layers.DEQ is DEQ
