@@ -4,6 +4,15 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import keras  # noqa: E402
+
+if keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "keras_deq runs on Keras' TensorFlow backend (its solvers and implicit gradients "
+        "are TensorFlow ops). Set KERAS_BACKEND=tensorflow before importing keras. "
+        f"Received: backend={keras.backend.backend()!r}"
+    )
+
 from keras_deq import backward, callbacks, jacobian, layers, solvers  # noqa: E402
 from keras_deq.layers import DEQ, DenseCell, PcDEQ  # noqa: E402
 
