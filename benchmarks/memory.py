@@ -1,0 +1,330 @@
+"""Training memory vs solver iterations: a DEQ (implicit backward) against unrolled backprop.
+
+    python benchmarks/memory.py            # about 3 minutes on 2 CPU cores (12 processes)
+    python benchmarks/memory.py --check    # also assert: implicit flat, unrolled growing
+    python benchmarks/memory.py --help
+
+One training step (forward, backward and Adam update, in Keras' compiled
+`train_on_batch`) of `Dense(64 -> width) -> DEQ(DenseCell(width)) -> Dense(10)`
+is run with the solver forced to do N iterations (relative tol=1e-12, which the
+float32 iterates do not reach; the table shows the steps actually run), for each
+N in --iters, with two backward modes:
+
+- `implicit`: the DEQ. The forward solve is not recorded; the gradient solves the
+  adjoint fixed point (also N iterations here). Memory should not depend on N.
+- `unrolled`: autodiff through the forward solver's loop. The loop keeps the
+  tensors its gradient needs at every iteration, so memory grows with N.
+
+Peak memory is TensorFlow's own CPU allocator statistic
+(`tf.config.experimental.get_memory_info("CPU:0")["peak"]`, reset just before the
+step), read in a fresh process per configuration and repeat (this script re-runs
+itself with --child). Each process runs one unmeasured warm-up step (tracing and
+first run), then --steps measured steps. Columns: `peak MiB` is the median over all
+measured steps of all processes, `min-max` their range, `above resting` the median
+of peak minus the memory held just before the step (weights, Adam slots, batch),
+`warm-up RSS+` the median rise of the process's peak RSS during the warm-up call (a
+cross-check that includes tracing), `step s` the median step time. See
+docs/benchmarks.md, "Training memory vs solver iterations", for why the allocator
+statistic and not the RSS, and for what it does not count.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+# Allocations below this size bypass the allocator that keeps statistics (see docs).
+COUNTED_MIN_BYTES = 256 * 1024
+FEATURES = 64
+MIB = 2**20
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
+    parser.add_argument("--width", type=int, default=512, help="state width (default 512)")
+    parser.add_argument(
+        "--iters", type=int, nargs="+", default=[10, 60], help="solver iterations (default 10 60)"
+    )
+    parser.add_argument(
+        "--solver",
+        nargs="+",
+        default=["fixed_point"],
+        choices=["fixed_point", "anderson", "broyden"],
+        help="forward (and adjoint) solver(s) (default: fixed_point)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["implicit", "unrolled"],
+        choices=["implicit", "phantom", "one_step", "unrolled"],
+        help="backward modes (default: implicit unrolled)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="fresh processes per configuration (default 3)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3, help="measured steps per process, after one warm-up"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="TF intra- and inter-op threads (default 1)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="fail unless every solver ran N steps, implicit's peak ratio (largest/smallest "
+        "--iters) is <= 1.10 and unrolled's is > 1.5",
+    )
+    # Internal: measure one configuration in this process and print one JSON line.
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="implicit", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("batch", "width", "repeats", "steps", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if min(args.iters) < 1:
+        parser.error("--iters must be >= 1")
+    return args
+
+
+# --------------------------------------------------------------------- child side
+def child(args):
+    """Builds the model, runs a warm-up step, then measures `args.steps` steps."""
+    import resource
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_deq
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    keras.utils.set_random_seed(args.seed)
+    (iters,) = args.iters
+    (solver,) = args.solver
+
+    def memory_info():
+        try:
+            return tf.config.experimental.get_memory_info("CPU:0")
+        except ValueError as error:
+            raise SystemExit(
+                f"tf.config.experimental.get_memory_info('CPU:0') failed: {error}. CPU "
+                "allocator statistics come from TensorFlow's oneDNN CPU allocator: run with "
+                "TF_ENABLE_ONEDNN_OPTS=1 on an x86-64 build of TensorFlow."
+            ) from error
+
+    model = keras.Sequential(
+        [
+            keras.Input((FEATURES,)),
+            keras.layers.Dense(args.width, name="injection"),
+            keras_deq.DEQ(
+                keras_deq.DenseCell(args.width),
+                solver=solver,
+                max_iter=iters,
+                tol=1e-12,  # unreachable in float32: the solver runs all `iters` steps
+                backward=args.mode,
+                on_failure="ignore",  # not converging is the point here
+                name="deq",
+            ),
+            keras.layers.Dense(10, name="classifier"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.default_rng(args.seed)
+    x = tf.constant(rng.normal(size=(args.batch, FEATURES)).astype("float32"))
+    y = tf.constant(rng.integers(0, 10, size=args.batch))
+
+    # Warm-up: traces and optimizes the train function, creates the optimizer
+    # slots, and runs one step. Not measured by the allocator statistic; its rise
+    # in peak RSS is recorded as a cross-check.
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    model.train_on_batch(x, y, return_dict=True)
+    warmup_s = time.perf_counter() - start
+    warmup_rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+
+    steps = []
+    for _ in range(args.steps):
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        resting = memory_info()["current"]
+        start = time.perf_counter()
+        logs = model.train_on_batch(x, y, return_dict=True)
+        seconds = time.perf_counter() - start
+        steps.append(
+            {
+                "peak": memory_info()["peak"],
+                "resting": resting,
+                "seconds": seconds,
+                "fwd_steps": float(logs["deq_fwd_steps"]),
+                "bwd_steps": float(logs["deq_bwd_steps"]),
+                "loss": float(logs["loss"]),
+            }
+        )
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "steps": steps,
+                "warmup_s": warmup_s,
+                "warmup_rss_mib": warmup_rss,  # ru_maxrss is in KiB on Linux
+                "tf": tf.__version__,
+                "keras": keras.__version__,
+            }
+        ),
+        flush=True,
+    )
+
+
+# -------------------------------------------------------------------- parent side
+def run_child(args, solver, mode, iters):
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        f"--mode={mode}",
+        f"--solver={solver}",
+        f"--iters={iters}",
+        f"--batch={args.batch}",
+        f"--width={args.width}",
+        f"--steps={args.steps}",
+        f"--threads={args.threads}",
+        f"--seed={args.seed}",
+    ]
+    env = dict(
+        os.environ,
+        KERAS_BACKEND="tensorflow",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        # The CPU allocator that keeps statistics is oneDNN's (the x86-64 default).
+        TF_ENABLE_ONEDNN_OPTS="1",
+    )
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(
+        f"child failed (exit {done.returncode}): {' '.join(command)}\n{done.stderr[-3000:]}"
+    )
+
+
+def summarize(runs):
+    """Pools the measured steps of all processes of one configuration."""
+    steps = [s for run in runs for s in run["steps"]]
+    peaks = [s["peak"] / MIB for s in steps]
+    return {
+        "peak": statistics.median(peaks),
+        "low": min(peaks),
+        "high": max(peaks),
+        "above": statistics.median((s["peak"] - s["resting"]) / MIB for s in steps),
+        "fwd_steps": sorted({s["fwd_steps"] for s in steps}),
+        "bwd_steps": sorted({s["bwd_steps"] for s in steps}),
+        "seconds": statistics.median(s["seconds"] for s in steps),
+        "warmup_rss": statistics.median(run["warmup_rss_mib"] for run in runs),
+        "n": len(steps),
+    }
+
+
+def _steps_text(values):
+    return "/".join(f"{v:g}" for v in values)
+
+
+def print_table(args, results):
+    header = (
+        f"{'solver':<12} {'backward':<9} {'iters':>5} {'fwd steps':>9} {'bwd steps':>9} "
+        f"{'peak MiB':>9} {'min-max':>13} {'above resting':>13} {'warm-up RSS+':>12} {'step s':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for (solver, mode, iters), s in results.items():
+        spread = f"{s['low']:.1f}-{s['high']:.1f}"
+        print(
+            f"{solver:<12} {mode:<9} {iters:>5} {_steps_text(s['fwd_steps']):>9} "
+            f"{_steps_text(s['bwd_steps']):>9} {s['peak']:9.1f} "
+            f"{spread:>13} {s['above']:13.1f} {s['warmup_rss']:12.1f} "
+            f"{s['seconds']:7.2f}"
+        )
+    lo, hi = min(args.iters), max(args.iters)
+    ratios = {}
+    print()
+    for solver in args.solver:
+        for mode in args.modes:
+            ratio = results[solver, mode, hi]["peak"] / results[solver, mode, lo]["peak"]
+            ratios[solver, mode] = ratio
+            print(f"peak ratio {hi}/{lo} iterations, {solver} {mode}: {ratio:.2f}")
+    return ratios
+
+
+def check(args, results, ratios):
+    problems = []
+    for (solver, mode, iters), s in results.items():
+        if s["fwd_steps"] != [iters]:
+            problems.append(f"{solver} {mode} {iters}: forward ran {s['fwd_steps']} steps")
+    for (solver, mode), ratio in ratios.items():
+        if mode == "implicit" and ratio > 1.10:
+            problems.append(f"{solver} implicit: peak ratio {ratio:.2f} > 1.10")
+        if mode == "unrolled" and ratio <= 1.5:
+            problems.append(f"{solver} unrolled: peak ratio {ratio:.2f} <= 1.5")
+    if problems:
+        raise SystemExit("check failed:\n  " + "\n  ".join(problems))
+    print("check passed")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        child(args)
+        return None
+    state_bytes = args.batch * args.width * 4
+    print(
+        f"batch {args.batch}, width {args.width} (one float32 state = {state_bytes / MIB:.2f} MiB), "
+        f"iterations {args.iters}, {args.repeats} processes x {args.steps} measured steps each, "
+        f"{args.threads} thread(s); python {platform.python_version()}",
+        flush=True,
+    )
+    if state_bytes < COUNTED_MIN_BYTES:
+        print(
+            f"warning: one state is below {COUNTED_MIN_BYTES // 1024} KiB, which TensorFlow's "
+            "CPU allocator statistics do not count: the figures below miss the states. "
+            "Raise --batch or --width.",
+            flush=True,
+        )
+    start = time.perf_counter()
+    runs = {}
+    versions = None
+    for solver in args.solver:
+        for mode in args.modes:
+            for iters in args.iters:
+                key = (solver, mode, iters)
+                runs[key] = []
+                for repeat in range(args.repeats):
+                    run = run_child(args, solver, mode, iters)
+                    versions = versions or (run["tf"], run["keras"])
+                    runs[key].append(run)
+                    peaks = " ".join(f"{s['peak'] / MIB:.1f}" for s in run["steps"])
+                    print(
+                        f"  {solver} {mode} {iters} #{repeat + 1}: peaks MiB {peaks} "
+                        f"(warm-up {run['warmup_s']:.1f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    results = {key: summarize(value) for key, value in runs.items()}
+    print(f"tensorflow {versions[0]}, keras {versions[1]}\n")
+    ratios = print_table(args, results)
+    print(f"\ntotal time {time.perf_counter() - start:.0f} s")
+    if args.check:
+        check(args, results, ratios)
+    return results
+
+
+if __name__ == "__main__":
+    main()
