@@ -1,0 +1,522 @@
+"""keras_deq against TorchDEQ on the same DEQ, solver, tolerance and budget (CPU).
+
+    pip install torch==2.13.0 torchdeq==0.1.0   # for this benchmark only
+    python benchmarks/vs_torchdeq.py [--epochs 15] [--threads 1] [--repeats 7] [--quick]
+
+Two models on scikit-learn's digits (standardized, 80/20 stratified split, seed 0):
+
+- `mlp`: Dense(64->128) injection, DEQ of the cell z <- tanh(z W + x U + b),
+  Dense(128->10).
+- `conv`: the 8x8x1 image, conv3x3 (8 channels) injection, DEQ of the cell
+  z <- tanh(conv3x3(z) + x_inj), global average pooling, Dense(8->10).
+
+Both libraries start from the same initial weights (drawn once with NumPy), use
+the same solver (Anderson with a history of 6, or fixed-point iteration, forward;
+the implicit backward solved with Anderson), relative tolerance 1e-4 in both
+passes, at most 30 forward and 30 backward iterations, Adam 1e-3 (eps 1e-8),
+batch 64 and the same number of epochs. Each library is measured in its own
+subprocess with the same number of intra-op (and inter-op) threads, one after
+the other in this single run.
+
+Reported per library and configuration:
+
+- test accuracy after the last epoch;
+- forward / backward iterations: cell evaluations per solve (forward) and
+  adjoint evaluations per solve (backward), averaged over the last epoch's
+  batches. TorchDEQ's own `nstep` is the step of the lowest residual, so its
+  solver calls are counted here with a wrapper instead;
+- forward / backward relative residual: the last epoch's mean per-sample
+  ||f(z)-z|| / ||f(z)|| reported by each library's solver (keras_deq's metrics,
+  TorchDEQ's `rel_lowest`);
+- test-set forward residual recomputed here the same way for both libraries on
+  the returned state (mean, max, and the fraction of samples at or below tol);
+- train time per epoch: median over the epochs after the first (the first
+  includes tracing / compilation);
+- inference time for the whole test set in one batch: median of `--repeats`;
+- keras_deq/TorchDEQ ratios of the two times.
+
+Peak training memory is not reported: TensorFlow's CPU allocator statistics and
+PyTorch's CPU allocations (invisible to tracemalloc) have no common measure.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+WIDTH = 128
+CHANNELS = 8
+TOL = 1e-4
+MAX_ITER = 30
+WINDOW = 6
+SOLVERS = {"anderson": ("anderson", "anderson"), "fixed_point": ("fixed_point_iter", "anderson")}
+
+
+# ---------------------------------------------------------------- shared data
+def load_digits_split(seed=0, test_fraction=0.2):
+    """Standardized digits, stratified split: (x_train, y_train, x_test, y_test)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x.astype("float32"), y, test_size=test_fraction, stratify=y, random_state=seed
+    )
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    return (x_train - mean) / std, y_train.astype("int64"), (x_test - mean) / std, y_test
+
+
+def _glorot(rng, shape, fan_in, fan_out):
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, shape).astype("float32")
+
+
+def _orthogonal(rng, n, gain):
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return (gain * q * np.sign(np.diag(r))).astype("float32")
+
+
+def initial_weights(cell, seed=0):
+    """The initial weights both libraries load, in Keras layouts (HWIO kernels)."""
+    rng = np.random.default_rng(seed)
+    if cell == "mlp":
+        return {
+            "inj_w": _glorot(rng, (64, WIDTH), 64, WIDTH),
+            "inj_b": np.zeros(WIDTH, "float32"),
+            "cell_w": _orthogonal(rng, WIDTH, 0.5),  # keras_deq.DenseCell's default
+            "cell_u": _glorot(rng, (WIDTH, WIDTH), WIDTH, WIDTH),
+            "cell_b": np.zeros(WIDTH, "float32"),
+            "head_w": _glorot(rng, (WIDTH, 10), WIDTH, 10),
+            "head_b": np.zeros(10, "float32"),
+        }
+    fan = 9 * CHANNELS
+    return {
+        "inj_w": _glorot(rng, (3, 3, 1, CHANNELS), 9, fan),
+        "inj_b": np.zeros(CHANNELS, "float32"),
+        # Small enough that the untrained cell is a contraction.
+        "cell_w": (rng.standard_normal((3, 3, CHANNELS, CHANNELS)) * 0.5 / np.sqrt(fan)).astype(
+            "float32"
+        ),
+        "cell_b": np.zeros(CHANNELS, "float32"),
+        "head_w": _glorot(rng, (CHANNELS, 10), CHANNELS, 10),
+        "head_b": np.zeros(10, "float32"),
+    }
+
+
+def _summary(rel, tol=TOL):
+    rel = np.asarray(rel, dtype="float64")
+    return {
+        "test_res_mean": float(rel.mean()),
+        "test_res_max": float(rel.max()),
+        "test_converged": float((rel <= tol).mean()),
+    }
+
+
+# ------------------------------------------------------------------ keras_deq
+def run_keras(cell, solver, epochs, threads, repeats, seed):
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    import keras
+
+    import keras_deq
+
+    keras.utils.set_random_seed(seed)
+    x_train, y_train, x_test, y_test = load_digits_split(seed)
+    w = initial_weights(cell, seed)
+    f_solver = "fixed_point" if solver == "fixed_point" else "anderson"
+    deq_kwargs = dict(
+        solver=f_solver,
+        max_iter=MAX_ITER,
+        tol=TOL,
+        stop_mode="rel",
+        solver_options={"window": WINDOW} if f_solver == "anderson" else {},
+        backward="implicit",
+        backward_solver="anderson",
+        backward_max_iter=MAX_ITER,
+        backward_tol=TOL,
+        backward_solver_options={"window": WINDOW},
+        name="deq",
+    )
+    if cell == "mlp":
+        deq_cell = keras_deq.DenseCell(WIDTH)
+        model = keras.Sequential(
+            [
+                keras.Input((64,)),
+                keras.layers.Dense(WIDTH, name="injection"),
+                keras_deq.DEQ(deq_cell, **deq_kwargs),
+                keras.layers.Dense(10, name="classifier"),
+            ]
+        )
+        model.get_layer("injection").set_weights([w["inj_w"], w["inj_b"]])
+        deq_cell.set_weights([w["cell_w"], w["cell_u"], w["cell_b"]])
+    else:
+        x_train, x_test = x_train.reshape(-1, 8, 8, 1), x_test.reshape(-1, 8, 8, 1)
+        deq_cell = ConvCell()
+        model = keras.Sequential(
+            [
+                keras.Input((8, 8, 1)),
+                keras.layers.Conv2D(CHANNELS, 3, padding="same", name="injection"),
+                keras_deq.DEQ(deq_cell, **deq_kwargs),
+                keras.layers.GlobalAveragePooling2D(),
+                keras.layers.Dense(10, name="classifier"),
+            ]
+        )
+        model.get_layer("injection").set_weights([w["inj_w"], w["inj_b"]])
+        deq_cell.set_weights([w["cell_w"], w["cell_b"]])
+    model.get_layer("classifier").set_weights([w["head_w"], w["head_b"]])
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-8),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+    class Timer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = Timer()
+    history = model.fit(
+        x_train, y_train, batch_size=64, epochs=epochs, verbose=0, shuffle=True, callbacks=[timer]
+    )
+    last = {k: v[-1] for k, v in history.history.items()}
+    accuracy = float(np.mean(np.argmax(model.predict(x_test, verbose=0), -1) == y_test))
+
+    deq = model.get_layer("deq")
+    injection = model.get_layer("injection")
+    xt = tf.constant(x_test)
+    infer = tf.function(lambda x: model(x, training=False), jit_compile=bool(model.jit_compile))
+    infer(xt)
+    infer_times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        infer(xt).numpy()
+        infer_times.append(time.perf_counter() - start)
+
+    x_inj = injection(xt)
+    z = deq(x_inj)
+    fz = deq.cell(z, x_inj)
+    diff = tf.reshape(fz - z, [len(x_test), -1])
+    rel = tf.norm(diff, axis=1) / (tf.norm(tf.reshape(fz, [len(x_test), -1]), axis=1) + 1e-8)
+    return {
+        "accuracy": accuracy,
+        "fwd_steps": float(last["deq_fwd_steps"]),
+        "bwd_steps": float(last["deq_bwd_steps"]),
+        "fwd_res": float(last["deq_fwd_residual"]),
+        "bwd_res": float(last["deq_bwd_residual"]),
+        "epoch_times": timer.times,
+        "infer_times": infer_times,
+        "jit_compile": bool(model.jit_compile),
+        **_summary(rel.numpy()),
+    }
+
+
+def _conv_cell_class():
+    import keras
+
+    class ConvCellImpl(keras.layers.Layer):
+        """z <- tanh(conv3x3(z) + x_inj)."""
+
+        def build(self, z_shape, x_shape):
+            self.conv = keras.layers.Conv2D(CHANNELS, 3, padding="same", name="conv")
+            self.conv.build(z_shape)
+
+        def call(self, z, x):
+            return keras.ops.tanh(self.conv(z) + x)
+
+        def compute_output_shape(self, z_shape, x_shape):
+            return z_shape
+
+    return ConvCellImpl
+
+
+def ConvCell():  # noqa: N802 - a factory standing in for the class
+    return _conv_cell_class()(name="conv_cell")
+
+
+# ------------------------------------------------------------------- TorchDEQ
+def run_torch(cell, solver, epochs, threads, repeats, seed):
+    import torch
+    from torch import nn
+    from torchdeq import get_deq
+    from torchdeq.grad import backward_factory
+
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(threads)
+    torch.manual_seed(seed)
+    x_train, y_train, x_test, y_test = load_digits_split(seed)
+    w = initial_weights(cell, seed)
+    f_solver, b_solver = SOLVERS[solver]
+    deq = get_deq(
+        f_solver=f_solver,
+        b_solver=b_solver,
+        f_max_iter=MAX_ITER,
+        b_max_iter=MAX_ITER,
+        f_tol=TOL,
+        b_tol=TOL,
+        f_stop_mode="rel",
+        b_stop_mode="rel",
+        ift=True,
+    )
+    counts = {"fwd": [], "bwd": [], "fwd_res": [], "bwd_res": []}
+
+    def counted(solve, key, extra=None):
+        def run(func, x0, **kwargs):
+            calls = [0]
+
+            def g(z):
+                calls[0] += 1
+                return func(z)
+
+            kwargs = {**(extra or {}), **kwargs}
+            out = solve(g, x0, **kwargs)
+            counts[key].append(calls[0])
+            return out
+
+        return run
+
+    # Count the cell evaluations of both passes (TorchDEQ's `nstep` is the step of
+    # the lowest residual, not the number of iterations run). Anderson's history
+    # is m=6 in both passes (TorchDEQ's default).
+    deq.f_solver = counted(deq.f_solver, "fwd")
+    deq.produce_grad[-1] = backward_factory(
+        grad_type="ift",
+        hook_ift=False,
+        b_solver=counted(deq.b_solver, "bwd"),
+        b_solver_kwargs=dict(max_iter=MAX_ITER, tol=TOL, stop_mode="rel"),
+    )
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            if cell == "mlp":
+                self.inj = nn.Linear(64, WIDTH)
+                self.w = nn.Linear(WIDTH, WIDTH, bias=False)
+                self.u = nn.Linear(WIDTH, WIDTH)
+                self.head = nn.Linear(WIDTH, 10)
+                with torch.no_grad():
+                    self.inj.weight.copy_(t(w["inj_w"].T))
+                    self.inj.bias.copy_(t(w["inj_b"]))
+                    self.w.weight.copy_(t(w["cell_w"].T))
+                    self.u.weight.copy_(t(w["cell_u"].T))
+                    self.u.bias.copy_(t(w["cell_b"]))
+            else:
+                self.inj = nn.Conv2d(1, CHANNELS, 3, padding=1)
+                self.conv = nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1)
+                self.head = nn.Linear(CHANNELS, 10)
+                with torch.no_grad():
+                    self.inj.weight.copy_(t(w["inj_w"].transpose(3, 2, 0, 1)))
+                    self.inj.bias.copy_(t(w["inj_b"]))
+                    self.conv.weight.copy_(t(w["cell_w"].transpose(3, 2, 0, 1)))
+                    self.conv.bias.copy_(t(w["cell_b"]))
+            with torch.no_grad():
+                self.head.weight.copy_(t(w["head_w"].T))
+                self.head.bias.copy_(t(w["head_b"]))
+
+        def cell_fn(self, x_inj):
+            if cell == "mlp":
+                u = self.u(x_inj)
+                return lambda z: torch.tanh(self.w(z) + u)
+            return lambda z: torch.tanh(self.conv(z) + x_inj)
+
+        def forward(self, x, writer=None):
+            x_inj = self.inj(x)
+            z_out, info = deq(self.cell_fn(x_inj), torch.zeros_like(x_inj), backward_writer=writer)
+            z = z_out[-1]
+            self.info = info
+            if cell == "conv":
+                z = z.mean(dim=(2, 3))
+            return self.head(z), z_out[-1], x_inj
+
+    if cell == "conv":
+        x_train, x_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)
+    xtr, ytr, xte = t(x_train), torch.from_numpy(y_train), t(x_test)
+    model = Model()
+    deq.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-8)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(seed)
+
+    def writer(info):
+        counts["bwd_res"].append(info["rel_lowest"].mean().item())
+
+    epoch_times = []
+    n = len(xtr)
+    for _ in range(epochs):
+        for v in counts.values():
+            v.clear()
+        model.train()
+        start = time.perf_counter()
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad(set_to_none=True)
+            logits, _, _ = model(xtr[idx], writer=writer)
+            loss = loss_fn(logits, ytr[idx])
+            loss.backward()
+            opt.step()
+            counts["fwd_res"].append(model.info["rel_lowest"].mean().item())
+        epoch_times.append(time.perf_counter() - start)
+    last = {k: float(np.mean(v)) for k, v in counts.items()}
+
+    model.eval()
+    infer_times = []
+    with torch.no_grad():
+        model(xte)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(xte)
+            infer_times.append(time.perf_counter() - start)
+        logits, z, x_inj = model(xte)
+        accuracy = float((logits.argmax(-1).numpy() == y_test).mean())
+        fz = model.cell_fn(x_inj)(z)
+        rel = (fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-8)
+    return {
+        "accuracy": accuracy,
+        "fwd_steps": last["fwd"],
+        "bwd_steps": last["bwd"],
+        "fwd_res": last["fwd_res"],
+        "bwd_res": last["bwd_res"],
+        "epoch_times": epoch_times,
+        "infer_times": infer_times,
+        **_summary(rel.numpy()),
+    }
+
+
+# ---------------------------------------------------------------------- driver
+def worker(args):
+    run = run_keras if args.worker == "keras_deq" else run_torch
+    out = run(args.cell, args.solver, args.epochs, args.threads, args.repeats, args.seed)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def spawn(lib, cell, solver, args):
+    env = dict(os.environ)
+    env.setdefault("KERAS_BACKEND", "tensorflow")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        lib,
+        "--cell",
+        cell,
+        "--solver",
+        solver,
+        "--epochs",
+        str(args.epochs),
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+        "--seed",
+        str(args.seed),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+    raise RuntimeError(f"{lib} {cell} {solver} failed (exit {proc.returncode})")
+
+
+def epoch_time(result):
+    times = result["epoch_times"]
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="3 epochs, 3 repeats (smoke run)")
+    parser.add_argument("--cells", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
+    parser.add_argument(
+        "--solvers", nargs="+", default=["anderson", "fixed_point"], choices=list(SOLVERS)
+    )
+    parser.add_argument("--worker", choices=["keras_deq", "torchdeq"], help=argparse.SUPPRESS)
+    parser.add_argument("--cell", default="mlp", help=argparse.SUPPRESS)
+    parser.add_argument("--solver", default="anderson", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs, args.repeats = 3, 3
+    if args.worker:
+        return worker(args)
+
+    print(
+        f"epochs={args.epochs} threads={args.threads} repeats={args.repeats} tol={TOL} (rel) "
+        f"max_iter={MAX_ITER}/{MAX_ITER} batch=64 Adam(1e-3)",
+        flush=True,
+    )
+    rows = []
+    for cell in args.cells:
+        for solver in args.solvers:
+            # Alternate the libraries so that slow drifts in machine load hit both.
+            pair = {}
+            for lib in ("torchdeq", "keras_deq"):
+                pair[lib] = spawn(lib, cell, solver, args)
+                r = pair[lib]
+                print(
+                    f"  done {cell:4s} {solver:11s} {lib:9s} acc={r['accuracy']:.4f} "
+                    f"epoch={epoch_time(r) * 1e3:.0f}ms",
+                    flush=True,
+                )
+            rows.append((cell, solver, pair))
+
+    header = (
+        "| cell | forward solver | library | test acc | fwd iters | bwd iters | fwd rel res "
+        "| bwd rel res | test res mean / max | test conv. | epoch ms | infer ms "
+        "| epoch ratio | infer ratio |"
+    )
+    print()
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for cell, solver, pair in rows:
+        k, t = pair["keras_deq"], pair["torchdeq"]
+        e_ratio = epoch_time(k) / epoch_time(t)
+        i_ratio = statistics.median(k["infer_times"]) / statistics.median(t["infer_times"])
+        for lib, r in (("TorchDEQ", t), ("keras_deq", k)):
+            ratios = f"{e_ratio:.2f} | {i_ratio:.2f}" if lib == "keras_deq" else "1 | 1"
+            print(
+                f"| {cell} | {solver} | {lib} | {r['accuracy'] * 100:.1f}% "
+                f"| {r['fwd_steps']:.1f} | {r['bwd_steps']:.1f} "
+                f"| {r['fwd_res']:.1e} | {r['bwd_res']:.1e} "
+                f"| {r['test_res_mean']:.1e} / {r['test_res_max']:.1e} "
+                f"| {r['test_converged'] * 100:.0f}% "
+                f"| {epoch_time(r) * 1e3:.0f} | {statistics.median(r['infer_times']) * 1e3:.1f} "
+                f"| {ratios} |"
+            )
+    print()
+    for cell, solver, pair in rows:
+        print(
+            f"{cell} {solver}: keras_deq jit_compile={pair['keras_deq'].get('jit_compile')}; "
+            "epoch times (s): "
+            + ", ".join(
+                f"{lib}=" + "/".join(f"{x:.2f}" for x in pair[lib]["epoch_times"]) for lib in pair
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
