@@ -13,9 +13,27 @@ if keras.backend.backend() != "tensorflow":
         f"Received: backend={keras.backend.backend()!r}"
     )
 
-from keras_deq import backward, callbacks, jacobian, layers, solvers  # noqa: E402
-from keras_deq.layers import DEQ, DenseCell, PcDEQ  # noqa: E402
+from keras_deq import backward, callbacks, constraints, jacobian, layers, solvers  # noqa: E402
+from keras_deq.layers import (  # noqa: E402
+    DEQ,
+    DenseCell,
+    LipschitzMultiscale,
+    MultiscaleDEQ,
+    PcDEQ,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["DEQ", "DenseCell", "PcDEQ", "backward", "callbacks", "jacobian", "layers", "solvers"]
+__all__ = [
+    "DEQ",
+    "DenseCell",
+    "LipschitzMultiscale",
+    "MultiscaleDEQ",
+    "PcDEQ",
+    "backward",
+    "constraints",
+    "callbacks",
+    "jacobian",
+    "layers",
+    "solvers",
+]

@@ -12,19 +12,9 @@ import numbers
 import keras
 import tensorflow as tf
 
+from keras_deq.solvers.common import check_positive_float, check_positive_int
+
 PADDINGS = ("same", "valid")
-
-
-def _check_positive_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
-    return float(value)
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    return int(value)
 
 
 def _pair(name, value):
@@ -107,16 +97,15 @@ def conv_operator_norm(kernel, input_shape, strides=1, padding="same", iteration
     Returns:
         A scalar tensor in the kernel's dtype.
 
-    Example:
-
-    >>> import tensorflow as tf
-    >>> kernel = tf.ones((1, 1, 1, 1)) * 3.0  # a 1x1 conv scaling by 3
-    >>> round(float(conv_operator_norm(kernel, (4, 4))), 4)
-    3.0
+    Examples:
+        >>> import tensorflow as tf
+        >>> kernel = tf.ones((1, 1, 1, 1)) * 3.0  # a 1x1 conv scaling by 3
+        >>> round(float(conv_operator_norm(kernel, (4, 4))), 4)
+        3.0
     """
     kernel = tf.convert_to_tensor(kernel)
     shape, strides, padding = _operator_dims(kernel, input_shape, strides, padding)
-    iterations = _check_positive_int("iterations", iterations)
+    iterations = check_positive_int("iterations", iterations)
     if kernel.shape[0] == 1 and kernel.shape[1] == 1:
         # A 1x1 conv applies one (C_in, C_out) matrix at every kept pixel, so its
         # norm is that matrix's (exactly; strides only drop pixels).
@@ -204,13 +193,13 @@ class ConvOperatorNorm(keras.constraints.Constraint):
     """
 
     def __init__(self, max_norm, input_shape, strides=1, padding="same", iterations=20):
-        self.max_norm = _check_positive_number("max_norm", max_norm)
+        self.max_norm = check_positive_float("max_norm", max_norm)
         self.input_shape = _check_input_shape(input_shape)
         self.strides = _pair("strides", strides)
         if padding not in PADDINGS:
             raise ValueError(f"`padding` must be one of {PADDINGS}. Received: padding={padding!r}")
         self.padding = padding
-        self.iterations = _check_positive_int("iterations", iterations)
+        self.iterations = check_positive_int("iterations", iterations)
 
     def norm(self, kernel):
         """The estimated operator norm of `kernel` (a scalar tensor)."""
@@ -252,7 +241,7 @@ class MaxAbs(keras.constraints.Constraint):
     """
 
     def __init__(self, max_value=1.0):
-        self.max_value = _check_positive_number("max_value", max_value)
+        self.max_value = check_positive_float("max_value", max_value)
 
     def __call__(self, w):
         w = tf.convert_to_tensor(w)

@@ -12,6 +12,8 @@ MODULES = [
     "keras_deq.solvers.registry",
     "keras_deq.jacobian",
     "keras_deq.callbacks",
+    "keras_deq.constraints",
+    "keras_deq.layers.multiscale",
 ]
 
 

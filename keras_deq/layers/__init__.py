@@ -2,6 +2,21 @@
 
 from keras_deq.layers.cells import DenseCell
 from keras_deq.layers.deq import DEQ
+from keras_deq.layers.multiscale import (
+    LipschitzMultiscale,
+    LipschitzMultiscaleCell,
+    MultiscaleCell,
+    MultiscaleDEQ,
+)
 from keras_deq.layers.pcdeq import PcDEQ, PositiveConcaveCell
 
-__all__ = ["DEQ", "DenseCell", "PcDEQ", "PositiveConcaveCell"]
+__all__ = [
+    "DEQ",
+    "DenseCell",
+    "LipschitzMultiscale",
+    "LipschitzMultiscaleCell",
+    "MultiscaleCell",
+    "MultiscaleDEQ",
+    "PcDEQ",
+    "PositiveConcaveCell",
+]

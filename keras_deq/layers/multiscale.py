@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from keras_deq import constraints
 from keras_deq.layers.deq import DEQ
+from keras_deq.solvers.common import check_fraction, check_positive_float, check_positive_int
 
 NORMALIZATIONS = ("standard", "mean")
 # Epsilon of the standard group normalization (PyTorch's GroupNorm default, as in MDEQ).
@@ -58,19 +59,10 @@ def _check_channels(channels):
     return tuple(int(c) for c in channels)
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    return int(value)
-
-
-def _check_in_range(name, value, low, high, low_open=False):
-    """A real number in `[low, high]` (or `(low, high]` with `low_open`)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    ok = ok and (low < value if low_open else low <= value) and value <= high
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ValueError(f"`{name}` must be a number in {interval}. Received: {name}={value!r}")
+def _check_unit_interval(name, value):
+    """A number in [0, 1] (`common.check_fraction` is for (0, 1])."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
     return float(value)
 
 
@@ -83,6 +75,11 @@ def _check_optional_cap(name, value):
 
 
 # -------------------------------------------------------------- building blocks
+def _scaled_relu(x, slope):
+    out = keras.ops.relu(x)
+    return out if slope == 1.0 else slope * out
+
+
 @keras.saving.register_keras_serializable(package="keras_deq")
 class ScaledReLU(keras.layers.Layer):
     """`slope * relu(x)`: a ReLU whose Lipschitz constant is `slope`.
@@ -91,20 +88,18 @@ class ScaledReLU(keras.layers.Layer):
         slope: The scale `s > 0`.
         **kwargs: Base layer arguments.
 
-    Example:
-
-    >>> import numpy as np
-    >>> ScaledReLU(0.5)(np.array([-2.0, 2.0])).numpy().tolist()
-    [0.0, 1.0]
+    Examples:
+        >>> import numpy as np
+        >>> ScaledReLU(0.5)(np.array([-2.0, 2.0])).numpy().tolist()
+        [0.0, 1.0]
     """
 
     def __init__(self, slope=1.0, **kwargs):
         super().__init__(**kwargs)
-        self.slope = _check_in_range("slope", slope, 0.0, math.inf, low_open=True)
+        self.slope = check_positive_float("slope", slope)
 
     def call(self, inputs):
-        out = keras.ops.relu(inputs)
-        return out if self.slope == 1.0 else self.slope * out
+        return _scaled_relu(inputs, self.slope)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -153,7 +148,7 @@ class MeanGroupNormalization(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.groups = _check_positive_int("groups", groups)
+        self.groups = check_positive_int("groups", groups)
         self.center = center
         self.scale = scale
         self.gamma_initializer = keras.initializers.get(gamma_initializer)
@@ -254,10 +249,9 @@ def fusion_weights(num_branches, softmax=False):
     Returns:
         An `n x n` nested list.
 
-    Example:
-
-    >>> [round(w, 3) for w in fusion_weights(3, softmax=True)[0]]
-    [0.0, 0.731, 0.269]
+    Examples:
+        >>> [round(w, 3) for w in fusion_weights(3, softmax=True)[0]]
+        [0.0, 0.731, 0.269]
     """
     rows = []
     for i in range(num_branches):
@@ -332,8 +326,8 @@ class MultiscaleCell(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.channels = _check_channels(channels)
-        self.expansion = _check_positive_int("expansion", expansion)
-        self.groups = _check_positive_int("groups", groups)
+        self.expansion = check_positive_int("expansion", expansion)
+        self.groups = check_positive_int("groups", groups)
         for c in self.channels:
             if c % self.groups:
                 raise ValueError(
@@ -405,8 +399,8 @@ class MultiscaleCell(keras.layers.Layer):
     def _act(self):
         return ScaledReLU(self.slope, dtype=self.dtype_policy)
 
-    def _chain(self, layers, input_shape):
-        chain = _Chain(layers, dtype=self.dtype_policy)
+    def _chain(self, layers, input_shape, name):
+        chain = _Chain(layers, dtype=self.dtype_policy, name=name)
         chain.build((None, *input_shape))
         return chain
 
@@ -431,10 +425,12 @@ class MultiscaleCell(keras.layers.Layer):
             self._chain(
                 [self._act(), self._conv(c, 1, 1, self._sizes[i]), self._norm()],
                 (*self._sizes[i], c),
+                name=f"post_fusion_{i}",
             )
             for i, c in enumerate(self.channels)
         ]
-        self.apply_constraints()
+        with tf.init_scope():  # once, eagerly, even if built while tracing a function
+            self.apply_constraints()
 
     def _make_block(self, i):
         """conv3x3 -> norm -> act -> conv3x3 on branch `i` (the norm after it is apart)."""
@@ -443,6 +439,7 @@ class MultiscaleCell(keras.layers.Layer):
         return self._chain(
             [self._conv(inner, 3, 1, size), self._norm(), self._act(), self._conv(c, 3, 1, size)],
             (*size, c),
+            name=f"block_{i}",
         )
 
     def _make_fusion(self, i, j):
@@ -454,7 +451,7 @@ class MultiscaleCell(keras.layers.Layer):
                 self._norm(),
                 keras.layers.UpSampling2D(2 ** (j - i), dtype=self.dtype_policy),
             ]
-            return self._chain(layers, (*self._sizes[j], in_channels))
+            return self._chain(layers, (*self._sizes[j], in_channels), name=f"up_{j}_to_{i}")
         layers = []
         for level in range(j, i):  # finer to coarser: one strided conv per level
             last = level == i - 1
@@ -464,7 +461,7 @@ class MultiscaleCell(keras.layers.Layer):
             ]
             if not last:
                 layers.append(self._act())
-        return self._chain(layers, (*self._sizes[j], in_channels))
+        return self._chain(layers, (*self._sizes[j], in_channels), name=f"down_{j}_to_{i}")
 
     def _pairs(self):
         """The ordered pairs `(i, j)`, `i != j`, in the order of `self.fusions`."""
@@ -504,7 +501,7 @@ class MultiscaleCell(keras.layers.Layer):
         for i, z_i in enumerate(z):
             h = self.block_inner[i](z_i)
             out = self.block_norms[i](h + x if i == 0 else h)
-            blocks.append(self._act_fn(self._mix_residual(z_i, out)))
+            blocks.append(_scaled_relu(self._mix_residual(z_i, out), self.slope))
         fused = []
         for i in range(self.num_branches):
             others = {
@@ -514,10 +511,6 @@ class MultiscaleCell(keras.layers.Layer):
             }
             fused.append(self._mix_fusion(i, blocks[i], others))
         return [post(y) for post, y in zip(self.post_fusion, fused, strict=True)]
-
-    def _act_fn(self, x):
-        out = keras.ops.relu(x)
-        return out if self.slope == 1.0 else self.slope * out
 
     def compute_output_shape(self, z_shape, x_shape):
         return z_shape
@@ -710,9 +703,9 @@ class LipschitzMultiscaleCell(MultiscaleCell):
             kernel_initializer=kernel_initializer,
             **kwargs,
         )
-        self.slope = _check_in_range("slope", slope, 0.0, 1.0, low_open=True)
-        self.alpha = _check_in_range("alpha", alpha, 0.0, 1.0)
-        self.beta = _check_in_range("beta", beta, 0.0, 1.0)
+        self.slope = check_fraction("slope", slope)
+        self.alpha = _check_unit_interval("alpha", alpha)
+        self.beta = _check_unit_interval("beta", beta)
         self.softmax_weights = bool(softmax_weights)
         if normalization not in NORMALIZATIONS:
             raise ValueError(
@@ -722,7 +715,7 @@ class LipschitzMultiscaleCell(MultiscaleCell):
         self.normalization = normalization
         self.conv_norm_cap = _check_optional_cap("conv_norm_cap", conv_norm_cap)
         self.gamma_cap = _check_optional_cap("gamma_cap", gamma_cap)
-        self.norm_iterations = _check_positive_int("norm_iterations", norm_iterations)
+        self.norm_iterations = check_positive_int("norm_iterations", norm_iterations)
 
     def get_config(self):
         return {
@@ -794,7 +787,7 @@ class MultiscaleDEQ(_MultiscaleDEQBase):
     x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
     z0, z1 = MultiscaleDEQ(channels=(8, 16), solver="anderson", max_iter=18)(x)
     features = keras.layers.Concatenate()(
-        [keras.layers.GlobalAveragePooling2D()(z) for z in (z0, z1)]
+    [keras.layers.GlobalAveragePooling2D()(z) for z in (z0, z1)]
     )
     model = keras.Model(inputs, keras.layers.Dense(10)(features))
     ```

@@ -1,0 +1,213 @@
+"""Plain MDEQ against the Lipschitz multiscale DEQ on digits, with the same budget.
+
+    python benchmarks/lipschitz_speedup.py [--epochs 15] [--threads 1]
+
+Builds the model of examples/vision/multiscale.py twice, once with
+`MultiscaleDEQ` and once with `LipschitzMultiscale` (same stem, channels, head,
+solver, tolerance and iteration caps), and trains both on scikit-learn's digits
+with the same data order. The two models' train steps are interleaved batch by
+batch (alternating which goes first), so that both see the same machine load
+and the time ratio is measured in one run. Prints one row per model:
+
+- fwd / bwd steps: mean forward / backward solver iterations per train step.
+- converged: fraction of training samples whose forward solve met `tol`.
+- step ms: median wall time of a train step (`train_on_batch`, after the first
+  epoch, which includes tracing); for the Lipschitz model it includes the
+  weight constraints applied after each optimizer step (also timed alone).
+- train s: total wall time of all train steps, tracing included.
+- test fwd: mean forward steps on the test set; infer ms: median time to
+  predict one batch of 64 test images.
+- test acc and the cell's Lipschitz bound (`inf` for plain MDEQ).
+
+The speed-ups are the MDEQ / Lipschitz ratios of the medians.
+"""
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "vision"))
+import data  # noqa: E402
+from multiscale import build_model, parse_channels  # noqa: E402
+
+MODELS = ("mdeq", "lipschitz")
+
+
+def build(name, args):
+    keras.utils.set_random_seed(args.seed)  # same stem and head initialization
+    model = build_model(
+        (8, 8, 1),
+        10,
+        model=name,
+        channels=args.channels,
+        solver=args.solver,
+        max_iter=args.max_iter,
+        backward_max_iter=args.backward_max_iter,
+        tol=args.tol,
+        jacobian_weight=args.mdeq_jacobian_weight if name == "mdeq" else 0.0,
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(args.learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def batches(n, batch_size, rng):
+    order = rng.permutation(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def train(models, x, y, args):
+    """Interleaved training; returns per-model lists of step records."""
+    rng = np.random.default_rng(args.seed)
+    records = {name: [] for name in models}
+    for epoch in range(args.epochs):
+        for k, index in enumerate(batches(len(x), args.batch_size, rng)):
+            names = list(models) if k % 2 == 0 else list(models)[::-1]
+            for name in names:
+                start = time.perf_counter()
+                logs = models[name].train_on_batch(x[index], y[index], return_dict=True)
+                seconds = time.perf_counter() - start
+                records[name].append(
+                    {"epoch": epoch, "seconds": seconds, "size": len(index), **logs}
+                )
+        print(
+            f"epoch {epoch + 1}/{args.epochs}: "
+            + ", ".join(f"{name} loss {records[name][-1]['loss']:.3f}" for name in models),
+            flush=True,
+        )
+    return records
+
+
+def inference_times(models, x, args):
+    """Median seconds to predict one batch, interleaved across models."""
+    times = {name: [] for name in models}
+    for _ in range(args.repeats):
+        for i in range(0, len(x) - args.batch_size + 1, args.batch_size):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model.predict_on_batch(x[i : i + args.batch_size])
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t[len(t) // 10 :]) for name, t in times.items()}
+
+
+def constraint_time(model, repeats=20):
+    """Median seconds to apply the Lipschitz cell's weight constraints (compiled)."""
+    apply = tf.function(model.get_layer("deq").cell.apply_constraints, autograph=False)
+    apply()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        apply()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def weighted_mean(records, key):
+    return sum(r[key] * r["size"] for r in records) / sum(r["size"] for r in records)
+
+
+def summarize(models, records, x_test, y_test, args):
+    rows = {}
+    infer = inference_times(models, x_test, args)
+    for name, model in models.items():
+        steps = records[name]
+        timed = [r["seconds"] for r in steps if r["epoch"] > 0] or [r["seconds"] for r in steps]
+        test = model.evaluate(x_test, y_test, verbose=0, return_dict=True)
+        rows[name] = {
+            "fwd": weighted_mean(steps, "deq_fwd_steps"),
+            "bwd": weighted_mean(steps, "deq_bwd_steps"),
+            "converged": weighted_mean(steps, "deq_converged"),
+            "step_ms": 1000 * statistics.median(timed),
+            "train_s": sum(r["seconds"] for r in steps),
+            "test_fwd": test["deq_fwd_steps"],
+            "infer_ms": 1000 * infer[name],
+            "acc": test["accuracy"],
+            "bound": float(model.get_layer("deq").cell.lipschitz_bound()),
+        }
+    return rows
+
+
+def print_table(rows):
+    header = (
+        f"| {'model':<9} | {'fwd steps':>9} | {'bwd steps':>9} | {'converged':>9} | "
+        f"{'step ms':>7} | {'train s':>7} | {'test fwd':>8} | {'infer ms':>8} | "
+        f"{'test acc':>8} | {'bound':>5} |"
+    )
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for name, r in rows.items():
+        print(
+            f"| {name:<9} | {r['fwd']:9.2f} | {r['bwd']:9.2f} | {r['converged']:9.3f} | "
+            f"{r['step_ms']:7.1f} | {r['train_s']:7.1f} | {r['test_fwd']:8.2f} | "
+            f"{r['infer_ms']:8.2f} | {r['acc']:8.4f} | {r['bound']:5.3g} |"
+        )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--channels", type=parse_channels, default=(8, 16))
+    parser.add_argument("--solver", default="anderson")
+    parser.add_argument("--max-iter", type=int, default=18)
+    parser.add_argument("--backward-max-iter", type=int, default=20)
+    parser.add_argument("--tol", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--mdeq-jacobian-weight",
+        type=float,
+        default=0.0,
+        help="Jacobian regularization of the plain MDEQ (the paper's baseline uses it)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="passes over the test set")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+
+    x_train, y_train, x_test, y_test = data.load("digits", args.seed)
+    models = {name: build(name, args) for name in MODELS}
+    print(
+        f"digits: {len(x_train)} train / {len(x_test)} test; channels {args.channels}; "
+        f"{args.solver} max_iter {args.max_iter} / backward {args.backward_max_iter}, "
+        f"tol {args.tol}; {args.epochs} epochs, batch {args.batch_size}, "
+        f"{args.threads} thread(s)",
+        flush=True,
+    )
+    records = train(models, x_train, y_train, args)
+    rows = summarize(models, records, x_test, y_test, args)
+    print()
+    print_table(rows)
+    mdeq, lipschitz = rows["mdeq"], rows["lipschitz"]
+    print()
+    print(
+        "speed-up (MDEQ / Lipschitz): "
+        f"train step {mdeq['step_ms'] / lipschitz['step_ms']:.2f}x, "
+        f"total train time {mdeq['train_s'] / lipschitz['train_s']:.2f}x, "
+        f"inference {mdeq['infer_ms'] / lipschitz['infer_ms']:.2f}x, "
+        f"forward steps {mdeq['fwd'] / lipschitz['fwd']:.2f}x, "
+        f"backward steps {mdeq['bwd'] / lipschitz['bwd']:.2f}x"
+    )
+    constraints_ms = 1000 * constraint_time(models["lipschitz"])
+    print(f"Lipschitz weight constraints alone: {constraints_ms:.1f} ms per step (median)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
