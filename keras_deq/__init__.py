@@ -13,7 +13,15 @@ if keras.backend.backend() != "tensorflow":
         f"Received: backend={keras.backend.backend()!r}"
     )
 
-from keras_deq import backward, callbacks, constraints, jacobian, layers, solvers  # noqa: E402
+from keras_deq import (  # noqa: E402
+    backward,
+    callbacks,
+    constraints,
+    jacobian,
+    layers,
+    models,
+    solvers,
+)
 from keras_deq.layers import (  # noqa: E402
     DEQ,
     DenseCell,
@@ -35,5 +43,6 @@ __all__ = [
     "callbacks",
     "jacobian",
     "layers",
+    "models",
     "solvers",
 ]

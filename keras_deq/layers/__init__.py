@@ -9,9 +9,11 @@ from keras_deq.layers.multiscale import (
     MultiscaleDEQ,
 )
 from keras_deq.layers.pcdeq import PcDEQ, PositiveConcaveCell
+from keras_deq.layers.transformer import DEQTransformerCell
 
 __all__ = [
     "DEQ",
+    "DEQTransformerCell",
     "DenseCell",
     "LipschitzMultiscale",
     "LipschitzMultiscaleCell",

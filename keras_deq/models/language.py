@@ -1,0 +1,318 @@
+"""A DEQ-Transformer language model, its metrics and text generation."""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_deq.layers.deq import DEQ
+from keras_deq.layers.transformer import DEQTransformerCell, sinusoidal_positions
+
+LN2 = math.log(2.0)
+
+
+def _cross_entropy(y_true, y_pred):
+    return keras.losses.sparse_categorical_crossentropy(
+        tf.cast(y_true, "int32"), tf.cast(y_pred, "float32"), from_logits=True
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_deq")
+class BitsPerCharacter(keras.metrics.Mean):
+    """Mean cross-entropy of logits in bits: `CE / ln 2` (bits per token).
+
+    Args:
+        name: Metric name.
+        **kwargs: Base metric arguments.
+
+    Example:
+
+    ```python
+    model.compile("adam", loss=..., metrics=[keras_deq.models.BitsPerCharacter()])
+    ```
+    """
+
+    def __init__(self, name="bpc", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        return super().update_state(_cross_entropy(y_true, y_pred) / LN2, sample_weight)
+
+
+@keras.saving.register_keras_serializable(package="keras_deq")
+class Perplexity(keras.metrics.Mean):
+    """Perplexity `exp(mean cross-entropy)` of logits (the exp of the mean, not
+    the mean of the exps).
+
+    Args:
+        name: Metric name.
+        **kwargs: Base metric arguments.
+
+    Example:
+
+    ```python
+    model.compile("adam", loss=..., metrics=[keras_deq.models.Perplexity()])
+    ```
+    """
+
+    def __init__(self, name="perplexity", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        return super().update_state(_cross_entropy(y_true, y_pred), sample_weight)
+
+    def result(self):
+        return keras.ops.exp(super().result())
+
+
+@keras.saving.register_keras_serializable(package="keras_deq")
+class DEQTransformerLM(keras.Model):
+    """A causal language model whose body is one `DEQ(DEQTransformerCell)`.
+
+    `tokens -> Embedding * sqrt(d_model) + sinusoidal positions -> Dense ->
+    dropout -> DEQ(DEQTransformerCell) -> LayerNorm -> logits = h @ E^T + b`, with
+    the output projection tied to the embedding matrix `E`. The positions are
+    added to the injection, outside the cell; the injection enters every solver
+    iteration. The learned `Dense` injection map (like the input-injection
+    convolution of the original DEQ-Transformer) keeps the raw embedding out of
+    the cell's residual stream: without it, the tied output projection starts by
+    predicting the *current* token, and training is slower (150 Shakespeare
+    steps: validation 4.03 bpc without it, 3.68 with it).
+
+    It takes int token windows `(batch, T)` (any `T`) and returns float32 logits
+    `(batch, T, vocab_size)`; the target of position `t` is token `t + 1`. Train it
+    with `model.fit(inputs, targets)` and a sparse cross-entropy on logits, and
+    watch `BitsPerCharacter` or `Perplexity`. The DEQ layer's solver metrics
+    (`deq_fwd_steps`, ...) appear in the logs.
+
+    Args:
+        vocab_size: Number of tokens.
+        d_model: Width of the embeddings and of the state.
+        num_heads: Attention heads of the cell.
+        ff_dim: Hidden size of the cell's feed-forward block (`4 * d_model`).
+        norm: `"pre"` or `"post"` layer normalization in the cell.
+        dropout: Variational dropout of the cell (one mask per solve).
+        embedding_dropout: Dropout on the injection (embeddings + positions).
+        solver: Forward solver of the DEQ layer.
+        max_iter: Forward solver iterations.
+        tol: Forward tolerance (relative residual).
+        backward: Backward mode of the DEQ layer (`"implicit"` by default).
+        backward_max_iter: Adjoint iterations; defaults to `max_iter`.
+        jacobian_weight: Jacobian regularization weight (0: off).
+        jacobian_frequency: Probability per step of computing the regularizer.
+        on_failure: What the DEQ layer does when a sample does not converge;
+            `"ignore"` by default (language models rarely reach a tight `tol`).
+        deq_options: Extra keyword arguments of `keras_deq.DEQ`.
+        **kwargs: Base model arguments (`name`, ...).
+
+    Example:
+
+    ```python
+    model = keras_deq.models.DEQTransformerLM(vocab_size=65, d_model=64, num_heads=4)
+    model.compile(
+        "adam",
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras_deq.models.BitsPerCharacter()],
+    )
+    model.fit(inputs, targets, epochs=1)  # int arrays (n, T)
+    ids = model.generate([1, 2, 3], length=50, seed=0)
+    ```
+    """
+
+    def __init__(
+        self,
+        vocab_size,
+        d_model=128,
+        num_heads=4,
+        ff_dim=None,
+        norm="pre",
+        dropout=0.0,
+        embedding_dropout=0.0,
+        solver="anderson",
+        max_iter=20,
+        tol=1e-3,
+        backward="implicit",
+        backward_max_iter=None,
+        jacobian_weight=0.0,
+        jacobian_frequency=1.0,
+        on_failure="ignore",
+        deq_options=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.vocab_size = int(vocab_size)
+        self.d_model = int(d_model)
+        self.num_heads = int(num_heads)
+        self.ff_dim = ff_dim
+        self.norm = norm
+        self.dropout = float(dropout)
+        self.embedding_dropout = float(embedding_dropout)
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.backward = backward
+        self.backward_max_iter = backward_max_iter
+        self.jacobian_weight = float(jacobian_weight)
+        self.jacobian_frequency = float(jacobian_frequency)
+        self.on_failure = on_failure
+        self.deq_options = dict(deq_options or {})
+        policy = self.dtype_policy
+        self.embedding = keras.layers.Embedding(
+            self.vocab_size,
+            self.d_model,
+            embeddings_initializer=keras.initializers.RandomNormal(stddev=self.d_model**-0.5),
+            dtype=policy,
+            name="embedding",
+        )
+        self.injection = keras.layers.Dense(self.d_model, dtype=policy, name="injection")
+        self.injection_dropout = keras.layers.Dropout(
+            self.embedding_dropout, name="injection_dropout"
+        )
+        self.cell = DEQTransformerCell(
+            self.num_heads,
+            ff_dim=ff_dim,
+            norm=norm,
+            dropout=self.dropout,
+            dtype=policy,
+            name="cell",
+        )
+        self.deq = DEQ(
+            self.cell,
+            solver=solver,
+            max_iter=max_iter,
+            tol=tol,
+            backward=backward,
+            backward_max_iter=backward_max_iter,
+            jacobian_weight=jacobian_weight,
+            jacobian_frequency=jacobian_frequency,
+            on_failure=on_failure,
+            dtype=policy,
+            name="deq",
+            **self.deq_options,
+        )
+        self.final_norm = keras.layers.LayerNormalization(
+            epsilon=1e-5, dtype=policy, name="final_norm"
+        )
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        batch = None if input_shape is None else input_shape[0]
+        length = None if input_shape is None else input_shape[1]
+        self.embedding.build((batch, length))
+        state = (batch, length, self.d_model)
+        self.injection.build(state)
+        self.deq.build(state)
+        self.final_norm.build(state)
+        self.output_bias = self.add_weight(
+            name="output_bias", shape=(self.vocab_size,), initializer="zeros"
+        )
+        self.built = True
+
+    def inject(self, tokens, training=None):
+        """The injection: a learned map of scaled embeddings plus sinusoidal positions.
+
+        Args:
+            tokens: Int tensor `(batch, T)`.
+            training: Enables the injection dropout.
+
+        Returns:
+            A `(batch, T, d_model)` tensor.
+        """
+        x = self.embedding(tokens) * tf.cast(math.sqrt(self.d_model), self.compute_dtype)
+        x = x + sinusoidal_positions(tf.shape(tokens)[1], self.d_model, self.compute_dtype)
+        return self.injection_dropout(self.injection(x), training=training)
+
+    def call(self, tokens, training=None):
+        tokens = tf.cast(tokens, "int32")
+        x = self.inject(tokens, training=training)
+        if training:
+            self.cell.resample_dropout()
+        z = self.deq(x, training=training)
+        h = self.final_norm(z)
+        logits = tf.matmul(h, tf.cast(self.embedding.embeddings, h.dtype), transpose_b=True)
+        return tf.cast(logits + tf.cast(self.output_bias, h.dtype), "float32")
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape, self.vocab_size)
+
+    # ------------------------------------------------------------- generation
+    def _next_logits(self, tokens):
+        fn = getattr(self, "_next_logits_fn", None)
+        if fn is None:
+
+            @tf.function(input_signature=[tf.TensorSpec((None, None), tf.int32)])
+            def fn(t):
+                return self(t, training=False)[:, -1, :]
+
+            self._next_logits_fn = fn
+        return fn(tf.convert_to_tensor(tokens, tf.int32)).numpy()
+
+    def generate(self, prompt, length, temperature=1.0, greedy=False, seed=None, max_context=None):
+        """Continues token sequences by sampling one token at a time.
+
+        Every new token re-solves the equilibrium of the whole (cropped) context.
+
+        Args:
+            prompt: Token ids: a list or array `(T,)`, or `(batch, T)`.
+            length: Number of tokens to append.
+            temperature: Softmax temperature of the sampling.
+            greedy: Take the most probable token instead of sampling.
+            seed: Seed of the sampling (numpy `default_rng`): the same seed and
+                weights give the same text.
+            max_context: Keep only the last `max_context` tokens as context.
+
+        Returns:
+            An int32 array with the prompt and the `length` new tokens, of shape
+            `(T + length,)` or `(batch, T + length)` like the prompt.
+
+        Example:
+
+        ```python
+        ids = model.generate(encode("ROMEO:"), length=100, seed=0)
+        ```
+        """
+        tokens = np.asarray(prompt, dtype="int32")
+        single = tokens.ndim == 1
+        tokens = np.atleast_2d(tokens)
+        if tokens.shape[1] == 0:
+            raise ValueError("`prompt` must hold at least one token.")
+        rng = np.random.default_rng(seed)
+        for _ in range(int(length)):
+            context = tokens if max_context is None else tokens[:, -int(max_context) :]
+            logits = self._next_logits(context).astype("float64")
+            if greedy:
+                nxt = logits.argmax(-1)
+            else:
+                logits = logits / max(float(temperature), 1e-8)
+                p = np.exp(logits - logits.max(-1, keepdims=True))
+                p /= p.sum(-1, keepdims=True)
+                nxt = np.array([rng.choice(self.vocab_size, p=row) for row in p])
+            tokens = np.concatenate([tokens, nxt[:, None].astype("int32")], axis=1)
+        return tokens[0] if single else tokens
+
+    # ----------------------------------------------------------------- config
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "vocab_size": self.vocab_size,
+                "d_model": self.d_model,
+                "num_heads": self.num_heads,
+                "ff_dim": self.ff_dim,
+                "norm": self.norm,
+                "dropout": self.dropout,
+                "embedding_dropout": self.embedding_dropout,
+                "solver": self.solver,
+                "max_iter": self.max_iter,
+                "tol": self.tol,
+                "backward": self.backward,
+                "backward_max_iter": self.backward_max_iter,
+                "jacobian_weight": self.jacobian_weight,
+                "jacobian_frequency": self.jacobian_frequency,
+                "on_failure": self.on_failure,
+                "deq_options": self.deq_options,
+            }
+        )
+        return config

