@@ -32,7 +32,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "language"))
-import data  # noqa: E402
+import text_data as data  # noqa: E402
 
 from keras_deq.models import BitsPerCharacter, DEQTransformerLM  # noqa: E402
 

