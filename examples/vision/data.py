@@ -37,6 +37,39 @@ def load(name, seed=0, limit=None):
     return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
 
 
+def with_augmentation(model, name, enabled=None):
+    """Prepends Keras' augmentation layers for CIFAR-10 (4-pixel shifts, flips).
+
+    They are active in training only. `enabled=None` turns them on for cifar10,
+    as in the papers' CIFAR-10 recipes; other datasets get none by default.
+
+    Args:
+        model: A Keras model taking images.
+        name: The dataset name.
+        enabled: Force augmentation on or off.
+
+    Returns:
+        The model, or a `keras.Sequential` of the augmentation layers and it.
+    """
+    import keras
+
+    if enabled is None:
+        enabled = name == "cifar10"
+    if not enabled:
+        return model
+    height, width = model.input_shape[1:3]
+    return keras.Sequential(
+        [
+            keras.Input(model.input_shape[1:]),
+            # Shifts of up to 4 pixels with zero fill: the pad-4-and-crop recipe.
+            keras.layers.RandomTranslation(4 / height, 4 / width, fill_mode="constant"),
+            keras.layers.RandomFlip("horizontal"),
+            model,
+        ],
+        name=f"augmented_{model.name}",
+    )
+
+
 def _digits(seed):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

@@ -136,6 +136,12 @@ def main(argv=None):
         "--threads", type=int, default=None, help="TensorFlow intra/inter-op threads"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pad-crop and flip augmentation (default: on for cifar10 only)",
+    )
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -157,6 +163,7 @@ def main(argv=None):
         tol=args.tol,
         jacobian_weight=args.jacobian_weight,
     )
+    model = data.with_augmentation(model, args.dataset, args.augment)
     model.compile(
         optimizer=keras.optimizers.Adam(args.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -119,11 +119,18 @@ def main(argv=None):
     parser.add_argument("--weight-decay", type=float, default=1.5e-2)
     parser.add_argument("--limit", type=int, default=None, help="keep only this many examples")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pad-crop and flip augmentation (default: on for cifar10 only)",
+    )
     args = parser.parse_args(argv)
 
     keras.utils.set_random_seed(args.seed)
     x_train, y_train, x_test, y_test = data.load(args.dataset, seed=args.seed, limit=args.limit)
     model = build(args.net, args.dataset, x_train.shape[1:], variant=args.variant)
+    model = data.with_augmentation(model, args.dataset, args.augment)
     model.compile(
         optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=args.weight_decay),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -30,3 +30,15 @@ def test_tfds_path_with_mock_data(name, shape):
 def test_unknown_dataset_is_refused():
     with pytest.raises(ValueError, match="dataset='imagenet'"):
         data.load("imagenet")
+
+
+def test_augmentation_only_in_training_and_on_for_cifar10_by_default():
+    import keras
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten()], name="m")
+    assert data.with_augmentation(model, "digits") is model
+    augmented = data.with_augmentation(model, "cifar10")
+    assert augmented is not model
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(augmented(x, training=False), model(x), rtol=1e-6)
+    assert not np.allclose(augmented(x, training=True), model(x))
