@@ -27,6 +27,7 @@ from keras_deq.layers import (  # noqa: E402
     DenseCell,
     LipschitzMultiscale,
     MultiscaleDEQ,
+    OptEqBlock,
     PcDEQ,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "DenseCell",
     "LipschitzMultiscale",
     "MultiscaleDEQ",
+    "OptEqBlock",
     "PcDEQ",
     "backward",
     "constraints",

@@ -8,6 +8,7 @@ from keras_deq.layers.multiscale import (
     MultiscaleCell,
     MultiscaleDEQ,
 )
+from keras_deq.layers.opteq import OptEqBlock, OptEqCell
 from keras_deq.layers.pcdeq import PcDEQ, PositiveConcaveCell
 from keras_deq.layers.transformer import DEQTransformerCell
 
@@ -19,6 +20,8 @@ __all__ = [
     "LipschitzMultiscaleCell",
     "MultiscaleCell",
     "MultiscaleDEQ",
+    "OptEqBlock",
+    "OptEqCell",
     "PcDEQ",
     "PositiveConcaveCell",
 ]

@@ -948,9 +948,9 @@ class OptEqBlock(keras.layers.Layer):
         self.prior_mode = _check_choice("prior_mode", prior_mode, PRIOR_MODES)
         self.training_mode = _check_choice("training_mode", training_mode, TRAINING_MODES)
         self.unroll_steps = _check_positive_int("unroll_steps", unroll_steps)
-        self.sam_rho, self.sam_c = float(sam_rho), float(sam_c)
+        self.sam_rho, self.sam_c = sam_rho, sam_c
         if prior is not None and prior_mode == "sam":
-            check_sam_schedule(sam_rho, sam_c)
+            self.sam_rho, self.sam_c = check_sam_schedule(sam_rho, sam_c)
             if training_mode != "unrolled":
                 raise ValueError(
                     "The SAM prior is an unrolled iteration: it needs "
