@@ -56,13 +56,6 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
     )
 
 
-def _write(buffer, slot, value):
-    """Writes `value` (batch, n) into slot `slot` of a `(batch, window, n)` buffer."""
-    batch = tf.shape(value)[0]
-    index = tf.stack([tf.range(batch), tf.fill([batch], slot)], axis=1)
-    return tf.tensor_scatter_nd_update(buffer, index, value)
-
-
 def _update_gram(gram, slot, row, window):
     """Replaces row and column `slot` of the `(batch, m, m)` Gram matrix by `row`."""
     e = tf.one_hot(slot, window, dtype=gram.dtype)
@@ -121,8 +114,8 @@ def _anderson(f, z0, unpack, max_iter, tol, stop_mode, window, beta, ridge):
         finite = tf.math.is_finite(abs_res)[:, None]
         g = tf.where(finite, fz - z, tf.zeros_like(z))
         slot = k % window
-        history_f = _write(history_f, slot, tf.where(finite, fz, z))
-        history_g = _write(history_g, slot, g)
+        history_f = res.write_slot(history_f, slot, tf.where(finite, fz, z))
+        history_g = res.write_slot(history_g, slot, g)
         row = tf.matmul(tf.cast(history_g, acc), tf.cast(g, acc)[:, :, None])[:, :, 0]
         gram = _update_gram(gram, slot, row, window)
         alpha = tf.cast(_mixing_weights(gram, k, slot, window, ridge), dtype)[:, None, :]

@@ -54,12 +54,6 @@ def _apply_inverse_transposed(us, vs, x):
     return -x + _low_rank(vs, us, x)
 
 
-def _write(buffer, slot, value):
-    batch = tf.shape(value)[0]
-    index = tf.stack([tf.range(batch), tf.fill([batch], slot)], axis=1)
-    return tf.tensor_scatter_nd_update(buffer, index, value)
-
-
 def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
     dtype = z0.dtype
     acc = res.accumulation_dtype(dtype)
@@ -90,8 +84,8 @@ def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
             tf.where(ok, denom, tf.ones_like(denom)), dtype
         )
         u = tf.where(ok, u, tf.zeros_like(u))
-        us = _write(us, slot, u)
-        vs = _write(vs, slot, v)
+        us = res.write_slot(us, slot, u)
+        vs = res.write_slot(vs, slot, v)
         return (
             k + 1,
             z_new,

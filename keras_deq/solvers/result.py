@@ -105,3 +105,10 @@ def to_result(best, steps, tol, stop_mode, unpack):
         rel_residual=best.rel_residual,
         converged=converged(best, tol, stop_mode),
     )
+
+
+def write_slot(buffer, slot, value):
+    """Writes `value` `(batch, n)` into slot `slot` of a `(batch, slots, n)` history."""
+    batch = tf.shape(value)[0]
+    index = tf.stack([tf.range(batch), tf.fill([batch], slot)], axis=1)
+    return tf.tensor_scatter_nd_update(buffer, index, value)
