@@ -163,7 +163,8 @@ def main(argv=None):
         tol=args.tol,
         jacobian_weight=args.jacobian_weight,
     )
-    model = data.with_augmentation(model, args.dataset, args.augment)
+    classifier = model
+    model = data.with_augmentation(classifier, args.dataset, args.augment)
     model.compile(
         optimizer=keras.optimizers.Adam(args.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -184,7 +185,7 @@ def main(argv=None):
     )
     accuracy = model.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"]
     print(f"test accuracy: {accuracy:.4f}")
-    cell = model.get_layer("deq").cell
+    cell = classifier.get_layer("deq").cell
     if args.model == "lipschitz":
         print(f"Lipschitz bound of the cell: {float(cell.lipschitz_bound()):.3f}")
     return accuracy
