@@ -449,8 +449,8 @@ class DEQ(keras.layers.Layer):
         )
 
     def _on_host_failure(self, which, n_failed, worst):
-        if isinstance(n_failed, tf.Tensor):
-            n_failed, worst = int(n_failed.numpy()), float(worst.numpy())
+        # Called eagerly or from tf.py_function: both pass eager tensors.
+        n_failed, worst = int(n_failed.numpy()), float(worst.numpy())
         message = self._failure_message(which, n_failed, worst)
         if self.on_failure == "raise":
             raise FloatingPointError(message)

@@ -1,5 +1,7 @@
 """Look-up of solvers by name."""
 
+import inspect
+
 from keras_deq.solvers import common
 from keras_deq.solvers.anderson import anderson
 from keras_deq.solvers.broyden import broyden
@@ -39,8 +41,6 @@ def get(identifier):
 
 def options_of(solver):
     """The solver-specific keyword options of `solver` and their defaults."""
-    import inspect
-
     params = inspect.signature(get(solver)).parameters
     return {k: p.default for k, p in params.items() if k not in COMMON_ARGS}
 
