@@ -74,6 +74,12 @@ class DEQ(keras.layers.Layer):
       (implicit backward only; 0 in evaluation, which has no backward pass).
     - `{name}_jac_loss`: the unweighted Jacobian estimate when it is applied.
 
+    Under a mixed-precision policy (`mixed_float16`, `mixed_bfloat16`) the cell
+    runs in the compute dtype while the solvers iterate, mix and measure
+    residuals in float32; the statistics are float32 too. Relative residuals
+    far below the compute dtype's precision may be out of reach (`tol=1e-3` is
+    a safe choice in bfloat16).
+
     If some sample does not converge, a warning is issued once per layer
     (`on_failure="warn"`), or an error is raised (`"raise"`). Under XLA
     (`jit_compile=True`) no Python warning can be issued: watch

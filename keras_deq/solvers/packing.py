@@ -1,12 +1,23 @@
 """Packing of any state structure into one `(batch, n)` matrix for the solvers.
 
 Solvers work on a flat matrix so that vectors, images `(H, W, C)`, sequences and
-lists of tensors (multiscale states) all share one implementation.
+lists of tensors (multiscale states) all share one implementation. A half-precision
+state (float16, bfloat16, e.g. under a mixed-precision policy) is packed in float32:
+the cell still runs in its own dtype, but the solver's iterates, histories and
+mixing keep float32 precision.
 """
 
 import math
 
 import tensorflow as tf
+
+HALF_DTYPES = (tf.float16, tf.bfloat16)
+
+
+def solver_dtype(dtype):
+    """The dtype solvers iterate in: float32 for half-precision states."""
+    dtype = tf.as_dtype(dtype)
+    return tf.float32 if dtype in HALF_DTYPES else dtype
 
 
 class Packer:
@@ -22,7 +33,8 @@ class Packer:
         self.tensors = tf.nest.flatten(structure)
         if not self.tensors:
             raise ValueError("`z0` must contain at least one tensor. Received: an empty structure.")
-        self.dtype = self.tensors[0].dtype
+        self.dtypes = [t.dtype for t in self.tensors]
+        self.dtype = solver_dtype(self.dtypes[0])
         self.shapes = [self._sample_shape(t) for t in self.tensors]
         self.sizes = [self._size(t, s) for t, s in zip(self.tensors, self.shapes, strict=True)]
         self.single_matrix = len(self.tensors) == 1 and self.tensors[0].shape.rank == 2
@@ -50,17 +62,20 @@ class Packer:
 
     def unpack(self, matrix):
         if self.single_matrix:
-            return tf.nest.pack_sequence_as(self.structure, [matrix])
+            return tf.nest.pack_sequence_as(self.structure, [tf.cast(matrix, self.dtypes[0])])
         batch = tf.shape(matrix)[0]
         parts = [matrix] if len(self.sizes) == 1 else tf.split(matrix, self.sizes, axis=1)
         tensors = [
-            tf.reshape(
-                p,
-                tf.concat([[batch], shape], axis=0)
-                if not isinstance(shape, list)
-                else [batch] + shape,
+            tf.cast(
+                tf.reshape(
+                    p,
+                    tf.concat([[batch], shape], axis=0)
+                    if not isinstance(shape, list)
+                    else [batch] + shape,
+                ),
+                dtype,
             )
-            for p, shape in zip(parts, self.shapes, strict=True)
+            for p, shape, dtype in zip(parts, self.shapes, self.dtypes, strict=True)
         ]
         return tf.nest.pack_sequence_as(self.structure, tensors)
 

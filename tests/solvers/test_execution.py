@@ -125,10 +125,14 @@ def test_half_precision_state_float32_residuals(name, dtype):
     state = tf.cast(result.state, tf.float64).numpy()
     assert np.all(np.isfinite(state))
     np.testing.assert_allclose(state, f.reference(), atol=0.1)
-    # Residuals are those of the returned state, up to half-precision evaluation of f.
+    # The solver iterates in float32; the residuals are those of its float32 iterate,
+    # which the returned half-precision state rounds (by at most eps/2 per entry, and
+    # f is a contraction, so the residual moves by at most ~eps * ||z||).
     fz = tf.cast(f(result.state), tf.float64).numpy()
     abs_res = np.linalg.norm(fz - state, axis=1)
-    np.testing.assert_allclose(result.abs_residual.numpy(), abs_res, rtol=1e-3, atol=1e-6)
+    eps = float(np.finfo(np.float16).eps) if dtype == tf.float16 else 2.0**-7
+    bound = 2 * eps * np.linalg.norm(state, axis=1)
+    assert np.all(np.abs(result.abs_residual.numpy() - abs_res) <= bound)
 
 
 @pytest.mark.parametrize("name", SOLVER_NAMES)

@@ -76,7 +76,18 @@ def test_empty_structure_refused():
 
 
 def test_dtype_is_first_tensor():
-    assert Packer([tf.zeros([1, 2], tf.float16)]).dtype == tf.float16
+    assert Packer([tf.zeros([1, 2], tf.float64), tf.zeros([1, 2])]).dtype == tf.float64
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_half_precision_packs_in_float32_and_unpacks_back(dtype):
+    state = [tf.constant([[1.5, -2.0]], dtype), tf.constant([[[0.25]]], dtype)]
+    packer = Packer(state)
+    packed = packer.pack(state)
+    assert packed.dtype == tf.float32
+    out = packer.unpack(packed + 1e-3)
+    assert [t.dtype for t in out] == [dtype, dtype]
+    np.testing.assert_allclose(tf.cast(out[0], tf.float32).numpy(), [[1.5, -2.0]], atol=1e-2)
 
 
 def test_dynamic_shapes_in_graph():
