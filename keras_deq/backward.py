@@ -19,6 +19,9 @@ import contextlib
 
 import tensorflow as tf
 
+from keras_deq.solvers import result as result_lib
+from keras_deq.solvers.packing import Packer
+
 MODES = ("implicit", "phantom", "one_step", "unrolled")
 
 
@@ -153,3 +156,37 @@ def _implicit(fn, x, z0, forward, backward, variables, on_backward):
     z_flat = solve(*tf.nest.flatten(x))
     z = tf.nest.pack_sequence_as(z0, tf.nest.flatten(z_flat))
     return z, holder["result"]
+
+
+def explicit(fn, x, z0, depth, tol, stop_mode="rel"):
+    """Applies `fn` `depth` times from `z0`, differentiated by autodiff (no solver).
+
+    The layer is then an explicit weight-tied network of `depth` layers: the
+    "pretrain" phase of the DEQ recipes, which trains the cell briefly before the
+    solver takes over. Memory grows with `depth`.
+
+    Args:
+        fn: The cell as a function `(z, x) -> next z`.
+        x: The injection, differentiable.
+        z0: The initial state. Not differentiated.
+        depth: Number of applications of `fn`, >= 1.
+        tol: Tolerance used only to report `converged`.
+        stop_mode: `"rel"` or `"abs"`: the residual compared with `tol`.
+
+    Returns:
+        A tuple `(z, result)`: `fn` applied `depth` times, and a `SolverResult`
+        whose residuals are those of the last application (`z_depth - z_{depth-1}`).
+    """
+
+    def body(i, z):
+        return i + 1, fn(z, x)
+
+    _, z = tf.while_loop(
+        lambda i, z: i < depth - 1, body, (tf.constant(0), z0), maximum_iterations=depth - 1
+    )
+    fz = fn(z, x)
+    packer = Packer(z)
+    abs_res, rel_res = result_lib.residuals(packer.pack(fz), packer.pack(z))
+    residual = rel_res if stop_mode == "rel" else abs_res
+    result = result_lib.SolverResult(fz, tf.constant(depth), abs_res, rel_res, residual <= tol)
+    return fz, result

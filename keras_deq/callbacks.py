@@ -5,6 +5,23 @@ import keras
 from keras_deq.layers.deq import DEQ
 
 
+def _deq_layers(callback):
+    """The DEQ layers a callback steers: its `layers`, or every DEQ of its model."""
+    if callback.layers is not None:
+        return list(callback.layers)
+    found = [layer for layer in callback.model._flatten_layers() if isinstance(layer, DEQ)]
+    if not found:
+        raise ValueError(f"{type(callback).__name__} found no DEQ layer in the model.")
+    return found
+
+
+def _retrace(model):
+    """Makes Keras trace its train, test and predict functions again."""
+    model.make_train_function(force=True)
+    model.make_test_function(force=True)
+    model.make_predict_function(force=True)
+
+
 def stepwise_schedule(initial, increment=0.1, every=None, stop_step=None):
     """The Jacobian-regularization schedule of the DEQ papers' recipes.
 
@@ -84,12 +101,7 @@ class JacobianRegularizationScheduler(keras.callbacks.Callback):
         self._last = None
 
     def _targets(self):
-        if self.layers is not None:
-            return list(self.layers)
-        found = [layer for layer in self.model._flatten_layers() if isinstance(layer, DEQ)]
-        if not found:
-            raise ValueError("JacobianRegularizationScheduler found no DEQ layer in the model.")
-        return found
+        return _deq_layers(self)
 
     def on_train_begin(self, logs=None):
         disabled = [layer for layer in self._targets() if not layer._jacobian_enabled]
@@ -114,3 +126,64 @@ class JacobianRegularizationScheduler(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["jacobian_weight"] = self._last
+
+
+class ExplicitPretraining(keras.callbacks.Callback):
+    """Trains DEQ layers as explicit networks for the first steps of a run.
+
+    For the first `steps` training steps (the optimizer's iteration counter, so
+    a resumed run continues where it stopped), each DEQ layer applies its cell
+    `depth` times from the initial state and is differentiated by autodiff, with
+    no solver: a weight-tied network of `depth` layers. This is the "pretrain"
+    phase of the DEQ recipes (e.g. the DEQ-Transformer's), which gives the cell
+    a sensible scale before the solver and the implicit gradient take over. The
+    train, test and predict functions are traced again at each switch; at the
+    end of `fit` the layers return to solving.
+
+    Args:
+        steps: Number of explicit training steps, >= 0.
+        depth: Cell applications per explicit forward pass, >= 1.
+        layers: DEQ layers to switch; None switches every `DEQ` in the model.
+        verbose: If 1, print when the phase starts and ends.
+
+    Example:
+
+    ```python
+    model.fit(x, y, epochs=5, callbacks=[
+        keras_deq.callbacks.ExplicitPretraining(steps=500, depth=4),
+    ])
+    ```
+    """
+
+    def __init__(self, steps, depth, layers=None, verbose=0):
+        super().__init__()
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"`steps` must be a non-negative integer. Received: steps={steps!r}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"`depth` must be a positive integer. Received: depth={depth!r}")
+        self.steps = steps
+        self.depth = depth
+        self.layers = layers
+        self.verbose = verbose
+
+    def _switch(self, explicit):
+        depth = self.depth if explicit else None
+        changed = False
+        for layer in _deq_layers(self):
+            changed |= layer.explicit_depth != depth
+            layer.explicit_depth = depth
+        if changed:
+            _retrace(self.model)
+            if self.verbose:
+                step = int(self.model.optimizer.iterations.numpy())
+                phase = f"explicit (depth {self.depth})" if explicit else "the solver"
+                print(f"\nStep {step}: DEQ layers now train with {phase}.")
+
+    def on_train_begin(self, logs=None):
+        self._switch(int(self.model.optimizer.iterations.numpy()) < self.steps)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._switch(int(self.model.optimizer.iterations.numpy()) < self.steps)
+
+    def on_train_end(self, logs=None):
+        self._switch(False)

@@ -5,6 +5,7 @@ import math
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_deq
 from keras_deq.callbacks import JacobianRegularizationScheduler, stepwise_schedule
@@ -253,3 +254,123 @@ def test_scheduler_on_unbuilt_layer_before_fit():
     history = _fit(model, [JacobianRegularizationScheduler(lambda s: 0.3)], epochs=1)
     assert float(deq.jacobian_weight.numpy()) == pytest.approx(0.3)
     assert history.history["deq_jac_loss"][0] > 0.0
+
+
+# ------------------------------------------------------------ ExplicitPretraining
+def _pretrain_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4),
+            keras_deq.DEQ(keras_deq.DenseCell(4), max_iter=25, tol=1e-5, name="deq"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    return model
+
+
+class _BatchLog(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        layer = self.model.get_layer("deq")
+        self.rows.append((layer.explicit_depth, float(logs["deq_fwd_steps"])))
+
+
+def test_explicit_depth_applies_the_cell_depth_times_with_autodiff_gradients():
+    model = _pretrain_model()
+    layer = model.get_layer("deq")
+    x = keras.ops.convert_to_tensor(_X[:5])
+    layer.explicit_depth = 3
+    with tf.GradientTape() as tape:
+        out = model(x, training=True)
+    grads = tape.gradient(out, model.trainable_variables)
+    # Independent computation: three explicit cell calls, autodiff.
+    with tf.GradientTape() as tape:
+        h = model.layers[0](x)
+        z = tf.zeros_like(h)
+        for _ in range(3):
+            z = layer.cell(z, h)
+        ref = model.layers[2](z)
+    ref_grads = tape.gradient(ref, model.trainable_variables)
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-5, atol=1e-6)
+    # Three steps do not reach the equilibrium: the solver's output differs.
+    layer.explicit_depth = None
+    assert not np.allclose(model(x).numpy(), out.numpy(), atol=1e-4)
+
+
+def test_pretraining_switches_from_explicit_to_solver_at_the_step():
+    model = _pretrain_model()
+    log = _BatchLog()
+    pretrain = keras_deq.callbacks.ExplicitPretraining(steps=6, depth=2)
+    model.fit(_X, _Y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=[pretrain, log])
+    depths = [d for d, _ in log.rows]
+    assert depths == [2] * 6 + [None] * 6
+    # fwd_steps is a running mean over the epoch: epoch 1 is all explicit (2 steps each).
+    assert [s for _, s in log.rows[:4]] == [2.0] * 4
+    assert log.rows[-1][1] > 2.0  # the solver needs more than two steps to tol=1e-5
+    assert model.get_layer("deq").explicit_depth is None  # solving again after fit
+
+
+def test_pretraining_equals_training_the_explicit_network():
+    reference = _pretrain_model()
+    reference.get_layer("deq").explicit_depth = 2
+    reference.fit(_X, _Y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    model = _pretrain_model()
+    pretrain = keras_deq.callbacks.ExplicitPretraining(steps=4, depth=2)
+    model.fit(_X, _Y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[pretrain])
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # Without the callback the same run (solver + implicit gradient) ends elsewhere.
+    plain = _pretrain_model()
+    plain.fit(_X, _Y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    differ = [
+        not np.allclose(a, b, atol=1e-6)
+        for a, b in zip(plain.get_weights(), model.get_weights(), strict=True)
+    ]
+    assert any(differ)
+
+
+def test_pretraining_resumes_from_the_optimizer_step():
+    model = _pretrain_model()
+    model.fit(_X, _Y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # 4 steps done
+    log = _BatchLog()
+    pretrain = keras_deq.callbacks.ExplicitPretraining(steps=6, depth=3)
+    model.fit(_X, _Y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[pretrain, log])
+    assert [d for d, _ in log.rows] == [3, 3, None, None]
+
+
+def test_pretraining_validation_uses_the_current_phase():
+    model = _pretrain_model()
+    pretrain = keras_deq.callbacks.ExplicitPretraining(steps=100, depth=2)
+    history = model.fit(
+        _X, _Y, batch_size=8, epochs=1, verbose=0, validation_data=(_X, _Y), callbacks=[pretrain]
+    )
+    assert history.history["val_deq_fwd_steps"] == [2.0]
+    assert model.evaluate(_X, _Y, verbose=0, return_dict=True)["deq_fwd_steps"] > 2.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"steps": -1, "depth": 2}, "steps"),
+        ({"steps": 1.5, "depth": 2}, "steps"),
+        ({"steps": 3, "depth": 0}, "depth"),
+        ({"steps": 3, "depth": True}, "depth"),
+    ],
+)
+def test_pretraining_bad_arguments(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        keras_deq.callbacks.ExplicitPretraining(**kwargs)
+
+
+def test_explicit_depth_setter_checks_its_value():
+    layer = keras_deq.DEQ(keras_deq.DenseCell(4))
+    with pytest.raises(ValueError, match="explicit_depth"):
+        layer.explicit_depth = 0

