@@ -14,8 +14,10 @@ same initial weights:
   probability `--jac-frequency` per step).
 
 Prints, per model: parameters, validation bits per character, the median train
-step time and its ratio to `explicit`, and the mean forward (and backward)
-solver steps in the last training epoch and in validation.
+step time and its ratio to `explicit`, the largest per-step peak of TensorFlow's
+CPU allocator (MiB, steps 4 on), and the mean forward (and backward) solver steps
+in the last training epoch and in validation. For memory as the depth / iteration
+budget grows, run `benchmarks/memory.py --model transformer`.
 """
 
 import argparse
@@ -38,17 +40,30 @@ from keras_deq.models import BitsPerCharacter, DEQTransformerLM  # noqa: E402
 
 
 class StepTimer(keras.callbacks.Callback):
-    """Wall time of every training batch."""
+    """Wall time and peak allocator memory of every training batch.
+
+    The peak is TensorFlow's CPU allocator statistic, reset before each step
+    (see benchmarks/memory.py for what it counts); None if unavailable.
+    """
 
     def __init__(self):
         super().__init__()
         self.times = []
+        self.peaks = []
 
     def on_train_batch_begin(self, batch, logs=None):
+        try:
+            tf.config.experimental.reset_memory_stats("CPU:0")
+        except ValueError:
+            pass
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.times.append(time.perf_counter() - self._start)
+        try:
+            self.peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20)
+        except ValueError:
+            pass
 
 
 def variants(args):
@@ -97,6 +112,7 @@ def run(name, options, corpus, valid, args):
         "val_bpc": logs["val_bpc"],
         "train_bpc": logs["bpc"],
         "step_s": statistics.median(timer.times[3:]),
+        "peak_mib": max(timer.peaks[3:]) if timer.peaks[3:] else float("nan"),
         "fwd": logs["deq_fwd_steps"],
         "bwd": logs["deq_bwd_steps"],
         "val_fwd": logs["val_deq_fwd_steps"],
@@ -143,14 +159,14 @@ def main(argv=None):
         print(f"  {name}: done in {row['wall_s']:.0f} s", flush=True)
     base = next((r["step_s"] for r in rows if r["name"] == "explicit"), rows[0]["step_s"])
     print(
-        "\n| model | params | val bpc | train bpc | step (ms) | step ratio | fwd steps "
-        "(train / val) | bwd steps |"
+        "\n| model | params | val bpc | train bpc | step (ms) | step ratio | peak MiB | "
+        "fwd steps (train / val) | bwd steps |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['name']} | {r['params']:,} | {r['val_bpc']:.3f} | {r['train_bpc']:.3f} | "
-            f"{1000 * r['step_s']:.0f} | {r['step_s'] / base:.2f} | "
+            f"{1000 * r['step_s']:.0f} | {r['step_s'] / base:.2f} | {r['peak_mib']:.1f} | "
             f"{r['fwd']:.1f} / {r['val_fwd']:.1f} | {r['bwd']:.1f} |"
         )
     return rows

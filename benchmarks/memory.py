@@ -47,6 +47,16 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--model",
+        choices=("dense", "transformer"),
+        default="dense",
+        help="dense: Dense -> DEQ(DenseCell) -> Dense on 64 features (default); transformer: "
+        "DEQTransformerLM on token windows of --seq-len (unrolled = an explicit weight-tied "
+        "Transformer of depth N)",
+    )
+    parser.add_argument("--seq-len", type=int, default=64, help="transformer window (default 64)")
+    parser.add_argument("--heads", type=int, default=4, help="transformer heads (default 4)")
     parser.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
     parser.add_argument("--width", type=int, default=512, help="state width (default 512)")
     parser.add_argument(
@@ -86,12 +96,45 @@ def parse_args(argv=None):
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="implicit", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("batch", "width", "repeats", "steps", "threads"):
+    for name in ("batch", "width", "repeats", "steps", "threads", "seq_len", "heads"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.iters) < 1:
         parser.error("--iters must be >= 1")
     return args
+
+
+def build(args, solver, iters, keras, np, tf, keras_deq):
+    """The compiled model and one batch, for `args.model`."""
+    deq_options = dict(
+        solver=solver,
+        max_iter=iters,
+        tol=1e-12,  # unreachable in float32: the solver runs all `iters` steps
+        backward=args.mode,
+        on_failure="ignore",  # not converging is the point here
+    )
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    rng = np.random.default_rng(args.seed)
+    if args.model == "transformer":
+        vocab = 64
+        model = keras_deq.models.DEQTransformerLM(
+            vocab, d_model=args.width, num_heads=args.heads, **deq_options
+        )
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
+        tokens = rng.integers(0, vocab, size=(args.batch, args.seq_len + 1))
+        return model, tf.constant(tokens[:, :-1]), tf.constant(tokens[:, 1:])
+    model = keras.Sequential(
+        [
+            keras.Input((FEATURES,)),
+            keras.layers.Dense(args.width, name="injection"),
+            keras_deq.DEQ(keras_deq.DenseCell(args.width), name="deq", **deq_options),
+            keras.layers.Dense(10, name="classifier"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
+    x = tf.constant(rng.normal(size=(args.batch, FEATURES)).astype("float32"))
+    y = tf.constant(rng.integers(0, 10, size=args.batch))
+    return model, x, y
 
 
 # --------------------------------------------------------------------- child side
@@ -121,29 +164,7 @@ def child(args):
                 "TF_ENABLE_ONEDNN_OPTS=1 on an x86-64 build of TensorFlow."
             ) from error
 
-    model = keras.Sequential(
-        [
-            keras.Input((FEATURES,)),
-            keras.layers.Dense(args.width, name="injection"),
-            keras_deq.DEQ(
-                keras_deq.DenseCell(args.width),
-                solver=solver,
-                max_iter=iters,
-                tol=1e-12,  # unreachable in float32: the solver runs all `iters` steps
-                backward=args.mode,
-                on_failure="ignore",  # not converging is the point here
-                name="deq",
-            ),
-            keras.layers.Dense(10, name="classifier"),
-        ]
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    rng = np.random.default_rng(args.seed)
-    x = tf.constant(rng.normal(size=(args.batch, FEATURES)).astype("float32"))
-    y = tf.constant(rng.integers(0, 10, size=args.batch))
+    model, x, y = build(args, solver, iters, keras, np, tf, keras_deq)
 
     # Warm-up: traces and optimizes the train function, creates the optimizer
     # slots, and runs one step. Not measured by the allocator statistic; its rise
@@ -197,6 +218,9 @@ def run_child(args, solver, mode, iters):
         f"--iters={iters}",
         f"--batch={args.batch}",
         f"--width={args.width}",
+        f"--model={args.model}",
+        f"--seq-len={args.seq_len}",
+        f"--heads={args.heads}",
         f"--steps={args.steps}",
         f"--threads={args.threads}",
         f"--seed={args.seed}",
@@ -284,9 +308,12 @@ def main(argv=None):
     if args.child:
         child(args)
         return None
-    state_bytes = args.batch * args.width * 4
+    tokens = args.seq_len if args.model == "transformer" else 1
+    state_bytes = args.batch * tokens * args.width * 4
+    shape = f"x {args.seq_len} tokens " if args.model == "transformer" else ""
     print(
-        f"batch {args.batch}, width {args.width} (one float32 state = {state_bytes / MIB:.2f} MiB), "
+        f"model {args.model}, batch {args.batch} {shape}width {args.width} "
+        f"(one float32 state = {state_bytes / MIB:.2f} MiB), "
         f"iterations {args.iters}, {args.repeats} processes x {args.steps} measured steps each, "
         f"{args.threads} thread(s); python {platform.python_version()}",
         flush=True,

@@ -111,6 +111,12 @@ class DEQ(keras.layers.Layer):
         jacobian_probes: Number of Hutchinson probe vectors.
         state_shape: Shape of the state without the batch dimension (a tuple, or
             a list of tuples for a multi-tensor state). Defaults to the input's.
+        solver_batch_dims: Leading axes of the state that the solvers treat as
+            independent samples (mixing weights, residual, tolerance, returned
+            iterate). 1 (default): each sample is one vector. 2 with a
+            `(batch, T, d)` sequence state: each position is solved separately,
+            which keeps a causal cell exactly causal with Anderson or Broyden.
+            Statistics are then per position. Single-tensor states only.
         on_failure: `"warn"`, `"raise"` or `"ignore"` when a sample does not
             converge.
         seed: Seed for the regularizer's probes and its per-step draw.
@@ -149,6 +155,7 @@ class DEQ(keras.layers.Layer):
         state_shape=None,
         on_failure="warn",
         seed=None,
+        solver_batch_dims=1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -190,6 +197,7 @@ class DEQ(keras.layers.Layer):
         )
         self.jacobian_probes = common.check_positive_int("jacobian_probes", jacobian_probes)
         self.state_shape = self._check_state_shape(state_shape)
+        self.solver_batch_dims = common.check_positive_int("solver_batch_dims", solver_batch_dims)
         if on_failure not in ON_FAILURE:
             raise ValueError(
                 f"`on_failure` must be one of {ON_FAILURE}. Received: on_failure={on_failure!r}"
@@ -283,6 +291,7 @@ class DEQ(keras.layers.Layer):
         batch = input_shape[0][0] if multi else input_shape[0]
         z_spec = self._spec(self._batched(batch, self._state_shapes(input_shape)))
         x_spec = self._spec(input_shape)
+        self._check_solver_batch_dims(z_spec)
         out = self.cell(z_spec, x_spec)
         self._check_cell_output(out, z_spec)
         self._jacobian_weight = self.add_weight(
@@ -301,6 +310,16 @@ class DEQ(keras.layers.Layer):
             dtype="float32",
             autocast=False,
         )
+
+    def _check_solver_batch_dims(self, z_spec):
+        if self.solver_batch_dims == 1:
+            return
+        if isinstance(z_spec, list) or self.solver_batch_dims >= len(z_spec.shape):
+            raise ValueError(
+                "`solver_batch_dims` > 1 needs a single-tensor state with more axes than "
+                f"`solver_batch_dims`. Received: solver_batch_dims={self.solver_batch_dims}, "
+                f"state shape={[t.shape for t in tf.nest.flatten(z_spec)]}"
+            )
 
     def _check_cell_output(self, out, z_spec):
         want = [tuple(t.shape[1:]) for t in tf.nest.flatten(z_spec)]
@@ -391,7 +410,7 @@ class DEQ(keras.layers.Layer):
         def solve(f, z0):
             return fn(f, z0, max_iter=max_iter, tol=tol, stop_mode=self.stop_mode, **options)
 
-        return solve
+        return common.per_entry(solve, self.solver_batch_dims)
 
     def call(self, inputs, initial_state=None, training=None):
         """Solves for the equilibrium of the cell with injection `inputs`.
@@ -558,6 +577,7 @@ class DEQ(keras.layers.Layer):
                 "state_shape": self.state_shape,
                 "on_failure": self.on_failure,
                 "seed": self.seed,
+                "solver_batch_dims": self.solver_batch_dims,
             }
         )
         return config

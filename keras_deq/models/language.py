@@ -84,7 +84,11 @@ class DEQTransformerLM(keras.Model):
     `(batch, T, vocab_size)`; the target of position `t` is token `t + 1`. Train it
     with `model.fit(inputs, targets)` and a sparse cross-entropy on logits, and
     watch `BitsPerCharacter` or `Perplexity`. The DEQ layer's solver metrics
-    (`deq_fwd_steps`, ...) appear in the logs.
+    (`deq_fwd_steps`, ...) appear in the logs. The solver treats every position
+    as its own sample (`solver_batch_dims=2` in the DEQ layer: per-position
+    mixing weights, residuals and tolerance), so the model is exactly causal with
+    any solver; pass `deq_options={"solver_batch_dims": 1}` to solve whole
+    sequences instead (causal only up to the tolerance).
 
     Args:
         vocab_size: Number of tokens.
@@ -189,7 +193,7 @@ class DEQTransformerLM(keras.Model):
             on_failure=on_failure,
             dtype=policy,
             name="deq",
-            **self.deq_options,
+            **{"solver_batch_dims": 2, **self.deq_options},
         )
         self.final_norm = keras.layers.LayerNormalization(
             epsilon=1e-5, dtype=policy, name="final_norm"

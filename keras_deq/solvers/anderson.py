@@ -108,7 +108,7 @@ def _anderson(f, z0, unpack, max_iter, tol, stop_mode, window, beta, ridge):
     def body(k, z, history_f, history_g, gram, best, _):
         fz = f(z)
         abs_res, rel_res = res.residuals(fz, z)
-        best = res.update_best(best, z, abs_res, rel_res, stop_mode)
+        best = res.update_best(best, z, abs_res, rel_res, stop_mode, tol)
         # A sample with a non-finite residual gets g = 0 and f = z in its history so
         # that it cannot spoil anything; its weights then fall back to a plain step.
         finite = tf.math.is_finite(abs_res)[:, None]

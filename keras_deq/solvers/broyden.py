@@ -62,7 +62,7 @@ def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
 
     fz0 = f(z0)
     abs0, rel0 = res.residuals(fz0, z0)
-    best0 = res.update_best(res.initial_best(z0), z0, abs0, rel0, stop_mode)
+    best0 = res.update_best(res.initial_best(z0), z0, abs0, rel0, stop_mode, tol)
 
     def body(k, z, g, us, vs, best, _):
         step = -_apply_inverse(us, vs, g)
@@ -70,7 +70,7 @@ def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
         fz_new = f(z_new)
         g_new = fz_new - z_new
         abs_res, rel_res = res.residuals(fz_new, z_new)
-        best = res.update_best(best, z_new, abs_res, rel_res, stop_mode)
+        best = res.update_best(best, z_new, abs_res, rel_res, stop_mode, tol)
         dg = g_new - g
         # When the memory is full, restart from H = -I and make the newest secant
         # update against -I, so that the new model satisfies H dg = step.

@@ -68,3 +68,37 @@ def solve_structure(flat_solver, f, z0, **kwargs):
             f"`z0` must be a floating-point tensor or a nest of them. Received: z0 with dtype={packer.dtype.name}"
         )
     return flat_solver(packer.flat_fn(f), packer.pack(z0), packer.unpack, **kwargs)
+
+
+def per_entry(solve, batch_dims):
+    """Wraps `solve(f, z0)` so that the first `batch_dims` axes are all batch axes.
+
+    With `batch_dims=2` and a `(batch, T, d)` state, each of the `batch * T`
+    positions is its own sample for the solver: its own mixing weights (Anderson),
+    Jacobian estimate (Broyden), residual, tolerance test and returned iterate.
+    A cell that is causal along `T` then stays exactly causal whatever the solver.
+
+    Args:
+        solve: A function `(f, z0) -> SolverResult` on single-tensor states.
+        batch_dims: Number of leading axes to treat as batch axes, >= 1.
+
+    Returns:
+        A function `(f, z0) -> SolverResult` whose state has `z0`'s shape and whose
+        residuals and `converged` have shape `(prod(z0.shape[:batch_dims]),)`.
+    """
+    if batch_dims == 1:
+        return solve
+
+    def solve_entries(f, z0):
+        lead = tf.shape(z0)[:batch_dims]
+
+        def merge(z):
+            return tf.reshape(z, tf.concat([[-1], tf.shape(z)[batch_dims:]], 0))
+
+        def split(z):
+            return tf.reshape(z, tf.concat([lead, tf.shape(z)[1:]], 0))
+
+        result = solve(lambda z: merge(f(split(z))), merge(z0))
+        return result._replace(state=split(result.state))
+
+    return solve_entries

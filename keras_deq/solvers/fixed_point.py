@@ -43,7 +43,7 @@ def _fixed_point(f, z0, unpack, max_iter, tol, stop_mode, damping):
     def body(k, z, best, _):
         fz = f(z)
         abs_res, rel_res = res.residuals(fz, z)
-        best = res.update_best(best, z, abs_res, rel_res, stop_mode)
+        best = res.update_best(best, z, abs_res, rel_res, stop_mode, tol)
         z_next = z + tf.constant(damping, z.dtype) * (fz - z) if damping != 1.0 else fz
         return k + 1, z_next, best, res.keep_going(best, z_next, tol, stop_mode)
 

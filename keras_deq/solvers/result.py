@@ -13,8 +13,9 @@ class SolverResult(NamedTuple):
     """What a fixed-point solver returns.
 
     Attributes:
-        state: The returned state, with the structure of `z0`. It is the iterate
-            with the lowest residual seen for each sample, not necessarily the last.
+        state: The returned state, with the structure of `z0`. For each sample,
+            the first iterate that met the tolerance, or, if none did, the iterate
+            with the lowest residual seen (not necessarily the last).
             Only iterates whose residual was measured count, so after `k`
             fixed-point iterations the state is at most `z_{k-1}` (`f` applied
             `k - 1` times): the last evaluation measured its residual.
@@ -71,15 +72,16 @@ def criterion(abs_res, rel_res, stop_mode):
     return rel_res if stop_mode == "rel" else abs_res
 
 
-def update_best(best, z, abs_res, rel_res, stop_mode):
+def update_best(best, z, abs_res, rel_res, stop_mode, tol):
     """Keeps, per sample, whichever of `best` and `z` has the lower residual.
 
-    A NaN residual never counts as better, so a finite iterate is never replaced by
-    a non-finite one.
+    A sample whose best iterate already meets `tol` keeps it: its result is the
+    first iterate that converged, so it does not depend on how long the other
+    samples of the batch keep the loop running. A NaN residual never counts as
+    better, so a finite iterate is never replaced by a non-finite one.
     """
-    better = criterion(abs_res, rel_res, stop_mode) < criterion(
-        best.abs_residual, best.rel_residual, stop_mode
-    )
+    best_residual = criterion(best.abs_residual, best.rel_residual, stop_mode)
+    better = (criterion(abs_res, rel_res, stop_mode) < best_residual) & ~(best_residual <= tol)
     return Best(
         tf.where(better[:, None], z, best.z),
         tf.where(better, abs_res, best.abs_residual),

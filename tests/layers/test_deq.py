@@ -761,3 +761,34 @@ def test_save_weights_restores_into_a_fresh_model(tmp_path):
 def test_top_level_exports():
     assert keras_deq.DEQ is DEQ
     assert keras_deq.layers.DEQ is DEQ
+
+
+# ------------------------------------------------------------ solver_batch_dims
+def test_solver_batch_dims_solves_each_position_like_a_batch_of_positions():
+    """A per-position cell (Dense on the last axis) solved with solver_batch_dims=2
+    equals the same cell solved on the positions flattened into the batch."""
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(3, 5, 4)).astype("float32")
+    cell = keras_deq.DenseCell(4)
+    per_position = keras_deq.DEQ(cell, solver="anderson", tol=1e-6, solver_batch_dims=2)
+    flat = keras_deq.DEQ(cell, solver="anderson", tol=1e-6)
+    out = per_position(x).numpy()
+    ref = flat(x.reshape(15, 4)).numpy().reshape(3, 5, 4)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
+    # Statistics are per position: 15 entries, all converged.
+    assert float(per_position._metrics_by_name["converged"].result()) == 1.0
+    config = per_position.get_config()
+    assert config["solver_batch_dims"] == 2
+    assert keras_deq.DEQ.from_config(config).solver_batch_dims == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_solver_batch_dims_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="solver_batch_dims"):
+        keras_deq.DEQ(keras_deq.DenseCell(4), solver_batch_dims=bad)
+
+
+def test_solver_batch_dims_needs_a_single_tensor_state_with_enough_axes():
+    layer = keras_deq.DEQ(keras_deq.DenseCell(4), solver_batch_dims=2)
+    with pytest.raises(ValueError, match="solver_batch_dims"):
+        layer(np.zeros((2, 4), "float32"))

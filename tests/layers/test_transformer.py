@@ -50,8 +50,24 @@ def test_changing_token_t_never_changes_earlier_logits_through_the_model(norm):
         assert np.abs(out[:, t:] - base[:, t:]).max() > 1e-3
 
 
-def test_anderson_is_causal_up_to_the_solver_tolerance():
-    model = _lm(solver="anderson", tol=1e-6, max_iter=60)
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])
+def test_per_position_solve_is_exactly_causal_with_any_solver(solver):
+    # The language model's default: the solver treats each position as a sample.
+    model = _lm(solver=solver, tol=1e-5, max_iter=40)
+    assert model.deq.solver_batch_dims == 2
+    _scale_kernels(model.cell, 10.0)
+    tokens = np.random.default_rng(1).integers(0, VOCAB, (3, 10))
+    base = model(tokens).numpy()
+    assert float(model.deq._metrics_by_name["fwd_steps"].result()) > 3
+    assert float(model.deq._metrics_by_name["converged"].result()) == 1.0
+    for t in (0, 6, 9):
+        out = model(_change_token(tokens, t)).numpy()
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])
+        assert np.abs(out[:, t:] - base[:, t:]).max() > 1e-1
+
+
+def test_whole_sequence_anderson_is_causal_up_to_the_solver_tolerance():
+    model = _lm(solver="anderson", tol=1e-6, max_iter=60, deq_options={"solver_batch_dims": 1})
     _scale_kernels(model.cell, 10.0)
     tokens = np.random.default_rng(1).integers(0, VOCAB, (3, 10))
     base = model(tokens).numpy()

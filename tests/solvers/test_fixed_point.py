@@ -70,7 +70,11 @@ def test_step_count_equals_independent_picard_count(stop_mode):
     crit = np.stack([residuals_np(g.np(z), z)[index] for z in zs])
     first = int(np.argmax(np.all(np.minimum.accumulate(crit) <= tol, axis=1)))
     assert int(result.steps) == first + 1
-    np.testing.assert_allclose(result.state.numpy(), zs[first], rtol=1e-12, atol=1e-14)
+    # Each sample returns its own first iterate that met tol, whatever the others do.
+    own_first = np.argmax(crit <= tol, axis=0)
+    assert len(set(own_first.tolist())) > 1  # the samples do converge at different steps
+    expected = np.stack([zs[k][i] for i, k in enumerate(own_first)])
+    np.testing.assert_allclose(result.state.numpy(), expected, rtol=1e-12, atol=1e-14)
 
 
 def test_docstring_example():
