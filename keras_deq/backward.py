@@ -43,6 +43,31 @@ def _not_recorded():
         yield
 
 
+def solved_rows(result, x):
+    """Per-sample bool `(batch,)`: the solve found a finite iterate for the sample.
+
+    A sample without one (NaN input, or a cell that is NaN everywhere) returns its
+    initial state; the gradients leave it out (see `mask_rows`).
+    """
+    batch = tf.shape(tf.nest.flatten(x)[0])[0]
+    finite = tf.math.is_finite(result.abs_residual)
+    return tf.reduce_all(tf.reshape(finite, [batch, -1]), axis=1)
+
+
+def mask_rows(structure, ok):
+    """Zeros the rows (first axis) of every float tensor in `structure` where `ok` is
+    False, so that differentiating through a failed sample gives exact zeros, not
+    `NaN * 0`."""
+
+    def mask(t):
+        if not t.dtype.is_floating:
+            return t
+        keep = tf.reshape(ok, tf.concat([[-1], tf.ones([tf.rank(t) - 1], tf.int32)], 0))
+        return tf.where(keep, t, tf.zeros_like(t))
+
+    return tf.nest.map_structure(mask, structure)
+
+
 def _zeros_for_none(grads, like):
     return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
 
@@ -91,21 +116,48 @@ def equilibrium(
     with _not_recorded():
         result = forward(lambda z: fn(z, x_const), z0)
     z_star = tf.nest.map_structure(tf.stop_gradient, result.state)
+    # A sample without a finite iterate keeps z*; its step is computed from zeroed
+    # inputs, so that its gradient is exactly zero rather than NaN.
+    ok = solved_rows(result, x)
+    x, z_in = mask_rows(x, ok), mask_rows(z_star, ok)
     if mode == "one_step":
-        return fn(z_star, x), result
-    tau = phantom_damping
+        z = fn(z_in, x)
+    else:
+        z = _phantom(fn, x, z_in, phantom_steps, phantom_damping)
+    return select_rows(ok, z, z_star), result
+
+
+def select_rows(ok, a, b):
+    """Rows of nest `a` where `ok`, else rows of nest `b`."""
+
+    def select(t, u):
+        keep = tf.reshape(ok, tf.concat([[-1], tf.ones([tf.rank(t) - 1], tf.int32)], 0))
+        return tf.where(keep, t, u)
+
+    return tf.nest.map_structure(select, a, b)
+
+
+def _phantom(fn, x, z_star, steps, tau):
+    """`steps` damped steps from `z*`; a sample whose step is not finite stops."""
 
     def damped_step(i, z):
         fz = fn(z, x)
-        return i + 1, tf.nest.map_structure(lambda a, b: (1.0 - tau) * a + tau * b, z, fz)
+        z_next = tf.nest.map_structure(lambda a, b: (1.0 - tau) * a + tau * b, z, fz)
+        finite = tf.reduce_all(
+            tf.stack(
+                [
+                    tf.reduce_all(tf.reshape(tf.math.is_finite(t), [tf.shape(t)[0], -1]), 1)
+                    for t in tf.nest.flatten(z_next)
+                ]
+            ),
+            axis=0,
+        )
+        return i + 1, select_rows(finite, z_next, z)
 
     _, z = tf.while_loop(
-        lambda i, z: i < phantom_steps,
-        damped_step,
-        (tf.constant(0), z_star),
-        maximum_iterations=phantom_steps,
+        lambda i, z: i < steps, damped_step, (tf.constant(0), z_star), maximum_iterations=steps
     )
-    return z, result
+    return z
 
 
 def _implicit(fn, x, z0, forward, backward, variables, on_backward):
@@ -128,12 +180,15 @@ def _implicit(fn, x, z0, forward, backward, variables, on_backward):
 
         def grad(*upstream, variables=None):
             variables = list(variables or [])
-            upstream = _zeros_for_none(upstream, z_flat)
+            # Samples without a finite iterate are left out of the gradient.
+            ok = solved_rows(result, x_in)
+            upstream = mask_rows(_zeros_for_none(upstream, z_flat), ok)
             with tf.GradientTape(persistent=True) as tape:
                 tape.watch(z_flat)
                 tape.watch(list(x_flat))
-                z_in = tf.nest.pack_sequence_as(z_star, z_flat)
-                fz_flat = tf.nest.flatten(fn(z_in, x_in))
+                z_in = tf.nest.pack_sequence_as(z_star, mask_rows(z_flat, ok))
+                x_safe = tf.nest.pack_sequence_as(x_struct, mask_rows(list(x_flat), ok))
+                fz_flat = tf.nest.flatten(fn(z_in, x_safe))
 
             def adjoint_map(u):
                 vjp = tape.gradient(fz_flat, z_flat, output_gradients=tf.nest.flatten(u))
@@ -144,9 +199,9 @@ def _implicit(fn, x, z0, forward, backward, variables, on_backward):
 
             g = tf.nest.pack_sequence_as(z_star, upstream)
             adjoint = backward(adjoint_map, g)
-            if on_backward is not None:
-                on_backward(adjoint)
-            u = tf.nest.flatten(adjoint.state)
+            checks = on_backward(adjoint) if on_backward is not None else None
+            with tf.control_dependencies(checks or []):
+                u = [tf.identity(t) for t in tf.nest.flatten(adjoint.state)]
             grads = tape.gradient(fz_flat, list(x_flat) + variables, output_gradients=u)
             x_grads = _zeros_for_none(grads[: len(x_flat)], x_flat)
             return x_grads, grads[len(x_flat) :]

@@ -10,6 +10,7 @@ from keras_deq import jacobian
 from keras_deq.solvers import common, registry
 
 ON_FAILURE = ("warn", "raise", "ignore")
+_SEED_STATE_KEY = "seed_generator_state"
 
 
 def _float32_metrics():
@@ -81,9 +82,16 @@ class DEQ(keras.layers.Layer):
     a safe choice in bfloat16).
 
     If some sample does not converge, a warning is issued once per layer
-    (`on_failure="warn"`), or an error is raised (`"raise"`). Under XLA
-    (`jit_compile=True`) no Python warning can be issued: watch
-    `{name}_converged` instead.
+    (`on_failure="warn"`), or an error is raised (`"raise"`): a
+    `FloatingPointError` when called eagerly, a `tf.errors.InvalidArgumentError`
+    naming the layer inside a compiled function such as `fit`'s step, raised
+    before that step updates any weight. Under XLA (`jit_compile=True`) neither
+    can be issued: watch `{name}_converged` instead.
+
+    A sample for which the cell produces NaN or Inf is frozen at its best finite
+    iterate (the initial state if it never had one) and reported; a sample with
+    no finite iterate is left out of the gradient (its contribution is exactly
+    zero), so NaN never reaches the weights through this layer.
 
     Args:
         cell: A `keras.layers.Layer` called as `cell(z, x)` returning the next `z`.
@@ -441,10 +449,11 @@ class DEQ(keras.layers.Layer):
             z, result = backward_lib.explicit(
                 fn, x, z0, self._explicit_depth, self.tol, self.stop_mode
             )
-        self._record_forward(result, report=self._explicit_depth is None)
+        checks = self._record_forward(result, report=self._explicit_depth is None)
         if training and self._jacobian_enabled:
-            self._add_jacobian_loss(fn, tf.nest.map_structure(tf.stop_gradient, result.state), x)
-        return z
+            self._add_jacobian_loss(fn, result, x)
+        with tf.control_dependencies(checks):
+            return tf.nest.map_structure(tf.identity, z)
 
     def _solve(self, fn, x, z0):
         return backward_lib.equilibrium(
@@ -470,28 +479,32 @@ class DEQ(keras.layers.Layer):
         return result.rel_residual if self.stop_mode == "rel" else result.abs_residual
 
     def _record_forward(self, result, report=True):
+        """Updates the forward metrics; returns the checks the output must wait for."""
         m = self._metrics_by_name
         with _float32_metrics():
             m["fwd_steps"].update_state(tf.cast(result.steps, "float32"))
             m["fwd_residual"].update_state(*_finite_values(self._residual(result)))
             m["converged"].update_state(tf.cast(result.converged, "float32"))
-        if report:
-            self._report_failure(result.converged, self._residual(result), "forward")
+        return self._report_failure(result, "forward") if report else []
 
     def _record_backward(self, result):
         m = self._metrics_by_name
         with _float32_metrics():
             m["bwd_steps"].update_state(tf.cast(result.steps, "float32"))
             m["bwd_residual"].update_state(*_finite_values(self._residual(result)))
-        self._report_failure(result.converged, self._residual(result), "backward")
+        return self._report_failure(result, "backward")
 
-    def _failure_message(self, which, n_failed, worst):
+    def _failure_message(self, which, n_failed, n_nonfinite, worst):
         tol = self.tol if which == "forward" else self.backward_tol
-        cause = (
-            "the cell produced NaN or Inf for them (check the input and the cell)"
-            if worst != worst or worst == float("inf")
-            else f"worst {'relative' if self.stop_mode == 'rel' else 'absolute'} residual {worst:.3g}"
-        )
+        kind = "relative" if self.stop_mode == "rel" else "absolute"
+        if n_nonfinite:
+            cause = (
+                f"the cell produced NaN or Inf for {n_nonfinite} of them (their best finite "
+                "iterate, or the initial state if none, is returned; check the input and the "
+                "cell)"
+            )
+        else:
+            cause = f"worst {kind} residual {worst:.3g}"
         return (
             f"DEQ layer '{self.name}': the {which} solver did not reach tol={tol} for "
             f"{n_failed} sample(s); {cause}. Increase max_iter, change the solver, or "
@@ -499,10 +512,11 @@ class DEQ(keras.layers.Layer):
             f"the metric '{self.name}_converged' tracks convergence."
         )
 
-    def _on_host_failure(self, which, n_failed, worst):
+    def _on_host_failure(self, which, n_failed, n_nonfinite, worst):
         # Called eagerly or from tf.py_function: both pass eager tensors.
-        n_failed, worst = int(n_failed.numpy()), float(worst.numpy())
-        message = self._failure_message(which, n_failed, worst)
+        message = self._failure_message(
+            which, int(n_failed.numpy()), int(n_nonfinite.numpy()), float(worst.numpy())
+        )
         if self.on_failure == "raise":
             raise FloatingPointError(message)
         if not self._warned:
@@ -510,32 +524,71 @@ class DEQ(keras.layers.Layer):
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         return 0
 
-    def _report_failure(self, converged, residual, which):
+    def _failure_counts(self, result):
+        failed = ~result.converged
+        nonfinite = failed if result.nonfinite is None else failed & result.nonfinite
+        residual = self._residual(result)
+        finite = tf.math.is_finite(residual)
+        worst = tf.reduce_max(tf.where(failed & finite, residual, tf.zeros_like(residual)))
+        return (
+            tf.reduce_sum(tf.cast(failed, tf.int32)),
+            tf.reduce_sum(tf.cast(nonfinite | (failed & ~finite), tf.int32)),
+            worst,
+        )
+
+    def _report_failure(self, result, which):
+        """Warns or raises when samples did not converge.
+
+        Returns:
+            A list of ops that the layer's output (or the gradient) must depend on:
+            with `on_failure="raise"` in a graph, the assertion that stops the step
+            before any update.
+        """
         if self.on_failure == "ignore" or _in_xla_context():
-            return
-        n_failed = tf.reduce_sum(tf.cast(~converged, tf.int32))
-        worst = tf.reduce_max(residual)
+            return []
+        n_failed, n_nonfinite, worst = self._failure_counts(result)
         if tf.executing_eagerly():
             if int(n_failed) > 0:
-                self._on_host_failure(which, n_failed, worst)
-            return
-        if self._warned and self.on_failure == "warn":
-            return
+                self._on_host_failure(which, n_failed, n_nonfinite, worst)
+            return []
+        if self.on_failure == "raise":
+            tol = self.tol if which == "forward" else self.backward_tol
+            return [
+                tf.debugging.Assert(
+                    n_failed == 0,
+                    [
+                        f"DEQ layer {self.name} (on_failure=raise): the {which} solver did "
+                        f"not reach tol={tol} for",
+                        n_failed,
+                        "sample(s); with NaN or Inf:",
+                        n_nonfinite,
+                        "; worst finite residual:",
+                        worst,
+                    ],
+                    name="deq_on_failure_raise",
+                )
+            ]
+        if self._warned:
+            return []
 
         def report():
             return tf.py_function(
-                lambda a, b: self._on_host_failure(which, a, b),
-                [n_failed, worst],
+                lambda a, b, c: self._on_host_failure(which, a, b, c),
+                [n_failed, n_nonfinite, worst],
                 tf.int32,
             )
 
         tf.cond(n_failed > 0, report, lambda: tf.constant(0))
+        return []
 
     # ---------------------------------------------------------------- jacobian
-    def _add_jacobian_loss(self, fn, z_star, x):
+    def _add_jacobian_loss(self, fn, result, x):
         weight = self._jacobian_weight
+        z_star = tf.nest.map_structure(tf.stop_gradient, result.state)
         draw = keras.random.uniform((), dtype="float32", seed=self.seed_generator)
-        apply = (draw < self._jacobian_frequency) & (weight > 0)
+        # Skipped on a step where some sample has no finite iterate (its Jacobian is NaN).
+        solved = tf.reduce_all(backward_lib.solved_rows(result, x))
+        apply = (draw < self._jacobian_frequency) & (weight > 0) & solved
 
         def estimate():
             est = jacobian.hutchinson_frobenius(
@@ -552,6 +605,28 @@ class DEQ(keras.layers.Layer):
                 est, sample_weight=tf.cast(apply, "float32")
             )
         self.add_loss(weight * est)
+
+    # ----------------------------------------------------------------- saving
+    def save_own_variables(self, store):
+        """Saves the layer's variables and the state of its random generator, so
+        that a restored run (e.g. `keras.callbacks.BackupAndRestore`) draws the
+        same Jacobian-regularizer steps and probes as an uninterrupted one."""
+        super().save_own_variables(store)
+        store[_SEED_STATE_KEY] = self.seed_generator.state
+
+    def load_own_variables(self, store):
+        variables = self._trainable_variables + self._non_trainable_variables
+        keys = [str(i) for i in range(len(variables))]
+        missing = [k for k in keys if k not in store.keys()]
+        if missing:
+            raise ValueError(
+                f"Layer '{self.name}' expected {len(variables)} variables in the saved "
+                f"state, but found keys {list(store.keys())}."
+            )
+        for key, variable in zip(keys, variables, strict=True):
+            variable.assign(store[key])
+        if _SEED_STATE_KEY in store.keys():  # absent in files saved before 0.2
+            self.seed_generator.state.assign(store[_SEED_STATE_KEY])
 
     # ------------------------------------------------------------------ config
     def get_config(self):

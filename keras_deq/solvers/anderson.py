@@ -122,7 +122,7 @@ def _anderson(f, z0, unpack, max_iter, tol, stop_mode, window, beta, ridge):
         z_next = tf.matmul(alpha, history_f)[:, 0, :]
         if beta != 1.0:
             z_next -= (1.0 - beta) * tf.matmul(alpha, history_g)[:, 0, :]
-        z_next = tf.where(finite, z_next, fz)
+        z_next, best = res.guard(best, z_next)
         return (
             k + 1,
             z_next,
@@ -130,7 +130,7 @@ def _anderson(f, z0, unpack, max_iter, tol, stop_mode, window, beta, ridge):
             history_g,
             gram,
             best,
-            res.keep_going(best, z_next, tol, stop_mode),
+            res.keep_going(best, tol, stop_mode),
         )
 
     def cond(k, *rest):

@@ -66,7 +66,8 @@ def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
 
     def body(k, z, g, us, vs, best, _):
         step = -_apply_inverse(us, vs, g)
-        z_new = z + step
+        z_new, best = res.guard(best, z + step)
+        step = z_new - z
         fz_new = f(z_new)
         g_new = fz_new - z_new
         abs_res, rel_res = res.residuals(fz_new, z_new)
@@ -93,14 +94,14 @@ def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
             us,
             vs,
             best,
-            res.keep_going(best, z_new, tol, stop_mode),
+            res.keep_going(best, tol, stop_mode),
         )
 
     def cond(k, *rest):
         return tf.logical_and(rest[-1], k < max_iter)
 
     zeros = tf.zeros([batch, memory, n], dtype)
-    go = res.keep_going(best0, z0, tol, stop_mode)
+    go = res.keep_going(best0, tol, stop_mode)
     loop_vars = (tf.constant(1), z0, fz0 - z0, zeros, zeros, best0, go)
     steps, *_, best, _ = tf.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
     return res.to_result(best, steps, tol, stop_mode, unpack)

@@ -45,7 +45,8 @@ def _fixed_point(f, z0, unpack, max_iter, tol, stop_mode, damping):
         abs_res, rel_res = res.residuals(fz, z)
         best = res.update_best(best, z, abs_res, rel_res, stop_mode, tol)
         z_next = z + tf.constant(damping, z.dtype) * (fz - z) if damping != 1.0 else fz
-        return k + 1, z_next, best, res.keep_going(best, z_next, tol, stop_mode)
+        z_next, best = res.guard(best, z_next)
+        return k + 1, z_next, best, res.keep_going(best, tol, stop_mode)
 
     def cond(k, z, best, go):
         return tf.logical_and(go, k < max_iter)

@@ -28,6 +28,10 @@ class SolverResult(NamedTuple):
         converged: Per-sample bool, whether the residual named by `stop_mode` is
             at most `tol`. A sample whose iterates were never finite has
             residual `inf` and is not converged.
+        nonfinite: Per-sample bool, whether `f` or the solver produced NaN or Inf
+            for the sample during the solve. From then on the sample is frozen at
+            its best finite iterate (which is what `state` holds) and no longer
+            keeps the solver running. None where not tracked.
     """
 
     state: Any
@@ -35,6 +39,7 @@ class SolverResult(NamedTuple):
     abs_residual: tf.Tensor
     rel_residual: tf.Tensor
     converged: tf.Tensor
+    nonfinite: Any = None
 
 
 def accumulation_dtype(dtype):
@@ -56,16 +61,19 @@ def residuals(fz, z):
 
 
 class Best(NamedTuple):
-    """The lowest-residual iterate seen so far, per sample."""
+    """The lowest-residual iterate seen so far, per sample, and whether the sample
+    has met a non-finite value (after which it is frozen)."""
 
     z: tf.Tensor
     abs_residual: tf.Tensor
     rel_residual: tf.Tensor
+    failed: tf.Tensor
 
 
 def initial_best(z0):
-    inf = tf.fill([tf.shape(z0)[0]], tf.constant(float("inf"), accumulation_dtype(z0.dtype)))
-    return Best(z0, inf, inf)
+    batch = tf.shape(z0)[0]
+    inf = tf.fill([batch], tf.constant(float("inf"), accumulation_dtype(z0.dtype)))
+    return Best(z0, inf, inf, tf.zeros([batch], tf.bool))
 
 
 def criterion(abs_res, rel_res, stop_mode):
@@ -81,22 +89,38 @@ def update_best(best, z, abs_res, rel_res, stop_mode, tol):
     better, so a finite iterate is never replaced by a non-finite one.
     """
     best_residual = criterion(best.abs_residual, best.rel_residual, stop_mode)
-    better = (criterion(abs_res, rel_res, stop_mode) < best_residual) & ~(best_residual <= tol)
+    residual = criterion(abs_res, rel_res, stop_mode)
+    better = (residual < best_residual) & ~(best_residual <= tol) & ~best.failed
     return Best(
         tf.where(better[:, None], z, best.z),
         tf.where(better, abs_res, best.abs_residual),
         tf.where(better, rel_res, best.rel_residual),
+        best.failed | ~tf.math.is_finite(residual),
     )
+
+
+def guard(best, z_next):
+    """Freezes the samples that met a non-finite value at their best iterate.
+
+    A failed sample (non-finite `f(z)` so far, or a non-finite `z_next` now) goes
+    on from its best iterate, where `f` was finite, so the solver never feeds NaN
+    or Inf back into `f` (nor into autodiff of an unrolled solve), and it stops
+    counting for `keep_going`.
+
+    Returns:
+        `(z_next, best)` with the failed samples' `z_next` replaced and marked.
+    """
+    failed = best.failed | ~tf.reduce_all(tf.math.is_finite(z_next), axis=1)
+    return tf.where(failed[:, None], best.z, z_next), best._replace(failed=failed)
 
 
 def converged(best, tol, stop_mode):
     return criterion(best.abs_residual, best.rel_residual, stop_mode) <= tol
 
 
-def keep_going(best, z_next, tol, stop_mode):
-    """True while some sample is unconverged and its next iterate is finite."""
-    finite = tf.reduce_all(tf.math.is_finite(z_next), axis=1)
-    return tf.reduce_any(tf.logical_and(~converged(best, tol, stop_mode), finite))
+def keep_going(best, tol, stop_mode):
+    """True while some sample is unconverged and has not failed (see `guard`)."""
+    return tf.reduce_any(~converged(best, tol, stop_mode) & ~best.failed)
 
 
 def to_result(best, steps, tol, stop_mode, unpack):
@@ -106,6 +130,7 @@ def to_result(best, steps, tol, stop_mode, unpack):
         abs_residual=best.abs_residual,
         rel_residual=best.rel_residual,
         converged=converged(best, tol, stop_mode),
+        nonfinite=best.failed,
     )
 
 
