@@ -22,6 +22,7 @@ from keras_deq import (  # noqa: E402
     models,
     solvers,
 )
+from keras_deq import distribute as distribute  # noqa: E402
 from keras_deq.layers import (  # noqa: E402
     DEQ,
     DenseCell,
