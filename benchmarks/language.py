@@ -68,7 +68,13 @@ class StepTimer(keras.callbacks.Callback):
 
 def variants(args):
     common = dict(d_model=args.d_model, num_heads=args.heads, norm=args.norm)
-    deq = dict(solver="anderson", max_iter=args.max_iter, tol=args.tol, backward="implicit")
+    deq = dict(
+        solver="anderson",
+        max_iter=args.max_iter,
+        tol=args.tol,
+        backward="implicit",
+        deq_options={"solver_batch_dims": args.solver_batch_dims},
+    )
     return {
         "explicit": dict(
             common, solver="fixed_point", max_iter=args.depth, tol=1e-30, backward="unrolled"
@@ -139,6 +145,13 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", default=None, help="subset of the variants")
+    parser.add_argument(
+        "--solver-batch-dims",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="2 (the model's default): solve each position separately; 1: whole sequences",
+    )
     args = parser.parse_args(argv)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)

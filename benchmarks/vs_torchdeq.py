@@ -8,7 +8,9 @@ Two models on scikit-learn's digits (standardized, 80/20 stratified split, seed 
 - `mlp`: Dense(64->128) injection, DEQ of the cell z <- tanh(z W + x U + b),
   Dense(128->10).
 - `conv`: the 8x8x1 image, conv3x3 (8 channels) injection, DEQ of the cell
-  z <- tanh(conv3x3(z) + x_inj), global average pooling, Dense(8->10).
+  z <- tanh(conv3x3(z) + x_inj), flatten, Dense(512->10). (Until 2026-11-25 the
+  head was a global average pool to 8 features, which capped both libraries below
+  40% accuracy; see docs/benchmarks.md.)
 
 Both libraries start from the same initial weights (drawn once with NumPy), use
 the same solver (Anderson with a history of 6, or fixed-point iteration, forward;
@@ -107,7 +109,8 @@ def initial_weights(cell, seed=0):
             "float32"
         ),
         "cell_b": np.zeros(CHANNELS, "float32"),
-        "head_w": _glorot(rng, (CHANNELS, 10), CHANNELS, 10),
+        # Flattened state in (H, W, C) order, as keras.layers.Flatten reads it.
+        "head_w": _glorot(rng, (64 * CHANNELS, 10), 64 * CHANNELS, 10),
         "head_b": np.zeros(10, "float32"),
     }
 
@@ -168,7 +171,7 @@ def run_keras(cell, solver, epochs, threads, repeats, seed):
                 keras.Input((8, 8, 1)),
                 keras.layers.Conv2D(CHANNELS, 3, padding="same", name="injection"),
                 keras_deq.DEQ(deq_cell, **deq_kwargs),
-                keras.layers.GlobalAveragePooling2D(),
+                keras.layers.Flatten(),
                 keras.layers.Dense(10, name="classifier"),
             ]
         )
@@ -323,7 +326,7 @@ def run_torch(cell, solver, epochs, threads, repeats, seed):
             else:
                 self.inj = nn.Conv2d(1, CHANNELS, 3, padding=1)
                 self.conv = nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1)
-                self.head = nn.Linear(CHANNELS, 10)
+                self.head = nn.Linear(64 * CHANNELS, 10)
                 with torch.no_grad():
                     self.inj.weight.copy_(t(w["inj_w"].transpose(3, 2, 0, 1)))
                     self.inj.bias.copy_(t(w["inj_b"]))
@@ -345,7 +348,7 @@ def run_torch(cell, solver, epochs, threads, repeats, seed):
             z = z_out[-1]
             self.info = info
             if cell == "conv":
-                z = z.mean(dim=(2, 3))
+                z = z.permute(0, 2, 3, 1).flatten(1)  # (H, W, C) order, as in Keras
             return self.head(z), z_out[-1], x_inj
 
     if cell == "conv":
