@@ -19,7 +19,12 @@ PADDINGS = ("same", "valid")
 
 def _pair(name, value):
     """`value` as a pair of positive ints (an int means the same on both axes)."""
-    pair = (value, value) if isinstance(value, numbers.Integral) else tuple(value)
+    if isinstance(value, numbers.Integral):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)):
+        pair = tuple(value)
+    else:
+        pair = ()
     if len(pair) != 2 or any(
         isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in pair
     ):
@@ -193,7 +198,7 @@ class ConvOperatorNorm(keras.constraints.Constraint):
     """
 
     def __init__(self, max_norm, input_shape, strides=1, padding="same", iterations=20):
-        self.max_norm = check_positive_float("max_norm", max_norm)
+        self.max_norm = check_positive_float("max_norm", max_norm, finite=False)
         self.input_shape = _check_input_shape(input_shape)
         self.strides = _pair("strides", strides)
         if padding not in PADDINGS:
@@ -241,7 +246,7 @@ class MaxAbs(keras.constraints.Constraint):
     """
 
     def __init__(self, max_value=1.0):
-        self.max_value = check_positive_float("max_value", max_value)
+        self.max_value = check_positive_float("max_value", max_value, finite=False)
 
     def __call__(self, w):
         w = tf.convert_to_tensor(w)

@@ -4,6 +4,8 @@ import numbers
 
 import keras
 
+from keras_deq.solvers.common import check_bool, get_keras_object
+
 
 @keras.saving.register_keras_serializable(package="keras_deq")
 class DenseCell(keras.layers.Layer):
@@ -15,8 +17,8 @@ class DenseCell(keras.layers.Layer):
         use_injection: If True (default), multiply the injection `x` by a learned
             `U`; if False, add `x` as is (it must then have `units` features).
         kernel_initializer: Initializer of `W`; small by default so that the
-            untrained cell is a contraction.
-        injection_initializer: Initializer of `U`.
+            untrained cell is a contraction. None means that default.
+        injection_initializer: Initializer of `U` (None: `"glorot_uniform"`).
         kernel_constraint: Optional Keras constraint on `W`.
         kernel_regularizer: Optional Keras regularizer on `W`.
         **kwargs: Base layer arguments.
@@ -45,13 +47,22 @@ class DenseCell(keras.layers.Layer):
             raise ValueError(f"`units` must be a positive integer. Received: units={units!r}")
         self.units = int(units)
         self.activation = keras.activations.get(activation)
-        self.use_injection = use_injection
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or keras.initializers.Orthogonal(gain=0.5)
+        self.use_injection = check_bool("use_injection", use_injection)
+        self.kernel_initializer = get_keras_object(
+            "initializer",
+            "kernel_initializer",
+            kernel_initializer,
+            default=keras.initializers.Orthogonal(gain=0.5),
         )
-        self.injection_initializer = keras.initializers.get(injection_initializer)
-        self.kernel_constraint = keras.constraints.get(kernel_constraint)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.injection_initializer = get_keras_object(
+            "initializer", "injection_initializer", injection_initializer, default="glorot_uniform"
+        )
+        self.kernel_constraint = get_keras_object(
+            "constraint", "kernel_constraint", kernel_constraint
+        )
+        self.kernel_regularizer = get_keras_object(
+            "regularizer", "kernel_regularizer", kernel_regularizer
+        )
 
     def build(self, z_shape, x_shape):
         if z_shape[-1] != self.units:

@@ -1,5 +1,6 @@
 """The `DEQ` layer: the fixed point of any Keras cell `f(z, x)` as a layer."""
 
+import numbers
 import warnings
 
 import keras
@@ -38,6 +39,22 @@ def _finite_values(values):
     values = tf.cast(values, "float32")
     finite = tf.math.is_finite(values)
     return tf.where(finite, values, tf.zeros_like(values)), tf.cast(finite, "float32")
+
+
+def _cast_floats(structure, dtype):
+    return tf.nest.map_structure(
+        lambda t: tf.cast(t, dtype) if t.dtype.is_floating else t, structure
+    )
+
+
+def _in_save_context():
+    """True while `tf.saved_model.save` (and so `model.export()`) traces functions."""
+    try:
+        from tensorflow.python.saved_model import save_context  # noqa: PLC0415
+
+        return save_context.in_save_context()
+    except Exception:  # pragma: no cover - private API moved
+        return False
 
 
 def _in_xla_context():
@@ -179,7 +196,9 @@ class DEQ(keras.layers.Layer):
         self.stop_mode = common.check_stop_mode(stop_mode)
         self.solver_options = registry.check_options(solver, solver_options, "solver_options")
         self.backward = backward_lib.check_mode(backward)
-        self.backward_solver = self._check_solver_name("backward_solver", backward_solver or solver)
+        self.backward_solver = self._check_solver_name(
+            "backward_solver", solver if backward_solver is None else backward_solver
+        )
         self.backward_max_iter = common.check_positive_int(
             "backward_max_iter",
             max_iter if backward_max_iter is None else backward_max_iter,
@@ -211,7 +230,9 @@ class DEQ(keras.layers.Layer):
                 f"`on_failure` must be one of {ON_FAILURE}. Received: on_failure={on_failure!r}"
             )
         self.on_failure = on_failure
-        self.seed = seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise ValueError(f"`seed` must be an integer or None. Received: seed={seed!r}")
+        self.seed = None if seed is None else int(seed)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._warned = False
         self._explicit_depth = None
@@ -245,17 +266,17 @@ class DEQ(keras.layers.Layer):
 
         def is_shape(s):
             return isinstance(s, (tuple, list)) and all(
-                isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s
+                isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in s
             )
 
         if is_shape(state_shape) and len(state_shape) > 0:
-            return tuple(state_shape)
+            return tuple(int(d) for d in state_shape)
         if (
             isinstance(state_shape, (tuple, list))
             and state_shape
             and all(is_shape(s) and s for s in state_shape)
         ):
-            return [tuple(s) for s in state_shape]
+            return [tuple(int(d) for d in s) for s in state_shape]
         raise ValueError(
             "`state_shape` must be a tuple of positive ints (the state shape without "
             "the batch dimension) or a list of such tuples. "
@@ -300,6 +321,12 @@ class DEQ(keras.layers.Layer):
         z_spec = self._spec(self._batched(batch, self._state_shapes(input_shape)))
         x_spec = self._spec(input_shape)
         self._check_solver_batch_dims(z_spec)
+        if not multi and input_shape[-1] is not None:
+            # A later call with another feature size fails here, naming the layer,
+            # rather than deep inside the cell.
+            self.input_spec = keras.layers.InputSpec(
+                ndim=len(input_shape), axes={-1: input_shape[-1]}
+            )
         out = self.cell(z_spec, x_spec)
         self._check_cell_output(out, z_spec)
         self._jacobian_weight = self.add_weight(
@@ -433,29 +460,55 @@ class DEQ(keras.layers.Layer):
             The equilibrium state.
         """
         x = inputs
-        if initial_state is None:
-            z0 = self._initial_state(x)
-        else:
-            z0 = tf.nest.map_structure(
-                lambda t: tf.stop_gradient(tf.cast(t, self.compute_dtype)), initial_state
-            )
+        z0 = self._initial_state(x)
+        if initial_state is not None:
+            z0 = self._check_initial_state(initial_state, z0)
+        cell_dtype = self.cell.compute_dtype
+        own_dtype = self.compute_dtype
 
         def fn(z, x_in):
-            return self.cell(z, x_in, training=training)
+            # The cell runs in its own dtype, the layer's state in the layer's.
+            if cell_dtype != own_dtype:
+                z, x_in = _cast_floats(z, cell_dtype), _cast_floats(x_in, cell_dtype)
+            out = self.cell(z, x_in, training=training)
+            return _cast_floats(out, own_dtype) if cell_dtype != own_dtype else out
 
         if self._explicit_depth is None:
-            z, result = self._solve(fn, x, z0)
+            z, result = self._solve(fn, x, z0, training)
         else:
             z, result = backward_lib.explicit(
                 fn, x, z0, self._explicit_depth, self.tol, self.stop_mode
             )
-        checks = self._record_forward(result, report=self._explicit_depth is None)
+        checks = self._record_forward(
+            result, report=self._explicit_depth is None, host=not _in_save_context()
+        )
         if training and self._jacobian_enabled:
             self._add_jacobian_loss(fn, result, x)
         with tf.control_dependencies(checks):
             return tf.nest.map_structure(tf.identity, z)
 
-    def _solve(self, fn, x, z0):
+    def _check_initial_state(self, initial_state, zeros):
+        """`initial_state` cast to the layer's dtype, after checking it against the state."""
+        try:
+            tf.nest.assert_same_structure(initial_state, zeros)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                "`initial_state` must have the structure of the state "
+                f"({tf.nest.map_structure(lambda t: t.shape, zeros)}). "
+                f"Received: initial_state={initial_state!r}"
+            ) from error
+        out = []
+        for given, want in zip(tf.nest.flatten(initial_state), tf.nest.flatten(zeros), strict=True):
+            given = tf.convert_to_tensor(given)
+            if not given.shape.is_compatible_with(want.shape):
+                raise ValueError(
+                    f"`initial_state` must have the state's shape {want.shape}. "
+                    f"Received: initial_state with shape {given.shape}"
+                )
+            out.append(tf.stop_gradient(tf.cast(given, self.compute_dtype)))
+        return tf.nest.pack_sequence_as(zeros, out)
+
+    def _solve(self, fn, x, z0, training):
         return backward_lib.equilibrium(
             fn,
             x,
@@ -471,21 +524,28 @@ class DEQ(keras.layers.Layer):
             variables=self.cell.trainable_variables,
             phantom_steps=self.phantom_steps,
             phantom_damping=self.phantom_damping,
-            on_backward=self._record_backward,
+            # Statistics of the adjoint solve only while training: the gradient
+            # function would otherwise capture the metric variables, which
+            # `model.export()` cannot save with an inference function.
+            on_backward=self._record_backward if training else None,
         )
 
     # -------------------------------------------------------------- statistics
     def _residual(self, result):
         return result.rel_residual if self.stop_mode == "rel" else result.abs_residual
 
-    def _record_forward(self, result, report=True):
-        """Updates the forward metrics; returns the checks the output must wait for."""
+    def _record_forward(self, result, report=True, host=True):
+        """Updates the forward metrics; returns the checks the output must wait for.
+
+        `host=False` (while a SavedModel is being written) leaves out the Python
+        warning, which needs a `tf.py_function` that an exported model cannot run.
+        """
         m = self._metrics_by_name
         with _float32_metrics():
             m["fwd_steps"].update_state(tf.cast(result.steps, "float32"))
             m["fwd_residual"].update_state(*_finite_values(self._residual(result)))
             m["converged"].update_state(tf.cast(result.converged, "float32"))
-        return self._report_failure(result, "forward") if report else []
+        return self._report_failure(result, "forward", host) if report else []
 
     def _record_backward(self, result):
         m = self._metrics_by_name
@@ -536,7 +596,7 @@ class DEQ(keras.layers.Layer):
             worst,
         )
 
-    def _report_failure(self, result, which):
+    def _report_failure(self, result, which, host=True):
         """Warns or raises when samples did not converge.
 
         Returns:
@@ -568,7 +628,7 @@ class DEQ(keras.layers.Layer):
                     name="deq_on_failure_raise",
                 )
             ]
-        if self._warned:
+        if self._warned or not host:
             return []
 
         def report():

@@ -34,7 +34,13 @@ import tensorflow as tf
 
 from keras_deq import constraints
 from keras_deq.layers.deq import DEQ
-from keras_deq.solvers.common import check_fraction, check_positive_float, check_positive_int
+from keras_deq.solvers.common import (
+    check_bool,
+    check_fraction,
+    check_positive_float,
+    check_positive_int,
+    get_keras_object,
+)
 
 NORMALIZATIONS = ("standard", "mean")
 # Epsilon of the standard group normalization (PyTorch's GroupNorm default, as in MDEQ).
@@ -149,11 +155,15 @@ class MeanGroupNormalization(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.groups = check_positive_int("groups", groups)
-        self.center = center
-        self.scale = scale
-        self.gamma_initializer = keras.initializers.get(gamma_initializer)
-        self.beta_initializer = keras.initializers.get(beta_initializer)
-        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        self.center = check_bool("center", center)
+        self.scale = check_bool("scale", scale)
+        self.gamma_initializer = get_keras_object(
+            "initializer", "gamma_initializer", gamma_initializer, default="ones"
+        )
+        self.beta_initializer = get_keras_object(
+            "initializer", "beta_initializer", beta_initializer, default="zeros"
+        )
+        self.gamma_constraint = get_keras_object("constraint", "gamma_constraint", gamma_constraint)
 
     def build(self, input_shape):
         channels = input_shape[-1]
@@ -295,7 +305,7 @@ class MultiscaleCell(keras.layers.Layer):
             channels (MDEQ uses 5).
         groups: Groups of every group normalization; must divide every
             channel count.
-        kernel_initializer: Initializer of the conv kernels.
+        kernel_initializer: Initializer of the conv kernels (None: `"glorot_uniform"`).
         **kwargs: Base layer arguments.
 
     Example:
@@ -334,7 +344,9 @@ class MultiscaleCell(keras.layers.Layer):
                     f"Every channel count must be divisible by `groups`={self.groups}. "
                     f"Received: channels={self.channels}"
                 )
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_initializer = get_keras_object(
+            "initializer", "kernel_initializer", kernel_initializer, default="glorot_uniform"
+        )
 
     @property
     def num_branches(self):
@@ -668,7 +680,7 @@ class LipschitzMultiscaleCell(MultiscaleCell):
         norm_iterations: Krylov steps of each conv-norm estimate.
         expansion: Inner channels of the block are `expansion * channels[i]`.
         groups: Groups of every group normalization.
-        kernel_initializer: Initializer of the conv kernels.
+        kernel_initializer: Initializer of the conv kernels (None: `"glorot_uniform"`).
         **kwargs: Base layer arguments.
 
     Example:
@@ -706,7 +718,7 @@ class LipschitzMultiscaleCell(MultiscaleCell):
         self.slope = check_fraction("slope", slope)
         self.alpha = _check_unit_interval("alpha", alpha)
         self.beta = _check_unit_interval("beta", beta)
-        self.softmax_weights = bool(softmax_weights)
+        self.softmax_weights = check_bool("softmax_weights", softmax_weights)
         if normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"`normalization` must be one of {NORMALIZATIONS}. "
@@ -775,7 +787,7 @@ class MultiscaleDEQ(_MultiscaleDEQBase):
         channels: Channels per branch, finest resolution first.
         expansion: Inner channels of each block are `expansion * channels[i]`.
         groups: Groups of every group normalization.
-        kernel_initializer: Initializer of the conv kernels.
+        kernel_initializer: Initializer of the conv kernels (None: `"glorot_uniform"`).
         **kwargs: `DEQ` arguments (`solver`, `max_iter`, `tol`, `backward`,
             `jacobian_weight`, ...) and base layer arguments. `state_shape` is
             inferred from the input.
@@ -830,7 +842,7 @@ class LipschitzMultiscale(_MultiscaleDEQBase):
         norm_iterations: Krylov steps of each conv-norm estimate.
         expansion: Inner channels of each block are `expansion * channels[i]`.
         groups: Groups of every group normalization.
-        kernel_initializer: Initializer of the conv kernels.
+        kernel_initializer: Initializer of the conv kernels (None: `"glorot_uniform"`).
         **kwargs: `DEQ` arguments and base layer arguments.
 
     Example:

@@ -32,6 +32,13 @@ import tensorflow as tf
 
 from keras_deq.constraints_opteq import ConvSpectralNorm, SpectralNorm, same_conv_norm_bound
 from keras_deq.layers.deq import DEQ
+from keras_deq.solvers.common import (
+    check_bool,
+    check_mapping,
+    check_nonnegative_float,
+    check_positive_int,
+    get_keras_object,
+)
 
 PRIORS = ("l2", "l1", "incay", "decorrelation")
 PRIOR_MODES = ("structural", "sam")
@@ -53,21 +60,9 @@ def _check_choice(name, value, choices):
     return value
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    return int(value)
-
-
 def _check_positive(name, value):
     if not _is_number(value) or not value > 0:
         raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
-    return float(value)
-
-
-def _check_nonnegative(name, value):
-    if not _is_number(value) or not value >= 0:
-        raise ValueError(f"`{name}` must be a non-negative number. Received: {name}={value!r}")
     return float(value)
 
 
@@ -88,7 +83,7 @@ def _check_units(units):
             "`units` must be a positive int or a non-empty list of positive ints "
             f"(the width n_l of each unit's W_l). Received: units={units!r}"
         )
-    return [_check_positive_int("units", n) for n in units]
+    return [check_positive_int("units", n) for n in units]
 
 
 def _check_max_norm(max_norm):
@@ -206,6 +201,33 @@ def decorrelation_gradient(z, epsilon=1e-12):
     return tf.reshape((pulled - radial) / norms, tf.shape(z))
 
 
+# `exp(-u)` is 0 in float64 (and in every float dtype) for u >= 746: capping the exponent
+# there keeps it finite, so that neither the kernel nor its gradient is NaN.
+_RBF_EXPONENT_CAP = 1000.0
+
+
+def _smallest_normal(dtype):
+    if dtype == tf.float16:
+        return 2.0**-14
+    return 2.0**-1022 if dtype == tf.float64 else 2.0**-126  # bfloat16 is float32's
+
+
+def _rbf_kernels(diff, sigma):
+    """`exp(-diff^2 / (2 sigma^2))` without NaN for any `sigma > 0` (see `hsic`)."""
+    dtype = diff.dtype
+    denominator = 2.0 * sigma * sigma  # a Python float: 0 or subnormal when it underflows
+    for compute_dtype in (dtype, tf.float64):
+        if denominator >= _smallest_normal(compute_dtype):  # inf included
+            d = tf.cast(diff, compute_dtype)
+            exponent = tf.minimum(
+                tf.square(d) / tf.constant(denominator, compute_dtype), _RBF_EXPONENT_CAP
+            )
+            return tf.cast(tf.exp(-exponent), dtype)
+    # sigma < 1e-154: every kernel entry but those of equal samples is 0 in float64 unless
+    # two samples differ by less than about 40 sigma.
+    return tf.cast(tf.equal(diff, 0), dtype) + 0.0 * diff  # a zero gradient, not None
+
+
 def hsic(z, sigma=1.0):
     """Sum over feature pairs of the biased HSIC with Gaussian RBF kernels.
 
@@ -217,6 +239,13 @@ def hsic(z, sigma=1.0):
     Features are on the last axis; every other axis indexes samples. Memory and
     time grow as `features * samples^2`: apply it to pooled or dense features.
 
+    Any `sigma > 0` (inf included) gives a finite value and gradient. `2 sigma^2` is
+    computed in Python floats; where it underflows the input's dtype (sigma below about
+    1e-19 in float32, 5e-3 in float16), which would give `exp(-0 / 0)` = NaN, the
+    kernels are computed in float64, and where it underflows float64 too (sigma below
+    about 1e-154) they are `d == 0`: their float64 value unless two samples differ by
+    less than about 40 sigma.
+
     Args:
         z: A `(batch, ..., features)` tensor.
         sigma: The RBF bandwidth, > 0.
@@ -226,7 +255,7 @@ def hsic(z, sigma=1.0):
     """
     matrix = tf.transpose(_as_matrix(z))  # (features, samples)
     diff = matrix[:, :, None] - matrix[:, None, :]
-    kernels = tf.exp(-tf.square(diff) / (2.0 * sigma**2))
+    kernels = _rbf_kernels(diff, sigma)
     centered = kernels - tf.reduce_mean(kernels, axis=1, keepdims=True)
     centered = centered - tf.reduce_mean(centered, axis=2, keepdims=True)
     total = tf.reduce_sum(tf.square(tf.reduce_sum(centered, axis=0)))
@@ -265,9 +294,21 @@ class FeaturePrior:
     """
 
     def __init__(self, name, strength=0.1, epsilon=1.0):
-        self.name = _check_choice("prior", name, PRIORS)
-        self.strength = _check_nonnegative("prior_strength", strength)
-        self.epsilon = _check_positive("prior_epsilon", epsilon)
+        # The arguments are the `prior`, `prior_strength` and `prior_epsilon` of the OptEq
+        # layers; the messages name both.
+        if name not in PRIORS:
+            raise ValueError(f"`name` must be one of the priors {PRIORS}. Received: name={name!r}")
+        if not _is_number(strength) or not 0 <= strength < math.inf:
+            raise ValueError(
+                "`strength` (`prior_strength` of the OptEq layers) must be a finite "
+                f"non-negative number. Received: strength={strength!r}"
+            )
+        if not _is_number(epsilon) or not 0 < epsilon < math.inf:
+            raise ValueError(
+                "`epsilon` (`prior_epsilon` of the OptEq layers) must be a finite positive "
+                f"number. Received: epsilon={epsilon!r}"
+            )
+        self.name, self.strength, self.epsilon = name, float(strength), float(epsilon)
 
     def value(self, z):
         """`R(z)`, a scalar (per-sample priors are summed over the batch)."""
@@ -327,7 +368,7 @@ class DecorrelationRegularizer(keras.regularizers.Regularizer):
     """
 
     def __init__(self, strength=0.01):
-        self.strength = _check_nonnegative("strength", strength)
+        self.strength = check_nonnegative_float("strength", strength)
 
     def __call__(self, x):
         return self.strength * decorrelation(x)
@@ -355,7 +396,7 @@ class HSICRegularizer(keras.regularizers.Regularizer):
     """
 
     def __init__(self, strength=0.01, sigma=1.0):
-        self.strength = _check_nonnegative("strength", strength)
+        self.strength = check_nonnegative_float("strength", strength)
         self.sigma = _check_positive("sigma", sigma)
 
     def __call__(self, x):
@@ -435,7 +476,7 @@ def sam_iteration(fn, z0, steps, grad_r=None, rho=0.5, c=0.2, gamma=0.1):
     >>> [round(v, 4) for v in z.numpy()[0].tolist()]
     [2.0, 2.0]
     """
-    steps = _check_positive_int("steps", steps)
+    steps = check_positive_int("steps", steps)
     z0 = tf.convert_to_tensor(z0)
     dtype = z0.dtype
 
@@ -473,15 +514,20 @@ class _OptEqUnit(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.units = _check_positive_int("units", units)
-        self.learnable_alpha = bool(learnable_alpha)
+        self.units = check_positive_int("units", units)
+        self.learnable_alpha = check_bool("learnable_alpha", learnable_alpha)
         self.alpha = _check_alpha(alpha, self.learnable_alpha)
         self.activation = keras.activations.get(activation)
         self.max_norm = _check_max_norm(max_norm)
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or self._default_kernel_initializer()
+        self.kernel_initializer = get_keras_object(
+            "initializer",
+            "kernel_initializer",
+            kernel_initializer,
+            default=self._default_kernel_initializer(),
         )
-        self.injection_initializer = keras.initializers.get(injection_initializer)
+        self.injection_initializer = get_keras_object(
+            "initializer", "injection_initializer", injection_initializer, default="glorot_uniform"
+        )
 
     def _default_kernel_initializer(self):
         raise NotImplementedError
@@ -631,7 +677,7 @@ class OptEqConvUnit(_OptEqUnit):
 
     def __init__(self, units, kernel_size=3, **kwargs):
         super().__init__(units, **kwargs)
-        self.kernel_size = _check_positive_int("kernel_size", kernel_size)
+        self.kernel_size = check_positive_int("kernel_size", kernel_size)
         if self.kernel_size % 2 == 0:
             raise ValueError(
                 f"`kernel_size` must be odd (same padding). Received: kernel_size={kernel_size!r}"
@@ -743,20 +789,23 @@ class OptEqCell(keras.layers.Layer):
         self.units = _check_units(units)
         self.kind = _check_choice("kind", kind, KINDS)
         self.kernel_size = kernel_size
-        self.learnable_alpha = bool(learnable_alpha)
+        self.learnable_alpha = check_bool("learnable_alpha", learnable_alpha)
         self.alpha = _check_alpha(alpha, self.learnable_alpha)
         self.activation = keras.activations.get(activation)
         self.max_norm = _check_max_norm(max_norm)
         if prior is not None:
             _check_choice("prior", prior, PRIORS)
         self.prior_name = prior
-        self.prior_strength = _check_nonnegative("prior_strength", prior_strength)
+        self.prior_strength = check_nonnegative_float("prior_strength", prior_strength)
         self.prior_epsilon = _check_positive("prior_epsilon", prior_epsilon)
         self.prior = None if prior is None else FeaturePrior(prior, prior_strength, prior_epsilon)
-        self.kernel_initializer = (
-            None if kernel_initializer is None else keras.initializers.get(kernel_initializer)
+        # None: each unit's own default (see `OptEqDenseUnit` and `OptEqConvUnit`).
+        self.kernel_initializer = get_keras_object(
+            "initializer", "kernel_initializer", kernel_initializer
         )
-        self.injection_initializer = keras.initializers.get(injection_initializer)
+        self.injection_initializer = get_keras_object(
+            "initializer", "injection_initializer", injection_initializer, default="glorot_uniform"
+        )
         self.unit_layers = [self._make_unit(i, n) for i, n in enumerate(self.units)]
 
     def _make_unit(self, index, width):
@@ -947,7 +996,9 @@ class OptEqBlock(keras.layers.Layer):
         super().__init__(**kwargs)
         self.prior_mode = _check_choice("prior_mode", prior_mode, PRIOR_MODES)
         self.training_mode = _check_choice("training_mode", training_mode, TRAINING_MODES)
-        self.unroll_steps = _check_positive_int("unroll_steps", unroll_steps)
+        self.unroll_steps = check_positive_int("unroll_steps", unroll_steps)
+        if prior is not None:
+            _check_choice("prior", prior, PRIORS)
         self.sam_rho, self.sam_c = sam_rho, sam_c
         if prior is not None and prior_mode == "sam":
             self.sam_rho, self.sam_c = check_sam_schedule(sam_rho, sam_c)
@@ -960,7 +1011,7 @@ class OptEqBlock(keras.layers.Layer):
         self.solver = solver
         self.max_iter = max_iter
         self.tol = tol
-        self.deq_options = dict(deq_options or {})
+        self.deq_options = check_mapping("deq_options", deq_options)
         self.cell = OptEqCell(
             units,
             kind=kind,

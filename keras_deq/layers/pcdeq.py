@@ -7,9 +7,12 @@ a unique fixed point and plain fixed-point iteration converges to it geometrical
 from any nonnegative start, however large `||W||` is.
 """
 
+import numbers
+
 import keras
 
 from keras_deq.layers.deq import DEQ
+from keras_deq.solvers.common import check_bool, check_positive_float
 
 # Activations allowed with each variant: pcDEQ-1 needs sigma(0) = 0 concave and
 # nonnegative on R+ with a strictly positive injection; pcDEQ-2 needs sigma
@@ -59,7 +62,7 @@ class PositiveConcaveCell(keras.layers.Layer):
         self.activation = keras.activations.get(activation)
         self.kernel_size = kernel_size
         self.init_scale = init_scale
-        self.weight_norm = weight_norm
+        self.weight_norm = check_bool("weight_norm", weight_norm)
 
     def build(self, z_shape, x_shape):
         channels = z_shape[-1]
@@ -183,29 +186,40 @@ class PcDEQ(DEQ):
                 f"Received: units={units!r}, filters={filters!r}"
             )
         width = units if units is not None else filters
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
             name = "units" if units is not None else "filters"
             raise ValueError(f"`{name}` must be a positive integer. Received: {name}={width!r}")
-        if variant not in VARIANT_ACTIVATIONS:
+        units = None if units is None else int(units)
+        filters = None if filters is None else int(filters)
+        if (
+            isinstance(variant, bool)
+            or not isinstance(variant, numbers.Integral)
+            or variant not in VARIANT_ACTIVATIONS
+        ):
             raise ValueError(f"`variant` must be 1 or 2. Received: variant={variant!r}")
-        activation = activation or VARIANT_ACTIVATIONS[variant][0]
-        if activation not in VARIANT_ACTIVATIONS[variant]:
+        variant = int(variant)
+        if activation is None:
+            activation = VARIANT_ACTIVATIONS[variant][0]
+        if not isinstance(activation, str) or activation not in VARIANT_ACTIVATIONS[variant]:
             raise ValueError(
-                f"pcDEQ-{variant} needs an activation in {VARIANT_ACTIVATIONS[variant]} "
-                f"(concave, nonnegative on R+{', sigma(0) = 0' if variant == 1 else ', positive'}). "
-                f"Received: activation={activation!r}"
+                f"pcDEQ-{variant} needs `activation` in {VARIANT_ACTIVATIONS[variant]} "
+                f"(concave, nonnegative on R+{', sigma(0) = 0' if variant == 1 else ', positive'}) "
+                f"or None. Received: activation={activation!r}"
             )
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+        if (
+            isinstance(kernel_size, bool)
+            or not isinstance(kernel_size, numbers.Integral)
+            or kernel_size < 1
+        ):
             raise ValueError(
                 f"`kernel_size` must be a positive integer. Received: kernel_size={kernel_size!r}"
             )
-        if not softplus_beta > 0:
-            raise ValueError(
-                f"`softplus_beta` must be positive. Received: softplus_beta={softplus_beta!r}"
-            )
+        kernel_size = int(kernel_size)
+        softplus_beta = check_positive_float("softplus_beta", softplus_beta)
+        weight_norm = check_bool("weight_norm", weight_norm)
         self.units, self.filters, self.variant = units, filters, variant
-        self.activation, self.softplus_beta = activation, float(softplus_beta)
-        self.weight_norm = bool(weight_norm)
+        self.activation, self.softplus_beta = activation, softplus_beta
+        self.weight_norm = weight_norm
         cell = PositiveConcaveCell(
             activation,
             kernel_size=None if units is not None else kernel_size,

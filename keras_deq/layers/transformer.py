@@ -6,6 +6,8 @@ import numbers
 import keras
 import tensorflow as tf
 
+from keras_deq.solvers.common import check_optional_positive_int, check_rate, get_keras_object
+
 NORMS = ("pre", "post")
 
 
@@ -14,7 +16,8 @@ def sinusoidal_positions(length, d_model, dtype="float32"):
 
     Args:
         length: Number of positions (a Python int or a scalar tensor).
-        d_model: Number of features (even).
+        d_model: Number of features (a positive int; with an odd `d_model` the last
+            feature is 0).
         dtype: Output dtype.
 
     Returns:
@@ -30,7 +33,9 @@ def sinusoidal_positions(length, d_model, dtype="float32"):
     half = d_model // 2
     rates = tf.exp(-math.log(10000.0) * tf.cast(tf.range(half), "float32") * 2.0 / d_model)
     angles = positions * rates[None, :]
-    pe = tf.reshape(tf.stack([tf.sin(angles), tf.cos(angles)], axis=-1), (-1, 2 * half))
+    # The explicit length: with d_model = 1 (half = 0) a -1 could not be inferred.
+    shape = tf.stack([tf.shape(positions)[0], 2 * half])
+    pe = tf.reshape(tf.stack([tf.sin(angles), tf.cos(angles)], axis=-1), shape)
     if d_model % 2:
         pe = tf.pad(pe, [[0, 0], [0, 1]])
     return tf.cast(pe, dtype)
@@ -72,14 +77,16 @@ class DEQTransformerCell(keras.layers.Layer):
 
     Args:
         num_heads: Number of attention heads.
-        ff_dim: Hidden size of the feed-forward block; `4 * d_model` by default.
+        ff_dim: Hidden size of the feed-forward block; None (default) means
+            `4 * d_model`.
         norm: `"pre"` or `"post"` layer normalization (see above).
         dropout: Variational dropout rate in [0, 1).
         activation: Activation of the feed-forward block.
-        key_dim: Size of each attention head; `d_model // num_heads` by default.
+        key_dim: Size of each attention head; None (default) means
+            `max(1, d_model // num_heads)`.
         kernel_initializer: Initializer of the attention and FFN kernels. A
             small one (the default, `TruncatedNormal(stddev=0.02)`) keeps the
-            untrained map contractive.
+            untrained map contractive; None means it.
         **kwargs: Base layer arguments.
 
     Example:
@@ -113,16 +120,17 @@ class DEQTransformerCell(keras.layers.Layer):
             )
         if norm not in NORMS:
             raise ValueError(f"`norm` must be one of {NORMS}. Received: norm={norm!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
         self.num_heads = int(num_heads)
-        self.ff_dim = ff_dim
+        self.ff_dim = check_optional_positive_int("ff_dim", ff_dim)
         self.norm = norm
-        self.dropout = float(dropout)
+        self.dropout = check_rate("dropout", dropout)
         self.activation = keras.activations.get(activation)
-        self.key_dim = key_dim
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or keras.initializers.TruncatedNormal(stddev=0.02)
+        self.key_dim = check_optional_positive_int("key_dim", key_dim)
+        self.kernel_initializer = get_keras_object(
+            "initializer",
+            "kernel_initializer",
+            kernel_initializer,
+            default=keras.initializers.TruncatedNormal(stddev=0.02),
         )
         self._seed_generator = keras.random.SeedGenerator(0)
 

@@ -8,6 +8,14 @@ import tensorflow as tf
 
 from keras_deq.layers.deq import DEQ
 from keras_deq.layers.transformer import DEQTransformerCell, sinusoidal_positions
+from keras_deq.solvers.common import (
+    check_fraction,
+    check_mapping,
+    check_nonnegative_float,
+    check_optional_positive_int,
+    check_positive_int,
+    check_rate,
+)
 
 LN2 = math.log(2.0)
 
@@ -145,22 +153,22 @@ class DEQTransformerLM(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.vocab_size = int(vocab_size)
-        self.d_model = int(d_model)
-        self.num_heads = int(num_heads)
-        self.ff_dim = ff_dim
+        self.vocab_size = check_positive_int("vocab_size", vocab_size)
+        self.d_model = check_positive_int("d_model", d_model)
+        self.num_heads = check_positive_int("num_heads", num_heads)
+        self.ff_dim = check_optional_positive_int("ff_dim", ff_dim)
         self.norm = norm
-        self.dropout = float(dropout)
-        self.embedding_dropout = float(embedding_dropout)
+        self.dropout = check_rate("dropout", dropout)
+        self.embedding_dropout = check_rate("embedding_dropout", embedding_dropout)
         self.solver = solver
         self.max_iter = max_iter
         self.tol = tol
         self.backward = backward
         self.backward_max_iter = backward_max_iter
-        self.jacobian_weight = float(jacobian_weight)
-        self.jacobian_frequency = float(jacobian_frequency)
+        self.jacobian_weight = check_nonnegative_float("jacobian_weight", jacobian_weight)
+        self.jacobian_frequency = check_fraction("jacobian_frequency", jacobian_frequency)
         self.on_failure = on_failure
-        self.deq_options = dict(deq_options or {})
+        self.deq_options = check_mapping("deq_options", deq_options)
         policy = self.dtype_policy
         self.embedding = keras.layers.Embedding(
             self.vocab_size,
@@ -175,7 +183,7 @@ class DEQTransformerLM(keras.Model):
         )
         self.cell = DEQTransformerCell(
             self.num_heads,
-            ff_dim=ff_dim,
+            ff_dim=self.ff_dim,
             norm=norm,
             dropout=self.dropout,
             dtype=policy,
@@ -188,8 +196,8 @@ class DEQTransformerLM(keras.Model):
             tol=tol,
             backward=backward,
             backward_max_iter=backward_max_iter,
-            jacobian_weight=jacobian_weight,
-            jacobian_frequency=jacobian_frequency,
+            jacobian_weight=self.jacobian_weight,
+            jacobian_frequency=self.jacobian_frequency,
             on_failure=on_failure,
             dtype=policy,
             name="deq",
@@ -202,6 +210,11 @@ class DEQTransformerLM(keras.Model):
     def build(self, input_shape=None):
         if self.built:
             return
+        if input_shape is not None and len(input_shape) != 2:
+            raise ValueError(
+                "`tokens` must have shape (batch, T). "
+                f"Received: tokens with shape={tuple(input_shape)}"
+            )
         batch = None if input_shape is None else input_shape[0]
         length = None if input_shape is None else input_shape[1]
         self.embedding.build((batch, length))
@@ -228,8 +241,57 @@ class DEQTransformerLM(keras.Model):
         x = x + sinusoidal_positions(tf.shape(tokens)[1], self.d_model, self.compute_dtype)
         return self.injection_dropout(self.injection(x), training=training)
 
+    def check_tokens(self, tokens):
+        """`tokens` as an int32 tensor, checked: ids in `[0, vocab_size)`, shape `(batch, T)`.
+
+        Integer tensors are expected; floating-point ones are accepted when their values
+        are whole numbers (as `keras.layers.Embedding` does, and as Keras' default export
+        signature of a subclassed model, float32, needs). The dtype and rank are checked
+        statically (ValueError). The values are checked with a ValueError when running
+        eagerly and with `tf.debugging` assertions in a graph (`InvalidArgumentError` at
+        run time; XLA drops them).
+        """
+        tokens = tf.convert_to_tensor(tokens)
+        dtype = tokens.dtype
+        if not (dtype.is_integer or dtype.is_floating):
+            raise ValueError(
+                "`tokens` must be integer token ids (an int tensor or array). "
+                f"Received: tokens with dtype={dtype.name}"
+            )
+        if tokens.shape.rank is not None and tokens.shape.rank != 2:
+            raise ValueError(
+                "`tokens` must have shape (batch, T). "
+                f"Received: tokens with shape={tuple(tokens.shape)}"
+            )
+        message = (
+            f"`tokens` must be integer ids in [0, vocab_size) with vocab_size={self.vocab_size}"
+        )
+        values = tf.cast(tokens, "float64" if dtype.is_floating else "int64")
+        vocab_size = tf.constant(self.vocab_size, values.dtype)
+        if tf.executing_eagerly():
+            if tf.size(values) == 0:
+                return tf.cast(tokens, "int32")
+            if dtype.is_floating and not bool(tf.reduce_all(tf.equal(values, tf.floor(values)))):
+                raise ValueError(
+                    f"{message}. Received: tokens with dtype={dtype.name} and non-integer values"
+                )
+            low, high = tf.reduce_min(values), tf.reduce_max(values)
+            if not (bool(low >= 0) and bool(high < vocab_size)):
+                raise ValueError(
+                    f"{message}. Received: tokens with ids from {low.numpy()} to {high.numpy()}"
+                )
+            return tf.cast(tokens, "int32")
+        checks = [
+            tf.debugging.assert_greater_equal(values, tf.zeros([], values.dtype), message=message),
+            tf.debugging.assert_less(values, vocab_size, message=message),
+        ]
+        if dtype.is_floating:
+            checks.append(tf.debugging.assert_equal(values, tf.floor(values), message=message))
+        with tf.control_dependencies(checks):
+            return tf.cast(tf.identity(tokens), "int32")
+
     def call(self, tokens, training=None):
-        tokens = tf.cast(tokens, "int32")
+        tokens = self.check_tokens(tokens)
         x = self.inject(tokens, training=training)
         if training:
             self.cell.resample_dropout()

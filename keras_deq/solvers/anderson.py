@@ -42,7 +42,7 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
     max_iter, tol, stop_mode = common.check_common(f, max_iter, tol, stop_mode)
     window = common.check_positive_int("window", window)
     beta = common.check_fraction("beta", beta)
-    ridge = common.check_nonnegative_float("ridge", ridge)
+    ridge = common.check_nonnegative_float("ridge", ridge, finite=False)
     return common.solve_structure(
         _anderson,
         f,

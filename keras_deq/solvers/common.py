@@ -1,28 +1,52 @@
 """Argument checks and the structure wrapper shared by every solver."""
 
 import numbers
+from collections.abc import Mapping
 
 import tensorflow as tf
 
 from keras_deq.solvers.packing import Packer
 from keras_deq.solvers.result import STOP_MODES
 
+# Iteration counters are int32 inside `tf.while_loop`.
+MAX_COUNT = 2**31 - 1
+
 
 def check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not 1 <= value <= MAX_COUNT
+    ):
+        raise ValueError(
+            f"`{name}` must be a positive integer (at most 2**31 - 1). Received: {name}={value!r}"
+        )
     return int(value)
 
 
-def check_positive_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
+def check_positive_float(name, value, finite=True):
+    """A number > 0; finite unless `finite=False` (then `inf` is allowed)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not value > 0
+        or (finite and not value < float("inf"))
+    ):
+        what = "a finite positive number" if finite else "a positive number"
+        raise ValueError(f"`{name}` must be {what}. Received: {name}={value!r}")
     return float(value)
 
 
-def check_nonnegative_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"`{name}` must be a non-negative number. Received: {name}={value!r}")
+def check_nonnegative_float(name, value, finite=True):
+    """A number >= 0; finite unless `finite=False` (then `inf` is allowed)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not value >= 0
+        or (finite and not value < float("inf"))
+    ):
+        what = "a finite non-negative number" if finite else "a non-negative number"
+        raise ValueError(f"`{name}` must be {what}. Received: {name}={value!r}")
     return float(value)
 
 
@@ -62,6 +86,7 @@ def solve_structure(flat_solver, f, z0, **kwargs):
         **kwargs: Passed to `flat_solver`.
     """
     z0 = tf.nest.map_structure(tf.convert_to_tensor, z0)
+    _check_state(z0)
     packer = Packer(z0)
     if not packer.dtype.is_floating:
         raise ValueError(
@@ -102,3 +127,83 @@ def per_entry(solve, batch_dims):
         return result._replace(state=split(result.state))
 
     return solve_entries
+
+
+def _check_state(z0):
+    """Static checks of `z0`: batched tensors sharing one batch size."""
+    tensors = tf.nest.flatten(z0)
+    shapes = [t.shape for t in tensors]
+    if any(shape.rank == 0 for shape in shapes):
+        raise ValueError(
+            "`z0` must be a `(batch, ...)` tensor or a nest of them; a scalar has no batch "
+            f"dimension. Received: z0 with shapes {[s.as_list() for s in shapes]}"
+        )
+    batches = {shape[0] for shape in shapes if shape.rank is not None and shape[0] is not None}
+    if len(batches) > 1:
+        raise ValueError(
+            "All tensors of `z0` must share the batch (first) dimension. "
+            f"Received: z0 with shapes {[s.as_list() for s in shapes]}"
+        )
+
+
+# ------------------------------------------------------------- layer argument checks
+def check_bool(name, value):
+    """A Python or numpy boolean (not an int, a string or any other truthy value)."""
+    import numpy as np
+
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{name}` must be a boolean. Received: {name}={value!r}")
+    return bool(value)
+
+
+def check_optional_positive_int(name, value):
+    """None, or a positive integer (numpy integers too)."""
+    return None if value is None else check_positive_int(name, value)
+
+
+def check_rate(name, value):
+    """A dropout rate: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"`{name}` must be a number in [0, 1). Received: {name}={value!r}")
+    return float(value)
+
+
+_KERAS_KINDS = ("initializer", "constraint", "regularizer")
+
+
+def get_keras_object(kind, name, value, default=None):
+    """`keras.{kind}s.get(value)`, with an error that names the argument `name`.
+
+    `None` means `default` (itself passed to `keras.{kind}s.get`, so None stays None for
+    constraints and regularizers). Any other value, falsy ones (0, "", [], False)
+    included, must be something Keras can interpret: it is never silently replaced.
+
+    Args:
+        kind: `"initializer"`, `"constraint"` or `"regularizer"`.
+        name: The argument's name, for the error message.
+        value: The identifier: an instance, a name, a config dict or a callable.
+        default: What None means.
+    """
+    import keras
+
+    if kind not in _KERAS_KINDS:
+        raise ValueError(f"`kind` must be one of {_KERAS_KINDS}. Received: kind={kind!r}")
+    module = getattr(keras, f"{kind}s")
+    if value is None:
+        return None if default is None else module.get(default)
+    try:
+        return module.get(value)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ValueError(
+            f"`{name}` must be a Keras {kind} (an instance, a name, a config dict or a "
+            f"callable) or None: {error}. Received: {name}={value!r}"
+        ) from error
+
+
+def check_mapping(name, value):
+    """A dict of keyword options, or None (an empty dict)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"`{name}` must be a dict or None. Received: {name}={value!r}")
+    return dict(value)

@@ -83,6 +83,24 @@ class Packer:
         """Wraps `f` (structure -> structure) as a map of packed matrices."""
 
         def packed(matrix):
-            return self.pack(f(self.unpack(matrix)))
+            out = f(self.unpack(matrix))
+            self._check_output(out)
+            return self.pack(out)
 
         return packed
+
+    def _check_output(self, out):
+        """`f` must return tensors shaped like the state (checked where shapes are known)."""
+        flat = tf.nest.flatten(out)
+        ok = len(flat) == len(self.tensors) and all(t is not None for t in flat)
+        if ok:
+            for t, ref in zip(flat, self.tensors, strict=True):
+                got, want = tf.TensorShape(getattr(t, "shape", None)), ref.shape
+                if not got.is_compatible_with(want):
+                    ok = False
+        if not ok:
+            shapes = [getattr(t, "shape", None) for t in flat]
+            raise ValueError(
+                "`f` must return a structure of tensors shaped like `z0`. Received: f "
+                f"returned {shapes}, z0 has shapes {[t.shape for t in self.tensors]}"
+            )

@@ -50,15 +50,15 @@ _OPTION_CHECKS = {
     "beta": common.check_fraction,
     "window": common.check_positive_int,
     "memory": common.check_positive_int,
-    "ridge": common.check_nonnegative_float,
+    "ridge": lambda name, value: common.check_nonnegative_float(name, value, finite=False),
 }
 
 
 def check_options(solver, options, argument="solver_options"):
     """Refuses options that `solver` does not take or bad values; returns a dict."""
-    options = dict(options or {})
+    options = common.check_mapping(argument, options)
     known = options_of(solver)
-    unknown = sorted(set(options) - set(known))
+    unknown = sorted((set(options) - set(known)), key=repr)
     if unknown:
         raise ValueError(
             f"Unknown option(s) {unknown} for solver {getattr(get(solver), '__name__', solver)!r}. "
