@@ -56,32 +56,37 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
     )
 
 
-def _update_gram(gram, slot, row, window):
-    """Replaces row and column `slot` of the `(batch, m, m)` Gram matrix by `row`."""
-    e = tf.one_hot(slot, window, dtype=gram.dtype)
-    keep = (1.0 - e)[:, None] * (1.0 - e)[None, :]
-    new = e[:, None] * row[:, None, :] + row[:, :, None] * e[None, :]
-    diag = e[:, None] * e[None, :] * tf.reduce_sum(row * e, axis=1)[:, None, None]
-    return gram * keep + new - diag
+def _shift_gram(gram, row):
+    """Drops the oldest row/column of the `(batch, m, m)` Gram matrix and appends `row`
+    (the inner products of every history entry, newest last, with the newest residual)."""
+    top = tf.concat([gram[:, 1:, 1:], row[:, :-1, None]], axis=2)
+    return tf.concat([top, row[:, None, :]], axis=1)
 
 
-def _mixing_weights(gram, k, slot, window, ridge):
-    """Solves for the Anderson weights, falling back to the newest iterate."""
+def _mixing_weights(gram, k, window, ridge):
+    """Solves for the Anderson weights, falling back to the newest iterate.
+
+    The history is ordered oldest first; after `k + 1` iterations its last
+    `min(k + 1, window)` entries are valid.
+    """
     acc = gram.dtype
     n_valid = tf.minimum(k + 1, window)
-    valid = tf.cast(tf.range(window) < n_valid, acc)
+    valid = tf.cast(tf.range(window) >= window - n_valid, acc)
     # A sample whose Gram matrix overflowed solves the identity system instead and
     # falls back to the newest iterate below.
     finite = tf.reduce_all(tf.math.is_finite(gram), axis=[1, 2])
     gram = tf.where(finite[:, None, None], gram, tf.zeros_like(gram))
     mean_sq = tf.linalg.trace(gram) / tf.cast(n_valid, acc)
     tiny = tf.constant(1e-30 if acc == tf.float64 else 1e-20, acc)
+    # The system is scaled by the mean squared residual (the weights do not depend
+    # on that scale), so that its entries are O(1) even for huge residuals.
+    gram = gram / (mean_sq + tiny)[:, None, None]
     # The ridge never drops below a few machine epsilons (relative), so that the
     # system stays invertible with `ridge=0` and a linearly dependent history:
     # tf.linalg.solve raises on an exactly singular matrix.
     floor = tf.constant(100.0, acc) * tf.constant(np.finfo(acc.as_numpy_dtype).eps, acc)
-    lam = tf.maximum(tf.constant(ridge, acc), floor) * mean_sq + tiny
-    system = gram + tf.linalg.diag(lam[:, None] * valid[None, :] + (1.0 - valid)[None, :])
+    lam = tf.maximum(tf.constant(ridge, acc), floor)
+    system = gram + tf.linalg.diag(lam * valid[None, :] + (1.0 - valid)[None, :])
     rhs = tf.broadcast_to(valid[None, :, None], tf.shape(gram[:, :, :1]))
     w = tf.linalg.solve(system, rhs)[:, :, 0]
     total = tf.reduce_sum(w, axis=1, keepdims=True)
@@ -91,18 +96,25 @@ def _mixing_weights(gram, k, slot, window, ridge):
         & (tf.abs(total) > tiny)
         & finite[:, None]
     )
-    newest = tf.one_hot(slot, window, dtype=acc)[None, :]
+    newest = tf.one_hot(window - 1, window, dtype=acc)[None, :]
     return tf.where(ok, alpha, newest)
+
+
+def _combine(alpha, history):
+    """`sum_i alpha[:, i] * history[i]` for a tuple of `(batch, n)` tensors."""
+    return tf.add_n([alpha[:, i : i + 1] * h for i, h in enumerate(history)])
 
 
 def _anderson(f, z0, unpack, max_iter, tol, stop_mode, window, beta, ridge):
     dtype = z0.dtype
     acc = res.accumulation_dtype(dtype)
-    batch, n = tf.shape(z0)[0], tf.shape(z0)[1]
-    # Histories of f(z_i) and of the residuals g_i = f(z_i) - z_i, (batch, window, n),
-    # kept in the state's dtype; the Gram matrix of the g_i in `acc`.
-    history_f = tf.zeros([batch, window, n], dtype)
-    history_g = tf.zeros([batch, window, n], dtype)
+    batch = tf.shape(z0)[0]
+    # The last `window` values of f(z_i) and of the residuals g_i = f(z_i) - z_i, oldest
+    # first, as a tuple of `(batch, n)` tensors: a new entry shifts the tuple, which
+    # costs no copy (a ring buffer in one tensor rewrites it at every iteration).
+    zeros = tf.zeros_like(z0)
+    history_f = (zeros,) * window
+    history_g = (zeros,) * window
     gram = tf.zeros([batch, window, window], acc)
 
     def body(k, z, history_f, history_g, gram, best, _):
@@ -113,15 +125,15 @@ def _anderson(f, z0, unpack, max_iter, tol, stop_mode, window, beta, ridge):
         # that it cannot spoil anything; its weights then fall back to a plain step.
         finite = tf.math.is_finite(abs_res)[:, None]
         g = tf.where(finite, fz - z, tf.zeros_like(z))
-        slot = k % window
-        history_f = res.write_slot(history_f, slot, tf.where(finite, fz, z))
-        history_g = res.write_slot(history_g, slot, g)
-        row = tf.matmul(tf.cast(history_g, acc), tf.cast(g, acc)[:, :, None])[:, :, 0]
-        gram = _update_gram(gram, slot, row, window)
-        alpha = tf.cast(_mixing_weights(gram, k, slot, window, ridge), dtype)[:, None, :]
-        z_next = tf.matmul(alpha, history_f)[:, 0, :]
+        history_f = (*history_f[1:], tf.where(finite, fz, z))
+        history_g = (*history_g[1:], g)
+        g_acc = tf.cast(g, acc)
+        row = tf.stack([tf.reduce_sum(tf.cast(h, acc) * g_acc, axis=1) for h in history_g], axis=1)
+        gram = _shift_gram(gram, row)
+        alpha = tf.cast(_mixing_weights(gram, k, window, ridge), dtype)
+        z_next = _combine(alpha, history_f)
         if beta != 1.0:
-            z_next -= (1.0 - beta) * tf.matmul(alpha, history_g)[:, 0, :]
+            z_next -= (1.0 - beta) * _combine(alpha, history_g)
         z_next, best = res.guard(best, z_next)
         return (
             k + 1,
