@@ -1687,15 +1687,7 @@ def test_solver_refuses_non_float_or_empty_z0(name, z0, names):
     [
         "fixed_point",
         "broyden",
-        pytest.param(
-            "anderson",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="anderson with a zero-width state (z0 of shape (batch, 0)) fails in "
-                "tensor_scatter_nd_update with InvalidArgumentError; fixed_point and broyden "
-                "return the empty state",
-            ),
-        ),
+        "anderson",
     ],
 )
 def test_solver_zero_width_state(name):

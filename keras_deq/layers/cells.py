@@ -1,10 +1,8 @@
 """Ready-made cells `f(z, x)` for `keras_deq.DEQ`."""
 
-import numbers
-
 import keras
 
-from keras_deq.solvers.common import check_bool, get_keras_object
+from keras_deq.solvers.common import check_bool, check_positive_int, get_keras_object
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
@@ -43,9 +41,7 @@ class DenseCell(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(units, bool) or not isinstance(units, numbers.Integral) or units < 1:
-            raise ValueError(f"`units` must be a positive integer. Received: units={units!r}")
-        self.units = int(units)
+        self.units = check_positive_int("units", units)
         self.activation = keras.activations.get(activation)
         self.use_injection = check_bool("use_injection", use_injection)
         self.kernel_initializer = get_keras_object(

@@ -85,7 +85,8 @@ def _mixing_weights(gram, k, window, ridge):
     # system stays invertible with `ridge=0` and a linearly dependent history:
     # tf.linalg.solve raises on an exactly singular matrix.
     floor = tf.constant(100.0, acc) * tf.constant(np.finfo(acc.as_numpy_dtype).eps, acc)
-    lam = tf.maximum(tf.constant(ridge, acc), floor)
+    # An infinite ridge means equal weights: any huge finite value gives them.
+    lam = tf.minimum(tf.maximum(tf.constant(ridge, acc), floor), tf.constant(1e30, acc))
     system = gram + tf.linalg.diag(lam * valid[None, :] + (1.0 - valid)[None, :])
     rhs = tf.broadcast_to(valid[None, :, None], tf.shape(gram[:, :, :1]))
     w = tf.linalg.solve(system, rhs)[:, :, 0]
