@@ -60,12 +60,14 @@ def mask_rows(structure, ok):
     `NaN * 0`."""
 
     def mask(t):
-        if not t.dtype.is_floating:
-            return t
-        keep = tf.reshape(ok, tf.concat([[-1], tf.ones([tf.rank(t) - 1], tf.int32)], 0))
-        return tf.where(keep, t, tf.zeros_like(t))
+        return tf.where(_rows(ok, t), t, tf.zeros_like(t)) if t.dtype.is_floating else t
 
     return tf.nest.map_structure(mask, structure)
+
+
+def _rows(ok, t):
+    """`ok` `(batch,)` shaped to broadcast over the rows of `t`."""
+    return tf.reshape(ok, tf.concat([[-1], tf.ones([tf.rank(t) - 1], tf.int32)], 0))
 
 
 def _zeros_for_none(grads, like):
@@ -130,11 +132,7 @@ def equilibrium(
 def select_rows(ok, a, b):
     """Rows of nest `a` where `ok`, else rows of nest `b`."""
 
-    def select(t, u):
-        keep = tf.reshape(ok, tf.concat([[-1], tf.ones([tf.rank(t) - 1], tf.int32)], 0))
-        return tf.where(keep, t, u)
-
-    return tf.nest.map_structure(select, a, b)
+    return tf.nest.map_structure(lambda t, u: tf.where(_rows(ok, t), t, u), a, b)
 
 
 def _phantom(fn, x, z_star, steps, tau):
