@@ -24,11 +24,7 @@ import numbers
 import keras
 import tensorflow as tf
 
-
-def _check_max_norm(max_norm):
-    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not max_norm > 0:
-        raise ValueError(f"`max_norm` must be a positive number. Received: max_norm={max_norm!r}")
-    return float(max_norm)
+from keras_deq.solvers.common import check_positive_float
 
 
 def _check_spatial_shape(spatial_shape):
@@ -151,7 +147,7 @@ class SpectralNorm(keras.constraints.Constraint):
     """
 
     def __init__(self, max_norm=1.0):
-        self.max_norm = _check_max_norm(max_norm)
+        self.max_norm = check_positive_float("max_norm", max_norm, finite=False)
 
     def __call__(self, w):
         w = tf.convert_to_tensor(w)
@@ -187,7 +183,7 @@ class ConvSpectralNorm(keras.constraints.Constraint):
     """
 
     def __init__(self, max_norm=1.0, spatial_shape=(32, 32)):
-        self.max_norm = _check_max_norm(max_norm)
+        self.max_norm = check_positive_float("max_norm", max_norm, finite=False)
         self.spatial_shape = _check_spatial_shape(spatial_shape)
 
     def __call__(self, w):

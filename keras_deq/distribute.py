@@ -5,18 +5,11 @@ import warnings
 import keras
 import tensorflow as tf
 
+from keras_deq.solvers.common import check_optional_positive_int, check_positive_int
+
 __all__ = ["fit_distributed"]
 
 VERBOSE = ("auto", 0, 1, 2)
-
-
-def _check_positive_int(name, value, allow_none=False):
-    if allow_none and value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        what = "a positive integer or None" if allow_none else "a positive integer"
-        raise ValueError(f"`{name}` must be {what}. Received: {name}={value!r}")
-    return value
 
 
 def _check_arguments(model, dataset, epochs, strategy, steps_per_epoch, verbose):
@@ -33,8 +26,8 @@ def _check_arguments(model, dataset, epochs, strategy, steps_per_epoch, verbose)
             "batches of the global batch size (it is split between the replicas). "
             f"Received: dataset of type {type(dataset).__name__}"
         )
-    epochs = _check_positive_int("epochs", epochs)
-    steps_per_epoch = _check_positive_int("steps_per_epoch", steps_per_epoch, allow_none=True)
+    epochs = check_positive_int("epochs", epochs)
+    steps_per_epoch = check_optional_positive_int("steps_per_epoch", steps_per_epoch)
     if steps_per_epoch is None and dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
         raise ValueError(
             "`dataset` is infinite (it repeats): pass `steps_per_epoch`, or the epoch never ends."

@@ -36,6 +36,7 @@ from keras_deq.solvers.common import (
     check_bool,
     check_mapping,
     check_nonnegative_float,
+    check_positive_float,
     check_positive_int,
     get_keras_object,
 )
@@ -58,12 +59,6 @@ def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {choices}. Received: {name}={value!r}")
     return value
-
-
-def _check_positive(name, value):
-    if not _is_number(value) or not value > 0:
-        raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
-    return float(value)
 
 
 def _check_alpha(alpha, learnable):
@@ -89,7 +84,7 @@ def _check_units(units):
 def _check_max_norm(max_norm):
     if max_norm is None:
         return None
-    return _check_positive("max_norm", max_norm)
+    return check_positive_float("max_norm", max_norm, finite=False)
 
 
 # ------------------------------------------------------------------ feature functions
@@ -397,7 +392,7 @@ class HSICRegularizer(keras.regularizers.Regularizer):
 
     def __init__(self, strength=0.01, sigma=1.0):
         self.strength = check_nonnegative_float("strength", strength)
-        self.sigma = _check_positive("sigma", sigma)
+        self.sigma = check_positive_float("sigma", sigma, finite=False)
 
     def __call__(self, x):
         return self.strength * hsic(x, self.sigma)
@@ -435,8 +430,8 @@ def feature_regularizer(name, strength=0.01, **kwargs):
 # ------------------------------------------------------------------ SAM iteration
 def check_sam_schedule(rho, c):
     """Refuses `(rho, c)` outside Theorem 5's `rho, c > 0`, `rho + 2c < 1`."""
-    rho = _check_positive("sam_rho", rho)
-    c = _check_positive("sam_c", c)
+    rho = check_positive_float("sam_rho", rho, finite=False)
+    c = check_positive_float("sam_c", c, finite=False)
     if not rho + 2.0 * c < 1.0:
         raise ValueError(
             "The SAM schedule beta_k = rho / k^c needs rho + 2c < 1 (Theorem 5). "
@@ -797,7 +792,7 @@ class OptEqCell(keras.layers.Layer):
             _check_choice("prior", prior, PRIORS)
         self.prior_name = prior
         self.prior_strength = check_nonnegative_float("prior_strength", prior_strength)
-        self.prior_epsilon = _check_positive("prior_epsilon", prior_epsilon)
+        self.prior_epsilon = check_positive_float("prior_epsilon", prior_epsilon, finite=False)
         self.prior = None if prior is None else FeaturePrior(prior, prior_strength, prior_epsilon)
         # None: each unit's own default (see `OptEqDenseUnit` and `OptEqConvUnit`).
         self.kernel_initializer = get_keras_object(
