@@ -70,6 +70,30 @@ def _rows(ok, t):
     return tf.reshape(ok, tf.concat([[-1], tf.ones([tf.rank(t) - 1], tf.int32)], 0))
 
 
+def finite_upstream(z):
+    """Identity on the nest `z` whose gradient zeros the rows (samples) of the
+    upstream gradient that hold NaN or Inf.
+
+    A loss that overflows downstream of the layer (e.g. on a diverged state) then
+    moves no weight through the layer, whatever the backward mode.
+    """
+    flat = tf.nest.flatten(z)
+
+    @tf.custom_gradient
+    def identity(*tensors):
+        def grad(*upstream):
+            out = []
+            for g in _zeros_for_none(upstream, tensors):
+                rows = tf.reshape(g, [tf.shape(g)[0], -1])
+                finite = tf.reduce_all(tf.math.is_finite(rows), axis=1)
+                out.append(tf.where(_rows(finite, g), g, tf.zeros_like(g)))
+            return out
+
+        return [tf.identity(t) for t in tensors], grad
+
+    return tf.nest.pack_sequence_as(z, list(identity(*flat)))
+
+
 def _zeros_for_none(grads, like):
     return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
 

@@ -29,15 +29,15 @@ import pytest
 import tensorflow as tf
 
 from keras_deq import DEQ, DenseCell, solvers
+from tests.solvers.helpers import relative_np
 
 SOLVERS = ("anderson", "broyden", "fixed_point")
-REL_EPS = 1e-8  # the documented 1e-8 of the relative residual
 
 
 # ------------------------------------------------------ numpy reference solvers
 def rel_residual(f_np, z):
     fz = f_np(z)
-    return np.linalg.norm(fz - z, axis=1) / (np.linalg.norm(fz, axis=1) + REL_EPS)
+    return relative_np(np.linalg.norm(fz - z, axis=1), np.linalg.norm(fz, axis=1))
 
 
 def picard_iterates(f_np, z0, count):
@@ -103,15 +103,16 @@ ITERATES = {
 
 
 def best_before(f_np, zs, first_bad):
-    """Per sample, the lowest-residual iterate among zs[:first_bad[b]]: the ones
-    whose evaluation was finite. Returns (states, rel residuals)."""
+    """Per sample, the lowest-absolute-residual iterate among zs[:first_bad[b]]: the
+    ones whose evaluation was finite. Returns (states, rel residuals)."""
     zs = np.stack(zs)  # (iterates, batch, n)
-    res = np.stack([rel_residual(f_np, z) for z in zs])  # (iterates, batch)
+    rel = np.stack([rel_residual(f_np, z) for z in zs])  # (iterates, batch)
+    res = np.stack([np.linalg.norm(f_np(z) - z, axis=1) for z in zs])
     index = np.arange(len(zs))[:, None]
     res = np.where(index < np.asarray(first_bad)[None, :], res, np.inf)
     best = np.argmin(res, axis=0)
     batch = np.arange(zs.shape[1])
-    return zs[best, batch], res[best, batch]
+    return zs[best, batch], rel[best, batch]
 
 
 def runtime_warnings(caught):
@@ -553,3 +554,96 @@ def test_anderson_zero_ridge_in_a_layer_with_degenerate_inputs():
     np.testing.assert_allclose(z, 2.0 * x, rtol=1e-5, atol=1e-6)
     logs = model.evaluate(x, 2.0 * x, batch_size=6, verbose=0, return_dict=True)
     assert logs["deq_converged"] == 1.0
+
+
+# ============================================ issue 12: expansive cells, backward-only raise
+@keras.saving.register_keras_serializable(package="test_divergence")
+class ExpansiveCell(keras.layers.Layer):
+    """`z W + x` with W orthogonal times `gain`: Picard diverges for gain > 1."""
+
+    def __init__(self, gain=1.5, **kwargs):
+        super().__init__(**kwargs)
+        self.gain = gain
+
+    def build(self, z_shape, x_shape):
+        self.kernel = self.add_weight(
+            shape=(z_shape[-1], z_shape[-1]),
+            initializer=keras.initializers.Orthogonal(gain=self.gain, seed=0),
+        )
+
+    def call(self, z, x):
+        return keras.ops.matmul(z, self.kernel) + x
+
+
+@pytest.mark.parametrize("max_iter", [10, 60])
+def test_expansive_cell_returns_the_lowest_residual_iterate_not_the_diverged_one(max_iter):
+    # Before: with stop_mode="rel" the "best" iterate was the last, diverged one
+    # (max |z*| 73 at max_iter=10, 9e7 at 60).
+    n = 8
+    x = np.random.default_rng(0).normal(size=(16, n)).astype("float32")
+    layer = DEQ(ExpansiveCell(), solver="fixed_point", max_iter=max_iter, stop_mode="rel")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        z = layer(x).numpy()
+    w = layer.cell.kernel.numpy().astype("float64")
+    # Independent check: Picard from 0 in numpy; the abs residual ||z_k W + x - z_k|| of
+    # every iterate, and the iterate the layer must return (the lowest one).
+    zs = picard_iterates(lambda v: v @ w + x, np.zeros((16, n)), max_iter)
+    res = np.stack([np.linalg.norm(v @ w + x - v, axis=1) for v in zs])
+    want = np.stack(zs)[np.argmin(res, axis=0), np.arange(16)]
+    np.testing.assert_allclose(z, want, atol=1e-5)
+    assert np.abs(z).max() < 10.0
+    assert metric(layer, "converged") == 0.0
+    message = str(runtime_warnings(caught)[0].message)
+    assert "more iterations do not help" in message
+
+
+@pytest.mark.parametrize("backward", ["implicit", "one_step"])
+def test_expansive_cell_training_keeps_weights_finite(backward):
+    # Before: SGD 0.01, the loss reached 1e36, the cell kernel's gradient was NaN at
+    # step 2 and the kernel NaN from step 3 (issue 12). In this smaller setting the
+    # loss reached 4e13 (implicit) and 5e33 (one-step), the weights 5e12 and 6e16.
+    n = 8
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, n)).astype("float32")
+    y = rng.normal(size=(64, 1)).astype("float32")
+    model = keras.Sequential(
+        [
+            keras.Input((n,)),
+            DEQ(
+                ExpansiveCell(),
+                solver="fixed_point",
+                max_iter=60,
+                stop_mode="rel",
+                on_failure="ignore",
+                backward=backward,
+            ),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    # The target has unit variance: a loss of order 1 is what a sane model gives.
+    assert np.all(np.array(history.history["loss"]) < 10.0), history.history["loss"]
+    for v in model.trainable_variables:
+        assert np.all(np.abs(v.numpy()) < 10.0), v.path
+
+
+@pytest.mark.parametrize("backward", ["implicit", "one_step", "phantom", "unrolled"])
+def test_non_finite_upstream_gradient_moves_no_weight_through_the_layer(backward):
+    # A loss that overflows for some samples downstream of the layer: their rows of
+    # the upstream gradient are NaN/Inf and must not reach the cell's weights.
+    x = tf.constant(np.random.default_rng(2).normal(size=(4, 6)), tf.float32)
+    layer = DEQ(DenseCell(6), backward=backward, solver="fixed_point", tol=1e-6)
+    layer(x)
+    scale = tf.constant([1.0, np.inf, 1.0, np.nan])[:, None]
+    with tf.GradientTape() as tape:
+        z = layer(x, training=True)
+        loss = tf.reduce_sum(tf.square(z) * scale)
+    grads = tape.gradient(loss, layer.trainable_variables)
+    with tf.GradientTape() as tape:
+        z = layer(tf.gather(x, [0, 2]), training=True)
+        loss_ok = tf.reduce_sum(tf.square(z))
+    want = tape.gradient(loss_ok, layer.trainable_variables)
+    for g, w in zip(grads, want, strict=True):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-6)

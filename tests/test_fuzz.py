@@ -694,7 +694,8 @@ TARGETS = {
             ),
             "softplus_beta": positive_arg(),
             "weight_norm": flag_arg(),
-            "solver": choice_arg(*SOLVER_NAMES),
+            # Anderson and Broyden leave the orthant (issue 12): refused.
+            "solver": Arg(one_of("fixed_point"), SOLVER_NAMES + ("FIXED_POINT", "newton")),
             "max_iter": count_arg(),
             "tol": positive_arg(),
         },
@@ -1492,17 +1493,20 @@ def test_solver_call_property(config):
     batch=st.sampled_from([1, 3, 257]),
     width=st.integers(1, 4),
     dtype=st.sampled_from(["float32", "float64"]),
-    solver=st.sampled_from(SOLVER_NAMES),
+    damping=st.sampled_from([1.0, 0.5]),
 )
-def test_pcdeq_call_property(form, variant, batch, width, dtype, solver):
+def test_pcdeq_call_property(form, variant, batch, width, dtype, damping):
     """The unique fixed point: finite, nonnegative, converged, and a fixed point of
     sigma(W z + softplus/relu(h)) recomputed in numpy."""
     keras.utils.set_random_seed(0)
+    options = {"damping": damping}
     if form == "dense":
-        layer = PcDEQ(units=width, variant=variant, solver=solver, dtype=dtype)
+        layer = PcDEQ(units=width, variant=variant, solver_options=options, dtype=dtype)
         h = floats((batch, width), 1, dtype)
     else:
-        layer = PcDEQ(filters=width, kernel_size=3, variant=variant, solver=solver, dtype=dtype)
+        layer = PcDEQ(
+            filters=width, kernel_size=3, variant=variant, solver_options=options, dtype=dtype
+        )
         h = floats((min(batch, 7), 3, 3, width), 1, dtype)
     with time_limit():
         z, _, grads = forward_and_gradient(layer, h)

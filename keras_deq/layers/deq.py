@@ -485,7 +485,7 @@ class DEQ(keras.layers.Layer):
         if training and self._jacobian_enabled:
             self._add_jacobian_loss(fn, result, x)
         with tf.control_dependencies(checks):
-            return tf.nest.map_structure(tf.identity, z)
+            return backward_lib.finite_upstream(z)
 
     def _check_initial_state(self, initial_state, zeros):
         """`initial_state` cast to the layer's dtype, after checking it against the state."""
@@ -567,9 +567,11 @@ class DEQ(keras.layers.Layer):
             cause = f"worst {kind} residual {worst:.3g}"
         return (
             f"DEQ layer '{self.name}': the {which} solver did not reach tol={tol} for "
-            f"{n_failed} sample(s); {cause}. Increase max_iter, change the solver, or "
-            "regularize the cell (jacobian_weight). This warning is shown once per layer; "
-            f"the metric '{self.name}_converged' tracks convergence."
+            f"{n_failed} sample(s); {cause}. If the residual was still falling, increase "
+            "max_iter or change the solver; if it grows (an expansive cell: the iterate with "
+            "the lowest residual is returned), more iterations do not help: regularize the "
+            "cell (jacobian_weight) or bound its weights. This warning is shown once per "
+            f"layer; the metric '{self.name}_converged' tracks convergence."
         )
 
     def _on_host_failure(self, which, n_failed, n_nonfinite, worst):

@@ -10,6 +10,7 @@ from any nonnegative start, however large `||W||` is.
 import numbers
 
 import keras
+import numpy as np
 
 from keras_deq.layers.deq import DEQ
 from keras_deq.solvers.common import check_bool, check_positive_float
@@ -20,10 +21,28 @@ from keras_deq.solvers.common import check_bool, check_positive_float
 VARIANT_ACTIVATIONS = {1: ("tanh", "softsign", "relu6"), 2: ("sigmoid",)}
 
 
+def injection_floor(dtype):
+    """The smallest pcDEQ-1 injection kept in `dtype`.
+
+    `softplus_beta(h)` underflows to 0 for very negative `h` (below about -17.5 in
+    float32 with beta 5), and then `z = 0` is an exact fixed point of the computed map.
+    The floor is the dtype's smallest normal number, raised to `sqrt` of float32's
+    (1.1e-19) so that the solvers' float32 norms of the state do not underflow either.
+    """
+    dtype = np.dtype(keras.backend.standardize_dtype(dtype))
+    norm_dtype = np.float64 if dtype == np.float64 else np.float32
+    return max(float(np.finfo(dtype).tiny), float(np.sqrt(np.finfo(norm_dtype).tiny)))
+
+
 def positive_injection(h, variant, beta=5.0):
-    """The pcDEQ injection: `softplus_beta(h) > 0` (variant 1) or `relu(h) >= 0` (2)."""
+    """The pcDEQ injection: `softplus_beta(h) > 0` (variant 1) or `relu(h) >= 0` (2).
+
+    Variant 1's injection is at least `injection_floor(h.dtype)`, so that it stays
+    strictly positive (the uniqueness theorem needs it) where softplus underflows.
+    """
     if variant == 1:
-        return keras.ops.softplus(beta * h) / beta
+        soft = keras.ops.softplus(beta * h) / beta
+        return keras.ops.maximum(soft, injection_floor(h.dtype))
     return keras.ops.relu(h)
 
 
@@ -145,7 +164,13 @@ class PcDEQ(DEQ):
         softplus_beta: Sharpness `beta` of the variant-1 softplus.
         weight_norm: Weight-normalize `W` as the paper's code does (see
             `PositiveConcaveCell`).
-        solver: As for `keras_deq.DEQ`; the paper uses fixed-point iteration.
+        solver: `"fixed_point"` (the default; `solver_options={"damping": t}` with
+            `0 < t <= 1` is allowed). The guarantee covers plain (or damped)
+            iteration from a nonnegative start, whose iterates stay in the
+            nonnegative orthant, where the fixed point is unique; Anderson and
+            Broyden leave the orthant and can land on another fixed point, so they
+            are refused. The adjoint solve (`backward_solver`) is linear and may
+            use any solver.
         max_iter: As for `keras_deq.DEQ`; 200 as in the paper.
         tol: As for `keras_deq.DEQ`; 1e-4 as in the paper.
         **kwargs: Other `keras_deq.DEQ` arguments (backward mode, Jacobian
@@ -180,6 +205,14 @@ class PcDEQ(DEQ):
         **kwargs,
     ):
         kwargs.pop("cell", None)
+        if solver != "fixed_point":
+            raise ValueError(
+                "PcDEQ's unique fixed point is guaranteed for fixed-point iteration from a "
+                "nonnegative start, whose iterates stay in the nonnegative orthant; Anderson "
+                "and Broyden can leave it and converge to another fixed point. Use "
+                "solver='fixed_point' (optionally solver_options={'damping': t}). "
+                f"Received: solver={solver!r}"
+            )
         if (units is None) == (filters is None):
             raise ValueError(
                 "Pass exactly one of `units` (dense form) or `filters` (convolutional form). "
@@ -241,7 +274,21 @@ class PcDEQ(DEQ):
         super().build(input_shape)
 
     def call(self, inputs, initial_state=None, training=None):
+        """Solves for the unique nonnegative fixed point.
+
+        Args:
+            inputs: The pre-injection `h`, made positive inside the layer.
+            initial_state: Optional starting state; it is projected onto the
+                nonnegative orthant (`max(z0, 0)`): from a negative start the
+                iteration can reach another fixed point (e.g. `z = -1` with tanh).
+            training: Passed to the cell.
+
+        Returns:
+            The fixed point, elementwise nonnegative.
+        """
         injection = positive_injection(inputs, self.variant, self.softplus_beta)
+        if initial_state is not None:
+            initial_state = keras.ops.relu(initial_state)
         return super().call(injection, initial_state=initial_state, training=training)
 
     def get_config(self):

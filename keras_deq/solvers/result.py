@@ -2,11 +2,10 @@
 
 from typing import Any, NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
 STOP_MODES = ("rel", "abs")
-# Added to ||f(z)|| in the relative residual so that a zero state is not a 0/0.
-REL_EPS = 1e-8
 
 
 class SolverResult(NamedTuple):
@@ -15,7 +14,9 @@ class SolverResult(NamedTuple):
     Attributes:
         state: The returned state, with the structure of `z0`. For each sample,
             the first iterate that met the tolerance, or, if none did, the iterate
-            with the lowest residual seen (not necessarily the last).
+            with the lowest absolute residual `||f(z) - z||` seen (not necessarily
+            the last; with either stop mode, so that a diverging iterate, whose
+            relative residual can be small, is never preferred to the start).
             Only iterates whose residual was measured count, so after `k`
             fixed-point iterations the state is at most `z_{k-1}` (`f` applied
             `k - 1` times): the last evaluation measured its residual.
@@ -23,8 +24,10 @@ class SolverResult(NamedTuple):
             `f` exactly once, so this is also the number of evaluations of `f`.
         abs_residual: Per-sample `||f(z) - z||_2` of the returned state, shape
             `(batch,)`, in float32 or wider.
-        rel_residual: Per-sample `||f(z) - z|| / (||f(z)|| + 1e-8)` of the returned
-            state, shape `(batch,)`.
+        rel_residual: Per-sample `||f(z) - z|| / ||f(z)||` of the returned state,
+            shape `(batch,)`: 0 at an exact fixed point (also `f(z) = z = 0`), and
+            capped at the dtype's largest value where `||f(z)||` is 0 or tiny
+            (no epsilon is added, so a tiny `f(z)` far from `z` is never accepted).
         converged: Per-sample bool, whether the residual named by `stop_mode` is
             at most `tol`. A sample whose iterates were never finite has
             residual `inf` and is not converged.
@@ -48,6 +51,19 @@ def accumulation_dtype(dtype):
     return tf.float64 if dtype == tf.float64 else tf.float32
 
 
+def relative(abs_res, f_norm):
+    """`abs_res / f_norm` without an epsilon: 0 where `abs_res` is 0, finite (at most
+    the dtype's largest value) where `abs_res` is finite, NaN/Inf where it is not.
+
+    An additive epsilon (`f_norm + eps`) would accept any state whose image is
+    below `eps * tol`, e.g. `z = 0` when `f(0)` is tiny but not 0.
+    """
+    dtype = abs_res.dtype
+    ratio = abs_res / tf.maximum(f_norm, tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype))
+    capped = tf.minimum(ratio, tf.constant(dtype.max, dtype))
+    return tf.where(tf.math.is_finite(abs_res), capped, ratio)
+
+
 def residuals(fz, z):
     """Per-sample absolute and relative residuals of flat `(batch, n)` states."""
     acc = accumulation_dtype(z.dtype)
@@ -57,7 +73,7 @@ def residuals(fz, z):
     f_norm = tf.sqrt(tf.reduce_sum(tf.square(fz32), axis=1))
     # Residuals only steer the solve; without stop_gradient, differentiating
     # through an unrolled solve would keep `fz - z` of every iteration.
-    return tf.stop_gradient(abs_res), tf.stop_gradient(abs_res / (f_norm + REL_EPS))
+    return tf.stop_gradient(abs_res), tf.stop_gradient(relative(abs_res, f_norm))
 
 
 class Best(NamedTuple):
@@ -81,16 +97,22 @@ def criterion(abs_res, rel_res, stop_mode):
 
 
 def update_best(best, z, abs_res, rel_res, stop_mode, tol):
-    """Keeps, per sample, whichever of `best` and `z` has the lower residual.
+    """Keeps, per sample, the first iterate that meets `tol`, else the one with the
+    lowest absolute residual.
 
     A sample whose best iterate already meets `tol` keeps it: its result is the
     first iterate that converged, so it does not depend on how long the other
-    samples of the batch keep the loop running. A NaN residual never counts as
-    better, so a finite iterate is never replaced by a non-finite one.
+    samples of the batch keep the loop running. Until then iterates are ranked by
+    `||f(z) - z||` whatever the stop mode: the relative residual of a diverging
+    iterate tends to `1 - 1/L` for a map expanding by `L`, below the 1 of a zero
+    start, so ranking by it would return the diverged iterate. A NaN residual
+    never counts as better, so a finite iterate is never replaced by a
+    non-finite one.
     """
     best_residual = criterion(best.abs_residual, best.rel_residual, stop_mode)
     residual = criterion(abs_res, rel_res, stop_mode)
-    better = (residual < best_residual) & ~(best_residual <= tol) & ~best.failed
+    meets = residual <= tol
+    better = (meets | (abs_res < best.abs_residual)) & ~(best_residual <= tol) & ~best.failed
     return Best(
         tf.where(better[:, None], z, best.z),
         tf.where(better, abs_res, best.abs_residual),

@@ -248,3 +248,81 @@ def test_paper_architectures_have_the_papers_parameter_counts(
     model = getattr(pcdeq_example, builder)(input_shape, **kwargs)
     count = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     assert count == trainable
+
+
+# ---------------------------------------------- issue 12: guarantees off the default path
+def _dense_pcdeq_with_norm(n, norm, seed, **kwargs):
+    """A dense float64 PcDEQ whose nonnegative W has spectral norm `norm`."""
+    layer = keras_deq.PcDEQ(units=n, dtype="float64", **kwargs)
+    layer.build((None, n))
+    w = np.random.default_rng(seed).uniform(0, 1, (n, n))
+    layer.cell.kernel.assign(w * norm / np.linalg.norm(w, 2))
+    return layer, layer.cell.kernel.numpy()
+
+
+def _numpy_positive_fixed_point(w, x, steps=3000):
+    """The unique positive fixed point of tanh(z W + x), by plain float64 iteration
+    from a positive start (ones), written here without the layer or the solvers."""
+    z = np.ones_like(x)
+    for _ in range(steps):
+        z = np.tanh(z @ w + x)
+    return z
+
+
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])
+def test_solvers_that_leave_the_orthant_are_refused(solver):
+    # Before: accepted, and on W with spectral norm 2.8-29 Anderson returned a fixed
+    # point with negative entries for 44-145 of 256 samples (Broyden 8-38), converged=1.
+    with pytest.raises(ValueError, match=r"solver='fixed_point'.*Received: solver="):
+        keras_deq.PcDEQ(units=8, solver=solver)
+
+
+@pytest.mark.parametrize("norm", [2.8, 29.0])
+@pytest.mark.parametrize("damping", [1.0, 0.5])
+def test_accepted_solvers_find_the_unique_positive_fixed_point(norm, damping):
+    n = 32
+    layer, w = _dense_pcdeq_with_norm(
+        n, norm, seed=3, solver_options={"damping": damping}, max_iter=400, tol=1e-10
+    )
+    h = np.random.default_rng(4).normal(size=(64, n))
+    z = layer(h).numpy()
+    x = positive_injection(tf.constant(h), 1).numpy()
+    assert np.all(z >= 0)
+    np.testing.assert_allclose(z, _numpy_positive_fixed_point(w, x), atol=1e-7)
+
+
+def test_negative_initial_state_is_projected_onto_the_orthant():
+    # Before: from z0 = -1 the layer returned z = -1 (tanh(-large) = -1 exactly),
+    # a second exact fixed point outside the orthant, with residual 0.
+    n = 16
+    layer, w = _dense_pcdeq_with_norm(n, 20.0, seed=5, tol=1e-10)
+    h = np.random.default_rng(6).normal(size=(8, n))
+    z = layer(h, initial_state=-np.ones((8, n))).numpy()
+    x = positive_injection(tf.constant(h), 1).numpy()
+    assert np.all(z >= 0)
+    np.testing.assert_allclose(z, _numpy_positive_fixed_point(w, x), atol=1e-7)
+    np.testing.assert_allclose(z, layer(h).numpy(), atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("level", [-6.0, -30.0])
+def test_tiny_injection_is_not_accepted_at_zero(dtype, level):
+    # Every input below about -5.5: softplus_5(h) <= 1e-12 (level -6), or 0 after
+    # underflow (level -30). Before: the relative stop rule's epsilon accepted z = 0
+    # at once (residual ~1e-4 with tol 1e-4) while the true fixed point is about 1.
+    n = 32
+    layer = keras_deq.PcDEQ(units=n, dtype=dtype)
+    layer.build((None, n))
+    w = np.random.default_rng(7).uniform(0, 1, (n, n))
+    layer.cell.kernel.assign((w * 2.8 / np.linalg.norm(w, 2)).astype(dtype))
+    h = np.full((4, n), level, dtype)
+    z = layer(h).numpy().astype("float64")
+    x = np.maximum(positive_injection(tf.constant(h, "float64"), 1).numpy(), 1e-300)
+    want = _numpy_positive_fixed_point(layer.cell.kernel.numpy().astype("float64"), x)
+    assert want.min() > 0.1  # the unique positive fixed point is O(1), far from 0
+    np.testing.assert_allclose(z, want, rtol=1e-3)
+    assert metric_converged(layer) == 1.0
+
+
+def metric_converged(layer):
+    return float(layer._metrics_by_name["converged"].result())

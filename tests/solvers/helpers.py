@@ -11,7 +11,6 @@ import tensorflow as tf
 from keras_deq import solvers
 
 SOLVER_NAMES = ("fixed_point", "anderson", "broyden")
-REL_EPS = 1e-8  # documented in SolverResult.rel_residual: ||f(z) - z|| / (||f(z)|| + 1e-8)
 
 
 def rng(seed=0):
@@ -88,11 +87,17 @@ def flat(structure):
     return np.concatenate([t.reshape(t.shape[0], -1) for t in leaves], axis=1)
 
 
+def relative_np(abs_res, f_norm):
+    """The documented relative residual `||f(z) - z|| / ||f(z)||` (0 where both are 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(abs_res == 0, 0.0, abs_res / np.maximum(f_norm, np.finfo(np.float64).tiny))
+
+
 def residuals_np(fz, z):
     """Per-sample (abs, rel) residuals, computed in float64 numpy."""
     fz, z = flat(fz), flat(z)
     abs_res = np.linalg.norm(fz - z, axis=1)
-    return abs_res, abs_res / (np.linalg.norm(fz, axis=1) + REL_EPS)
+    return abs_res, relative_np(abs_res, np.linalg.norm(fz, axis=1))
 
 
 def true_residuals(f, state):

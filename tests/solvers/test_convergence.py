@@ -128,9 +128,10 @@ def test_picard_on_expanding_map_reports_unconverged(stop_mode):
     assert not np.any(result.converged.numpy())
     assert int(result.steps) == max_iter
     # Iterates z_k = 2^k - 1, k < max_iter: ||f(z_k) - z_k|| = 2^k sqrt(n) grows, so the
-    # abs-best is z_0 = 0; the relative residual 2^k / (2^(k+1) - 1) shrinks towards 1/2,
-    # so the rel-best is the last evaluated iterate.
-    k = 0 if stop_mode == "abs" else max_iter - 1
+    # best is z_0 = 0 in both modes. The relative residual 2^k / (2^(k+1) - 1) shrinks
+    # towards 1/2, so ranking by it (as before issue 12) returned the diverged last
+    # iterate z_19 = 524287 with either stop mode "rel".
+    k = 0
     np.testing.assert_array_equal(result.state.numpy(), 2.0**k - 1)
     np.testing.assert_allclose(result.abs_residual.numpy(), 2.0**k * np.sqrt(n))
     np.testing.assert_allclose(result.rel_residual.numpy(), 2.0**k / (2.0 ** (k + 1) - 1))
