@@ -3,6 +3,36 @@
 import keras
 
 from keras_deq.layers.deq import DEQ
+from keras_deq.solvers.common import (
+    check_nonnegative_float,
+    check_nonnegative_int,
+    check_optional_positive_int,
+    check_positive_int,
+)
+
+
+def _check_layers(layers):
+    """None, or a non-empty list (or tuple) of `keras_deq.DEQ` layers, as a list."""
+    if layers is None:
+        return None
+    if not isinstance(layers, (list, tuple)):
+        raise ValueError(
+            "`layers` must be None (every DEQ layer of the model) or a non-empty list of "
+            f"keras_deq.DEQ layers. Received: layers={layers!r}"
+        )
+    if not layers:
+        raise ValueError(
+            "`layers` is empty, so the callback would steer nothing. Pass None to steer "
+            "every DEQ layer of the model, or a non-empty list of keras_deq.DEQ layers. "
+            f"Received: layers={layers!r}"
+        )
+    for layer in layers:
+        if not isinstance(layer, DEQ):
+            raise ValueError(
+                "`layers` must hold keras_deq.DEQ layers (DEQ or a subclass, such as "
+                f"PcDEQ). Received an element of type {type(layer).__name__}: {layer!r}"
+            )
+    return list(layers)
 
 
 def _deq_layers(callback):
@@ -31,8 +61,10 @@ def stepwise_schedule(initial, increment=0.1, every=None, stop_step=None):
     Args:
         initial: Weight at step 0.
         increment: Added every `every` steps.
-        every: Steps between increments; None keeps the weight constant.
-        stop_step: First step at which the weight is 0; None never stops.
+        every: Steps between increments, a positive integer (numpy integers
+            too); None keeps the weight constant.
+        stop_step: First step at which the weight is 0, a non-negative
+            integer; None never stops.
 
     Returns:
         A function `step -> weight`.
@@ -46,14 +78,8 @@ def stepwise_schedule(initial, increment=0.1, every=None, stop_step=None):
         (1.0, 1.2, 0.0)
     """
 
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ValueError(f"`every` must be a positive integer or None. Received: every={every!r}")
-    if stop_step is not None and (
-        isinstance(stop_step, bool) or not isinstance(stop_step, int) or stop_step < 0
-    ):
-        raise ValueError(
-            f"`stop_step` must be a non-negative integer or None. Received: stop_step={stop_step!r}"
-        )
+    every = check_optional_positive_int("every", every)
+    stop_step = check_nonnegative_int("stop_step", stop_step, optional=True)
 
     def schedule(step):
         if stop_step is not None and step >= stop_step:
@@ -67,16 +93,36 @@ def stepwise_schedule(initial, increment=0.1, every=None, stop_step=None):
 class JacobianRegularizationScheduler(keras.callbacks.Callback):
     """Sets the Jacobian-regularization weight (and frequency) of DEQ layers.
 
-    The schedule is a function of the global training step, read from the
-    optimizer's iteration counter, so a run resumed with
-    `keras.callbacks.BackupAndRestore` continues the schedule where it stopped.
+    The schedule is a function of the training step, derived from the
+    optimizer's iteration counter at each batch (no count of its own), so a run
+    resumed with `keras.callbacks.BackupAndRestore` continues the schedule where
+    it stopped.
+
+    By default the schedule's step is the optimizer's step. The DEQ papers'
+    recipes count it from the end of the explicit pretraining phase instead
+    (`gamma_t = gamma_0 + 0.1 * floor(t_deq / JAC_INCREMENTAL)`, `t_deq` the
+    steps after pretraining): pass `after=` the `ExplicitPretraining` callback,
+    or its number of steps. Then, at optimizer step `t`:
+
+    - while `t < after` (pretraining), the weight is `pretrain_weight` (0 by
+      default: no penalty; the recipes' `PRETRAIN_JAC_LOSS_WEIGHT`), and a
+      `frequency` function is called with step 0;
+    - from then on, the weight is `schedule(t - after)`, and a `frequency`
+      function is called with `t - after` too.
 
     Args:
         schedule: A function `step -> weight` (see `stepwise_schedule`).
         frequency: Optional fixed probability per step, or a function
             `step -> probability`; None leaves the layers' own.
-        layers: DEQ layers to steer; None steers every `DEQ` in the model.
+        layers: A non-empty list of the `keras_deq.DEQ` layers to steer; None
+            steers every `DEQ` in the model.
         verbose: If 1, print the weight when it changes.
+        after: None (the schedule's step is the optimizer's step), a
+            non-negative integer (numpy integers too): the optimizer step at
+            which the schedule's step 0 falls, or an `ExplicitPretraining`
+            callback, whose `steps` is read at each batch.
+        pretrain_weight: The weight while the optimizer step is below `after`;
+            a non-negative number. Only with `after`.
 
     Example:
 
@@ -85,23 +131,53 @@ class JacobianRegularizationScheduler(keras.callbacks.Callback):
         keras_deq.callbacks.JacobianRegularizationScheduler(
             keras_deq.callbacks.stepwise_schedule(0.5, 0.1, every=1000), frequency=0.3)
     ])
+
+    # The recipe: 500 explicit steps without the penalty, then 0.5 + 0.1 every
+    # 1000 steps counted from the end of pretraining.
+    pretrain = keras_deq.callbacks.ExplicitPretraining(steps=500, depth=4)
+    model.fit(x, y, callbacks=[
+        pretrain,
+        keras_deq.callbacks.JacobianRegularizationScheduler(
+            keras_deq.callbacks.stepwise_schedule(0.5, 0.1, every=1000),
+            frequency=0.3,
+            after=pretrain,
+        ),
+    ])
     ```
     """
 
-    def __init__(self, schedule, frequency=None, layers=None, verbose=0):
+    def __init__(
+        self, schedule, frequency=None, layers=None, verbose=0, after=None, pretrain_weight=0.0
+    ):
         super().__init__()
         if not callable(schedule):
             raise ValueError(
                 f"`schedule` must be a function of the step. Received: schedule={schedule!r}"
             )
+        if not isinstance(after, ExplicitPretraining):
+            after = check_nonnegative_int("after", after, optional=True)
+        pretrain_weight = check_nonnegative_float("pretrain_weight", pretrain_weight)
+        if after is None and pretrain_weight != 0:
+            raise ValueError(
+                "`pretrain_weight` is the weight before the step `after`, so it needs "
+                f"`after`. Received: pretrain_weight={pretrain_weight!r}, after=None"
+            )
         self.schedule = schedule
         self.frequency = frequency
-        self.layers = layers
+        self.layers = _check_layers(layers)
         self.verbose = verbose
+        self.after = after
+        self.pretrain_weight = pretrain_weight
         self._last = None
 
     def _targets(self):
         return _deq_layers(self)
+
+    def _start(self):
+        """The optimizer step at which the schedule's step 0 falls."""
+        if isinstance(self.after, ExplicitPretraining):
+            return self.after.steps
+        return self.after or 0
 
     def on_train_begin(self, logs=None):
         disabled = [layer for layer in self._targets() if not layer._jacobian_enabled]
@@ -112,15 +188,23 @@ class JacobianRegularizationScheduler(keras.callbacks.Callback):
             self.model.make_train_function(force=True)
 
     def on_train_batch_begin(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        weight = float(self.schedule(step))
+        iterations = int(self.model.optimizer.iterations.numpy())
+        step = iterations - self._start()
+        if step < 0:
+            weight, step = self.pretrain_weight, 0
+        else:
+            weight = float(self.schedule(step))
         frequency = self.frequency(step) if callable(self.frequency) else self.frequency
         for layer in self._targets():
             layer.jacobian_weight = weight
             if frequency is not None:
                 layer.jacobian_frequency = frequency
         if self.verbose and weight != self._last:
-            print(f"\nStep {step}: Jacobian regularization weight set to {weight:g}.")
+            where = f"Step {iterations}"
+            if self.after is not None:
+                phase = "pretraining" if iterations < self._start() else f"schedule step {step}"
+                where += f" ({phase})"
+            print(f"\n{where}: Jacobian regularization weight set to {weight:g}.")
         self._last = weight
 
     def on_epoch_end(self, epoch, logs=None):
@@ -140,10 +224,15 @@ class ExplicitPretraining(keras.callbacks.Callback):
     train, test and predict functions are traced again at each switch; at the
     end of `fit` the layers return to solving.
 
+    A `JacobianRegularizationScheduler` given this callback as `after=` counts
+    its schedule's steps from the end of this phase, as the recipes do.
+
     Args:
-        steps: Number of explicit training steps, >= 0.
-        depth: Cell applications per explicit forward pass, >= 1.
-        layers: DEQ layers to switch; None switches every `DEQ` in the model.
+        steps: Number of explicit training steps, an integer >= 0 (numpy
+            integers too).
+        depth: Cell applications per explicit forward pass, an integer >= 1.
+        layers: A non-empty list of the `keras_deq.DEQ` layers to switch; None
+            switches every `DEQ` in the model.
         verbose: If 1, print when the phase starts and ends.
 
     Example:
@@ -157,13 +246,9 @@ class ExplicitPretraining(keras.callbacks.Callback):
 
     def __init__(self, steps, depth, layers=None, verbose=0):
         super().__init__()
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"`steps` must be a non-negative integer. Received: steps={steps!r}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"`depth` must be a positive integer. Received: depth={depth!r}")
-        self.steps = steps
-        self.depth = depth
-        self.layers = layers
+        self.steps = check_nonnegative_int("steps", steps)
+        self.depth = check_positive_int("depth", depth)
+        self.layers = _check_layers(layers)
         self.verbose = verbose
 
     def _switch(self, explicit):

@@ -1,5 +1,6 @@
 """`stepwise_schedule` and `JacobianRegularizationScheduler` (spec section 2.2)."""
 
+import contextlib
 import math
 
 import keras
@@ -254,6 +255,188 @@ def test_scheduler_on_unbuilt_layer_before_fit():
     history = _fit(model, [JacobianRegularizationScheduler(lambda s: 0.3)], epochs=1)
     assert float(deq.jacobian_weight.numpy()) == pytest.approx(0.3)
     assert history.history["deq_jac_loss"][0] > 0.0
+
+
+# ------------------------------------- counting the schedule after pretraining
+def test_scheduler_counts_steps_from_the_end_of_explicit_pretraining():
+    # The recipe: gamma_t = gamma_0 + 0.1 floor(t_deq / inc), t_deq counting the
+    # steps after pretraining; no penalty during pretraining (pretrain_weight=0).
+    deq = _deq("deq")
+    model = _model(deq)
+    schedule = stepwise_schedule(0.5, increment=0.25, every=2)
+    pretrain = keras_deq.callbacks.ExplicitPretraining(steps=3, depth=2)
+    scheduler = JacobianRegularizationScheduler(schedule, after=pretrain)
+    recorder = _Recorder(deq)
+    history = _fit(model, [pretrain, scheduler, recorder], epochs=2)
+    steps = [row[0] for row in recorder.rows]
+    assert steps == list(range(8))
+    expected = [0.0, 0.0, 0.0] + [schedule(t - 3) for t in range(3, 8)]
+    np.testing.assert_allclose([row[1] for row in recorder.rows], expected, rtol=1e-6)
+    assert expected[3:] == [0.5, 0.5, 0.75, 0.75, 1.0]  # starts at gamma_0 after pretraining
+    assert history.history["jacobian_weight"] == [0.5, 1.0]
+    # `after` reads the callback's `steps` at each batch.
+    pretrain.steps = 6
+    recorder.rows.clear()
+    _fit(model, [scheduler, recorder], epochs=1)  # optimizer steps 8..11
+    np.testing.assert_allclose(
+        [row[1] for row in recorder.rows], [schedule(t - 6) for t in (8, 9, 10, 11)]
+    )
+
+
+def test_scheduler_after_a_step_with_a_pretraining_weight_and_frequency():
+    deq = _deq("deq", frequency=1.0)
+    model = _model(deq)
+    seen = []
+
+    def frequency(step):
+        seen.append(step)
+        return 0.2 + 0.1 * step
+
+    scheduler = JacobianRegularizationScheduler(
+        lambda step: 1.0 + step,
+        frequency=frequency,
+        after=np.int64(5),
+        pretrain_weight=0.03,
+    )
+    recorder = _Recorder(deq)
+    _fit(model, [scheduler, recorder], epochs=2)
+    np.testing.assert_allclose(
+        [row[1] for row in recorder.rows], [0.03] * 5 + [1.0, 2.0, 3.0], rtol=1e-6
+    )
+    # The frequency function sees the schedule's step: 0 during pretraining.
+    assert seen == [0, 0, 0, 0, 0, 0, 1, 2]
+    np.testing.assert_allclose([row[2] for row in recorder.rows], [0.2] * 6 + [0.3, 0.4], rtol=1e-6)
+
+
+def test_scheduler_after_pretraining_resumes_exactly_with_backup_and_restore(tmp_path):
+    # The schedule's step is derived from the optimizer's counter, which the backup
+    # restores: a resumed run continues the weights of the interrupted one exactly.
+    schedule = stepwise_schedule(0.1, increment=0.1, every=2)
+
+    def run(callbacks):
+        deq = _deq("deq")
+        model = _model(deq)
+        pretrain = keras_deq.callbacks.ExplicitPretraining(steps=5, depth=2)
+        recorder = _Recorder(deq)
+        scheduler = JacobianRegularizationScheduler(schedule, after=pretrain)
+        with contextlib.suppress(_Interrupted):
+            _fit(model, [*callbacks, pretrain, scheduler, recorder], epochs=2)
+        return recorder.rows
+
+    def backup():
+        return keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+
+    first = run([backup(), _InterruptAt(step=6)])  # the epoch-1 backup holds 4 steps
+    resumed = run([backup()])
+    assert [row[0] for row in first] == list(range(6))
+    assert [row[0] for row in resumed] == list(range(4, 8))
+    weights = [row[1] for row in first] + [row[1] for row in resumed[2:]]
+    expected = [0.0] * 5 + [schedule(t - 5) for t in range(5, 8)]
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    assert resumed[:2] == first[4:6]  # the replayed steps get the same weights
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _InterruptAt(keras.callbacks.Callback):
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.step:
+            raise _Interrupted
+
+
+def test_scheduler_verbose_names_the_phase(capsys):
+    model = _model(_deq("deq"))
+    scheduler = JacobianRegularizationScheduler(
+        stepwise_schedule(0.5, increment=0.5, every=3), after=2, verbose=1
+    )
+    _fit(model, [scheduler], epochs=2)
+    out = capsys.readouterr().out
+    assert "Step 0 (pretraining): Jacobian regularization weight set to 0." in out
+    assert "Step 2 (schedule step 0): Jacobian regularization weight set to 0.5." in out
+    assert "Step 5 (schedule step 3): Jacobian regularization weight set to 1." in out
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"after": -1}, "after"),
+        ({"after": 1.5}, "after"),
+        ({"after": "pretraining"}, "after"),
+        ({"after": True}, "after"),
+        ({"after": 3, "pretrain_weight": -0.1}, "pretrain_weight"),
+        ({"pretrain_weight": 0.1}, "pretrain_weight"),  # no `after`: never used
+    ],
+)
+def test_scheduler_bad_after_arguments(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        JacobianRegularizationScheduler(lambda s: 0.1, **kwargs)
+
+
+# ---------------------------------------------------------- argument checks
+def _scheduler(layers):
+    return JacobianRegularizationScheduler(lambda s: 0.1, layers=layers)
+
+
+def _pretraining(layers):
+    return keras_deq.callbacks.ExplicitPretraining(steps=2, depth=2, layers=layers)
+
+
+@pytest.mark.parametrize("make", [_scheduler, _pretraining])
+def test_empty_layers_is_refused(make):
+    # `layers=[]` used to steer nothing, silently, while the logs showed a weight.
+    with pytest.raises(ValueError, match="`layers` is empty"):
+        make([])
+
+
+@pytest.mark.parametrize("make", [_scheduler, _pretraining])
+def test_non_deq_layers_are_refused_with_a_clear_error(make):
+    # `layers=[Dense(1)]` used to fail inside `fit` with an AttributeError.
+    with pytest.raises(ValueError, match=r"`layers` must hold keras_deq\.DEQ layers.*Dense"):
+        make([_deq("deq"), keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match=r"`layers` must be None.*keras_deq\.DEQ"):
+        make(_deq("deq"))  # a layer, not a list
+
+
+def test_layers_may_be_a_tuple_of_deqs_and_subclasses():
+    pc = keras_deq.PcDEQ(4)
+    scheduler = JacobianRegularizationScheduler(lambda s: 0.1, layers=(pc,))
+    assert scheduler.layers == [pc]
+
+
+def test_numpy_integers_are_accepted():
+    every, stop = np.int64(10), np.int32(30)
+    schedule = stepwise_schedule(0.5, increment=0.1, every=every, stop_step=stop)
+    reference = stepwise_schedule(0.5, increment=0.1, every=10, stop_step=30)
+    assert [schedule(t) for t in range(40)] == [reference(t) for t in range(40)]
+    pretrain = keras_deq.callbacks.ExplicitPretraining(steps=np.int64(2), depth=np.int8(3))
+    assert (pretrain.steps, pretrain.depth) == (2, 3)
+    assert type(pretrain.steps) is int and type(pretrain.depth) is int
+    # ... and act like ints during fit.
+    model = _pretrain_model()
+    log = _BatchLog()
+    model.fit(_X, _Y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[pretrain, log])
+    assert [d for d, _ in log.rows] == [3, 3, None, None]
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"every": 0}, "every"),
+        ({"every": 2.0}, "every"),
+        ({"every": True}, "every"),
+        ({"stop_step": -1}, "stop_step"),
+        ({"stop_step": np.float64(3)}, "stop_step"),
+    ],
+)
+def test_stepwise_schedule_bad_arguments(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        stepwise_schedule(0.5, **kwargs)
 
 
 # ------------------------------------------------------------ ExplicitPretraining

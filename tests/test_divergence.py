@@ -647,3 +647,60 @@ def test_non_finite_upstream_gradient_moves_no_weight_through_the_layer(backward
     want = tape.gradient(loss_ok, layer.trainable_variables)
     for g, w in zip(grads, want, strict=True):
         np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _backward_raise_model(backward_max_iter, backward_tol):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8),
+            DEQ(
+                DenseCell(8),
+                backward_max_iter=backward_max_iter,
+                backward_tol=backward_tol,
+                on_failure="raise",
+            ),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.compile(
+        keras.optimizers.Adam(0.1),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.default_rng(0)
+    return model, rng.normal(size=(32, 6)).astype("float32"), rng.integers(0, 3, 32)
+
+
+def test_fit_raise_on_a_backward_failure_moves_no_weight():
+    # Only the adjoint solve fails (one iteration to 1e-7). Before: fit raised, but the
+    # output head's kernel and bias had moved by 0.1 and optimizer.iterations was 1.
+    model, x, y = _backward_raise_model(backward_max_iter=1, backward_tol=1e-7)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="backward solver"):
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    for v, want in zip(model.trainable_variables, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), want, err_msg=v.path)
+    assert int(model.optimizer.iterations) == 0
+
+
+def test_fit_raise_trains_when_every_solve_converges():
+    # The gate on the updates waits for the assertion; it does not block a good step.
+    model, x, y = _backward_raise_model(backward_max_iter=60, backward_tol=1e-3)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert int(model.optimizer.iterations) == 2
+    for v, want in zip(model.trainable_variables, before, strict=True):
+        assert np.abs(v.numpy() - want).max() > 0, v.path
+
+
+def test_a_step_with_no_finite_sample_reports_a_nan_residual_not_zero():
+    # Before: fwd_residual was 0.0 when every sample was NaN, which reads as perfect
+    # convergence.
+    layer = DEQ(DenseCell(4), on_failure="ignore")
+    layer(np.full((3, 4), np.nan, "float32"))
+    assert np.isnan(metric(layer, "fwd_residual"))
+    assert metric(layer, "converged") == 0.0
+    # A later finite step gives the mean over the finite samples alone.
+    layer(np.ones((3, 4), "float32"))
+    assert 0.0 <= metric(layer, "fwd_residual") <= layer.tol

@@ -429,6 +429,11 @@ DEQ_ARGS = {
     "jacobian_weight": nonnegative_arg(),
     "jacobian_frequency": fraction_arg(context={"jacobian_weight": 0.1}),
     "jacobian_probes": size_arg(context={"jacobian_weight": 0.1}),
+    "jacobian_max_iter_delta": Arg(
+        lambda v, kw=None: _int(v) and 0 <= v <= INT32_MAX,
+        (0, 2, np.int64(2), 2.0, -1, 2**31),
+        {"jacobian_weight": 0.1},
+    ),
     "state_shape": Arg(
         state_shape,
         ((4,), [4], (np.int64(4),), (0,), (-4,), (4.0,), (True,), "4", 4, ((4,), ()), ()),
@@ -743,6 +748,7 @@ TARGETS = {
             "prior_mode": choice_arg("structural", "sam", context={"prior": "l2"}),
             "prior_strength": nonnegative_arg(context={"prior": "incay"}),
             "prior_epsilon": positive_arg(context={"prior": "incay"}),
+            "prior_sigma": Arg(cap, (*POSITIVES, 1e-30), {"prior": "hsic"}),
             "sam_rho": Arg(sam_rho, (0.1, 0.5, 0.6, 0.9), {"prior": "l2", "prior_mode": "sam"}),
             "sam_c": Arg(sam_c, (0.1, 0.24, 0.25, 0.3), {"prior": "l2", "prior_mode": "sam"}),
             "training_mode": choice_arg("unrolled", "implicit"),
@@ -859,6 +865,7 @@ TARGETS = {
             "name": choice_arg(*opteq.PRIORS),
             "strength": nonnegative_arg(),
             "epsilon": positive_arg(),
+            "sigma": Arg(cap, (*POSITIVES, 1e-30), {"name": "hsic"}),
         },
         {"name": "incay"},
     ),

@@ -298,6 +298,116 @@ def test_spectral_radius_multi_tensor_state():
     np.testing.assert_allclose(radius.numpy(), [0.8, 0.8], atol=1e-3)
 
 
+def _conjugated(block, seed):
+    """`Q block Q^-1` with a random, well-conditioned but non-orthogonal `Q`."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=block.shape) + 2 * np.eye(len(block))
+    return q @ block @ np.linalg.inv(q)
+
+
+def _complex_pair_map(seed, radius=0.556, d=6):
+    """Dense `J` (d x d) whose largest eigenvalues are the pair `radius * e^(+-i theta)`."""
+    rng = np.random.default_rng(seed)
+    theta = rng.uniform(0.5, 2.5)
+    block = np.zeros((d, d))
+    block[:2, :2] = radius * np.array(
+        [[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]
+    )
+    block[2:, 2:] = np.diag(rng.uniform(-0.3, 0.3, d - 2))
+    return _conjugated(block, seed + 100)
+
+
+def _real_top_map(seed, d=6):
+    """Dense `J` with a dominant real eigenvalue (0.9, or -0.9 for odd seeds) and,
+    for seeds divisible by 3, a complex pair of modulus 0.78 next to it."""
+    block = np.diag([0.9 * (-1) ** seed, 0.5, 0.3, -0.2, 0.1, 0.05][:d])
+    if seed % 3 == 0:
+        block[1:3, 1:3] = [[0.6, -0.5], [0.5, 0.6]]
+    return _conjugated(block, seed + 200)
+
+
+def _radii(maps, dtype, seed, num_iters=100, **kwargs):
+    a = tf.constant(np.stack(maps), dtype)
+    z = tf.ones([len(maps), a.shape[1]], dtype)
+    return jacobian.spectral_radius(
+        lambda s: tf.einsum("bi,bij->bj", s, a), z, num_iters=num_iters, seed=seed, **kwargs
+    ).numpy()
+
+
+@pytest.mark.parametrize("dtype, rtol", [(tf.float64, 1e-9), (tf.float32, 1e-4)])
+def test_spectral_radius_of_a_dominant_complex_pair(dtype, rtol):
+    # Plain power iteration's growth factor ||J^T v|| never settles when the top
+    # eigenvalues are a complex pair: on these maps it read from about 0.3 to 1.1
+    # (true 0.556), depending on the map and the seed. The Krylov (Arnoldi) estimate
+    # is exact to rounding.
+    maps = [_complex_pair_map(seed) for seed in range(5)]
+    moduli = np.sort(np.abs(np.linalg.eigvals(np.stack(maps))), axis=1)
+    np.testing.assert_allclose(moduli[:, -2:], 0.556, rtol=1e-10)  # the pair
+    assert (moduli[:, -3] <= 0.3).all()  # then a gap
+    for seed in range(5):
+        np.testing.assert_allclose(_radii(maps, dtype, seed), moduli[:, -1], rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(tf.float64, 1e-9), (tf.float32, 1e-4)])
+def test_spectral_radius_of_a_dominant_real_eigenvalue(dtype, rtol):
+    maps = [_real_top_map(seed) for seed in range(6)]
+    expected = np.abs(np.linalg.eigvals(np.stack(maps))).max(axis=1)
+    np.testing.assert_allclose(expected, 0.9, rtol=1e-10)
+    for seed in range(5):
+        np.testing.assert_allclose(_radii(maps, dtype, seed), expected, rtol=rtol)
+
+
+def test_spectral_radius_of_opposite_real_eigenvalues():
+    # +0.8 and -0.8: the power iterate flips between two directions, and its
+    # growth factor between two values; the two-dimensional Krylov space holds both.
+    maps = [_conjugated(np.diag([0.8, -0.8, 0.3, 0.2, -0.1]), seed) for seed in range(4)]
+    for seed in range(3):
+        np.testing.assert_allclose(_radii(maps, tf.float64, seed), 0.8, rtol=1e-9)
+
+
+def test_spectral_radius_of_random_maps_with_crowded_spectra():
+    # Gaussian 32 x 32 matrices: many eigenvalues near the largest modulus, real
+    # or complex, so power iteration alone is off by up to 20% after 100 steps.
+    rng = np.random.default_rng(0)
+    maps = list(rng.normal(size=(20, 32, 32)) / np.sqrt(32))
+    expected = np.abs(np.linalg.eigvals(np.stack(maps))).max(axis=1)
+    np.testing.assert_allclose(_radii(maps, tf.float64, 0), expected, rtol=1e-6)
+
+
+def test_spectral_radius_of_a_zero_jacobian_and_small_krylov_sizes():
+    z = tf.constant(np.random.default_rng(9).normal(size=(2, 4)))
+    np.testing.assert_array_equal(jacobian.spectral_radius(lambda s: 0.0 * s, z, seed=0), 0.0)
+    # krylov_size 2 resolves a pair; numpy integers are accepted for the counts.
+    maps = [_complex_pair_map(seed) for seed in range(3)]
+    expected = np.abs(np.linalg.eigvals(np.stack(maps))).max(axis=1)
+    got = _radii(maps, tf.float64, 0, num_iters=np.int64(100), krylov_size=np.int64(2))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"num_iters": -1}, "num_iters"),
+        ({"num_iters": 2.5}, "num_iters"),
+        ({"krylov_size": 0}, "krylov_size"),
+        ({"krylov_size": True}, "krylov_size"),
+    ],
+)
+def test_spectral_radius_bad_arguments(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        jacobian.spectral_radius(lambda s: s, tf.ones([1, 2]), **kwargs)
+
+
+def test_numpy_integer_seed_is_an_int_seed():
+    # keras.random refuses a numpy integer seed; the diagnostics take it as an int.
+    z = tf.ones([4, 3])
+    for fn in (
+        lambda seed: jacobian.hutchinson_frobenius(lambda s: 2.0 * s, z, 3, seed=seed),
+        lambda seed: jacobian.spectral_radius(lambda s: 2.0 * s, z, 5, seed=seed),
+    ):
+        np.testing.assert_array_equal(fn(np.int64(4)), fn(4))
+
+
 # ----------------------------------------------------- DEQ Jacobian regularizer
 def _deq(seed=3, weight=1.0, frequency=0.25, probes=1, units=4, max_iter=3):
     return keras_deq.DEQ(

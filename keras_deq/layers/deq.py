@@ -41,10 +41,45 @@ def _finite_values(values):
     return tf.where(finite, values, tf.zeros_like(values)), tf.cast(finite, "float32")
 
 
+class _FiniteMean(keras.metrics.Mean):
+    """A mean over the finite samples that is NaN, not 0, when there were none.
+
+    A step (or epoch) in which every sample's residual was NaN or Inf would
+    otherwise report a residual of 0.0, which reads as perfect convergence.
+    """
+
+    def result(self):
+        count = keras.ops.cast(self.count, "float32")
+        mean = self.total / keras.ops.maximum(count, 1.0)
+        return keras.ops.where(count > 0, mean, float("nan"))
+
+
 def _cast_floats(structure, dtype):
     return tf.nest.map_structure(
         lambda t: tf.cast(t, dtype) if t.dtype.is_floating else t, structure
     )
+
+
+def _serialize_shareable(cell):
+    """`serialize_keras_object(cell)`, marked so that a cell shared by several DEQ
+    layers is shared again when a `.keras` file is loaded.
+
+    While Keras saves a model it notes every object it serializes and marks the
+    second occurrence of one with `shared_object_id`, and on load returns the
+    object already made for that id. The first occurrence's mark is lost here,
+    because Keras copies the layer's config after `get_config` returns, so the
+    loaded layers would each build their own cell and the weights file (which
+    holds the shared cell once) would not load. Marking every cell while saving
+    keeps the first occurrence findable; an unshared mark is unused on load.
+    """
+    config = keras.saving.serialize_keras_object(cell)
+    try:
+        from keras.src.backend.common import global_state  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - private module moved
+        return config
+    if global_state.get_global_attribute("shared_objects/id_to_config_map") is not None:
+        config["shared_object_id"] = int(id(cell))
+    return config
 
 
 def _in_save_context():
@@ -64,6 +99,24 @@ def _in_xla_context():
         return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
     except Exception:  # pragma: no cover - private API moved
         return False
+
+
+def _gate_later_ops(checks):
+    """Makes every op created after this point in the current graph wait for `checks`.
+
+    The adjoint solve runs inside the gradient computation, after the gradients of
+    the layers above were computed: only the cell's gradients depend on its check
+    by data. For `on_failure="raise"` to stop the step before *any* weight moves,
+    the optimizer's updates, created later in the same traced step, must wait for
+    the assertion too. The dependency stays open until the graph is finished; it
+    goes to the bottom of the graph's control-dependency stack, so that `with
+    tf.control_dependencies(...)` blocks around the gradient still close in order.
+    (Under a `tf.distribute` strategy the stack is per replica thread, so the
+    cross-replica updates are not gated: there the cell's own weights stay put.)
+    """
+    graph = tf.compat.v1.get_default_graph()
+    controller = graph.control_dependencies(checks)
+    graph._control_dependencies_stack = [controller, *graph._control_dependencies_stack]
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
@@ -86,7 +139,7 @@ class DEQ(keras.layers.Layer):
     - `{name}_fwd_steps`: forward iterations run (= cell evaluations) per
       batch, averaged over the batches of the epoch.
     - `{name}_fwd_residual`: residual (per `stop_mode`) of the returned state,
-      mean over the samples with a finite residual.
+      mean over the samples with a finite residual; NaN when no sample had one.
     - `{name}_converged`: fraction of samples whose residual met `tol`.
     - `{name}_bwd_steps`, `{name}_bwd_residual`: the same for the adjoint solve
       (implicit backward only; 0 in evaluation, which has no backward pass).
@@ -134,6 +187,11 @@ class DEQ(keras.layers.Layer):
         jacobian_frequency: Probability in (0, 1] that a training step computes
             and adds the regularizer.
         jacobian_probes: Number of Hutchinson probe vectors.
+        jacobian_max_iter_delta: On the training steps that apply the
+            regularizer, the forward budget is `max_iter + delta` with `delta`
+            drawn uniformly from `[-d, d - 1]` (at least 1 iteration), as in the
+            DEQ recipes (`RAND_F_THRES_DELTA`, 2 there). 0 (default) keeps
+            `max_iter`. Drawn at run time: no retracing.
         state_shape: Shape of the state without the batch dimension (a tuple, or
             a list of tuples for a multi-tensor state). Defaults to the input's.
         solver_batch_dims: Leading axes of the state that the solvers treat as
@@ -177,6 +235,7 @@ class DEQ(keras.layers.Layer):
         jacobian_weight=0.0,
         jacobian_frequency=1.0,
         jacobian_probes=1,
+        jacobian_max_iter_delta=0,
         state_shape=None,
         on_failure="warn",
         seed=None,
@@ -223,6 +282,9 @@ class DEQ(keras.layers.Layer):
             "jacobian_frequency", jacobian_frequency
         )
         self.jacobian_probes = common.check_positive_int("jacobian_probes", jacobian_probes)
+        self.jacobian_max_iter_delta = common.check_nonnegative_int(
+            "jacobian_max_iter_delta", jacobian_max_iter_delta
+        )
         self.state_shape = self._check_state_shape(state_shape)
         self.solver_batch_dims = common.check_positive_int("solver_batch_dims", solver_batch_dims)
         if on_failure not in ON_FAILURE:
@@ -237,7 +299,9 @@ class DEQ(keras.layers.Layer):
         self._warned = False
         self._explicit_depth = None
         self._metrics_by_name = {
-            key: keras.metrics.Mean(name=f"{self.name}_{key}", dtype="float32")
+            key: (_FiniteMean if key == "fwd_residual" else keras.metrics.Mean)(
+                name=f"{self.name}_{key}", dtype="float32"
+            )
             for key in (
                 "fwd_steps",
                 "fwd_residual",
@@ -286,11 +350,20 @@ class DEQ(keras.layers.Layer):
     # ------------------------------------------------------------------ build
     @staticmethod
     def _is_multi(input_shape):
+        """Whether the input is several tensors (a list, tuple or dict of them)."""
+        if isinstance(input_shape, dict):
+            return True
         return (
             isinstance(input_shape, (list, tuple))
             and bool(input_shape)
             and isinstance(input_shape[0], (list, tuple))
         )
+
+    @staticmethod
+    def _first_shape(input_shape):
+        if isinstance(input_shape, dict):
+            return next(iter(input_shape.values()))
+        return input_shape[0]
 
     def _state_shapes(self, input_shape):
         """Sample shape(s) of the state: a tuple, or a list of tuples."""
@@ -298,8 +371,8 @@ class DEQ(keras.layers.Layer):
             return self.state_shape
         if self._is_multi(input_shape):
             raise ValueError(
-                "The input is a list of tensors, so the state shape cannot be inferred: "
-                f"pass `state_shape=`. Received: input_shape={input_shape}"
+                "The input is a list or dict of tensors, so the state shape cannot be "
+                f"inferred: pass `state_shape=`. Received: input_shape={input_shape}"
             )
         return tuple(input_shape[1:])
 
@@ -309,6 +382,10 @@ class DEQ(keras.layers.Layer):
         return (batch, *shapes)
 
     def _spec(self, shapes):
+        if isinstance(shapes, dict):
+            return {
+                k: keras.KerasTensor(tuple(s), dtype=self.compute_dtype) for k, s in shapes.items()
+            }
         if isinstance(shapes, list):
             return [keras.KerasTensor(tuple(s), dtype=self.compute_dtype) for s in shapes]
         return keras.KerasTensor(tuple(shapes), dtype=self.compute_dtype)
@@ -316,8 +393,11 @@ class DEQ(keras.layers.Layer):
     def build(self, input_shape):
         multi = self._is_multi(input_shape)
         # Shapes read back from a config are lists: a list means several tensors here.
-        input_shape = [tuple(s) for s in input_shape] if multi else tuple(input_shape)
-        batch = input_shape[0][0] if multi else input_shape[0]
+        if isinstance(input_shape, dict):
+            input_shape = {k: tuple(s) for k, s in input_shape.items()}
+        else:
+            input_shape = [tuple(s) for s in input_shape] if multi else tuple(input_shape)
+        batch = self._first_shape(input_shape)[0] if multi else input_shape[0]
         z_spec = self._spec(self._batched(batch, self._state_shapes(input_shape)))
         x_spec = self._spec(input_shape)
         self._check_solver_batch_dims(z_spec)
@@ -371,7 +451,8 @@ class DEQ(keras.layers.Layer):
             )
 
     def compute_output_shape(self, input_shape):
-        batch = input_shape[0][0] if self._is_multi(input_shape) else input_shape[0]
+        multi = self._is_multi(input_shape)
+        batch = self._first_shape(input_shape)[0] if multi else input_shape[0]
         return self._batched(batch, self._state_shapes(input_shape))
 
     # ------------------------------------------------------- jacobian controls
@@ -473,8 +554,17 @@ class DEQ(keras.layers.Layer):
             out = self.cell(z, x_in, training=training)
             return _cast_floats(out, own_dtype) if cell_dtype != own_dtype else out
 
+        regularize = bool(training) and self._jacobian_enabled
+        # The regularizer's per-step draw comes first: on the steps it picks, the
+        # forward budget may be jittered (`jacobian_max_iter_delta`).
+        draw = (
+            keras.random.uniform((), dtype="float32", seed=self.seed_generator)
+            if regularize
+            else None
+        )
         if self._explicit_depth is None:
-            z, result = self._solve(fn, x, z0, training)
+            max_iter = self._jittered_max_iter(draw) if regularize else self.max_iter
+            z, result = self._solve(fn, x, z0, training, max_iter)
         else:
             z, result = backward_lib.explicit(
                 fn, x, z0, self._explicit_depth, self.tol, self.stop_mode
@@ -482,8 +572,8 @@ class DEQ(keras.layers.Layer):
         checks = self._record_forward(
             result, report=self._explicit_depth is None, host=not _in_save_context()
         )
-        if training and self._jacobian_enabled:
-            self._add_jacobian_loss(fn, result, x)
+        if regularize:
+            self._add_jacobian_loss(fn, result, x, draw)
         with tf.control_dependencies(checks):
             return backward_lib.finite_upstream(z)
 
@@ -508,12 +598,12 @@ class DEQ(keras.layers.Layer):
             out.append(tf.stop_gradient(tf.cast(given, self.compute_dtype)))
         return tf.nest.pack_sequence_as(zeros, out)
 
-    def _solve(self, fn, x, z0, training):
+    def _solve(self, fn, x, z0, training, max_iter):
         return backward_lib.equilibrium(
             fn,
             x,
             z0,
-            forward=self._solver(self.solver, self.max_iter, self.tol, self.solver_options),
+            forward=self._solver(self.solver, max_iter, self.tol, self.solver_options),
             mode=self.backward,
             backward=self._solver(
                 self.backward_solver,
@@ -552,7 +642,10 @@ class DEQ(keras.layers.Layer):
         with _float32_metrics():
             m["bwd_steps"].update_state(tf.cast(result.steps, "float32"))
             m["bwd_residual"].update_state(*_finite_values(self._residual(result)))
-        return self._report_failure(result, "backward")
+        checks = self._report_failure(result, "backward")
+        if checks:
+            _gate_later_ops(checks)
+        return checks
 
     def _failure_message(self, which, n_failed, n_nonfinite, worst):
         tol = self.tol if which == "forward" else self.backward_tol
@@ -644,13 +737,27 @@ class DEQ(keras.layers.Layer):
         return []
 
     # ---------------------------------------------------------------- jacobian
-    def _add_jacobian_loss(self, fn, result, x):
+    def _picked(self, draw):
+        """Whether this training step is one the regularizer picks."""
+        return (draw < self._jacobian_frequency) & (self._jacobian_weight > 0)
+
+    def _jittered_max_iter(self, draw):
+        """`max_iter + delta` on picked steps, `delta` uniform in `[-d, d - 1]` with
+        `d = jacobian_max_iter_delta` (the DEQ recipes' random forward budget), at
+        least 1; `max_iter` on the other steps. A tensor: no retracing."""
+        d = self.jacobian_max_iter_delta
+        if d == 0:
+            return self.max_iter
+        delta = keras.random.randint((), -d, d, seed=self.seed_generator, dtype="int32")
+        jittered = tf.maximum(self.max_iter + delta, 1)
+        return tf.where(self._picked(draw), jittered, tf.constant(self.max_iter, tf.int32))
+
+    def _add_jacobian_loss(self, fn, result, x, draw):
         weight = self._jacobian_weight
         z_star = tf.nest.map_structure(tf.stop_gradient, result.state)
-        draw = keras.random.uniform((), dtype="float32", seed=self.seed_generator)
         # Skipped on a step where some sample has no finite iterate (its Jacobian is NaN).
         solved = tf.reduce_all(backward_lib.solved_rows(result, x))
-        apply = (draw < self._jacobian_frequency) & (weight > 0) & solved
+        apply = self._picked(draw) & solved
 
         def estimate():
             est = jacobian.hutchinson_frobenius(
@@ -695,7 +802,7 @@ class DEQ(keras.layers.Layer):
         config = super().get_config()
         config.update(
             {
-                "cell": keras.saving.serialize_keras_object(self.cell),
+                "cell": _serialize_shareable(self.cell),
                 "solver": self.solver,
                 "max_iter": self.max_iter,
                 "tol": self.tol,
@@ -711,6 +818,7 @@ class DEQ(keras.layers.Layer):
                 "jacobian_weight": float(self._jacobian_weight_init),
                 "jacobian_frequency": float(self._jacobian_frequency_init),
                 "jacobian_probes": self.jacobian_probes,
+                "jacobian_max_iter_delta": self.jacobian_max_iter_delta,
                 "state_shape": self.state_shape,
                 "on_failure": self.on_failure,
                 "seed": self.seed,

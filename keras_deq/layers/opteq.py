@@ -12,11 +12,18 @@ started from `z0 = x` (Eq. 5-6, Algorithm 1).
 Priors on the equilibrium (Section 5):
 
 - structural (`R*`, Theorem 4): `z = T(T_R(z), x)`, with `T_R = prox_{gamma R}`
-  when it has a closed form and `I - gamma grad R` otherwise (Table 2);
+  when it has a closed form and `I - gamma grad R` otherwise (Table 2). For one
+  unit with `alpha = 1` the equilibrium minimizes `phi + gamma R` with the
+  gradient step, and `phi + M_{gamma R}` with the prox, where
+  `M_{gamma R}(z) = min_u gamma R(u) + 1/2 ||u - z||^2` is the Moreau envelope
+  (`gamma / (2 (1 + gamma)) ||z||^2` for `R = 1/2 ||z||^2`): see `FeaturePrior`;
 - SAM (`R-dagger`, Eq. 11): the sequential averaging iteration
   `z^k = beta_k S(z^{k-1}) + (1 - beta_k) T(z^{k-1}, x)` with
   `S(z) = (1 - gamma beta_k) z - gamma grad R(z)` and `beta_k = rho / k^c`,
   which selects the fixed point of `T` with the least `R` (Theorem 5).
+
+The paper uses HSIC (Section 7.2.1) as a prior of both kinds (Tables 4-5): it is
+the prior `"hsic"`, a gradient step (HSIC has no closed-form prox).
 
 This module holds the feature functions (decorrelation, HSIC, incay), the
 priors (`FeaturePrior`), the feature regularizers usable on any Keras layer,
@@ -41,7 +48,7 @@ from keras_deq.solvers.common import (
     get_keras_object,
 )
 
-PRIORS = ("l2", "l1", "incay", "decorrelation")
+PRIORS = ("l2", "l1", "incay", "decorrelation", "hsic")
 PRIOR_MODES = ("structural", "sam")
 TRAINING_MODES = ("unrolled", "implicit")
 KINDS = ("dense", "conv")
@@ -85,6 +92,17 @@ def _check_max_norm(max_norm):
     if max_norm is None:
         return None
     return check_positive_float("max_norm", max_norm, finite=False)
+
+
+def _scalar(value, dtype):
+    """`value` as a `dtype` scalar tensor, exactly for a Python number.
+
+    `tf.cast(0.7, tf.float64)` first makes a float32 tensor and so rounds 0.7 to
+    float32 (off by 1e-8); `tf.constant(0.7, tf.float64)` does not.
+    """
+    if tf.is_tensor(value) or isinstance(value, tf.Variable):
+        return tf.cast(value, dtype)
+    return tf.constant(value, dtype)
 
 
 # ------------------------------------------------------------------ feature functions
@@ -207,20 +225,67 @@ def _smallest_normal(dtype):
     return 2.0**-1022 if dtype == tf.float64 else 2.0**-126  # bfloat16 is float32's
 
 
+def _rbf_compute(diff, sigma):
+    """`(d, 2 sigma^2)` in the dtype the kernels are computed in, or None (see `hsic`).
+
+    `2 sigma^2` is a Python float: 0 or subnormal when it underflows. Where it is not a
+    normal number of `diff`'s dtype the kernels are computed in float64, and where it
+    is not one of float64 either, None.
+    """
+    denominator = 2.0 * sigma * sigma
+    for compute_dtype in (diff.dtype, tf.float64):
+        if denominator >= _smallest_normal(compute_dtype):  # inf included
+            return tf.cast(diff, compute_dtype), tf.constant(denominator, compute_dtype)
+    return None
+
+
 def _rbf_kernels(diff, sigma):
     """`exp(-diff^2 / (2 sigma^2))` without NaN for any `sigma > 0` (see `hsic`)."""
-    dtype = diff.dtype
-    denominator = 2.0 * sigma * sigma  # a Python float: 0 or subnormal when it underflows
-    for compute_dtype in (dtype, tf.float64):
-        if denominator >= _smallest_normal(compute_dtype):  # inf included
-            d = tf.cast(diff, compute_dtype)
-            exponent = tf.minimum(
-                tf.square(d) / tf.constant(denominator, compute_dtype), _RBF_EXPONENT_CAP
-            )
-            return tf.cast(tf.exp(-exponent), dtype)
-    # sigma < 1e-154: every kernel entry but those of equal samples is 0 in float64 unless
-    # two samples differ by less than about 40 sigma.
-    return tf.cast(tf.equal(diff, 0), dtype) + 0.0 * diff  # a zero gradient, not None
+    compute = _rbf_compute(diff, sigma)
+    if compute is None:
+        # sigma < 1e-154: every kernel entry but those of equal samples is 0 in float64
+        # unless two samples differ by less than about 40 sigma.
+        return tf.cast(tf.equal(diff, 0), diff.dtype) + 0.0 * diff  # a zero gradient, not None
+    d, denominator = compute
+    exponent = tf.minimum(tf.square(d) / denominator, _RBF_EXPONENT_CAP)
+    return tf.cast(tf.exp(-exponent), diff.dtype)
+
+
+def _rbf_slopes_sum(diff, sigma, weights):
+    """`sum_b weights[..., b] * k'(diff[..., b])`, `k' = -diff / sigma^2 * kernel`.
+
+    Computed in the kernels' dtype (see `_rbf_compute`) and cast back, so that a
+    float64 fallback does not overflow the input's dtype before the weighting.
+    `d * kernel` is formed first: it is 0 where the exponent is capped (the kernel is
+    0 there in every dtype), and `d / sigma^2` alone could overflow.
+    """
+    compute = _rbf_compute(diff, sigma)
+    if compute is None:  # the kernels are `d == 0`: constant, so no slope
+        return 0.0 * tf.reduce_sum(diff, axis=-1)
+    d, denominator = compute
+    exponent = tf.minimum(tf.square(d) / denominator, _RBF_EXPONENT_CAP)
+    slopes = -2.0 * (d * tf.exp(-exponent)) / denominator
+    total = tf.reduce_sum(tf.cast(weights, d.dtype) * slopes, axis=-1)
+    return tf.cast(total, diff.dtype)
+
+
+def _feature_differences(z):
+    """`(features, samples)` matrix of `z` and its pairwise differences `d[i, a, b]`."""
+    matrix = tf.transpose(_as_matrix(z))  # (features, samples)
+    return matrix, matrix[:, :, None] - matrix[:, None, :]
+
+
+def _centered_kernels(diff, sigma):
+    """`Kc_i = H K_i H` for every feature `i`: `(features, samples, samples)`."""
+    kernels = _rbf_kernels(diff, sigma)
+    centered = kernels - tf.reduce_mean(kernels, axis=1, keepdims=True)
+    return centered - tf.reduce_mean(centered, axis=2, keepdims=True)
+
+
+def _hsic_scale(matrix):
+    """`(B - 1)^2`, with `B - 1` floored at 1: one sample has zero centered kernels."""
+    samples = tf.cast(tf.shape(matrix)[1], matrix.dtype)
+    return tf.square(tf.maximum(samples - 1.0, 1.0))
 
 
 def hsic(z, sigma=1.0):
@@ -229,7 +294,8 @@ def hsic(z, sigma=1.0):
     `R(Z) = sum_{i < j} HSIC(Z_i, Z_j)`, `HSIC(X, Y) = tr(K_X H K_Y H) / (B - 1)^2`,
     where `K_X[a, b] = exp(-(x_a - x_b)^2 / (2 sigma^2))` over the `B` samples
     and `H = I - 11^T / B` centers (Section 7.2.1). With `Kc_i = H K_i H` the sum
-    is `(||sum_i Kc_i||_F^2 - sum_i ||Kc_i||_F^2) / (2 (B - 1)^2)`.
+    is `(||sum_i Kc_i||_F^2 - sum_i ||Kc_i||_F^2) / (2 (B - 1)^2)`. One sample
+    (`B = 1`) gives 0.
 
     Features are on the last axis; every other axis indexes samples. Memory and
     time grow as `features * samples^2`: apply it to pooled or dense features.
@@ -248,15 +314,37 @@ def hsic(z, sigma=1.0):
     Returns:
         A scalar tensor.
     """
-    matrix = tf.transpose(_as_matrix(z))  # (features, samples)
-    diff = matrix[:, :, None] - matrix[:, None, :]
-    kernels = _rbf_kernels(diff, sigma)
-    centered = kernels - tf.reduce_mean(kernels, axis=1, keepdims=True)
-    centered = centered - tf.reduce_mean(centered, axis=2, keepdims=True)
+    matrix, diff = _feature_differences(z)
+    centered = _centered_kernels(diff, sigma)
     total = tf.reduce_sum(tf.square(tf.reduce_sum(centered, axis=0)))
     own = tf.reduce_sum(tf.square(centered))
-    samples = tf.cast(tf.shape(matrix)[1], z.dtype)
-    return 0.5 * (total - own) / tf.square(samples - 1.0)
+    return 0.5 * (total - own) / _hsic_scale(matrix)
+
+
+def hsic_gradient(z, sigma=1.0):
+    """The gradient of `hsic(z, sigma)` with respect to `z`, in closed form.
+
+    With `G_i = (sum_j Kc_j - Kc_i) / (B - 1)^2` (the derivative of `hsic` in the
+    kernel `K_i`) and `k'(d) = -d / sigma^2 * exp(-d^2 / (2 sigma^2))`,
+    `grad_{z[a, i]} = 2 sum_b G_i[a, b] k'(z[a, i] - z[b, i])`. It is
+    differentiable again (training through an HSIC prior step differentiates it),
+    and it follows `hsic`'s numerics for any `sigma > 0`.
+
+    Args:
+        z: A `(batch, ..., features)` tensor.
+        sigma: The RBF bandwidth, > 0.
+
+    Returns:
+        A tensor like `z`.
+    """
+    matrix, diff = _feature_differences(z)
+    centered = _centered_kernels(diff, sigma)
+    weights = (tf.reduce_sum(centered, axis=0, keepdims=True) - centered) / _hsic_scale(matrix)
+    # The diagonal (d = 0, k'(0) = 0) adds nothing; zeroing its weight keeps the second
+    # derivative, whose diagonal terms are ~1 / sigma^2 and cancel exactly, finite.
+    weights = weights * (1.0 - tf.eye(tf.shape(matrix)[1], dtype=weights.dtype))
+    gradient = 2.0 * _rbf_slopes_sum(diff, sigma, weights)  # (features, samples)
+    return tf.reshape(tf.transpose(gradient), tf.shape(z))
 
 
 # ------------------------------------------------------------------ priors
@@ -270,15 +358,43 @@ class FeaturePrior:
     | `"l1"` | `||z||_1` | `prox_{gamma R}(z)`: soft-threshold at `gamma` |
     | `"incay"` | `2 / (||z||^2 + 2 eps)` per sample | `z - gamma grad R(z) = (1 + 4 gamma / (||z||^2 + 2 eps)^2) z` |
     | `"decorrelation"` | `F_Dz` (Eq. 13), across the batch | `z - gamma grad F_Dz(z)` |
+    | `"hsic"` | `sum_{i<j} HSIC(z_i, z_j)` (`hsic`), across the batch | `z - gamma grad R(z)` |
 
     The paper's Table 2 prints the incay step as `(1 - 4 gamma / ...) z`; the
     gradient step of the `R` it states (and the "feature expansion" it
-    describes) is `(1 + 4 gamma / ...) z`, which is what is used here.
+    describes) is `(1 + 4 gamma / ...) z`, which is what is used here. HSIC is
+    not in Table 2; the paper uses it as a prior of both kinds in its Tables
+    4-5, and it has no closed-form prox, so its operator is the gradient step
+    (`hsic_gradient`), as for the decorrelation.
+
+    What a structural prior minimizes. Let `f = prox_phi` be one OptEq unit
+    with `alpha = 1` (Theorem 1). The fixed point of `z = f(T_R(z))` is
+
+    - a minimizer of `phi + gamma R` when `T_R = I - gamma grad R` (Theorem 4:
+      `-gamma grad R(z) in d phi(z)`; a stationary point, as `R` is not convex
+      for `"incay"`, `"decorrelation"` and `"hsic"`);
+    - a minimizer of `phi + M_{gamma R}` when `T_R = prox_{gamma R}` (`"l2"`,
+      `"l1"`), where `M_{gamma R}(z) = min_u gamma R(u) + 1/2 ||u - z||^2` is the
+      Moreau envelope of `gamma R`, not `gamma R` itself: `z = f(u)` and
+      `u = prox_{gamma R}(z)` give `0 in d phi(z) + z - prox_{gamma R}(z)`, and
+      `z - prox_{gamma R}(z) = grad M_{gamma R}(z)`. For `"l2"`,
+      `M_{gamma R}(z) = gamma / (2 (1 + gamma)) ||z||^2` (so `phi + lam/2 ||z||^2`
+      with `lam < 1` is `strength = lam / (1 - lam)`); for `"l1"` it is the
+      Huber function, `z_i^2 / 2` where `|z_i| <= gamma` and
+      `gamma |z_i| - gamma^2 / 2` elsewhere, summed.
+
+    A relaxed unit (`alpha < 1`) is the prox of `alpha M_phi^{1 - alpha}`, which
+    has the minimizers of `phi` but not its values: the fixed point then
+    minimizes `alpha M_phi^{1 - alpha} + gamma R` (gradient step) or
+    `alpha M_phi^{1 - alpha} + M_{gamma R}` (prox). A deep `OptEqCell` applies
+    `T_R` before its first unit; its equilibrium is not the minimizer of one
+    function (Theorem 2).
 
     Args:
         name: One of `PRIORS`.
         strength: `gamma >= 0`, the prox parameter or gradient step.
         epsilon: `eps > 0` of the incay prior (ignored by the others).
+        sigma: The RBF bandwidth `> 0` of the HSIC prior (ignored by the others).
 
     Example:
 
@@ -288,9 +404,9 @@ class FeaturePrior:
     [[1.0, 2.0]]
     """
 
-    def __init__(self, name, strength=0.1, epsilon=1.0):
-        # The arguments are the `prior`, `prior_strength` and `prior_epsilon` of the OptEq
-        # layers; the messages name both.
+    def __init__(self, name, strength=0.1, epsilon=1.0, sigma=1.0):
+        # The arguments are the `prior`, `prior_strength`, `prior_epsilon` and `prior_sigma`
+        # of the OptEq layers; the messages name both.
         if name not in PRIORS:
             raise ValueError(f"`name` must be one of the priors {PRIORS}. Received: name={name!r}")
         if not _is_number(strength) or not 0 <= strength < math.inf:
@@ -303,7 +419,13 @@ class FeaturePrior:
                 "`epsilon` (`prior_epsilon` of the OptEq layers) must be a finite positive "
                 f"number. Received: epsilon={epsilon!r}"
             )
+        if not _is_number(sigma) or not sigma > 0:
+            raise ValueError(
+                "`sigma` (`prior_sigma` of the OptEq layers) must be a positive number. "
+                f"Received: sigma={sigma!r}"
+            )
         self.name, self.strength, self.epsilon = name, float(strength), float(epsilon)
+        self.sigma = float(sigma)
 
     def value(self, z):
         """`R(z)`, a scalar (per-sample priors are summed over the batch)."""
@@ -313,6 +435,8 @@ class FeaturePrior:
             return tf.reduce_sum(tf.abs(z))
         if self.name == "incay":
             return incay(z, self.epsilon)
+        if self.name == "hsic":
+            return hsic(z, self.sigma)
         return decorrelation(z)
 
     def gradient(self, z):
@@ -323,11 +447,13 @@ class FeaturePrior:
             return tf.sign(z)
         if self.name == "incay":
             return incay_gradient(z, self.epsilon)
+        if self.name == "hsic":
+            return hsic_gradient(z, self.sigma)
         return decorrelation_gradient(z)
 
     def step(self, z):
         """`T_R(z)`: the prox of `gamma R` or a gradient step on it (table above)."""
-        gamma = tf.cast(self.strength, z.dtype)
+        gamma = _scalar(self.strength, z.dtype)
         if self.name == "l2":
             return z / (1.0 + gamma)
         if self.name == "l1":
@@ -335,7 +461,12 @@ class FeaturePrior:
         return z - gamma * self.gradient(z)
 
     def get_config(self):
-        return {"name": self.name, "strength": self.strength, "epsilon": self.epsilon}
+        return {
+            "name": self.name,
+            "strength": self.strength,
+            "epsilon": self.epsilon,
+            "sigma": self.sigma,
+        }
 
     @classmethod
     def from_config(cls, config):
@@ -479,8 +610,8 @@ def sam_iteration(fn, z0, steps, grad_r=None, rho=0.5, c=0.2, gamma=0.1):
         return k + 1, fn(z)
 
     def averaged(k, z):
-        beta = tf.cast(rho, dtype) / tf.pow(tf.cast(k, dtype), tf.cast(c, dtype))
-        step = tf.cast(gamma, dtype)
+        beta = _scalar(rho, dtype) / tf.pow(tf.cast(k, dtype), _scalar(c, dtype))
+        step = _scalar(gamma, dtype)
         s = (1.0 - step * beta) * z - step * grad_r(z)
         return k + 1, beta * s + (1.0 - beta) * fn(z)
 
@@ -752,6 +883,7 @@ class OptEqCell(keras.layers.Layer):
         prior: A structural prior name (`PRIORS`) or None.
         prior_strength: Its `gamma`.
         prior_epsilon: `eps` of the incay prior.
+        prior_sigma: RBF bandwidth `sigma` of the HSIC prior.
         kernel_initializer: Initializer of the `W_l` (None: the unit's default).
         injection_initializer: Initializer of the `U_l`.
         **kwargs: Base layer arguments.
@@ -776,6 +908,7 @@ class OptEqCell(keras.layers.Layer):
         prior=None,
         prior_strength=0.1,
         prior_epsilon=1.0,
+        prior_sigma=1.0,
         kernel_initializer=None,
         injection_initializer="glorot_uniform",
         **kwargs,
@@ -793,7 +926,12 @@ class OptEqCell(keras.layers.Layer):
         self.prior_name = prior
         self.prior_strength = check_nonnegative_float("prior_strength", prior_strength)
         self.prior_epsilon = check_positive_float("prior_epsilon", prior_epsilon, finite=False)
-        self.prior = None if prior is None else FeaturePrior(prior, prior_strength, prior_epsilon)
+        self.prior_sigma = check_positive_float("prior_sigma", prior_sigma, finite=False)
+        self.prior = (
+            None
+            if prior is None
+            else FeaturePrior(prior, prior_strength, prior_epsilon, self.prior_sigma)
+        )
         # None: each unit's own default (see `OptEqDenseUnit` and `OptEqConvUnit`).
         self.kernel_initializer = get_keras_object(
             "initializer", "kernel_initializer", kernel_initializer
@@ -872,6 +1010,7 @@ class OptEqCell(keras.layers.Layer):
                 "prior": self.prior_name,
                 "prior_strength": self.prior_strength,
                 "prior_epsilon": self.prior_epsilon,
+                "prior_sigma": self.prior_sigma,
                 "kernel_initializer": None
                 if self.kernel_initializer is None
                 else keras.initializers.serialize(self.kernel_initializer),
@@ -921,8 +1060,11 @@ class OptEqBlock(keras.layers.Layer):
 
     Priors (`prior` one of `PRIORS`):
 
-    - `prior_mode="structural"` (`R*`): the map becomes `T(T_R(z), x)` (see
-      `FeaturePrior`), in both training modes.
+    - `prior_mode="structural"` (`R*`): the map becomes `T(T_R(z), x)`, in
+      both training modes. For one unit with `alpha = 1` its equilibrium
+      minimizes `phi + gamma R` for a gradient-step prior and
+      `phi + M_{gamma R}` (the Moreau envelope of `gamma R`) for the prox priors
+      `"l2"` and `"l1"`; see `FeaturePrior` for the general statement.
     - `prior_mode="sam"` (`R-dagger`): SAM iterations with `beta_k = sam_rho /
       k^sam_c` and step `gamma = prior_strength`; unrolled training only.
 
@@ -938,6 +1080,7 @@ class OptEqBlock(keras.layers.Layer):
         prior_mode: `"structural"` or `"sam"`.
         prior_strength: `gamma` of the prior.
         prior_epsilon: `eps` of the incay prior.
+        prior_sigma: RBF bandwidth `sigma` of the HSIC prior (`hsic`).
         sam_rho: `rho` of SAM's schedule (`rho, c > 0`, `rho + 2c < 1`).
         sam_c: `c` of SAM's schedule.
         training_mode: `"unrolled"` or `"implicit"`.
@@ -976,6 +1119,7 @@ class OptEqBlock(keras.layers.Layer):
         prior_mode="structural",
         prior_strength=0.1,
         prior_epsilon=1.0,
+        prior_sigma=1.0,
         sam_rho=0.5,
         sam_c=0.2,
         training_mode="unrolled",
@@ -1018,6 +1162,7 @@ class OptEqBlock(keras.layers.Layer):
             prior=prior if prior_mode == "structural" else None,
             prior_strength=prior_strength,
             prior_epsilon=prior_epsilon,
+            prior_sigma=prior_sigma,
             kernel_initializer=kernel_initializer,
             injection_initializer=injection_initializer,
             dtype=self.dtype_policy,
@@ -1025,7 +1170,7 @@ class OptEqBlock(keras.layers.Layer):
         )
         self.prior_name = prior
         self.sam_prior = (
-            FeaturePrior(prior, prior_strength, prior_epsilon)
+            FeaturePrior(prior, prior_strength, prior_epsilon, self.cell.prior_sigma)
             if prior is not None and prior_mode == "sam"
             else None
         )
@@ -1109,6 +1254,7 @@ class OptEqBlock(keras.layers.Layer):
                 "prior_mode": self.prior_mode,
                 "prior_strength": cell.prior_strength,
                 "prior_epsilon": cell.prior_epsilon,
+                "prior_sigma": cell.prior_sigma,
                 "sam_rho": self.sam_rho,
                 "sam_c": self.sam_c,
                 "training_mode": self.training_mode,

@@ -24,6 +24,20 @@ def check_positive_int(name, value):
     return int(value)
 
 
+def check_nonnegative_int(name, value, optional=False):
+    """An integer >= 0 (numpy integers too), at most 2**31 - 1; or None if `optional`."""
+    if value is None and optional:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not 0 <= value <= MAX_COUNT
+    ):
+        what = "a non-negative integer (at most 2**31 - 1)" + (" or None" if optional else "")
+        raise ValueError(f"`{name}` must be {what}. Received: {name}={value!r}")
+    return int(value)
+
+
 def check_positive_float(name, value, finite=True):
     """A number > 0; finite unless `finite=False` (then `inf` is allowed)."""
     if (
@@ -65,11 +79,24 @@ def check_stop_mode(stop_mode):
     return stop_mode
 
 
+def check_max_iter(max_iter):
+    """A positive int, or a scalar integer tensor (a budget drawn at run time, which
+    changes without retracing; values below 1 act as 1)."""
+    if tf.is_tensor(max_iter):
+        if not max_iter.dtype.is_integer or max_iter.shape.rank not in (None, 0):
+            raise ValueError(
+                "`max_iter` must be a positive integer or a scalar integer tensor. "
+                f"Received: max_iter={max_iter!r}"
+            )
+        return tf.maximum(tf.cast(max_iter, tf.int32), 1)
+    return check_positive_int("max_iter", max_iter)
+
+
 def check_common(f, max_iter, tol, stop_mode):
     if not callable(f):
         raise ValueError(f"`f` must be callable. Received: f={f!r}")
     return (
-        check_positive_int("max_iter", max_iter),
+        check_max_iter(max_iter),
         check_positive_float("tol", tol),
         check_stop_mode(stop_mode),
     )

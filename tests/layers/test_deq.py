@@ -792,3 +792,78 @@ def test_solver_batch_dims_needs_a_single_tensor_state_with_enough_axes():
     layer = keras_deq.DEQ(keras_deq.DenseCell(4), solver_batch_dims=2)
     with pytest.raises(ValueError, match="solver_batch_dims"):
         layer(np.zeros((2, 4), "float32"))
+
+
+# ------------------------------------------------ issue 12: shared cells, dict inputs
+def test_two_deq_layers_sharing_one_cell_round_trip_through_keras_file(tmp_path):
+    # Before: saved without complaint, and loading failed with "Layer 'dense_cell'
+    # expected 3 variables, but received 0".
+    cell = keras_deq.DenseCell(6)
+    inputs = keras.Input((6,))
+    hidden = keras_deq.DEQ(cell, name="deq_a")(inputs)
+    outputs = keras_deq.DEQ(cell, name="deq_b")(keras.layers.Dense(6)(hidden))
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype("float32")
+    model.compile("adam", "mse")
+    model.fit(x, x, epochs=1, verbose=0)  # weights away from their initial values
+    path = tmp_path / "shared.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    deqs = [layer for layer in loaded.layers if isinstance(layer, keras_deq.DEQ)]
+    assert deqs[0].cell is deqs[1].cell
+    np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6, atol=1e-6)
+    for got, want in zip(deqs[0].cell.weights, cell.weights, strict=True):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+@keras.saving.register_keras_serializable(package="test_deq")
+class DictInjectionCell(keras.layers.Layer):
+    """`tanh(z W + x["a"] U_a + x["b"] U_b)`: a cell whose injection is a dict."""
+
+    def build(self, z_shape, x_shape):
+        width = z_shape[-1]
+        self.w = self.add_weight(
+            shape=(width, width), initializer=keras.initializers.Orthogonal(0.5, seed=0)
+        )
+        self.u_a = self.add_weight(shape=(x_shape["a"][-1], width), initializer="glorot_uniform")
+        self.u_b = self.add_weight(shape=(x_shape["b"][-1], width), initializer="glorot_uniform")
+
+    def call(self, z, x):
+        return keras.ops.tanh(z @ self.w + x["a"] @ self.u_a + x["b"] @ self.u_b)
+
+
+def _dict_batch(batch=8):
+    rng = np.random.default_rng(3)
+    return {
+        "a": rng.normal(size=(batch, 6)).astype("float32"),
+        "b": rng.normal(size=(batch, 3)).astype("float32"),
+    }
+
+
+def test_dict_inputs_need_a_state_shape():
+    # Before: build failed with "Cannot convert '('a', 6)' to a shape".
+    with pytest.raises(ValueError, match="pass `state_shape=`"):
+        DEQ(DictInjectionCell())(_dict_batch())
+
+
+def test_dict_inputs_solve_and_differentiate_like_the_unrolled_reference(tmp_path):
+    x = _dict_batch()
+    layer = DEQ(DictInjectionCell(), state_shape=(4,), tol=1e-7, max_iter=100)
+    reference = DEQ(layer.cell, state_shape=(4,), tol=1e-7, max_iter=100, backward="unrolled")
+    x_t = {k: tf.constant(v) for k, v in x.items()}
+    grads = []
+    for deq in (layer, reference):
+        with tf.GradientTape() as tape:
+            tape.watch(x_t)
+            loss = tf.reduce_sum(tf.sin(deq(x_t, training=True)))
+        grads.append(tape.gradient(loss, [x_t["a"], x_t["b"], *layer.cell.trainable_variables]))
+    z = layer(x).numpy()
+    w, u_a, u_b = (v.numpy() for v in layer.cell.weights)
+    np.testing.assert_allclose(z, np.tanh(z @ w + x["a"] @ u_a + x["b"] @ u_b), atol=1e-5)
+    for got, want in zip(*grads, strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+    inputs = {"a": keras.Input((6,), name="a"), "b": keras.Input((3,), name="b")}
+    model = keras.Model(inputs, DEQ(DictInjectionCell(), state_shape=(4,))(inputs))
+    model.save(tmp_path / "dict.keras")
+    loaded = keras.models.load_model(tmp_path / "dict.keras")
+    np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6, atol=1e-6)

@@ -223,3 +223,66 @@ def test_deq_can_be_called_on_several_inputs_of_different_batch_sizes():
         predictions = model.predict(x, verbose=0)
         assert predictions.shape == (batch, 8)
         np.testing.assert_allclose(predictions, layer(x), atol=1e-5)
+
+
+# ------------------------------------- issue 12: the recipes' random forward budget
+def _budgets(layer, x, calls):
+    """The forward steps of `calls` training calls of `layer`, one compiled function."""
+    import tensorflow as tf
+
+    layer(x)  # built outside the function: variables made while tracing retrace it
+    step_metric = layer._metrics_by_name["fwd_steps"]
+
+    @tf.function
+    def train_call(x):
+        return layer(x, training=True)
+
+    steps = []
+    for _ in range(calls):
+        step_metric.reset_state()
+        train_call(x)
+        steps.append(int(step_metric.result()))
+    return steps, train_call.experimental_get_tracing_count()
+
+
+def test_regularized_steps_draw_a_forward_budget_without_retracing():
+    # The DEQ recipes' RAND_F_THRES_DELTA: on regularized steps max_iter + delta,
+    # delta uniform in {-2, -1, 0, 1}. tol=1e-30 makes every solve use its whole budget.
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+    layer = DEQ(
+        DenseCell(8),
+        solver="fixed_point",
+        max_iter=6,
+        tol=1e-30,
+        on_failure="ignore",
+        jacobian_weight=0.1,
+        jacobian_frequency=0.5,
+        jacobian_max_iter_delta=2,
+        seed=1,
+    )
+    steps, traces = _budgets(layer, x, 200)
+    assert traces == 1
+    counts = {k: steps.count(k) for k in set(steps)}
+    assert set(counts) == {4, 5, 6, 7}, counts
+    # Unpicked steps (half) keep 6; picked steps spread over 4..7 (about 25 each).
+    assert 115 <= counts[6] <= 160, counts
+    for k in (4, 5, 7):
+        assert 8 <= counts[k] <= 45, counts
+    # Without the regularizer in the step (evaluation), the budget is max_iter.
+    layer._metrics_by_name["fwd_steps"].reset_state()
+    layer(x, training=False)
+    assert int(layer._metrics_by_name["fwd_steps"].result()) == 6
+
+
+def test_forward_budget_is_fixed_without_delta():
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+    layer = DEQ(
+        DenseCell(8),
+        solver="fixed_point",
+        max_iter=6,
+        tol=1e-30,
+        on_failure="ignore",
+        jacobian_weight=0.1,
+    )
+    steps, _ = _budgets(layer, x, 20)
+    assert set(steps) == {6}

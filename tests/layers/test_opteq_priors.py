@@ -130,7 +130,7 @@ def test_decorrelation_prior_step_is_a_gradient_step():
     assert numpy_decorrelation(step) < numpy_decorrelation(z)
 
 
-@pytest.mark.parametrize("name", ["l2", "incay", "decorrelation"])
+@pytest.mark.parametrize("name", ["l2", "incay", "decorrelation", "hsic"])
 def test_prior_gradient_matches_autodiff_of_its_value(name):
     z = tf.constant(np.random.default_rng(6).normal(size=(5, 4)), F64)
     prior = opteq.FeaturePrior(name, strength=0.1, epsilon=0.5)
@@ -250,3 +250,150 @@ def test_sam_schedule_and_steps_are_checked():
         opteq.check_sam_schedule(0.5, -0.1)
     with pytest.raises(ValueError, match="steps"):
         opteq.sam_iteration(lambda z: z, tf.zeros((1, 2)), 0)
+
+
+# ------------------------------------------------------------------ what a structural prior minimizes
+def argmin_unit_objective(kernel, c, prox_h, alpha, rho=1.0, iters=4000):
+    """`argmin_z alpha M_phi^{1 - alpha}(z) + h(z)` (`phi + h` at `alpha = 1`), by ADMM.
+
+    `phi` is the convex function of Eq. 4 whose prox is the ReLU unit
+    `z -> A relu(A^T z + c)` (`A = kernel`, invertible, `||A|| < 1`): with
+    `z = A u`, `phi = 1/2 ||u||^2 - <c, u> - 1/2 ||A u||^2` on `u >= 0`. The
+    relaxed unit is the prox of `alpha M_phi^{1 - alpha}`, and
+    `alpha M_phi^{1 - alpha}(z) = min_u alpha phi(A u) + beta/2 ||A u - z||^2`
+    with `beta = alpha / (1 - alpha)`. So the problem is a strongly convex
+    quadratic in `w` (`u`, or `(u, z)` when `alpha < 1`) plus `g(M w)`, with
+    `g(p) = [p_u >= 0] + h(p_z)` and `prox_h(v, t)` (the prox of `t h`) given:
+    ADMM on `w` and `p = M w`. `c` is `(m, batch)`: one problem per column.
+    """
+    m = kernel.shape[0]
+    eye = np.eye(m)
+    if alpha == 1.0:
+        quad, linear = eye - kernel.T @ kernel, c
+        split = np.vstack([eye, kernel])  # p = (u, z = A u)
+
+        def state(w):
+            return kernel @ w
+
+    else:
+        beta = alpha / (1.0 - alpha)
+        quad = np.block(
+            [
+                [alpha * (eye - kernel.T @ kernel) + beta * kernel.T @ kernel, -beta * kernel.T],
+                [-beta * kernel, beta * eye],
+            ]
+        )
+        linear = np.concatenate([alpha * c, np.zeros_like(c)])
+        split = np.eye(2 * m)  # p = (u, z)
+
+        def state(w):
+            return w[m:]
+
+    solve = np.linalg.inv(quad + rho * split.T @ split)
+    p = np.zeros((split.shape[0], c.shape[1]))
+    y = np.zeros_like(p)
+    for _ in range(iters):
+        w = solve @ (linear + rho * split.T @ (p - y))
+        mw = split @ w
+        v = mw + y
+        p_new = np.concatenate([np.maximum(v[:m], 0.0), prox_h(v[m:], 1.0 / rho)])
+        y += mw - p_new
+        change, p = np.max(np.abs(p_new - p)), p_new
+    assert change < 1e-14 and np.max(np.abs(mw - p)) < 1e-14  # converged
+    return state(w).T
+
+
+def prox_quadratic(weight):
+    """`prox` of `t weight/2 ||.||^2`."""
+    return lambda v, t: v / (1.0 + t * weight)
+
+
+def prox_l1(weight):
+    """`prox` of `t weight ||.||_1`."""
+    return lambda v, t: np.sign(v) * np.maximum(np.abs(v) - t * weight, 0.0)
+
+
+def prox_huber(gamma):
+    """`prox` of `t M_{gamma ||.||_1}`: `M` is the Huber function of width `gamma`."""
+    return lambda v, t: np.where(
+        np.abs(v) <= gamma * (1.0 + t), v / (1.0 + t), v - t * gamma * np.sign(v)
+    )
+
+
+def structural_equilibrium(prior, gamma, alpha, kernel, injection, bias, x):
+    """The `OptEqBlock` output (one dense unit, float64, 200 steps from `z0 = x`)."""
+    block = opteq.OptEqBlock(
+        [kernel.shape[1]],
+        alpha=alpha,
+        prior=prior,
+        prior_strength=gamma,
+        unroll_steps=200,  # Lip <= alpha 0.64 + 1 - alpha <= 0.72: converged to 1e-28
+        dtype="float64",
+    )
+    block.build((None, kernel.shape[0]))
+    unit = block.cell.unit_layers[0]
+    for variable, value in zip(
+        (unit.kernel, unit.injection_kernel, unit.bias), (kernel, injection, bias), strict=True
+    ):
+        variable.assign(value)
+    return block(tf.constant(x)).numpy()
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.8])
+@pytest.mark.parametrize("prior", ["l2", "l1"])
+def test_prox_prior_minimizes_phi_plus_the_moreau_envelope_not_phi_plus_gamma_r(prior, alpha):
+    """The structural prox prior's equilibrium is `argmin phi + M_{gamma R}` (alpha = 1),
+    with `M_{gamma R}` the Moreau envelope, not `argmin phi + gamma R` (what Theorem 4
+    says of the gradient step): pinned against a direct optimizer of each objective.
+    For alpha < 1, `phi` becomes `alpha M_phi^{1 - alpha}` (the relaxed unit's function)."""
+    rng = np.random.default_rng(21)
+    m, gamma = 6, {"l2": 0.7, "l1": 0.25}[prior]
+    kernel = rng.normal(size=(m, m))
+    kernel *= 0.8 / np.linalg.norm(kernel, 2)
+    injection, bias, x = rng.normal(size=(m, m)), rng.normal(size=m), rng.normal(size=(3, m))
+    c = (x @ injection + bias).T  # U x + b, one column per sample
+    z = structural_equilibrium(prior, gamma, alpha, kernel, injection, bias, x)
+
+    if prior == "l2":  # M_{gamma/2 ||.||^2} = gamma / (2 (1 + gamma)) ||.||^2
+        envelope, plain = prox_quadratic(gamma / (1.0 + gamma)), prox_quadratic(gamma)
+    else:  # M_{gamma ||.||_1} = Huber
+        envelope, plain = prox_huber(gamma), prox_l1(gamma)
+        shrunk = np.abs(z) <= gamma
+        assert shrunk.any() and (~shrunk).any()  # both pieces of the Huber function
+    stated = argmin_unit_objective(kernel, c, envelope, alpha)
+    old_statement = argmin_unit_objective(kernel, c, plain, alpha)
+    np.testing.assert_allclose(z, stated, rtol=0, atol=1e-12)
+    assert np.max(np.abs(z - old_statement)) > 0.05
+
+
+def test_l2_prior_strength_for_a_given_quadratic_weight():
+    """`phi + lam/2 ||z||^2` (lam < 1) is the l2 prox prior at strength lam / (1 - lam)."""
+    rng = np.random.default_rng(22)
+    m, lam = 5, 0.4
+    kernel = rng.normal(size=(m, m))
+    kernel *= 0.7 / np.linalg.norm(kernel, 2)
+    injection, bias, x = rng.normal(size=(m, m)), rng.normal(size=m), rng.normal(size=(2, m))
+    z = structural_equilibrium("l2", lam / (1 - lam), 1.0, kernel, injection, bias, x)
+    expected = argmin_unit_objective(kernel, (x @ injection + bias).T, prox_quadratic(lam), 1.0)
+    np.testing.assert_allclose(z, expected, rtol=0, atol=1e-12)
+
+
+def test_float64_priors_and_sam_use_their_float64_hyper_parameters():
+    """`gamma`, `rho`, `c` enter float64 computations unrounded (not through float32)."""
+    z = np.random.default_rng(23).normal(size=(3, 4))
+    step = opteq.FeaturePrior("l2", strength=0.7).step(tf.constant(z, F64)).numpy()
+    np.testing.assert_allclose(step, z / 1.7, rtol=1e-15, atol=0)
+    w = np.random.default_rng(24).normal(size=(4, 4)) * 0.3
+    out = opteq.sam_iteration(
+        lambda v: tf.tanh(tf.matmul(v, w)),
+        tf.constant(z),
+        5,
+        lambda v: v,
+        rho=0.3,
+        c=0.1,
+        gamma=0.7,
+    )
+    for k in range(1, 6):
+        beta = 0.3 / k**0.1
+        z = beta * ((1 - 0.7 * beta) * z - 0.7 * z) + (1 - beta) * np.tanh(z @ w)
+    np.testing.assert_allclose(out.numpy(), z, rtol=1e-13, atol=0)
