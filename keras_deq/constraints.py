@@ -5,6 +5,11 @@ Keras applies a variable's `constraint` after every optimizer step
 next forward pass reads. Keras' own `MaxNorm`, `MinMaxNorm`, `NonNeg` and
 `UnitNorm` cover norms of weight vectors; the two constraints here cover what
 they do not: the operator norm of a convolution and an elementwise bound.
+
+Two conv norms: `conv_operator_norm_upper`, a certified upper bound (from the
+kernel's DFT), which is what `ConvOperatorNorm` caps; and
+`conv_operator_norm_lower`, a Krylov estimate that approaches the norm from
+below (never a guarantee; `conv_operator_norm` is its former name).
 """
 
 import numbers
@@ -12,6 +17,7 @@ import numbers
 import keras
 import tensorflow as tf
 
+from keras_deq.constraints_opteq import circular_conv_norm
 from keras_deq.solvers.common import check_positive_float, check_positive_int
 
 PADDINGS = ("same", "valid")
@@ -67,8 +73,58 @@ def _operator_dims(kernel, input_shape, strides, padding):
     return (1, input_shape[0], input_shape[1], in_channels), (1, *strides, 1), padding.upper()
 
 
-def conv_operator_norm(kernel, input_shape, strides=1, padding="same", iterations=20):
-    """Estimates the spectral norm of a 2D convolution as a linear map.
+def conv_operator_norm_upper(kernel, input_shape, strides=1, padding="same"):
+    """A certified upper bound on the spectral norm of a 2D convolution as a linear map.
+
+    The zero-padded convolution `A: (H, W, C_in) -> (H', W', C_out)` (the given
+    strides and padding, no bias) is a compression of a circular convolution:
+    embed the input in an `N1 x N2` grid of zeros with `N >= H + k - 1`, and
+    each output pixel of `A` is one output pixel of the circular convolution
+    (a row that reads only padding is zero). The compression of an operator
+    has at most its norm, so `A`'s norm is at most the circular one, which
+    `keras_deq.constraints_opteq.circular_conv_norm` computes exactly from the
+    kernel's DFT, with the stride's subsampling included (`N` is rounded up to
+    a multiple of the stride). Taps of the kernel that never touch the input
+    (on inputs smaller than the kernel's reach) are dropped first; this leaves
+    `A` unchanged. A 1x1 kernel is exact: its matrix's largest singular value.
+
+    For random 3x3 kernels the bound was 2-6% above the true norm on 8x8
+    inputs and 0.1-0.2% on 32x32, more on tiny inputs (up to 1.9x on 2x2).
+
+    Args:
+        kernel: A `(kh, kw, C_in, C_out)` tensor (Keras `Conv2D` layout).
+        input_shape: `(H, W)` or `(H, W, C_in)`: the input size the conv sees.
+        strides: An int or a pair of ints.
+        padding: `"same"` or `"valid"`, as in `keras.layers.Conv2D`.
+
+    Returns:
+        A scalar tensor in the kernel's dtype.
+
+    Examples:
+        >>> import tensorflow as tf
+        >>> ones = tf.ones((3, 3, 1, 1))  # the true norm on 6x6 is 7.85 (a 3x3 box sum)
+        >>> round(float(conv_operator_norm_upper(ones, (6, 6))), 4)
+        9.0
+    """
+    kernel = tf.convert_to_tensor(kernel)
+    shape, strides, padding = _operator_dims(kernel, input_shape, strides, padding)
+    taps, grid = [], []
+    for size, k, s in zip(shape[1:3], kernel.shape[:2], strides[1:3], strict=True):
+        # Output m reads input s * m + t - before through tap t.
+        out = -(-size // s) if padding == "SAME" else (size - k) // s + 1
+        before = max((out - 1) * s + k - size, 0) // 2 if padding == "SAME" else 0
+        low, high = max(before - (out - 1) * s, 0), min(before + size, k)
+        taps.append(slice(low, high))
+        grid.append(s * -(-(size + high - low - 1) // s))
+    kernel = kernel[taps[0], taps[1]]
+    if kernel.shape[0] == 1 and kernel.shape[1] == 1:
+        # One (C_in, C_out) matrix at every kept pixel: its norm, exactly.
+        return tf.linalg.svd(kernel[0, 0], compute_uv=False)[0]
+    return circular_conv_norm(kernel, grid, strides[1:3])
+
+
+def conv_operator_norm_lower(kernel, input_shape, strides=1, padding="same", iterations=20):
+    """Estimates the spectral norm of a 2D convolution from below (not a bound).
 
     The convolution `A: (H, W, C_in) -> (H', W', C_out)` (zero padding, the
     given strides, no bias) is a matrix of size `H'W'C_out x HWC_in`; its
@@ -82,7 +138,9 @@ def conv_operator_norm(kernel, input_shape, strides=1, padding="same", iteration
     iteration can need hundreds (close top singular values, strided convs).
     The start vector is a fixed pseudo-random draw, so the result is
     deterministic. Ritz values never exceed the largest eigenvalue, so the
-    estimate approaches the norm from below (up to round-off).
+    estimate approaches the norm from below (up to round-off): with 20 steps
+    it was up to 0.3% low on 8x8x8 inputs, 0.6% on 32x32x32. For a guarantee
+    use `conv_operator_norm_upper`.
 
     A 1x1 kernel is computed exactly, as its matrix's largest singular value.
 
@@ -105,7 +163,7 @@ def conv_operator_norm(kernel, input_shape, strides=1, padding="same", iteration
     Examples:
         >>> import tensorflow as tf
         >>> kernel = tf.ones((1, 1, 1, 1)) * 3.0  # a 1x1 conv scaling by 3
-        >>> round(float(conv_operator_norm(kernel, (4, 4))), 4)
+        >>> round(float(conv_operator_norm_lower(kernel, (4, 4))), 4)
         3.0
     """
     kernel = tf.convert_to_tensor(kernel)
@@ -116,6 +174,10 @@ def conv_operator_norm(kernel, input_shape, strides=1, padding="same", iteration
         # norm is that matrix's (exactly; strides only drop pixels).
         return tf.linalg.svd(kernel[0, 0], compute_uv=False)[0]
     return _krylov_operator_norm(kernel, shape, strides, padding, iterations)
+
+
+# The former name of the estimate from below, kept for existing code.
+conv_operator_norm = conv_operator_norm_lower
 
 
 @tf.function(autograph=False)
@@ -169,23 +231,22 @@ class ConvOperatorNorm(keras.constraints.Constraint):
     """Caps the operator norm of a 2D convolution kernel at `max_norm`.
 
     After each optimizer step the kernel `W` is replaced by
-    `W / max(1, sigma / max_norm)`, where `sigma` is the Krylov (power-iteration
-    products) estimate of the conv's operator norm on inputs of size `input_shape`
-    (see `conv_operator_norm`). Unlike capping the norm of the reshaped kernel
+    `W / max(1, bound / max_norm)`, where `bound` is the certified upper bound
+    `conv_operator_norm_upper` of the conv's operator norm on inputs of size
+    `input_shape`, padding and strides included. The conv's true Lipschitz
+    constant is then at most `max_norm` (up to floating-point rounding), a
+    little below it where the bound is not tight (see
+    `conv_operator_norm_upper`). Unlike capping the norm of the reshaped kernel
     (as spectral normalization of dense layers does), this bounds the conv's
-    true Lipschitz constant, padding and strides included.
-
-    The estimate approaches `sigma` from below, so the true norm after the
-    rescale is at most `max_norm * sigma_true / sigma_est`: over 40 random 3x3
-    kernels on inputs up to 8x8x8 the worst excess was 1.6e-3 relative with the
-    default 20 Krylov steps, and 6e-5 with 30.
+    true Lipschitz constant.
 
     Args:
         max_norm: The cap, > 0.
         input_shape: `(H, W)` or `(H, W, C_in)`, the input size the conv sees.
         strides: The conv's strides, an int or a pair.
         padding: `"same"` or `"valid"`, the conv's padding.
-        iterations: Krylov steps per application (see `conv_operator_norm`).
+        iterations: Unused (the bound needs no iterations); kept so that
+            existing code and saved configs load. Must be a positive int.
 
     Example:
 
@@ -207,10 +268,8 @@ class ConvOperatorNorm(keras.constraints.Constraint):
         self.iterations = check_positive_int("iterations", iterations)
 
     def norm(self, kernel):
-        """The estimated operator norm of `kernel` (a scalar tensor)."""
-        return conv_operator_norm(
-            kernel, self.input_shape, self.strides, self.padding, self.iterations
-        )
+        """The upper bound of `kernel`'s operator norm that is capped (a scalar tensor)."""
+        return conv_operator_norm_upper(kernel, self.input_shape, self.strides, self.padding)
 
     def __call__(self, w):
         w = tf.convert_to_tensor(w)

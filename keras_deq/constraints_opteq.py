@@ -14,9 +14,9 @@ operator norm is at most `max_norm` (up to floating-point rounding).
   `(H + k - 1, W + k - 1)` grid, computed from the 2-D DFT of the kernel
   (Sedghi, Gupta and Long, ICLR 2019). The zero-padded "same" convolution on
   `H x W` inputs is that circular convolution restricted to a sub-grid, so its
-  norm is at most this value. `keras_deq.constraints.ConvOperatorNorm` instead
-  estimates the zero-padded norm by power iteration, from below; the two belong
-  together in `keras_deq.constraints` (to be merged).
+  norm is at most this value. `keras_deq.constraints.ConvOperatorNorm` caps the
+  same kind of bound (`conv_operator_norm_upper`, any strides and padding); the
+  two belong together in `keras_deq.constraints` (to be merged).
 """
 
 import numbers
@@ -67,18 +67,23 @@ def dense_spectral_norm(kernel):
     return tf.linalg.svd(kernel, compute_uv=False)[0]
 
 
-def circular_conv_norm(kernel, grid_shape):
+def circular_conv_norm(kernel, grid_shape, strides=1):
     """The exact operator norm of a circular 2-D convolution on a `grid_shape` grid.
 
     The circular convolution is block-diagonalized by the 2-D DFT: its singular
     values are those of the `(C_in, C_out)` matrices `K_hat(w)`, one per
     frequency `w` of the grid. The norm is their largest singular value, the
-    square root of the largest eigenvalue of the smaller Gram matrix.
+    square root of the largest eigenvalue of the smaller Gram matrix. With
+    strides `(s1, s2)` (keeping every `s`-th output pixel) the `s1 * s2`
+    frequencies `w + a * N / s` that alias to one frequency of the kept grid
+    share a block: the norm is the largest singular value of the
+    `(s1 s2 C_in, C_out)` stack of their `K_hat`, divided by `sqrt(s1 s2)`.
 
     Args:
         kernel: A `(kh, kw, C_in, C_out)` tensor (Keras `Conv2D` layout), with
             `kh <= grid_shape[0]` and `kw <= grid_shape[1]`.
         grid_shape: `(N1, N2)`, the grid of the circular convolution.
+        strides: An int or a pair `(s1, s2)` dividing `(N1, N2)`.
 
     Returns:
         A scalar tensor in the kernel's (real) dtype.
@@ -91,21 +96,39 @@ def circular_conv_norm(kernel, grid_shape):
     3.0
     """
     kernel = tf.convert_to_tensor(kernel)
-    kh, kw = kernel.shape[0], kernel.shape[1]
+    kh, kw, c_in, c_out = kernel.shape
     n1, n2 = _check_spatial_shape(grid_shape)
     if kh > n1 or kw > n2:
         raise ValueError(
             f"The grid must be at least as large as the kernel. Received: grid_shape={grid_shape}, "
             f"kernel.shape={kernel.shape}"
         )
+    s1, s2 = (strides, strides) if isinstance(strides, numbers.Integral) else tuple(strides)
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in (s1, s2)):
+        raise ValueError(f"`strides` must be positive ints. Received: strides={strides!r}")
+    if n1 % s1 or n2 % s2:
+        raise ValueError(
+            f"The strides must divide the grid. Received: grid_shape={grid_shape}, "
+            f"strides={strides!r}"
+        )
     per_channel = tf.transpose(kernel, (2, 3, 0, 1))  # (C_in, C_out, kh, kw)
     padded = tf.pad(per_channel, [[0, 0], [0, 0], [0, n1 - kh], [0, n2 - kw]])
-    # A real kernel's spectrum is conjugate-symmetric: half the frequencies suffice.
-    spectrum = tf.signal.rfft2d(padded)  # (C_in, C_out, N1, N2 // 2 + 1)
-    matrices = tf.transpose(spectrum, (2, 3, 0, 1))  # (N1, N2 // 2 + 1, C_in, C_out)
+    if s1 == s2 == 1:
+        # A real kernel's spectrum is conjugate-symmetric: half the frequencies suffice.
+        spectrum = tf.signal.rfft2d(padded)  # (C_in, C_out, N1, N2 // 2 + 1)
+        matrices = tf.transpose(spectrum, (2, 3, 0, 1))  # (N1, N2 // 2 + 1, C_in, C_out)
+    else:
+        m1, m2 = n1 // s1, n2 // s2
+        spectrum = tf.signal.fft2d(tf.complex(padded, tf.zeros_like(padded)))
+        spectrum = tf.reshape(spectrum, (c_in, c_out, s1, m1, s2, m2))
+        matrices = tf.reshape(  # (M1, M2, s1 s2 C_in, C_out): the aliases stacked
+            tf.transpose(spectrum, (3, 5, 2, 4, 0, 1)), (m1, m2, s1 * s2 * c_in, c_out)
+        )
+        # The stack at -w is the conjugate of the one at w, up to the order of the aliases.
+        matrices = matrices[:, : m2 // 2 + 1]
     small_side_first = matrices.shape[-2] <= matrices.shape[-1]
     gram = tf.matmul(matrices, matrices, adjoint_a=not small_side_first, adjoint_b=small_side_first)
-    largest = tf.reduce_max(tf.math.real(tf.linalg.eigvalsh(gram)))
+    largest = tf.reduce_max(tf.math.real(tf.linalg.eigvalsh(gram))) / (s1 * s2)
     return tf.sqrt(tf.maximum(largest, tf.zeros_like(largest)))
 
 

@@ -500,6 +500,63 @@ def _lms_run(layer, kw):
 
 
 LMS_BASE = {"channels": (4,), "groups": 2, "norm_iterations": 4, "max_iter": 4}
+LMS_BOUND_ARGS = {  # the arguments of the bound at the caps: default and validity alone
+    "channels": ((4,), lms_channels),
+    "slope": (0.4, fraction),
+    "alpha": (0.5, unit_interval),
+    "beta": (0.3, unit_interval),
+    "softmax_weights": (True, flag),
+    "normalization": ("mean", one_of("standard", "mean")),
+    "conv_norm_cap": (2.0, optional(cap)),
+    "gamma_cap": (1.0, optional(cap)),
+}
+
+
+def lms_bound_at_caps(kw):
+    """The Lipschitz bound of a capped LipschitzMultiscale cell with every conv norm and
+    |gamma| at its cap (numpy, independent of the library; `lipschitz_bound`'s formula), or
+    None when there are no caps (no claim) or some argument is invalid anyway."""
+    values = {name: kw.get(name, default) for name, (default, _) in LMS_BOUND_ARGS.items()}
+    if any(
+        valid(values[name], kw) not in (True, None) for name, (_, valid) in LMS_BOUND_ARGS.items()
+    ):
+        return None
+    if values["conv_norm_cap"] is None:
+        return None
+    if values["normalization"] != "mean" or values["gamma_cap"] is None:
+        return math.inf  # no finite constant, so no contraction
+    n, s = len(_channels(values["channels"])), float(values["slope"])
+    alpha, beta = float(values["alpha"]), float(values["beta"])
+    with np.errstate(over="ignore", invalid="ignore"):
+        cg = np.float64(values["conv_norm_cap"]) * np.float64(values["gamma_cap"])
+        block = s * ((1 - alpha) + alpha * s * cg**2 if alpha > 0 else 1 + s * cg**2)
+        m = np.zeros((n, n))
+        for i in range(n):
+            others = [j for j in range(n) if j != i]
+            if values["softmax_weights"]:
+                scores = np.array([np.exp(i - j) if j > i else 1.0 for j in others])
+            else:
+                scores = np.ones(len(others))
+            for j, w in zip(others, scores / (scores.sum() or 1.0), strict=True):
+                path = cg * 2.0 ** (j - i) if j > i else cg ** (i - j) * s ** (i - j - 1)
+                m[i, j] = (beta * w if beta > 0 else 1.0) * path
+            m[i, i] = 1 - beta if beta > 0 and n > 1 else 1.0
+        m = s * cg * m * block
+    return float(np.linalg.norm(m, 2)) if np.all(np.isfinite(m)) else math.inf
+
+
+def lms_contractive(arg):
+    """`arg` whose otherwise valid values are invalid when the capped cell would not be a
+    contraction (the constructor refuses those, naming every argument of the bound)."""
+
+    def valid(v, kw):
+        ok = arg.valid(v, kw)
+        if ok is not None and not ok:  # also numpy's False (e.g. from nan > 0)
+            return False
+        bound = lms_bound_at_caps(kw)
+        return False if bound is not None and not bound < 1 else ok
+
+    return arg._replace(valid=valid)
 
 
 def sam_rho(v, kw):
@@ -710,16 +767,18 @@ TARGETS = {
         lambda kw: LipschitzMultiscale(**{**kw, "on_failure": "ignore"}),
         _lms_run,
         {
-            "channels": Arg(
-                lms_channels, ((4,), [4, 8], 4, (4, 8, 8), (3,), (0,), (-4,), (4.0,), (True,))
+            # The arguments of the bound at the caps: a value that makes the capped cell
+            # no contraction (bound >= 1) is invalid, e.g. slope=1 with one branch (5.0).
+            "channels": lms_contractive(
+                Arg(lms_channels, ((4,), [4, 8], 4, (4, 8, 8), (3,), (0,), (-4,), (4.0,), (True,)))
             ),
-            "slope": fraction_arg(),
-            "alpha": Arg(unit_interval, FRACTIONS),
-            "beta": Arg(unit_interval, FRACTIONS),
-            "softmax_weights": flag_arg(),
-            "normalization": choice_arg("standard", "mean"),
-            "conv_norm_cap": Arg(optional(cap), POSITIVES),
-            "gamma_cap": Arg(optional(cap), POSITIVES),
+            "slope": lms_contractive(fraction_arg()),
+            "alpha": lms_contractive(Arg(unit_interval, FRACTIONS)),
+            "beta": lms_contractive(Arg(unit_interval, FRACTIONS)),
+            "softmax_weights": lms_contractive(flag_arg()),
+            "normalization": lms_contractive(choice_arg("standard", "mean")),
+            "conv_norm_cap": lms_contractive(Arg(optional(cap), (*POSITIVES, 2.5, 5.0))),
+            "gamma_cap": lms_contractive(Arg(optional(cap), (*POSITIVES, 3.0))),
             "norm_iterations": size_arg(),
             "expansion": size_arg(),
             "groups": Arg(lms_groups, (1, 2, 4, 3, np.int64(2), 2.0)),

@@ -404,7 +404,7 @@ def _multiscale_cell():
 @case("keras_deq>LipschitzMultiscaleCell")
 def _lipschitz_multiscale_cell():
     cell = multiscale.LipschitzMultiscaleCell(
-        channels=(4, 8), groups=2, slope=0.5, softmax_weights=False, norm_iterations=5, name="cell"
+        channels=(4, 8), groups=2, slope=0.5, softmax_weights=False, conv_norm_cap=1.5, name="cell"
     )
     model, x = _cell_model(cell, [(4, 4, 4), (2, 2, 8)], (4, 4, 4))
     return RoundTrip(model, x, _layer("cell"))

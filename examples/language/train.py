@@ -109,19 +109,20 @@ def main(argv=None):
     n_valid = min(len(corpus.valid_x), args.valid_batches * args.batch_size)
     valid = (corpus.valid_x[:n_valid], corpus.valid_y[:n_valid])
     callbacks = []
+    pretrain = None
     if args.pretrain_steps > 0:
-        callbacks.append(
-            keras_deq.callbacks.ExplicitPretraining(
-                args.pretrain_steps, args.pretrain_depth, verbose=1
-            )
+        pretrain = keras_deq.callbacks.ExplicitPretraining(
+            args.pretrain_steps, args.pretrain_depth, verbose=1
         )
+        callbacks.append(pretrain)
     if args.jacobian_weight > 0:
         schedule = keras_deq.callbacks.stepwise_schedule(
             args.jacobian_weight, increment=args.jacobian_increment, every=args.jacobian_every
         )
+        # As in the recipes, the schedule counts the steps after pretraining.
         callbacks.append(
             keras_deq.callbacks.JacobianRegularizationScheduler(
-                schedule, frequency=args.jacobian_frequency
+                schedule, frequency=args.jacobian_frequency, after=pretrain
             )
         )
     start = time.time()

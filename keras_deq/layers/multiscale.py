@@ -30,6 +30,7 @@ import math
 import numbers
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_deq import constraints
@@ -381,9 +382,7 @@ class MultiscaleCell(keras.layers.Layer):
     def _conv(self, filters, kernel_size, strides, input_size):
         constraint = None
         if self.conv_norm_cap is not None:
-            constraint = constraints.ConvOperatorNorm(
-                self.conv_norm_cap, input_size, strides, iterations=self.norm_iterations
-            )
+            constraint = constraints.ConvOperatorNorm(self.conv_norm_cap, input_size, strides)
         return keras.layers.Conv2D(
             filters,
             kernel_size,
@@ -528,14 +527,14 @@ class MultiscaleCell(keras.layers.Layer):
         return z_shape
 
     # ---------------------------------------------------------------- lipschitz
-    def _chain_lipschitz(self, layers, size, iterations):
+    def _chain_lipschitz(self, layers, size):
         """Product of the Lipschitz constants of `layers` applied in turn at `size`."""
         total = tf.constant(1.0, self.variable_dtype)
         for layer in layers:
             if isinstance(layer, keras.layers.Conv2D):
                 kernel = tf.convert_to_tensor(layer.kernel)
-                factor = constraints.conv_operator_norm(
-                    kernel, size, layer.strides, iterations=iterations
+                factor = constraints.conv_operator_norm_upper(
+                    kernel, size, layer.strides, layer.padding
                 )
                 size = tuple(-(-d // s) for d, s in zip(size, layer.strides, strict=True))
             elif isinstance(layer, MeanGroupNormalization):
@@ -553,12 +552,35 @@ class MultiscaleCell(keras.layers.Layer):
             total = total * tf.cast(factor, self.variable_dtype)
         return total
 
-    def lipschitz_bound(self, iterations=60):
+    def _block_constant(self, inner):
+        """`L_B` of a residual block whose inner path has constant `inner`."""
+        mixed = (1.0 - self.alpha) + self.alpha * inner if self.alpha > 0 else 1.0 + inner
+        return self.slope * mixed
+
+    def _bound_rows(self, blocks, paths, posts):
+        """The rows of `diag(L_P) C diag(L_B)` (see `lipschitz_bound`)."""
+        n, beta = self.num_branches, self.beta
+        weights = fusion_weights(n, self.softmax_weights)
+        rows = []
+        for i in range(n):
+            row = []
+            for j in range(n):
+                if i == j:
+                    mix = 1.0 - beta if beta > 0 and n > 1 else 1.0
+                    row.append(posts[i] * mix * blocks[j])
+                else:
+                    mix = beta * weights[i][j] if beta > 0 else 1.0
+                    row.append(posts[i] * mix * paths[(i, j)] * blocks[j])
+            rows.append(row)
+        return rows
+
+    def lipschitz_bound(self, iterations=None):
         """An upper bound of the cell's Lipschitz constant in `z`, from its weights.
 
         Norms are Euclidean over the whole state (all branches). For each
-        layer the bound uses its current constant: a conv's operator norm on
-        its input size (`keras_deq.constraints.conv_operator_norm`), `max|gamma|`
+        layer the bound uses an upper bound of its current constant: a conv's
+        certified operator-norm bound on its input size
+        (`keras_deq.constraints.conv_operator_norm_upper`), `max|gamma|`
         of a mean-only norm, `s` of the activation, `2**k` of a nearest
         upsampling by `2**k`. A standard group normalization has no finite
         constant, so the bound is `inf` with `normalization="standard"`.
@@ -583,13 +605,12 @@ class MultiscaleCell(keras.layers.Layer):
         (`c <= L_c`, `g <= L_g`) this is at most
         `s L_c L_g * s [(1 - alpha) + alpha s L_g^2 L_c^2] * ||C||_2`, e.g.
         0.69 for the `LipschitzMultiscaleCell` defaults with two branches.
-        The conv norms are Krylov estimates from below (`conv_operator_norm`);
-        with 60 steps they matched the exact norms to round-off (float64) on
-        40 random 3x3 kernels with inputs up to 8x8x8.
+        Every factor is an upper bound (the conv norms too, unlike a Krylov
+        estimate), so this is a bound, not an estimate.
 
         Args:
-            iterations: Krylov steps of each conv-norm estimate (more than the
-                constraints use: this is not in the training step).
+            iterations: Unused (the conv bounds need no iterations); kept for
+                existing code.
 
         Returns:
             A scalar tensor (the cell's variable dtype); `inf` with a standard
@@ -597,32 +618,21 @@ class MultiscaleCell(keras.layers.Layer):
         """
         if not self.built:
             raise ValueError("The cell must be built (called once) before `lipschitz_bound()`.")
-        n = self.num_branches
-        blocks = []
-        for i in range(n):
-            inner = self._chain_lipschitz(
-                [*self.block_inner[i].steps, self.block_norms[i]], self._sizes[i], iterations
+        blocks = [
+            self._block_constant(self._chain_lipschitz([*inner.steps, norm], size))
+            for inner, norm, size in zip(
+                self.block_inner, self.block_norms, self._sizes, strict=True
             )
-            mixed = (1.0 - self.alpha) + self.alpha * inner if self.alpha > 0 else 1.0 + inner
-            blocks.append(self.slope * mixed)
+        ]
         paths = {
-            pair: self._chain_lipschitz(path.steps, self._sizes[pair[1]], iterations)
+            pair: self._chain_lipschitz(path.steps, self._sizes[pair[1]])
             for pair, path in zip(self._pairs(), self.fusions, strict=True)
         }
-        weights = fusion_weights(n, self.softmax_weights)
-        rows = []
-        for i in range(n):
-            post = self._chain_lipschitz(self.post_fusion[i].steps, self._sizes[i], iterations)
-            row = []
-            for j in range(n):
-                if i == j:
-                    mix = 1.0 - self.beta if self.beta > 0 and n > 1 else 1.0
-                    row.append(post * mix * blocks[j])
-                else:
-                    mix = self.beta * weights[i][j] if self.beta > 0 else 1.0
-                    row.append(post * mix * paths[(i, j)] * blocks[j])
-            rows.append(tf.stack(row))
-        matrix = tf.stack(rows)
+        posts = [
+            self._chain_lipschitz(post.steps, size)
+            for post, size in zip(self.post_fusion, self._sizes, strict=True)
+        ]
+        matrix = tf.stack([tf.stack(row) for row in self._bound_rows(blocks, paths, posts)])
         if not bool(tf.reduce_all(tf.math.is_finite(matrix))):
             return tf.constant(math.inf, self.variable_dtype)
         return tf.linalg.svd(matrix, compute_uv=False)[0]
@@ -656,15 +666,30 @@ class LipschitzMultiscaleCell(MultiscaleCell):
        (`conv_norm_cap`, a `ConvOperatorNorm` constraint).
 
     The constraints are applied at build and by Keras after every optimizer
-    step, so `lipschitz_bound()` stays below 1 for the defaults throughout
-    training: the forward fixed point is unique, and fixed-point iteration
-    converges linearly in both passes (the backward map `u -> J^T u + g` has
-    `||J^T|| <= lipschitz_bound()`).
+    step, and the conv caps are certified upper bounds
+    (`keras_deq.constraints.conv_operator_norm_upper`), so `lipschitz_bound()`
+    never exceeds its value with every constant at its cap. The constructor
+    refuses (`ValueError`) caps whose bound would be `>= 1`, e.g. four branches
+    with uniform fusion weights at the default caps (1.02), and capped convs
+    with a standard group norm or uncapped `gamma`. So every capped cell is a
+    contraction throughout training: the forward fixed point is unique, and
+    fixed-point iteration converges linearly in both passes (the backward map
+    `u -> J^T u + g` has `||J^T|| <= lipschitz_bound()`).
+    `conv_norm_cap=None` gives an unconstrained cell with no such guarantee.
 
     `alpha = 0` and `beta = 0` switch the mixes off, giving MDEQ's plain sums
     `z_i + o_i` and `b_i + sum_j F_ij(b_j)` (not the degenerate `b_i = act(z_i)`
     the convex formula would give). So `slope=1, alpha=0, beta=0,
     normalization="standard"` with no caps is exactly `MultiscaleCell`.
+
+    Differences from the paper's code (iiduka-researches/Lipschitz_mdeq): no
+    group norm after the residual (MDEQ's `GN_3`; the bound has one factor
+    `L_g` fewer per block), no dropout (the paper's variational dropout 0.3
+    would multiply the training-time bound by up to `1 / 0.7`), no GroupSort
+    option (the scaled ReLU everywhere), no weight normalization, the
+    post-fusion norm keeps its affine `gamma` (capped), and the caps are on
+    certified bounds of the convs' operator norms, not on the reshaped
+    kernels' spectral norms (which under-estimate a 3x3 conv by up to 3x).
 
     Args:
         channels: Channels per branch, finest resolution first.
@@ -675,9 +700,12 @@ class LipschitzMultiscaleCell(MultiscaleCell):
             paths; otherwise `1 / (branches - 1)`.
         normalization: `"mean"` (mean-only, Lipschitz) or `"standard"` group
             normalization.
-        conv_norm_cap: The cap `L_c` on every conv's operator norm, or None.
-        gamma_cap: The cap `L_g` on every `|gamma|`, or None.
-        norm_iterations: Krylov steps of each conv-norm estimate.
+        conv_norm_cap: The cap `L_c` on every conv's operator norm, or None
+            (no caps, no guarantee). The bound at the caps must be below 1.
+        gamma_cap: The cap `L_g` on every `|gamma|`; None only without
+            `conv_norm_cap`.
+        norm_iterations: Unused (the conv bounds need no iterations); kept so
+            that existing code and saved configs load.
         expansion: Inner channels of the block are `expansion * channels[i]`.
         groups: Groups of every group normalization.
         kernel_initializer: Initializer of the conv kernels (None: `"glorot_uniform"`).
@@ -728,6 +756,52 @@ class LipschitzMultiscaleCell(MultiscaleCell):
         self.conv_norm_cap = _check_optional_cap("conv_norm_cap", conv_norm_cap)
         self.gamma_cap = _check_optional_cap("gamma_cap", gamma_cap)
         self.norm_iterations = check_positive_int("norm_iterations", norm_iterations)
+        if self.conv_norm_cap is not None:
+            self._check_contraction()
+
+    def _cap_bound(self, conv_cap):
+        """`lipschitz_bound()` with every conv norm at `conv_cap` and `|gamma|` at `gamma_cap`."""
+        s = self.slope
+        with np.errstate(over="ignore", invalid="ignore"):
+            cg = np.float64(conv_cap) * self.gamma_cap
+            paths = {
+                (i, j): cg * 2.0 ** (j - i) if j > i else cg ** (i - j) * s ** (i - j - 1)
+                for i, j in self._pairs()
+            }
+            n = self.num_branches
+            rows = self._bound_rows([self._block_constant(s * cg**2)] * n, paths, [s * cg] * n)
+            matrix = np.array(rows, dtype=np.float64)
+        return float(np.linalg.norm(matrix, 2)) if np.isfinite(matrix).all() else math.inf
+
+    def _check_contraction(self):
+        """Refuses capped configurations that are not a contraction at their caps."""
+        if self.normalization != "mean" or self.gamma_cap is None:
+            received = (
+                "gamma_cap=None" if self.normalization == "mean" else "normalization='standard'"
+            )
+            raise ValueError(
+                "With `conv_norm_cap` set the cell must be a contraction, which needs "
+                "normalization='mean' and a `gamma_cap` (a standard group norm, or an uncapped "
+                "gamma, has no finite Lipschitz constant); pass conv_norm_cap=None for an "
+                f"unconstrained cell. Received: {received}, "
+                f"conv_norm_cap={self.conv_norm_cap}"
+            )
+        bound = self._cap_bound(self.conv_norm_cap)
+        if bound < 1:
+            return
+        low, high = 0.0, min(self.conv_norm_cap, 1e6)  # the bound increases with the cap
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (mid, high) if self._cap_bound(mid) < 1 else (low, mid)
+        hint = f" (e.g. conv_norm_cap={math.floor(low * 1e3) / 1e3})" if low >= 1e-3 else ""
+        raise ValueError(
+            f"The cell is not a contraction at its caps: `lipschitz_bound()` can reach {bound:.4g} "
+            f">= 1. Lower `conv_norm_cap`{hint}, `gamma_cap` "
+            "or `slope`, or change `alpha`, `beta` or `softmax_weights`. Received: "
+            f"conv_norm_cap={self.conv_norm_cap}, gamma_cap={self.gamma_cap}, "
+            f"slope={self.slope}, alpha={self.alpha}, beta={self.beta}, "
+            f"softmax_weights={self.softmax_weights}, channels={self.channels}"
+        )
 
     def get_config(self):
         return {
@@ -825,10 +899,13 @@ class LipschitzMultiscale(_MultiscaleDEQBase):
 
     Input and output as in `MultiscaleDEQ`: the injection of shape
     `(batch, H, W, channels[0])` in, the list of branch states out. The cell
-    is a contraction with constant `layer.cell.lipschitz_bound()` (< 1 for the
-    defaults, kept so by its weight constraints), so the fixed point is unique
-    and the forward and backward solves converge; the paper's recipe is
-    Anderson with `max_iter=18`, `backward_max_iter=20`, `tol=1e-3`.
+    is a contraction with constant `layer.cell.lipschitz_bound()` (< 1 for
+    every configuration the constructor accepts with `conv_norm_cap` set, kept
+    so by its weight constraints), so the fixed point is unique and the
+    forward and backward solves converge; the paper's recipe is Anderson with
+    `max_iter=18`, `backward_max_iter=20`, `tol=1e-3`. See
+    `LipschitzMultiscaleCell` for the refused configurations and the
+    differences from the paper's code.
 
     Args:
         channels: Channels per branch, finest resolution first.
@@ -837,9 +914,10 @@ class LipschitzMultiscale(_MultiscaleDEQBase):
         beta: Fusion mix in [0, 1] (0: plain sum).
         softmax_weights: Softmax fusion weights penalizing upsampling.
         normalization: `"mean"` or `"standard"` group normalization.
-        conv_norm_cap: The cap `L_c` on every conv's operator norm, or None.
-        gamma_cap: The cap `L_g` on every `|gamma|`, or None.
-        norm_iterations: Krylov steps of each conv-norm estimate.
+        conv_norm_cap: The cap `L_c` on every conv's operator norm, or None
+            (no caps, no guarantee).
+        gamma_cap: The cap `L_g` on every `|gamma|`; None only without `conv_norm_cap`.
+        norm_iterations: Unused; kept so that existing code and saved configs load.
         expansion: Inner channels of each block are `expansion * channels[i]`.
         groups: Groups of every group normalization.
         kernel_initializer: Initializer of the conv kernels (None: `"glorot_uniform"`).

@@ -10,6 +10,7 @@ estimates of the true Lipschitz constant, so each must stay below the bound.
 import importlib.util
 import math
 import pathlib
+import re
 
 import keras
 import numpy as np
@@ -48,24 +49,30 @@ def random_injection(batch, seed, channels=SMALL["channels"], dtype="float32"):
     return tf.constant(rng.normal(size=(batch, SIZE, SIZE, channels[0])), dtype)
 
 
-def built_cell(cls=LipschitzMultiscaleCell, dtype="float32", **kwargs):
+def built_cell(cls=LipschitzMultiscaleCell, dtype="float32", size=SIZE, **kwargs):
     keras.utils.set_random_seed(0)
     cell = cls(**{**SMALL, **kwargs}, dtype=dtype)
     channels = cell.channels
-    cell(random_state(1, 0, channels, dtype), random_injection(1, 0, channels, dtype))
+    rng = np.random.default_rng(0)
+    z = [
+        tf.constant(rng.normal(size=(1, size // 2**i, size // 2**i, c)), dtype)
+        for i, c in enumerate(channels)
+    ]
+    cell(z, tf.constant(rng.normal(size=(1, size, size, channels[0])), dtype))
     return cell
 
 
 def saturate(cell, seed=0):
-    """Every capped conv at its cap, every capped `|gamma|` at its cap, random offsets."""
+    """Every capped conv at its cap, every capped `|gamma|` at its cap, random offsets.
+
+    Large random kernels go through the cell's own constraints, which scale each one down
+    to its cap (whatever norm the constraint measures).
+    """
     rng = np.random.default_rng(seed)
     for variable in cell.weights:
         cap = variable.constraint
         if isinstance(cap, constraints.ConvOperatorNorm):
-            norm = constraints.conv_operator_norm(
-                variable, cap.input_shape, cap.strides, iterations=60
-            )
-            variable.assign(variable * (cap.max_norm / norm))
+            variable.assign(100.0 * rng.normal(size=variable.shape))
         elif cap is not None:
             variable.assign(rng.choice([-5.0, 5.0], size=variable.shape))
         elif "beta" in variable.path:
@@ -133,24 +140,75 @@ def max_difference_quotient(cell, batch=500, draws=5, seed=0):
     return worst
 
 
-def bound_from_caps(cell):
-    """The bound of `lipschitz_bound`'s docstring with every constant at its cap (NumPy)."""
-    s, alpha, beta = cell.slope, cell.alpha, cell.beta
-    lc, lg, n = cell.conv_norm_cap, cell.gamma_cap, cell.num_branches
-    block = s * ((1 - alpha) + alpha * s * lg**2 * lc**2)
-    post = s * lc * lg
-    weights = np.array(fusion_weights(n, cell.softmax_weights))
-    mix = np.zeros((n, n))
+def assemble_bound(slope, alpha, beta, softmax, inner, paths, posts):
+    """`||diag(L_P) C diag(L_B)||_2` of `lipschitz_bound`'s docstring (NumPy), from the
+    inner-path constant of each block, each fusion path's constant and each post-fusion's."""
+    n = len(inner)
+    weights = np.array(fusion_weights(n, softmax))
+    blocks = [slope * ((1 - alpha) + alpha * c if alpha > 0 else 1 + c) for c in inner]
+    matrix = np.zeros((n, n))
     for i in range(n):
         for j in range(n):
             if i == j:
-                mix[i, j] = 1 - beta
-            elif j > i:
-                mix[i, j] = beta * weights[i, j] * lc * lg * 2 ** (j - i)
+                mix = 1 - beta if beta > 0 and n > 1 else 1.0
+                matrix[i, j] = posts[i] * mix * blocks[j]
             else:
-                k = i - j
-                mix[i, j] = beta * weights[i, j] * (lc * lg) ** k * s ** (k - 1)
-    return post * block * np.linalg.norm(mix, 2)
+                mix = beta * weights[i, j] if beta > 0 else 1.0
+                matrix[i, j] = posts[i] * mix * paths[(i, j)] * blocks[j]
+    return np.linalg.norm(matrix, 2)
+
+
+def bound_from_caps(
+    cell=None, branches=2, slope=0.4, alpha=0.5, beta=0.3, softmax_weights=True, lc=2.0, lg=1.0
+):
+    """The bound with every conv norm at `L_c` and every `|gamma|` at `L_g` (of `cell`, or of
+    the hyper-parameters given)."""
+    if cell is not None:
+        branches, slope, alpha, beta = cell.num_branches, cell.slope, cell.alpha, cell.beta
+        softmax_weights, lc, lg = cell.softmax_weights, cell.conv_norm_cap, cell.gamma_cap
+    n, s = branches, slope
+    paths = {
+        (i, j): lc * lg * 2 ** (j - i) if j > i else (lc * lg) ** (i - j) * s ** (i - j - 1)
+        for i in range(n)
+        for j in range(n)
+        if i != j
+    }
+    inner = [s * (lc * lg) ** 2] * n
+    return assemble_bound(s, alpha, beta, softmax_weights, inner, paths, [s * lc * lg] * n)
+
+
+def exact_chain_constant(steps, size):
+    """The product of the layers' constants, each conv's its exact operator norm (SVD)."""
+    total = 1.0
+    for step in steps:
+        if isinstance(step, keras.layers.Conv2D):
+            total *= exact_conv_norm(step.kernel.numpy(), size, step.strides)
+            size = tuple(-(-d // s) for d, s in zip(size, step.strides, strict=True))
+        elif isinstance(step, MeanGroupNormalization):
+            total *= np.abs(step.gamma.numpy()).max()
+        elif isinstance(step, ScaledReLU):
+            total *= step.slope
+        else:  # nearest upsampling: each pixel copied sy * sx times
+            total *= math.sqrt(step.size[0] * step.size[1])
+            size = tuple(d * s for d, s in zip(size, step.size, strict=True))
+    return total
+
+
+def bound_from_exact_norms(cell, size):
+    """The cell's bound recomputed in NumPy with every conv's exact operator norm."""
+    sizes = [(size // 2**i, size // 2**i) for i in range(cell.num_branches)]
+    inner = [
+        exact_chain_constant([*chain.steps, norm], sizes[i])
+        for i, (chain, norm) in enumerate(zip(cell.block_inner, cell.block_norms, strict=True))
+    ]
+    paths = {
+        (i, j): exact_chain_constant(path.steps, sizes[j])
+        for (i, j), path in zip(cell._pairs(), cell.fusions, strict=True)
+    }
+    posts = [exact_chain_constant(p.steps, sizes[i]) for i, p in enumerate(cell.post_fusion)]
+    return assemble_bound(
+        cell.slope, cell.alpha, cell.beta, cell.softmax_weights, inner, paths, posts
+    )
 
 
 # ------------------------------------------------------------------- (a) the bound
@@ -189,8 +247,85 @@ def test_difference_quotients_stay_below_the_bound():
 
 def test_plain_multiscale_cell_has_no_finite_bound():
     assert math.isinf(float(built_cell(MultiscaleCell).lipschitz_bound()))
-    standard = built_cell(normalization="standard")
+    standard = built_cell(normalization="standard", conv_norm_cap=None, gamma_cap=None)
     assert math.isinf(float(standard.lipschitz_bound()))
+
+
+def test_bound_is_at_least_the_bound_from_exact_conv_norms():
+    """The bound's conv factors are upper bounds: with every conv's exact operator norm (the
+    largest singular value of its matrix) in their place the bound can only be lower. A
+    Krylov estimate from below fails this on 16x16 maps."""
+    cell = saturate(built_cell(dtype="float64", size=16, channels=(4, 4), groups=2))
+    bound = float(cell.lipschitz_bound())
+    exact = bound_from_exact_norms(cell, 16)
+    assert bound >= exact * (1 - 1e-12), (bound, exact)
+    assert bound <= 1.1 * exact  # and not far above
+    assert bound <= bound_from_caps(cell) * (1 + 1e-9)
+
+
+# Hyper-parameters swept with every branch count and both fusion weightings; some give a
+# bound >= 1 at the caps for some branch counts (the constructor must refuse those).
+SWEEP = [
+    {},
+    {"slope": 1.0, "alpha": 0.0, "beta": 0.0, "conv_norm_cap": 0.5},
+    {"slope": 0.6, "alpha": 1.0, "beta": 1.0, "gamma_cap": 0.9},
+    {"beta": 0.0, "conv_norm_cap": 1.5},
+]
+
+
+@pytest.mark.parametrize("softmax_weights", [True, False])
+@pytest.mark.parametrize("branches", [1, 2, 3, 4])
+def test_every_accepted_configuration_is_a_contraction_at_its_caps(branches, softmax_weights):
+    """Each configuration is refused exactly when its bound at the caps (computed here
+    independently) is >= 1; an accepted one, with every conv and `|gamma|` pushed to its cap,
+    has `lipschitz_bound() < 1` equal to that bound. Four branches with uniform weights at the
+    default caps reach 1.021 and used to be accepted."""
+    channels = (4,) * branches
+    for extra in SWEEP:
+        expected = bound_from_caps(
+            branches=branches,
+            softmax_weights=softmax_weights,
+            lc=extra.get("conv_norm_cap", 2.0),
+            lg=extra.get("gamma_cap", 1.0),
+            **{k: v for k, v in extra.items() if k in ("slope", "alpha", "beta")},
+        )
+        kwargs = {"channels": channels, "softmax_weights": softmax_weights, **extra}
+        if expected >= 1:
+            with pytest.raises(ValueError, match=r"Received: conv_norm_cap="):
+                LipschitzMultiscaleCell(groups=2, **kwargs)
+            continue
+        cell = saturate(built_cell(**kwargs))
+        bound = float(cell.lipschitz_bound())
+        assert bound < 1.0, (kwargs, bound)
+        assert bound == pytest.approx(expected, rel=1e-5), kwargs
+
+
+@pytest.mark.parametrize(
+    "kwargs, received",
+    [
+        ({"channels": (4, 4, 4, 4), "softmax_weights": False}, "conv_norm_cap=2.0"),
+        ({"channels": (4,), "slope": 1.0}, "conv_norm_cap=2.0, gamma_cap=1.0, slope=1.0"),
+        ({"conv_norm_cap": math.inf}, "conv_norm_cap=inf"),
+        ({"gamma_cap": 3.0}, "conv_norm_cap=2.0, gamma_cap=3.0"),
+        ({"normalization": "standard"}, "normalization='standard'"),
+        ({"gamma_cap": None}, "gamma_cap=None"),
+    ],
+)
+def test_configurations_that_are_not_contractions_are_refused(kwargs, received):
+    for cls in (LipschitzMultiscaleCell, LipschitzMultiscale):
+        with pytest.raises(ValueError, match="Received: " + re.escape(received)):
+            cls(**{**SMALL, **kwargs})
+
+
+def test_the_refusal_suggests_a_cap_that_is_accepted():
+    kwargs = {"channels": (4, 4, 4, 4), "groups": 2, "softmax_weights": False}
+    with pytest.raises(ValueError, match="can reach 1.021") as info:
+        LipschitzMultiscaleCell(**kwargs)
+    cap = float(re.search(r"e\.g\. conv_norm_cap=([0-9.]+)", str(info.value)).group(1))
+    cell = LipschitzMultiscaleCell(**kwargs, conv_norm_cap=cap)
+    assert 0.99 < bound_from_caps(cell) < 1.0
+    # Without caps the cell makes no claim and is accepted (the plain MDEQ ablation).
+    LipschitzMultiscaleCell(**kwargs, normalization="standard", conv_norm_cap=None, gamma_cap=None)
 
 
 # --------------------------------------------------------------- (c) mean-only GN
@@ -286,13 +421,13 @@ def test_caps_hold_after_training_with_a_large_learning_rate():
     assert len(history.history["loss"]) == 1 and np.isfinite(history.history["loss"][0])
 
     cell = layer.cell
-    norms = []
+    norms, bounds = [], []
     for conv in conv_layers(cell):
         cap = conv.kernel_constraint
         norms.append(exact_conv_norm(conv.kernel.numpy(), cap.input_shape[:2], cap.strides))
-    # Up to the accuracy of the constraint's 20-step Krylov estimate (worst seen 1.6e-3).
-    assert max(norms) <= cell.conv_norm_cap * (1 + 5e-3)
-    assert max(norms) >= 0.99 * cell.conv_norm_cap  # the cap was active
+        bounds.append(float(cap.norm(conv.kernel)))
+    assert max(norms) <= cell.conv_norm_cap * (1 + 1e-6)  # a guarantee, not an estimate
+    assert max(bounds) >= 0.99 * cell.conv_norm_cap  # the cap was active
     gammas = [v.numpy() for v in cell.weights if v.path.endswith("gamma")]
     assert max(np.abs(g).max() for g in gammas) <= cell.gamma_cap
     assert float(cell.lipschitz_bound()) < 1.0
