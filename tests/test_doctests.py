@@ -6,6 +6,8 @@ import importlib
 import pytest
 
 MODULES = [
+    "keras_deq.solvers",
+    "keras_deq.solvers.base",
     "keras_deq.solvers.fixed_point",
     "keras_deq.solvers.anderson",
     "keras_deq.solvers.broyden",

@@ -1126,7 +1126,9 @@ def test_every_constructor_argument_is_specified():
         missing += [f"{name}.{p}" for p in params if p not in TARGETS[name].args]
     for name in SOLVER_NAMES:
         params = set(
-            solvers.get(name).__code__.co_varnames[: solvers.get(name).__code__.co_argcount]
+            solvers.registry.get(name).__code__.co_varnames[
+                : solvers.registry.get(name).__code__.co_argcount
+            ]
         )
         missing += [
             f"solvers.{name}.{p}"

@@ -356,6 +356,38 @@ def _deq():
     return RoundTrip(model, floats((4, 5)), _layer("deq"))
 
 
+@keras.saving.register_keras_serializable(package="keras_deq_tests")
+class SolverHolder(keras.layers.Layer):
+    """A layer holding a solver object: the `.keras` case of the solver classes."""
+
+    def __init__(self, solver, **kwargs):
+        super().__init__(**kwargs)
+        self.solver = keras_deq.solvers.get(solver)
+
+    def call(self, x):
+        return self.solver(lambda z: 0.5 * tf.tanh(z) + x, tf.zeros_like(x)).state
+
+    def get_config(self):
+        return {**super().get_config(), "solver": keras_deq.solvers.serialize(self.solver)}
+
+
+def _solver_case(class_name, settings):
+    def make():
+        solver = getattr(keras_deq.solvers, class_name)(**settings)
+        model = keras.Sequential([keras.Input((4,)), SolverHolder(solver, name="holder")])
+        return RoundTrip(model, floats((3, 4)), lambda m: m.get_layer("holder").solver)
+
+    return make
+
+
+for _name, _settings in [
+    ("FixedPoint", {"max_iter": 20, "damping": 0.7}),
+    ("Anderson", {"window": 3, "ridge": 0.0, "stop_mode": "abs"}),
+    ("Broyden", {"memory": 4, "tol": 1e-6}),
+]:
+    case(f"keras_deq>{_name}")(_solver_case(_name, _settings))
+
+
 @case("keras_deq>DenseCell")
 def _dense_cell():
     model, x = _cell_model(DenseCell(6, activation="softsign", name="cell"), (6,), (5,))

@@ -1,13 +1,16 @@
 """Anderson acceleration (type II) with a relative ridge."""
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_deq.solvers import common
 from keras_deq.solvers import result as res
+from keras_deq.solvers.base import Solver
 
 
-def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, ridge=1e-4):
+@keras.saving.register_keras_serializable(package="keras_deq")
+class Anderson(Solver):
     """Anderson-accelerated fixed-point iteration.
 
     Each iteration mixes the last `window` iterates with weights `alpha` that
@@ -16,6 +19,74 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
     `lam = ridge * mean_i ||g_i||^2`, so it shrinks with the residuals and the
     acceleration does not stall near the solution. If the small system is
     singular or not finite for a sample, that sample takes a plain step instead.
+
+    Args:
+        max_iter: Maximum number of iterations (each evaluates `f` once).
+        tol: Tolerance on the per-sample residual named by `stop_mode`.
+        stop_mode: `"rel"` for `||f(z) - z|| / ||f(z)||`, `"abs"` for `||f(z) - z||`.
+        window: Number of past iterates mixed (the history size `m`).
+        beta: Mixing parameter in (0, 1]: 1 mixes the `f(z_i)`, smaller values
+            move part way from the mixed `z_i`.
+        ridge: Relative Tikhonov regularization of the least-squares system, >= 0.
+            Values below 100 machine epsilons of the accumulation dtype are raised
+            to that floor, which keeps the small system invertible.
+
+    Examples:
+        >>> import tensorflow as tf
+        >>> solver = Anderson(window=3)
+        >>> result = solver(lambda z: 0.9 * tf.tanh(z) + 1.0, tf.zeros([4, 8]))
+        >>> bool(tf.reduce_all(result.converged))
+        True
+    """
+
+    name = "anderson"
+
+    def __init__(self, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, ridge=1e-4):
+        super().__init__(max_iter, tol, stop_mode)
+        self.window = common.check_positive_int("window", window)
+        self.beta = common.check_fraction("beta", beta)
+        self.ridge = common.check_nonnegative_float("ridge", ridge, finite=False)
+
+    def init(self, f, z0):
+        # The last `window` values of f(z_i) and of the residuals g_i = f(z_i) - z_i,
+        # oldest first, as tuples of `(batch, n)` tensors: a new entry shifts the tuple,
+        # which costs no copy (a ring buffer in one tensor rewrites it every iteration).
+        zeros = tf.zeros_like(z0)
+        acc = res.accumulation_dtype(z0.dtype)
+        gram = tf.zeros([tf.shape(z0)[0], self.window, self.window], acc)
+        return (zeros,) * self.window, (zeros,) * self.window, gram
+
+    def step(self, f, z, fz, state, k):
+        history_f, history_g, gram = state
+        window, dtype = self.window, z.dtype
+        acc = res.accumulation_dtype(dtype)
+        # ||f(z) - z||^2 as the loop's residual computes it (in a graph, the same ops are
+        # computed once). A sample where it is not finite gets g = 0 and f = z in its
+        # history so that it cannot spoil anything; its weights then fall back to a
+        # plain step (and the loop freezes it).
+        diff = tf.cast(fz, acc) - tf.cast(z, acc)
+        finite = tf.math.is_finite(tf.reduce_sum(tf.square(diff), axis=1))[:, None]
+        g = tf.where(finite, fz - z, tf.zeros_like(z))
+        history_f = (*history_f[1:], tf.where(finite, fz, z))
+        history_g = (*history_g[1:], g)
+        g_acc = tf.cast(g, acc)
+        row = tf.stack([tf.reduce_sum(tf.cast(h, acc) * g_acc, axis=1) for h in history_g], axis=1)
+        gram = _shift_gram(gram, row)
+        alpha = tf.cast(_mixing_weights(gram, k, window, self.ridge), dtype)
+        z_next = _combine(alpha, history_f)
+        if self.beta != 1.0:
+            z_next -= (1.0 - self.beta) * _combine(alpha, history_g)
+        return z_next, (history_f, history_g, gram)
+
+
+def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, ridge=1e-4):
+    """Anderson-accelerated fixed-point iteration.
+
+    The function form of `Anderson(max_iter, tol, stop_mode, window, beta, ridge)(f, z0)`.
+    Each iteration mixes the last `window` iterates with weights `alpha` that
+    minimize `||sum_i alpha_i g_i||^2 + lam ||alpha||^2` subject to
+    `sum_i alpha_i = 1`, where `g_i = f(z_i) - z_i`, with the relative ridge
+    `lam = ridge * mean_i ||g_i||^2`.
 
     Args:
         f: The map, taking and returning a structure like `z0`.
@@ -39,21 +110,8 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
         >>> bool(tf.reduce_all(result.converged))
         True
     """
-    max_iter, tol, stop_mode = common.check_common(f, max_iter, tol, stop_mode)
-    window = common.check_positive_int("window", window)
-    beta = common.check_fraction("beta", beta)
-    ridge = common.check_nonnegative_float("ridge", ridge, finite=False)
-    return common.solve_structure(
-        _anderson,
-        f,
-        z0,
-        max_iter=max_iter,
-        tol=tol,
-        stop_mode=stop_mode,
-        window=window,
-        beta=beta,
-        ridge=ridge,
-    )
+    common.check_callable("f", f)
+    return Anderson(max_iter, tol, stop_mode, window, beta, ridge)(f, z0)
 
 
 def _shift_gram(gram, row):
@@ -104,59 +162,3 @@ def _mixing_weights(gram, k, window, ridge):
 def _combine(alpha, history):
     """`sum_i alpha[:, i] * history[i]` for a tuple of `(batch, n)` tensors."""
     return tf.add_n([alpha[:, i : i + 1] * h for i, h in enumerate(history)])
-
-
-def _anderson(f, z0, unpack, max_iter, tol, stop_mode, window, beta, ridge):
-    dtype = z0.dtype
-    acc = res.accumulation_dtype(dtype)
-    batch = tf.shape(z0)[0]
-    # The last `window` values of f(z_i) and of the residuals g_i = f(z_i) - z_i, oldest
-    # first, as a tuple of `(batch, n)` tensors: a new entry shifts the tuple, which
-    # costs no copy (a ring buffer in one tensor rewrites it at every iteration).
-    zeros = tf.zeros_like(z0)
-    history_f = (zeros,) * window
-    history_g = (zeros,) * window
-    gram = tf.zeros([batch, window, window], acc)
-
-    def body(k, z, history_f, history_g, gram, best, _):
-        fz = f(z)
-        abs_res, rel_res = res.residuals(fz, z)
-        best = res.update_best(best, z, abs_res, rel_res, stop_mode, tol)
-        # A sample with a non-finite residual gets g = 0 and f = z in its history so
-        # that it cannot spoil anything; its weights then fall back to a plain step.
-        finite = tf.math.is_finite(abs_res)[:, None]
-        g = tf.where(finite, fz - z, tf.zeros_like(z))
-        history_f = (*history_f[1:], tf.where(finite, fz, z))
-        history_g = (*history_g[1:], g)
-        g_acc = tf.cast(g, acc)
-        row = tf.stack([tf.reduce_sum(tf.cast(h, acc) * g_acc, axis=1) for h in history_g], axis=1)
-        gram = _shift_gram(gram, row)
-        alpha = tf.cast(_mixing_weights(gram, k, window, ridge), dtype)
-        z_next = _combine(alpha, history_f)
-        if beta != 1.0:
-            z_next -= (1.0 - beta) * _combine(alpha, history_g)
-        z_next, best = res.guard(best, z_next)
-        return (
-            k + 1,
-            z_next,
-            history_f,
-            history_g,
-            gram,
-            best,
-            res.keep_going(best, tol, stop_mode),
-        )
-
-    def cond(k, *rest):
-        return tf.logical_and(rest[-1], k < max_iter)
-
-    loop_vars = (
-        tf.constant(0),
-        z0,
-        history_f,
-        history_g,
-        gram,
-        res.initial_best(z0),
-        tf.constant(True),
-    )
-    steps, *_, best, _ = tf.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
-    return res.to_result(best, steps, tol, stop_mode, unpack)

@@ -1,18 +1,96 @@
 """Limited-memory ("good") Broyden's method on g(z) = f(z) - z."""
 
+import keras
 import tensorflow as tf
 
 from keras_deq.solvers import common
 from keras_deq.solvers import result as res
+from keras_deq.solvers.base import Solver
+
+
+@keras.saving.register_keras_serializable(package="keras_deq")
+class Broyden(Solver):
+    """Finds a root of `g(z) = f(z) - z` with a low-rank inverse-Jacobian model.
+
+    The inverse Jacobian of `g` starts at `-I` (so the first step is a Picard step)
+    and receives one rank-one "good Broyden" update per iteration. When `memory`
+    updates are stored, the model restarts from `-I` plus the newest secant update.
+    Unlike Picard iteration, it can converge when `f` is not a contraction, e.g. a
+    linear map with spectral radius above 1.
+
+    Args:
+        max_iter: Maximum number of evaluations of `f`.
+        tol: Tolerance on the per-sample residual named by `stop_mode`.
+        stop_mode: `"rel"` for `||f(z) - z|| / ||f(z)||`, `"abs"` for `||f(z) - z||`.
+        memory: Number of rank-one updates stored before the model restarts.
+
+    Examples:
+        >>> import tensorflow as tf
+        >>> solver = Broyden(tol=1e-6)
+        >>> result = solver(lambda z: 1.5 * z + 1.0, tf.zeros([2, 3]))
+        >>> bool(tf.reduce_all(result.converged))
+        True
+    """
+
+    name = "broyden"
+
+    def __init__(self, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
+        super().__init__(max_iter, tol, stop_mode)
+        self.memory = common.check_positive_int("memory", memory)
+
+    def init(self, f, z0):
+        # The previous iterate and residual (for the secant pair; the first iteration
+        # makes no update), and the rank-one terms u_i, v_i of H = -I + sum_i u_i v_i^T.
+        batch, n = tf.shape(z0)[0], tf.shape(z0)[1]
+        zeros = tf.zeros([batch, self.memory, n], z0.dtype)
+        return z0, tf.zeros_like(z0), zeros, zeros
+
+    def step(self, f, z, fz, state, k):
+        z_prev, g_prev, us, vs = state
+        g = fz - z
+        # Update the model with the secant pair of the last step (none before the first
+        # step). z is the iterate the loop kept: for a sample frozen by the non-finite
+        # guard, s = its best iterate - z_prev. When the memory is full, restart from
+        # H = -I and make the newest secant update against -I, so that H dg = s.
+        slot = (k - 1) % self.memory
+        restart = tf.logical_and(slot == 0, k > 1)
+        branch = tf.where(k > 0, tf.where(restart, 2, 1), 0)
+        s, dg = z - z_prev, g - g_prev
+        us, vs = tf.switch_case(
+            branch,
+            [
+                lambda: (us, vs),
+                lambda: self._update(s, dg, slot, us, vs),
+                lambda: self._update(s, dg, slot, tf.zeros_like(us), tf.zeros_like(vs)),
+            ],
+        )
+        z_next = z + -_apply_inverse(us, vs, g)
+        return z_next, (z, g, us, vs)
+
+    def _update(self, s, dg, slot, us, vs):
+        """Writes the good-Broyden rank-one term of the pair `(s, dg)` into `slot`."""
+        dtype = s.dtype
+        acc = res.accumulation_dtype(dtype)
+        tiny = tf.constant(1e-30 if acc == tf.float64 else 1e-20, acc)
+        v = _apply_inverse_transposed(us, vs, s)
+        denom = tf.reduce_sum(tf.cast(v, acc) * tf.cast(dg, acc), axis=1, keepdims=True)
+        ok = (tf.abs(denom) > tiny) & tf.reduce_all(tf.math.is_finite(dg), axis=1, keepdims=True)
+        u = (s - _apply_inverse(us, vs, dg)) / tf.cast(
+            tf.where(ok, denom, tf.ones_like(denom)), dtype
+        )
+        u = tf.where(ok, u, tf.zeros_like(u))
+        return res.write_slot(us, slot, u), res.write_slot(vs, slot, v)
 
 
 def broyden(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
     """Finds a root of `g(z) = f(z) - z` with a low-rank inverse-Jacobian model.
 
-    The inverse Jacobian of `g` starts at `-I` (so the first step is a Picard step)
+    The function form of `Broyden(max_iter, tol, stop_mode, memory)(f, z0)`. The
+    inverse Jacobian of `g` starts at `-I` (so the first step is a Picard step)
     and receives one rank-one "good Broyden" update per iteration. When `memory`
-    updates are stored, the model restarts from `-I` plus the newest secant update. Unlike Picard iteration, it can converge when `f`
-    is not a contraction, e.g. a linear map with spectral radius above 1.
+    updates are stored, the model restarts from `-I` plus the newest secant update.
+    Unlike Picard iteration, it can converge when `f` is not a contraction, e.g. a
+    linear map with spectral radius above 1.
 
     Args:
         f: The map, taking and returning a structure like `z0`.
@@ -31,11 +109,8 @@ def broyden(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
         >>> bool(tf.reduce_all(result.converged))
         True
     """
-    max_iter, tol, stop_mode = common.check_common(f, max_iter, tol, stop_mode)
-    memory = common.check_positive_int("memory", memory)
-    return common.solve_structure(
-        _broyden, f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, memory=memory
-    )
+    common.check_callable("f", f)
+    return Broyden(max_iter, tol, stop_mode, memory)(f, z0)
 
 
 def _low_rank(left, right, x):
@@ -52,56 +127,3 @@ def _apply_inverse(us, vs, x):
 def _apply_inverse_transposed(us, vs, x):
     """`H^T x` with `H = -I + sum_i u_i v_i^T`."""
     return -x + _low_rank(vs, us, x)
-
-
-def _broyden(f, z0, unpack, max_iter, tol, stop_mode, memory):
-    dtype = z0.dtype
-    acc = res.accumulation_dtype(dtype)
-    batch, n = tf.shape(z0)[0], tf.shape(z0)[1]
-    tiny = tf.constant(1e-30 if acc == tf.float64 else 1e-20, acc)
-
-    fz0 = f(z0)
-    abs0, rel0 = res.residuals(fz0, z0)
-    best0 = res.update_best(res.initial_best(z0), z0, abs0, rel0, stop_mode, tol)
-
-    def body(k, z, g, us, vs, best, _):
-        step = -_apply_inverse(us, vs, g)
-        z_new, best = res.guard(best, z + step)
-        step = z_new - z
-        fz_new = f(z_new)
-        g_new = fz_new - z_new
-        abs_res, rel_res = res.residuals(fz_new, z_new)
-        best = res.update_best(best, z_new, abs_res, rel_res, stop_mode, tol)
-        dg = g_new - g
-        # When the memory is full, restart from H = -I and make the newest secant
-        # update against -I, so that the new model satisfies H dg = step.
-        slot = (k - 1) % memory
-        full = tf.logical_and(slot == 0, k > 1)
-        us, vs = tf.cond(full, lambda: (tf.zeros_like(us), tf.zeros_like(vs)), lambda: (us, vs))
-        v = _apply_inverse_transposed(us, vs, step)
-        denom = tf.reduce_sum(tf.cast(v, acc) * tf.cast(dg, acc), axis=1, keepdims=True)
-        ok = (tf.abs(denom) > tiny) & tf.reduce_all(tf.math.is_finite(dg), axis=1, keepdims=True)
-        u = (step - _apply_inverse(us, vs, dg)) / tf.cast(
-            tf.where(ok, denom, tf.ones_like(denom)), dtype
-        )
-        u = tf.where(ok, u, tf.zeros_like(u))
-        us = res.write_slot(us, slot, u)
-        vs = res.write_slot(vs, slot, v)
-        return (
-            k + 1,
-            z_new,
-            g_new,
-            us,
-            vs,
-            best,
-            res.keep_going(best, tol, stop_mode),
-        )
-
-    def cond(k, *rest):
-        return tf.logical_and(rest[-1], k < max_iter)
-
-    zeros = tf.zeros([batch, memory, n], dtype)
-    go = res.keep_going(best0, tol, stop_mode)
-    loop_vars = (tf.constant(1), z0, fz0 - z0, zeros, zeros, best0, go)
-    steps, *_, best, _ = tf.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
-    return res.to_result(best, steps, tol, stop_mode, unpack)

@@ -81,25 +81,33 @@ def check_stop_mode(stop_mode):
 
 def check_max_iter(max_iter):
     """A positive int, or a scalar integer tensor (a budget drawn at run time, which
-    changes without retracing; values below 1 act as 1)."""
+    changes without retracing; values below 1 act as 1, see `loop_bound`).
+
+    A tensor is returned as given: it is converted where the loop runs, so a solver
+    built in one graph (or eagerly) can run in another.
+    """
     if tf.is_tensor(max_iter):
         if not max_iter.dtype.is_integer or max_iter.shape.rank not in (None, 0):
             raise ValueError(
                 "`max_iter` must be a positive integer or a scalar integer tensor. "
                 f"Received: max_iter={max_iter!r}"
             )
-        return tf.maximum(tf.cast(max_iter, tf.int32), 1)
+        return max_iter
     return check_positive_int("max_iter", max_iter)
 
 
-def check_common(f, max_iter, tol, stop_mode):
-    if not callable(f):
-        raise ValueError(f"`f` must be callable. Received: f={f!r}")
-    return (
-        check_max_iter(max_iter),
-        check_positive_float("tol", tol),
-        check_stop_mode(stop_mode),
-    )
+def loop_bound(max_iter):
+    """`max_iter` as checked by `check_max_iter`, ready for a loop: an int, or an int32
+    tensor of at least 1."""
+    if tf.is_tensor(max_iter):
+        return tf.maximum(tf.cast(max_iter, tf.int32), 1)
+    return max_iter
+
+
+def check_callable(name, value):
+    if not callable(value):
+        raise ValueError(f"`{name}` must be callable. Received: {name}={value!r}")
+    return value
 
 
 def solve_structure(flat_solver, f, z0, **kwargs):

@@ -15,17 +15,24 @@ def test_names():
 
 @pytest.mark.parametrize("name", SOLVER_NAMES)
 def test_get_by_name(name):
-    fn = solvers.get(name)
+    # registry.get gives the function form; solvers.get an object of the solver's class.
+    fn = registry.get(name)
     assert fn is getattr(solvers, name)
     assert fn.__name__ == name
+    solver = solvers.get(name)
+    assert isinstance(solver, solvers.Solver)
+    assert type(solver).name == name
 
 
 def test_get_returns_callables_as_is():
     def custom(f, z0, max_iter=5, tol=1e-3, stop_mode="rel"):
         return None
 
-    assert solvers.get(custom) is custom
-    assert solvers.get(solvers.anderson) is solvers.anderson
+    assert registry.get(custom) is custom
+    assert registry.get(solvers.anderson) is solvers.anderson
+    # solvers.get returns Solver objects only.
+    with pytest.raises(ValueError, match="Unknown solver"):
+        solvers.get(custom)
 
 
 @pytest.mark.parametrize("identifier", ["newton", "Anderson", "fixed-point", ""])
@@ -59,7 +66,7 @@ def test_options_of_matches_signatures():
     import inspect
 
     for name in SOLVER_NAMES:
-        params = inspect.signature(solvers.get(name)).parameters
+        params = inspect.signature(registry.get(name)).parameters
         assert list(params)[:5] == list(registry.COMMON_ARGS)
         for key, default in registry.options_of(name).items():
             assert params[key].default == default

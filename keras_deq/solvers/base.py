@@ -1,0 +1,200 @@
+"""`Solver`: settings checked once in the constructor, and the one loop every solver runs.
+
+A solver is an object whose settings are its constructor arguments. It implements two
+hooks, `init` (its own loop state) and `step` (the next iterate); the loop here owns
+everything else: evaluating `f` once per iteration, the residuals, the per-sample best
+iterate, the non-finite guard, the stopping rule and the `SolverResult`.
+"""
+
+import inspect
+
+import keras
+import tensorflow as tf
+
+from keras_deq.solvers import common
+from keras_deq.solvers import result as res
+
+# Short name -> Solver subclass, for the subclasses that set `name` (see `Solver.name`).
+_BY_NAME = {}
+
+_NAMED_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def named_solvers():
+    """The solver classes reachable by name, `{name: class}`, in registration order."""
+    return dict(_BY_NAME)
+
+
+class Solver:
+    """Base class of the fixed-point solvers: finds `z` with `f(z) = z`, per sample.
+
+    A subclass declares its settings as constructor arguments, checks them there
+    (once) and stores each under the attribute of the same name, which is what
+    `get_config` reads back. It implements `step`, and `init` if it keeps state of
+    its own between iterations. Set the class attribute `name` to make it reachable
+    by `keras_deq.solvers.get(name)`; register it with
+    `keras.saving.register_keras_serializable` for `.keras` files.
+
+    Every iteration of the shared loop evaluates `f` once at the current iterate,
+    records the per-sample residuals and best iterate (the first iterate that met
+    `tol`, else the lowest absolute residual), calls `step` for the next iterate,
+    freezes samples that met a non-finite value at their best finite iterate, and
+    stops when every sample has converged or failed, or after `max_iter`
+    iterations. See `SolverResult` for what is returned.
+
+    Args:
+        max_iter: Maximum number of iterations, each evaluating `f` once: a positive
+            integer, or a scalar integer tensor (a budget drawn at run time; values
+            below 1 act as 1).
+        tol: Tolerance on the per-sample residual named by `stop_mode`, > 0.
+        stop_mode: `"rel"` for `||f(z) - z|| / ||f(z)||`, `"abs"` for `||f(z) - z||`.
+
+    Examples:
+        >>> import tensorflow as tf
+        >>> class Picard(Solver):
+        ...     def step(self, f, z, fz, state, k):
+        ...         return fz, state
+        >>> result = Picard(tol=1e-6)(lambda z: 0.5 * z + 1.0, tf.zeros([2, 3]))
+        >>> bool(tf.reduce_all(result.converged))
+        True
+    """
+
+    name = None
+    """The short name `keras_deq.solvers.get` accepts; None: reachable only as an object."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name is None:
+            cls.name = None  # a subclass does not take its parent's name
+            return
+        if not isinstance(name, str) or not name:
+            raise ValueError(
+                f"`name` must be a non-empty string or None. Received: {cls.__qualname__}.name={name!r}"
+            )
+        previous = _BY_NAME.get(name)
+        where = (cls.__module__, cls.__qualname__)
+        if previous is not None and (previous.__module__, previous.__qualname__) != where:
+            raise ValueError(
+                f"A solver named {name!r} is already registered "
+                f"({previous.__module__}.{previous.__qualname__}). "
+                f"Received: {cls.__module__}.{cls.__qualname__}.name={name!r}"
+            )
+        _BY_NAME[name] = cls  # a re-definition (same module and name) replaces it
+
+    def __init__(self, max_iter=50, tol=1e-4, stop_mode="rel"):
+        self.max_iter = common.check_max_iter(max_iter)
+        self.tol = common.check_positive_float("tol", tol)
+        self.stop_mode = common.check_stop_mode(stop_mode)
+
+    # ------------------------------------------------------------------ hooks
+    def init(self, f, z0):
+        """The solver's own loop state before the first iteration.
+
+        Args:
+            f: The map on `(batch, n)` matrices. Do not evaluate it here: each
+                iteration of the loop evaluates it once, so that the statistics
+                count evaluations.
+            z0: The starting iterate, a `(batch, n)` float32 or float64 matrix.
+
+        Returns:
+            A nest of tensors (`()` for none) whose shapes and dtypes `step` keeps.
+        """
+        del f, z0
+        return ()
+
+    def step(self, f, z, fz, state, k):
+        """The next iterate.
+
+        Args:
+            f: The map on `(batch, n)` matrices; do not evaluate it (see `init`).
+            z: The current iterate, `(batch, n)`.
+            fz: `f(z)`, evaluated by the loop.
+            state: The solver's loop state (from `init` or the previous `step`).
+            k: Scalar int32 tensor, the iteration's index (0 for `z0`).
+
+        Returns:
+            `(z_next, state)`. The loop replaces `z_next` by the best finite
+            iterate for the samples that met a non-finite value, and stops, so
+            `step` needs no bookkeeping of its own.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement `step`.")
+
+    # ----------------------------------------------------------------- config
+    @classmethod
+    def settings(cls):
+        """The constructor arguments, `{name: default}`, over the class hierarchy."""
+        out = {}
+        for klass in reversed(cls.__mro__):
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for key, param in inspect.signature(init).parameters.items():
+                if key != "self" and param.kind in _NAMED_KINDS:
+                    out[key] = param.default
+        return out
+
+    def get_config(self):
+        """Every constructor argument, read from the attribute of the same name."""
+        return {key: getattr(self, key) for key in self.settings()}
+
+    @classmethod
+    def from_config(cls, config):
+        # A tensor setting (a `max_iter` tensor) serializes as a nested config.
+        config = {
+            key: keras.saving.deserialize_keras_object(value) if isinstance(value, dict) else value
+            for key, value in config.items()
+        }
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+    # ------------------------------------------------------------------- call
+    def __call__(self, f, z0, **overrides):
+        """Solves `f(z) = z` from `z0`.
+
+        Args:
+            f: The map, taking and returning a structure like `z0`.
+            z0: The initial state: a `(batch, ...)` tensor or a nest of such tensors.
+            **overrides: Settings that replace this solver's for this call (checked
+                like the constructor's), e.g. `solver(f, z0, max_iter=10)`.
+
+        Returns:
+            A `SolverResult`.
+        """
+        common.check_callable("f", f)
+        solver = self
+        if overrides:
+            solver = type(self).from_config({**self.get_config(), **overrides})
+        return common.solve_structure(solver.solve_flat, f, z0)
+
+    def solve_flat(self, f, z0, unpack=None):
+        """The shared loop, on `(batch, n)` matrices.
+
+        Args:
+            f: The map on `(batch, n)` matrices.
+            z0: The starting iterate, `(batch, n)`, float32 or float64.
+            unpack: Applied to the returned state (identity if None).
+
+        Returns:
+            A `SolverResult`.
+        """
+        tol, stop_mode = self.tol, self.stop_mode
+        max_iter = common.loop_bound(self.max_iter)
+
+        def body(k, z, state, best, _):
+            fz = f(z)
+            abs_res, rel_res = res.residuals(fz, z)
+            best = res.update_best(best, z, abs_res, rel_res, stop_mode, tol)
+            z_next, state = self.step(f, z, fz, state, k)
+            z_next, best = res.guard(best, z_next)
+            return k + 1, z_next, state, best, res.keep_going(best, tol, stop_mode)
+
+        def cond(k, z, state, best, go):
+            return tf.logical_and(go, k < max_iter)
+
+        loop_vars = (tf.constant(0), z0, self.init(f, z0), res.initial_best(z0), tf.constant(True))
+        steps, _, _, best, _ = tf.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
+        return res.to_result(best, steps, tol, stop_mode, unpack or (lambda z: z))
