@@ -245,22 +245,20 @@ def _budgets(layer, x, calls):
     return steps, train_call.experimental_get_tracing_count()
 
 
+def _budget_layer(**kwargs):
+    """A regularized DEQ whose every solve uses its whole budget (tol=1e-30)."""
+    options = {"solver": "fixed_point", "max_iter": 6, "tol": 1e-30, "on_failure": "ignore"}
+    return DEQ(DenseCell(8), jacobian_weight=0.1, **options, **kwargs)
+
+
+BUDGET_INPUT = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+
+
 def test_regularized_steps_draw_a_forward_budget_without_retracing():
     # The DEQ recipes' RAND_F_THRES_DELTA: on regularized steps max_iter + delta,
-    # delta uniform in {-2, -1, 0, 1}. tol=1e-30 makes every solve use its whole budget.
-    x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
-    layer = DEQ(
-        DenseCell(8),
-        solver="fixed_point",
-        max_iter=6,
-        tol=1e-30,
-        on_failure="ignore",
-        jacobian_weight=0.1,
-        jacobian_frequency=0.5,
-        jacobian_max_iter_delta=2,
-        seed=1,
-    )
-    steps, traces = _budgets(layer, x, 200)
+    # delta uniform in {-2, -1, 0, 1}.
+    layer = _budget_layer(jacobian_frequency=0.5, jacobian_max_iter_delta=2, seed=1)
+    steps, traces = _budgets(layer, BUDGET_INPUT, 200)
     assert traces == 1
     counts = {k: steps.count(k) for k in set(steps)}
     assert set(counts) == {4, 5, 6, 7}, counts
@@ -270,19 +268,10 @@ def test_regularized_steps_draw_a_forward_budget_without_retracing():
         assert 8 <= counts[k] <= 45, counts
     # Without the regularizer in the step (evaluation), the budget is max_iter.
     layer._metrics_by_name["fwd_steps"].reset_state()
-    layer(x, training=False)
+    layer(BUDGET_INPUT, training=False)
     assert int(layer._metrics_by_name["fwd_steps"].result()) == 6
 
 
 def test_forward_budget_is_fixed_without_delta():
-    x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
-    layer = DEQ(
-        DenseCell(8),
-        solver="fixed_point",
-        max_iter=6,
-        tol=1e-30,
-        on_failure="ignore",
-        jacobian_weight=0.1,
-    )
-    steps, _ = _budgets(layer, x, 20)
+    steps, _ = _budgets(_budget_layer(), BUDGET_INPUT, 20)
     assert set(steps) == {6}

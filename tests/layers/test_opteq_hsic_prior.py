@@ -5,6 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+# The independent numpy references, shared with the other prior tests (same folder).
+from test_opteq_priors import finite_difference_gradient, numpy_hsic_sum
+
 from keras_deq.layers import opteq
 
 F64 = tf.float64
@@ -14,29 +17,6 @@ F64 = tf.float64
 def _seed():
     """Unseeded initializers draw from Keras' global seed: fix it per test."""
     keras.utils.set_random_seed(0)
-
-
-def numpy_hsic_sum(z, sigma):
-    """`sum_{i<j} tr(K_i H K_j H) / (B - 1)^2` with explicit loops (Section 7.2.1)."""
-    z = z.reshape(-1, z.shape[-1])
-    b = z.shape[0]
-    h = np.eye(b) - np.ones((b, b)) / b
-    kernels = [np.exp(-((f[:, None] - f[None, :]) ** 2) / (2 * sigma**2)) for f in z.T]
-    total = 0.0
-    for i in range(len(kernels)):
-        for j in range(i + 1, len(kernels)):
-            total += np.trace(kernels[i] @ h @ kernels[j] @ h) / (b - 1) ** 2
-    return total
-
-
-def finite_difference_gradient(fn, z, eps=1e-6):
-    grad = np.zeros_like(z)
-    for index in np.ndindex(z.shape):
-        up, down = z.copy(), z.copy()
-        up[index] += eps
-        down[index] -= eps
-        grad[index] = (fn(up) - fn(down)) / (2 * eps)
-    return grad
 
 
 def dependent_inputs(rng, batch=16, features=4):

@@ -24,7 +24,9 @@ def numpy_decorrelation(z):
 
 
 def numpy_hsic_sum(z, sigma):
-    """`sum_{i<j} tr(K_i H K_j H) / (B - 1)^2` with explicit loops."""
+    """`sum_{i<j} tr(K_i H K_j H) / (B - 1)^2` with explicit loops (Section 7.2.1);
+    a 4-D `z` counts every position as a sample."""
+    z = z.reshape(-1, z.shape[-1])
     b = z.shape[0]
     h = np.eye(b) - np.ones((b, b)) / b
     kernels = [np.exp(-((f[:, None] - f[None, :]) ** 2) / (2 * sigma**2)) for f in z.T]
