@@ -2,12 +2,14 @@
 
 import numbers
 import warnings
+from collections.abc import Mapping
 
 import keras
 import tensorflow as tf
 
 from keras_deq import backward as backward_lib
 from keras_deq import jacobian
+from keras_deq import solvers as solvers_lib
 from keras_deq.solvers import common, registry
 
 ON_FAILURE = ("warn", "raise", "ignore")
@@ -58,6 +60,16 @@ def _cast_floats(structure, dtype):
     return tf.nest.map_structure(
         lambda t: tf.cast(t, dtype) if t.dtype.is_floating else t, structure
     )
+
+
+def _is_solver_object(solver):
+    """A `keras_deq.solvers.Solver` or a config dict of one (not a name, not None)."""
+    return isinstance(solver, (solvers_lib.Solver, Mapping))
+
+
+def _solver_config(solver):
+    """A solver name as is; a solver object as its config dict."""
+    return solvers_lib.serialize(solver) if isinstance(solver, solvers_lib.Solver) else solver
 
 
 def _serialize_shareable(cell):
@@ -165,14 +177,21 @@ class DEQ(keras.layers.Layer):
 
     Args:
         cell: A `keras.layers.Layer` called as `cell(z, x)` returning the next `z`.
-        solver: Forward solver name (`"anderson"`, `"broyden"`, `"fixed_point"`).
+        solver: Forward solver: a name (`"anderson"`, `"broyden"`,
+            `"fixed_point"`), with `max_iter`, `tol`, `stop_mode` and
+            `solver_options` as its settings; or a `keras_deq.solvers.Solver`
+            object (or its config dict), which carries its own settings (then
+            `max_iter`, `tol` and `stop_mode` are read from it and
+            `solver_options` must be empty).
         max_iter: Maximum forward iterations.
         tol: Forward tolerance on the per-sample residual.
         stop_mode: `"rel"` (`||f(z)-z|| / ||f(z)||`) or `"abs"` (`||f(z)-z||`).
         solver_options: Extra options of the forward solver (e.g.
             `{"window": 5}` for Anderson). Unknown keys are refused.
         backward: `"implicit"`, `"phantom"`, `"one_step"` or `"unrolled"`.
-        backward_solver: Solver for the adjoint fixed point; defaults to `solver`.
+        backward_solver: Solver for the adjoint fixed point (a name or a solver
+            object); defaults to `solver` with `backward_max_iter` and
+            `backward_tol`.
         backward_max_iter: Maximum adjoint iterations; defaults to `max_iter`.
         backward_tol: Adjoint tolerance; defaults to `tol`.
         backward_solver_options: Extra options of the adjoint solver; default to
@@ -249,15 +268,25 @@ class DEQ(keras.layers.Layer):
                 f"Received: cell={cell!r}"
             )
         self.cell = cell
-        self.solver = self._check_solver_name("solver", solver)
+        if _is_solver_object(solver):
+            # A solver object (or its config) carries its own settings.
+            self._forward = self._solver_object("solver", solver, solver_options)
+            self.solver = self._forward
+            max_iter, tol = self._forward.max_iter, self._forward.tol
+            stop_mode = self._forward.stop_mode
+        else:
+            self.solver = self._check_solver_name("solver", solver)
         self.max_iter = common.check_positive_int("max_iter", max_iter)
         self.tol = common.check_positive_float("tol", tol)
         self.stop_mode = common.check_stop_mode(stop_mode)
-        self.solver_options = registry.check_options(solver, solver_options, "solver_options")
+        if _is_solver_object(solver):
+            self.solver_options = {}
+        else:
+            self.solver_options = registry.check_options(solver, solver_options, "solver_options")
+            self._forward = solvers_lib.get(
+                solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **self.solver_options
+            )
         self.backward = backward_lib.check_mode(backward)
-        self.backward_solver = self._check_solver_name(
-            "backward_solver", solver if backward_solver is None else backward_solver
-        )
         self.backward_max_iter = common.check_positive_int(
             "backward_max_iter",
             max_iter if backward_max_iter is None else backward_max_iter,
@@ -265,11 +294,32 @@ class DEQ(keras.layers.Layer):
         self.backward_tol = common.check_positive_float(
             "backward_tol", tol if backward_tol is None else backward_tol
         )
-        if backward_solver_options is None and self.backward_solver == self.solver:
-            backward_solver_options = self.solver_options
-        self.backward_solver_options = registry.check_options(
-            self.backward_solver, backward_solver_options, "backward_solver_options"
-        )
+        adjoint = {"max_iter": self.backward_max_iter, "tol": self.backward_tol}
+        if backward_solver is None and _is_solver_object(solver):
+            self.backward_solver = None
+            self.backward_solver_options = {}
+            self._backward = solvers_lib.get(self._forward, **adjoint)
+        elif _is_solver_object(backward_solver):
+            self._backward = self._solver_object(
+                "backward_solver", backward_solver, backward_solver_options
+            )
+            self.backward_solver = self._backward
+            self.backward_solver_options = {}
+        else:
+            self.backward_solver = self._check_solver_name(
+                "backward_solver", solver if backward_solver is None else backward_solver
+            )
+            if backward_solver_options is None and self.backward_solver == self.solver:
+                backward_solver_options = self.solver_options
+            self.backward_solver_options = registry.check_options(
+                self.backward_solver, backward_solver_options, "backward_solver_options"
+            )
+            self._backward = solvers_lib.get(
+                self.backward_solver,
+                stop_mode=self.stop_mode,
+                **adjoint,
+                **self.backward_solver_options,
+            )
         self.phantom_steps = common.check_positive_int("phantom_steps", phantom_steps)
         self.phantom_damping = common.check_fraction("phantom_damping", phantom_damping)
         self._jacobian_weight_init = common.check_nonnegative_float(
@@ -315,6 +365,19 @@ class DEQ(keras.layers.Layer):
             setattr(self, f"_{key}_metric", metric)
 
     # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _solver_object(argument, solver, options):
+        if options:
+            raise ValueError(
+                f"`{argument}_options` apply to a solver given by name; a solver object "
+                f"carries its own settings. Received: {argument}={solver!r}, "
+                f"{argument}_options={options!r}"
+            )
+        try:
+            return solvers_lib.get(solver)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{error} Received: {argument}={solver!r}") from error
+
     @staticmethod
     def _check_solver_name(argument, solver):
         if solver not in registry.names():
@@ -520,13 +583,11 @@ class DEQ(keras.layers.Layer):
         zeros = [tf.zeros(tf.concat([batch, s], 0), self.compute_dtype) for s in shapes]
         return zeros if isinstance(self.state_shape, list) else zeros[0]
 
-    def _solver(self, name, max_iter, tol, options):
-        fn = registry.get(name)
-
-        def solve(f, z0):
-            return fn(f, z0, max_iter=max_iter, tol=tol, stop_mode=self.stop_mode, **options)
-
-        return common.per_entry(solve, self.solver_batch_dims)
+    def _solver(self, solver, max_iter=None):
+        """`solver` as a function `(f, z0) -> SolverResult` over the solver batch dims,
+        with `max_iter` (an int or a run-time tensor) replacing its own when given."""
+        overrides = {} if max_iter is None else {"max_iter": max_iter}
+        return common.per_entry(lambda f, z0: solver(f, z0, **overrides), self.solver_batch_dims)
 
     def call(self, inputs, initial_state=None, training=None):
         """Solves for the equilibrium of the cell with injection `inputs`.
@@ -603,14 +664,9 @@ class DEQ(keras.layers.Layer):
             fn,
             x,
             z0,
-            forward=self._solver(self.solver, max_iter, self.tol, self.solver_options),
+            forward=self._solver(self._forward, max_iter if tf.is_tensor(max_iter) else None),
             mode=self.backward,
-            backward=self._solver(
-                self.backward_solver,
-                self.backward_max_iter,
-                self.backward_tol,
-                self.backward_solver_options,
-            ),
+            backward=self._solver(self._backward),
             variables=self.cell.trainable_variables,
             phantom_steps=self.phantom_steps,
             phantom_damping=self.phantom_damping,
@@ -803,13 +859,13 @@ class DEQ(keras.layers.Layer):
         config.update(
             {
                 "cell": _serialize_shareable(self.cell),
-                "solver": self.solver,
+                "solver": _solver_config(self.solver),
                 "max_iter": self.max_iter,
                 "tol": self.tol,
                 "stop_mode": self.stop_mode,
                 "solver_options": dict(self.solver_options),
                 "backward": self.backward,
-                "backward_solver": self.backward_solver,
+                "backward_solver": _solver_config(self.backward_solver),
                 "backward_max_iter": self.backward_max_iter,
                 "backward_tol": self.backward_tol,
                 "backward_solver_options": dict(self.backward_solver_options),

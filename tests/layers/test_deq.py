@@ -867,3 +867,43 @@ def test_dict_inputs_solve_and_differentiate_like_the_unrolled_reference(tmp_pat
     model.save(tmp_path / "dict.keras")
     loaded = keras.models.load_model(tmp_path / "dict.keras")
     np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+# -------------------------------------------- core v2: solver objects in the layer
+def test_solver_object_gives_the_same_equilibrium_and_gradient_as_the_name(tmp_path):
+    x = tf.constant(np.random.default_rng(5).normal(size=(4, 6)), tf.float32)
+    by_name = DEQ(
+        DenseCell(6), solver="anderson", max_iter=40, tol=1e-6, solver_options={"window": 3}
+    )
+    by_object = DEQ(
+        by_name.cell, solver=keras_deq.solvers.Anderson(max_iter=40, tol=1e-6, window=3)
+    )
+    results = []
+    for layer in (by_name, by_object):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.sin(layer(x, training=True)))
+        results.append([layer(x), *tape.gradient(loss, layer.cell.trainable_variables)])
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert by_object.max_iter == 40 and by_object._backward.window == 3
+    model = keras.Sequential([keras.Input((6,)), by_object])
+    model.save(tmp_path / "object.keras")
+    loaded = keras.models.load_model(tmp_path / "object.keras")
+    restored = loaded.layers[-1]
+    assert isinstance(restored._forward, keras_deq.solvers.Anderson)
+    assert restored._forward.get_config() == by_object._forward.get_config()
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+
+
+def test_solver_object_with_options_or_a_bad_solver_is_refused():
+    with pytest.raises(ValueError, match="solver_options` apply to a solver given by name"):
+        DEQ(DenseCell(4), solver=keras_deq.solvers.Anderson(), solver_options={"window": 2})
+    with pytest.raises(ValueError, match="Received: solver="):
+        DEQ(DenseCell(4), solver={"class_name": "Newton", "config": {}})
+
+
+def test_pcdeq_accepts_a_fixed_point_object_and_refuses_others():
+    layer = keras_deq.PcDEQ(units=4, solver=keras_deq.solvers.FixedPoint(damping=0.5))
+    assert layer(np.ones((2, 4), "float32")).shape == (2, 4)
+    with pytest.raises(ValueError, match="solver='fixed_point'"):
+        keras_deq.PcDEQ(units=4, solver=keras_deq.solvers.Broyden())
