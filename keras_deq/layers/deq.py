@@ -271,21 +271,17 @@ class DEQ(keras.layers.Layer):
         if _is_solver_object(solver):
             # A solver object (or its config) carries its own settings.
             self._forward = self._solver_object("solver", solver, solver_options)
-            self.solver = self._forward
-            max_iter, tol = self._forward.max_iter, self._forward.tol
-            stop_mode = self._forward.stop_mode
+            self.solver, self.solver_options = self._forward, {}
         else:
             self.solver = self._check_solver_name("solver", solver)
-        self.max_iter = common.check_positive_int("max_iter", max_iter)
-        self.tol = common.check_positive_float("tol", tol)
-        self.stop_mode = common.check_stop_mode(stop_mode)
-        if _is_solver_object(solver):
-            self.solver_options = {}
-        else:
             self.solver_options = registry.check_options(solver, solver_options, "solver_options")
             self._forward = solvers_lib.get(
                 solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **self.solver_options
             )
+        # Checked by the solver's constructor; read back from it.
+        self.max_iter = common.check_positive_int("max_iter", self._forward.max_iter)
+        self.tol, self.stop_mode = self._forward.tol, self._forward.stop_mode
+        max_iter, tol = self.max_iter, self.tol
         self.backward = backward_lib.check_mode(backward)
         self.backward_max_iter = common.check_positive_int(
             "backward_max_iter",
