@@ -23,6 +23,7 @@ from keras_deq import (  # noqa: E402
     solvers,
 )
 from keras_deq import distribute as distribute  # noqa: E402
+from keras_deq.jacobian_penalty import JacobianPenalty  # noqa: E402
 from keras_deq.layers import (  # noqa: E402
     DEQ,
     DenseCell,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEQ",
     "DenseCell",
+    "JacobianPenalty",
     "LipschitzMultiscale",
     "MultiscaleDEQ",
     "OptEqBlock",

@@ -514,9 +514,7 @@ def test_every_mode_is_exact_when_cell_ignores_state(backward):
         cell,
         state_shape=(UNITS,),
         dtype="float64",
-        backward=backward,
-        phantom_steps=3,
-        phantom_damping=1.0,
+        backward=backward_lib.Phantom(3, damping=1.0) if backward == "phantom" else backward,
         **TIGHT,
     )
     layer.build(x.shape)
@@ -548,7 +546,7 @@ def test_phantom_gradient_approaches_implicit_as_steps_grow(tanh_reference):
     _, x, t, _, grads_ref = tanh_reference
     errors = []
     for k in (1, 4, 16, 64):
-        layer = tanh_layer_like(tanh_reference, backward="phantom", phantom_steps=k)
+        layer = tanh_layer_like(tanh_reference, backward=backward_lib.Phantom(steps=k))
         got = layer_grads(layer, x, t)
         errors.append(max(rel_err(g, w) for g, w in zip(got, grads_ref, strict=True)))
     assert all(a > b for a, b in zip(errors[:-1], errors[1:], strict=True)), errors
@@ -558,9 +556,7 @@ def test_phantom_gradient_approaches_implicit_as_steps_grow(tanh_reference):
 
 def test_phantom_damping_one_with_many_steps_is_the_unrolled_gradient(tanh_reference):
     _, x, t, _, grads_ref = tanh_reference
-    layer = tanh_layer_like(
-        tanh_reference, backward="phantom", phantom_steps=60, phantom_damping=1.0
-    )
+    layer = tanh_layer_like(tanh_reference, backward=backward_lib.Phantom(steps=60, damping=1.0))
     assert_grads_close(layer_grads(layer, x, t), grads_ref, rtol=1e-6, names=VAR_NAMES)
 
 
@@ -591,14 +587,15 @@ def test_adjoint_solves_the_transposed_fixed_point():
 
     with tf.GradientTape() as tape:
         tape.watch(x)
-        z, result = backward_lib.equilibrium(
+        problem = backward_lib.Equilibrium(
             fn,
             x,
             tf.zeros((BATCH, UNITS), "float64"),
             forward=solve,
-            backward=solve,
+            adjoint=solve,
             on_backward=captured.append,
         )
+        z, result = backward_lib.Implicit()(problem)
         loss = half_sq_loss(z, t)
     gx = tape.gradient(loss, x)
     assert bool(tf.reduce_all(result.converged))

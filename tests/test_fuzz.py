@@ -39,12 +39,14 @@ from hypothesis import strategies as st
 from keras_deq import (
     DEQ,
     DenseCell,
+    JacobianPenalty,
     LipschitzMultiscale,
     OptEqBlock,
     PcDEQ,
     constraints_opteq,
     solvers,
 )
+from keras_deq import backward as backward_lib
 from keras_deq import constraints as constraints_lib
 from keras_deq.layers import opteq
 from keras_deq.layers.transformer import DEQTransformerCell
@@ -218,6 +220,47 @@ def state_shape(v, kw=None):
         return isinstance(s, (tuple, list)) and len(s) > 0 and all(size(d) for d in s)
 
     return v is None or is_shape(v)
+
+
+def backward_valid(v, kw=None):
+    """A built-in mode's name, or a mode object (not one that sets the adjoint solver
+    when the flat `backward_solver` arguments set it too)."""
+    if isinstance(v, str):
+        return v in ("implicit", "phantom", "one_step", "unrolled")
+    if isinstance(v, Mapping):
+        return None  # a config dict: valid if it describes a mode
+    if not isinstance(v, backward_lib.Backward):
+        return False
+    kw = kw or {}
+    own = isinstance(v, backward_lib.Implicit) and v.solver is not None
+    return not (own and (kw.get("backward_solver") or kw.get("backward_solver_options")))
+
+
+BACKWARD_POOL = (
+    backward_lib.Phantom(steps=2),
+    backward_lib.Implicit(solver="broyden"),
+    backward_lib.serialize(backward_lib.OneStep()),
+    solvers.Anderson(),
+    {"class_name": "Anderson", "config": {}},
+)
+
+JACOBIAN_DEFAULTS = {
+    "jacobian_weight": 0.0,
+    "jacobian_frequency": 1.0,
+    "jacobian_probes": 1,
+    "jacobian_max_iter_delta": 0,
+}
+
+
+def regularizer_valid(v, kw=None):
+    """None, or a `JacobianPenalty` (or its config) with the flat arguments unset."""
+    kw = kw or {}
+    if v is None:
+        return True
+    if isinstance(v, Mapping):
+        return None
+    flat_unset = all(kw.get(k, d) == d for k, d in JACOBIAN_DEFAULTS.items())
+    return isinstance(v, JacobianPenalty) and flat_unset
 
 
 def deq_dtype(v, kw=None):
@@ -419,13 +462,22 @@ DEQ_ARGS = {
     "tol": positive_arg(),
     "stop_mode": choice_arg("rel", "abs"),
     "solver_options": Arg(solver_options, OPTION_POOL),
-    "backward": choice_arg("implicit", "phantom", "one_step", "unrolled"),
+    "backward": Arg(backward_valid, BACKWARD_POOL),
     "backward_solver": Arg(optional(one_of(*SOLVER_NAMES)), SOLVER_NAMES + ("newton",)),
     "backward_max_iter": Arg(optional(count), COUNTS),
     "backward_tol": Arg(optional(positive), POSITIVES),
     "backward_solver_options": Arg(backward_solver_options, OPTION_POOL),
     "phantom_steps": Arg(count, FIXED_COUNTS, {"backward": "phantom"}),
     "phantom_damping": fraction_arg(context={"backward": "phantom"}),
+    "regularizer": Arg(
+        regularizer_valid,
+        (
+            JacobianPenalty(0.1, probes=2),
+            keras.saving.serialize_keras_object(JacobianPenalty(0.0)),
+            backward_lib.OneStep(),
+            {"class_name": "Anderson", "config": {}},
+        ),
+    ),
     "jacobian_weight": nonnegative_arg(),
     "jacobian_frequency": fraction_arg(context={"jacobian_weight": 0.1}),
     "jacobian_probes": size_arg(context={"jacobian_weight": 0.1}),
@@ -455,6 +507,16 @@ def _make_deq(kw):
     dtype = kw.get("dtype") if deq_dtype(kw.get("dtype")) else None
     cell = kw.pop("cell") if "cell" in kw else DenseCell(4, dtype=dtype)
     return DEQ(cell, **kw)
+
+
+def _through_deq(argument, **options):
+    """Runs an object built for `argument` of `DEQ` inside a DEQ layer."""
+
+    def run(obj, kw):
+        layer = DEQ(DenseCell(4), **{argument: obj}, **options)
+        run_deq_layer(layer, {}, floats((3, 4)), [(3, 4)], None)
+
+    return run
 
 
 def _dense_cell_run(cell, kw):
@@ -849,7 +911,7 @@ TARGETS = {
             "solver": choice_arg(*SOLVER_NAMES),
             "max_iter": count_arg(),
             "tol": positive_arg(),
-            "backward": choice_arg("implicit", "phantom", "one_step", "unrolled"),
+            "backward": Arg(backward_valid, BACKWARD_POOL),
             "backward_max_iter": Arg(optional(count), COUNTS),
             "jacobian_weight": nonnegative_arg(),
             "jacobian_frequency": fraction_arg(),
@@ -929,6 +991,34 @@ TARGETS = {
         {"name": "incay"},
     ),
     **{f"solvers.{name}": _solver_target(name) for name in SOLVER_NAMES},
+    "backward.Phantom": Target(
+        lambda kw: backward_lib.Phantom(**kw),
+        _through_deq("backward"),
+        {"steps": Arg(count, FIXED_COUNTS), "damping": fraction_arg()},
+    ),
+    "backward.Implicit": Target(
+        lambda kw: backward_lib.Implicit(**kw),
+        _through_deq("backward"),
+        {"solver": Arg(optional(one_of(*SOLVER_NAMES)), SOLVER_NAMES + ("newton", 3))},
+    ),
+    "backward.Explicit": Target(
+        lambda kw: backward_lib.Explicit(**kw),
+        _through_deq("backward", on_failure="ignore"),
+        {"depth": Arg(count, FIXED_COUNTS)},
+        {"depth": 3},
+    ),
+    "JacobianPenalty": Target(
+        lambda kw: JacobianPenalty(**kw),
+        _through_deq("regularizer"),
+        {
+            "weight": nonnegative_arg(),
+            "frequency": fraction_arg(),
+            "probes": size_arg(),
+            "max_iter_delta": Arg(
+                lambda v, kw=None: _int(v) and 0 <= v <= INT32_MAX, (0, 2, 2.0, -1, 2**31)
+            ),
+        },
+    ),
 }
 
 # The message of an error about a nested value may name the key instead of the argument.
@@ -1116,6 +1206,10 @@ def test_every_constructor_argument_is_specified():
         "HSICRegularizer": opteq.HSICRegularizer,
         "DecorrelationRegularizer": opteq.DecorrelationRegularizer,
         "FeaturePrior": opteq.FeaturePrior,
+        "backward.Phantom": backward_lib.Phantom,
+        "backward.Implicit": backward_lib.Implicit,
+        "backward.Explicit": backward_lib.Explicit,
+        "JacobianPenalty": JacobianPenalty,
     }.items():
         params = [
             p

@@ -388,6 +388,25 @@ for _name, _settings in [
     case(f"keras_deq>{_name}")(_solver_case(_name, _settings))
 
 
+def _backward_case(mode):
+    def make():
+        layer = DEQ(DenseCell(6), backward=mode, tol=1e-5, name="deq")
+        model = keras.Sequential([keras.Input((6,)), layer])
+        return RoundTrip(model, floats((3, 6)), lambda m: m.get_layer("deq")._mode)
+
+    return make
+
+
+for _mode in [
+    keras_deq.backward.Implicit(solver=keras_deq.solvers.Broyden(memory=4, max_iter=25)),
+    keras_deq.backward.Phantom(steps=3, damping=0.8),
+    keras_deq.backward.OneStep(),
+    keras_deq.backward.Unrolled(),
+    keras_deq.backward.Explicit(depth=4),
+]:
+    case(f"keras_deq>{type(_mode).__name__}")(_backward_case(_mode))
+
+
 @case("keras_deq>DenseCell")
 def _dense_cell():
     model, x = _cell_model(DenseCell(6, activation="softsign", name="cell"), (6,), (5,))

@@ -1,59 +1,20 @@
 """The `DEQ` layer: the fixed point of any Keras cell `f(z, x)` as a layer."""
 
-import numbers
 import warnings
-from collections.abc import Mapping
 
 import keras
 import tensorflow as tf
 
 from keras_deq import backward as backward_lib
-from keras_deq import jacobian
 from keras_deq import solvers as solvers_lib
-from keras_deq.solvers import common, registry
+from keras_deq.backend import tensorflow as tf_backend
+from keras_deq.jacobian_penalty import JacobianPenalty
+from keras_deq.layers import deq_arguments as arguments
+from keras_deq.layers import deq_state as state
+from keras_deq.layers.monitor import SolverMonitor, check_on_failure
+from keras_deq.solvers import common
 
-ON_FAILURE = ("warn", "raise", "ignore")
 _SEED_STATE_KEY = "seed_generator_state"
-
-
-def _float32_metrics():
-    """A scope in which metric variables are read in float32.
-
-    Under a mixed-precision policy Keras reads float32 variables in the compute
-    dtype inside `call`; metric totals accumulated in float16/bfloat16 drift.
-    Keras has no public switch for this, so the private scope is used when present.
-    """
-    try:
-        from keras.src.backend import AutocastScope  # noqa: PLC0415
-    except ImportError:  # pragma: no cover
-        import contextlib  # noqa: PLC0415
-
-        return contextlib.nullcontext()
-    return AutocastScope(None)
-
-
-def _finite_values(values):
-    """`(values, weights)` for a Mean metric that skips non-finite samples.
-
-    Samples whose solve never produced a finite iterate (residual inf or NaN) are
-    counted by the `converged` metric and the failure warning instead.
-    """
-    values = tf.cast(values, "float32")
-    finite = tf.math.is_finite(values)
-    return tf.where(finite, values, tf.zeros_like(values)), tf.cast(finite, "float32")
-
-
-class _FiniteMean(keras.metrics.Mean):
-    """A mean over the finite samples that is NaN, not 0, when there were none.
-
-    A step (or epoch) in which every sample's residual was NaN or Inf would
-    otherwise report a residual of 0.0, which reads as perfect convergence.
-    """
-
-    def result(self):
-        count = keras.ops.cast(self.count, "float32")
-        mean = self.total / keras.ops.maximum(count, 1.0)
-        return keras.ops.where(count > 0, mean, float("nan"))
 
 
 def _cast_floats(structure, dtype):
@@ -62,77 +23,8 @@ def _cast_floats(structure, dtype):
     )
 
 
-def _is_solver_object(solver):
-    """A `keras_deq.solvers.Solver` or a config dict of one (not a name, not None)."""
-    return isinstance(solver, (solvers_lib.Solver, Mapping))
-
-
-def _solver_config(solver):
-    """A solver name as is; a solver object as its config dict."""
-    return solvers_lib.serialize(solver) if isinstance(solver, solvers_lib.Solver) else solver
-
-
-def _serialize_shareable(cell):
-    """`serialize_keras_object(cell)`, marked so that a cell shared by several DEQ
-    layers is shared again when a `.keras` file is loaded.
-
-    While Keras saves a model it notes every object it serializes and marks the
-    second occurrence of one with `shared_object_id`, and on load returns the
-    object already made for that id. The first occurrence's mark is lost here,
-    because Keras copies the layer's config after `get_config` returns, so the
-    loaded layers would each build their own cell and the weights file (which
-    holds the shared cell once) would not load. Marking every cell while saving
-    keeps the first occurrence findable; an unshared mark is unused on load.
-    """
-    config = keras.saving.serialize_keras_object(cell)
-    try:
-        from keras.src.backend.common import global_state  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - private module moved
-        return config
-    if global_state.get_global_attribute("shared_objects/id_to_config_map") is not None:
-        config["shared_object_id"] = int(id(cell))
-    return config
-
-
-def _in_save_context():
-    """True while `tf.saved_model.save` (and so `model.export()`) traces functions."""
-    try:
-        from tensorflow.python.saved_model import save_context  # noqa: PLC0415
-
-        return save_context.in_save_context()
-    except Exception:  # pragma: no cover - private API moved
-        return False
-
-
-def _in_xla_context():
-    try:
-        from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
-
-        return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-    except Exception:  # pragma: no cover - private API moved
-        return False
-
-
-def _gate_later_ops(checks):
-    """Makes every op created after this point in the current graph wait for `checks`.
-
-    The adjoint solve runs inside the gradient computation, after the gradients of
-    the layers above were computed: only the cell's gradients depend on its check
-    by data. For `on_failure="raise"` to stop the step before *any* weight moves,
-    the optimizer's updates, created later in the same traced step, must wait for
-    the assertion too. The dependency stays open until the graph is finished; it
-    goes to the bottom of the graph's control-dependency stack, so that `with
-    tf.control_dependencies(...)` blocks around the gradient still close in order.
-    (Under a `tf.distribute` strategy the stack is per replica thread, so the
-    cross-replica updates are not gated: there the cell's own weights stay put.)
-    """
-    graph = tf.compat.v1.get_default_graph()
-    controller = graph.control_dependencies(checks)
-    graph._control_dependencies_stack = [controller, *graph._control_dependencies_stack]
-
-
 @keras.saving.register_keras_serializable(package="keras_deq")
-class DEQ(keras.layers.Layer):
+class DEQ(SolverMonitor, keras.layers.Layer):
     """A deep equilibrium layer: returns the fixed point `z* = cell(z*, x)`.
 
     The cell is any Keras layer called as `cell(z, x)` that returns the next
@@ -188,29 +80,33 @@ class DEQ(keras.layers.Layer):
         stop_mode: `"rel"` (`||f(z)-z|| / ||f(z)||`) or `"abs"` (`||f(z)-z||`).
         solver_options: Extra options of the forward solver (e.g.
             `{"window": 5}` for Anderson). Unknown keys are refused.
-        backward: `"implicit"`, `"phantom"`, `"one_step"` or `"unrolled"`.
-        backward_solver: Solver for the adjoint fixed point (a name or a solver
-            object); defaults to `solver` with `backward_max_iter` and
-            `backward_tol`.
+        backward: How the gradient is computed: a `keras_deq.backward.Backward`
+            object (`Implicit(solver)`, `Phantom(steps, damping)`, `OneStep()`,
+            `Unrolled()`), its config dict, or its name (`"implicit"`,
+            `"phantom"`, `"one_step"`, `"unrolled"`) for its default settings.
+        backward_solver: Solver for the adjoint fixed point of the implicit mode (a
+            name or a solver object); defaults to `solver` with
+            `backward_max_iter` and `backward_tol`. `Implicit(solver=...)` may set
+            it instead (not both).
         backward_max_iter: Maximum adjoint iterations; defaults to `max_iter`.
         backward_tol: Adjoint tolerance; defaults to `tol`.
         backward_solver_options: Extra options of the adjoint solver; default to
             `solver_options` when the adjoint uses the same solver.
-        phantom_steps: Damped steps of the `"phantom"` backward.
-        phantom_damping: Damping in (0, 1] of the `"phantom"` backward.
         jacobian_weight: Weight of the Jacobian regularizer
             `||df/dz at z*||_F^2 / d` (Hutchinson estimate) added with `add_loss`
-            in training. 0 leaves it out of the training graph (it needs
-            second-order gradients of the cell). Changeable during training with
+            in training: the shorthand of `regularizer=JacobianPenalty(weight)`.
+            0 (default) leaves it out of the training graph. Changeable during
+            training (`layer.jacobian_weight`), e.g. by
             `keras_deq.callbacks.JacobianRegularizationScheduler`.
         jacobian_frequency: Probability in (0, 1] that a training step computes
-            and adds the regularizer.
-        jacobian_probes: Number of Hutchinson probe vectors.
-        jacobian_max_iter_delta: On the training steps that apply the
-            regularizer, the forward budget is `max_iter + delta` with `delta`
-            drawn uniformly from `[-d, d - 1]` (at least 1 iteration), as in the
-            DEQ recipes (`RAND_F_THRES_DELTA`, 2 there). 0 (default) keeps
-            `max_iter`. Drawn at run time: no retracing.
+            and adds the regularizer (`JacobianPenalty(frequency=...)`).
+        jacobian_probes: Number of Hutchinson probe vectors
+            (`JacobianPenalty(probes=...)`).
+        jacobian_max_iter_delta: The recipes' random forward budget on the
+            regularized steps (`JacobianPenalty(max_iter_delta=...)`).
+        regularizer: A `keras_deq.JacobianPenalty` (or its config dict) carrying
+            all of the above; then the `jacobian_*` arguments must be left at
+            their defaults.
         state_shape: Shape of the state without the batch dimension (a tuple, or
             a list of tuples for a multi-tensor state). Defaults to the input's.
         solver_batch_dims: Leading axes of the state that the solvers treat as
@@ -249,18 +145,19 @@ class DEQ(keras.layers.Layer):
         backward_max_iter=None,
         backward_tol=None,
         backward_solver_options=None,
-        phantom_steps=5,
-        phantom_damping=0.5,
         jacobian_weight=0.0,
         jacobian_frequency=1.0,
         jacobian_probes=1,
         jacobian_max_iter_delta=0,
+        regularizer=None,
         state_shape=None,
         on_failure="warn",
         seed=None,
         solver_batch_dims=1,
         **kwargs,
     ):
+        # Before 0.2 the phantom mode's settings were layer arguments.
+        legacy = {key: kwargs.pop(key) for key in arguments.LEGACY_PHANTOM if key in kwargs}
         super().__init__(**kwargs)
         if not isinstance(cell, keras.layers.Layer):
             raise ValueError(
@@ -268,198 +165,65 @@ class DEQ(keras.layers.Layer):
                 f"Received: cell={cell!r}"
             )
         self.cell = cell
-        if _is_solver_object(solver):
-            # A solver object (or its config) carries its own settings.
-            self._forward = self._solver_object("solver", solver, solver_options)
-            self.solver, self.solver_options = self._forward, {}
-        else:
-            self.solver = self._check_solver_name("solver", solver)
-            self.solver_options = registry.check_options(solver, solver_options, "solver_options")
-            self._forward = solvers_lib.get(
-                solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **self.solver_options
-            )
-        # Checked by the solver's constructor; read back from it.
-        self.max_iter = common.check_positive_int("max_iter", self._forward.max_iter)
-        self.tol, self.stop_mode = self._forward.tol, self._forward.stop_mode
-        max_iter, tol = self.max_iter, self.tol
-        self.backward = backward_lib.check_mode(backward)
-        self.backward_max_iter = common.check_positive_int(
-            "backward_max_iter",
-            max_iter if backward_max_iter is None else backward_max_iter,
+        settings = arguments.solver_settings(
+            solver,
+            max_iter,
+            tol,
+            stop_mode,
+            solver_options,
+            backward,
+            backward_solver,
+            backward_max_iter,
+            backward_tol,
+            backward_solver_options,
+            legacy,
         )
-        self.backward_tol = common.check_positive_float(
-            "backward_tol", tol if backward_tol is None else backward_tol
+        self.solver, self.solver_options = settings.solver, settings.solver_options
+        self.backward, self._mode = settings.backward, settings.mode
+        self.backward_solver = settings.backward_solver
+        self.backward_solver_options = settings.backward_solver_options
+        self._forward, self._adjoint = settings.forward, settings.adjoint
+        self.max_iter, self.tol = self._forward.max_iter, self._forward.tol
+        self.stop_mode = self._forward.stop_mode
+        self.backward_max_iter, self.backward_tol = self._adjoint.max_iter, self._adjoint.tol
+        self.regularizer, self._penalty = arguments.penalty(
+            regularizer,
+            JacobianPenalty(
+                common.check_nonnegative_float("jacobian_weight", jacobian_weight),
+                common.check_fraction("jacobian_frequency", jacobian_frequency),
+                common.check_positive_int("jacobian_probes", jacobian_probes),
+                common.check_nonnegative_int("jacobian_max_iter_delta", jacobian_max_iter_delta),
+            ),
         )
-        adjoint = {"max_iter": self.backward_max_iter, "tol": self.backward_tol}
-        if backward_solver is None and _is_solver_object(solver):
-            self.backward_solver = None
-            self.backward_solver_options = {}
-            self._backward = solvers_lib.get(self._forward, **adjoint)
-        elif _is_solver_object(backward_solver):
-            self._backward = self._solver_object(
-                "backward_solver", backward_solver, backward_solver_options
-            )
-            self.backward_solver = self._backward
-            self.backward_solver_options = {}
-        else:
-            self.backward_solver = self._check_solver_name(
-                "backward_solver", solver if backward_solver is None else backward_solver
-            )
-            if backward_solver_options is None and self.backward_solver == self.solver:
-                backward_solver_options = self.solver_options
-            self.backward_solver_options = registry.check_options(
-                self.backward_solver, backward_solver_options, "backward_solver_options"
-            )
-            self._backward = solvers_lib.get(
-                self.backward_solver,
-                stop_mode=self.stop_mode,
-                **adjoint,
-                **self.backward_solver_options,
-            )
-        self.phantom_steps = common.check_positive_int("phantom_steps", phantom_steps)
-        self.phantom_damping = common.check_fraction("phantom_damping", phantom_damping)
-        self._jacobian_weight_init = common.check_nonnegative_float(
-            "jacobian_weight", jacobian_weight
-        )
-        # The regularizer is part of the training graph only when enabled: it needs
+        self._jacobian_weight_init = self._penalty.weight
+        self._jacobian_frequency_init = self._penalty.frequency
+        # The penalty is part of the training graph only when enabled: it needs
         # second-order gradients of the cell, which some ops do not have.
-        self._jacobian_enabled = self._jacobian_weight_init > 0
-        self._jacobian_frequency_init = common.check_fraction(
-            "jacobian_frequency", jacobian_frequency
-        )
-        self.jacobian_probes = common.check_positive_int("jacobian_probes", jacobian_probes)
-        self.jacobian_max_iter_delta = common.check_nonnegative_int(
-            "jacobian_max_iter_delta", jacobian_max_iter_delta
-        )
-        self.state_shape = self._check_state_shape(state_shape)
+        self._jacobian_enabled = self._penalty.weight > 0
+        self.state_shape = arguments.check_state_shape(state_shape)
         self.solver_batch_dims = common.check_positive_int("solver_batch_dims", solver_batch_dims)
-        if on_failure not in ON_FAILURE:
-            raise ValueError(
-                f"`on_failure` must be one of {ON_FAILURE}. Received: on_failure={on_failure!r}"
-            )
-        self.on_failure = on_failure
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise ValueError(f"`seed` must be an integer or None. Received: seed={seed!r}")
-        self.seed = None if seed is None else int(seed)
+        self.on_failure = check_on_failure(on_failure)
+        self.seed = arguments.check_seed(seed)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._warned = False
         self._explicit_depth = None
-        self._metrics_by_name = {
-            key: (_FiniteMean if key == "fwd_residual" else keras.metrics.Mean)(
-                name=f"{self.name}_{key}", dtype="float32"
-            )
-            for key in (
-                "fwd_steps",
-                "fwd_residual",
-                "converged",
-                "bwd_steps",
-                "bwd_residual",
-                "jac_loss",
-            )
-        }
-        for key, metric in self._metrics_by_name.items():
-            setattr(self, f"_{key}_metric", metric)
-
-    # ------------------------------------------------------------------ checks
-    @staticmethod
-    def _solver_object(argument, solver, options):
-        if options:
-            raise ValueError(
-                f"`{argument}_options` apply to a solver given by name; a solver object "
-                f"carries its own settings. Received: {argument}={solver!r}, "
-                f"{argument}_options={options!r}"
-            )
-        try:
-            return solvers_lib.get(solver)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"{error} Received: {argument}={solver!r}") from error
-
-    @staticmethod
-    def _check_solver_name(argument, solver):
-        if solver not in registry.names():
-            raise ValueError(
-                f"Unknown solver. Expected one of {registry.names()}. Received: {argument}={solver!r}"
-            )
-        return solver
-
-    @staticmethod
-    def _check_state_shape(state_shape):
-        if state_shape is None:
-            return None
-
-        def is_shape(s):
-            return isinstance(s, (tuple, list)) and all(
-                isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in s
-            )
-
-        if is_shape(state_shape) and len(state_shape) > 0:
-            return tuple(int(d) for d in state_shape)
-        if (
-            isinstance(state_shape, (tuple, list))
-            and state_shape
-            and all(is_shape(s) and s for s in state_shape)
-        ):
-            return [tuple(int(d) for d in s) for s in state_shape]
-        raise ValueError(
-            "`state_shape` must be a tuple of positive ints (the state shape without "
-            "the batch dimension) or a list of such tuples. "
-            f"Received: state_shape={state_shape!r}"
-        )
+        self._make_metrics()
 
     # ------------------------------------------------------------------ build
-    @staticmethod
-    def _is_multi(input_shape):
-        """Whether the input is several tensors (a list, tuple or dict of them)."""
-        if isinstance(input_shape, dict):
-            return True
-        return (
-            isinstance(input_shape, (list, tuple))
-            and bool(input_shape)
-            and isinstance(input_shape[0], (list, tuple))
-        )
-
-    @staticmethod
-    def _first_shape(input_shape):
-        if isinstance(input_shape, dict):
-            return next(iter(input_shape.values()))
-        return input_shape[0]
-
-    def _state_shapes(self, input_shape):
-        """Sample shape(s) of the state: a tuple, or a list of tuples."""
-        if self.state_shape is not None:
-            return self.state_shape
-        if self._is_multi(input_shape):
-            raise ValueError(
-                "The input is a list or dict of tensors, so the state shape cannot be "
-                f"inferred: pass `state_shape=`. Received: input_shape={input_shape}"
-            )
-        return tuple(input_shape[1:])
-
-    def _batched(self, batch, shapes):
-        if isinstance(shapes, list):
-            return [(batch, *s) for s in shapes]
-        return (batch, *shapes)
-
-    def _spec(self, shapes):
-        if isinstance(shapes, dict):
-            return {
-                k: keras.KerasTensor(tuple(s), dtype=self.compute_dtype) for k, s in shapes.items()
-            }
-        if isinstance(shapes, list):
-            return [keras.KerasTensor(tuple(s), dtype=self.compute_dtype) for s in shapes]
-        return keras.KerasTensor(tuple(shapes), dtype=self.compute_dtype)
-
     def build(self, input_shape):
-        multi = self._is_multi(input_shape)
+        dtype = self.compute_dtype
+        multi = state.is_multi(input_shape)
         # Shapes read back from a config are lists: a list means several tensors here.
         if isinstance(input_shape, dict):
             input_shape = {k: tuple(s) for k, s in input_shape.items()}
         else:
             input_shape = [tuple(s) for s in input_shape] if multi else tuple(input_shape)
-        batch = self._first_shape(input_shape)[0] if multi else input_shape[0]
-        z_spec = self._spec(self._batched(batch, self._state_shapes(input_shape)))
-        x_spec = self._spec(input_shape)
-        self._check_solver_batch_dims(z_spec)
+        batch = state.first_shape(input_shape)[0] if multi else input_shape[0]
+        z_spec = state.spec(
+            state.batched(batch, state.state_shapes(self.state_shape, input_shape)), dtype
+        )
+        x_spec = state.spec(input_shape, dtype)
+        state.check_solver_batch_dims(self.solver_batch_dims, z_spec)
         if not multi and input_shape[-1] is not None:
             # A later call with another feature size fails here, naming the layer,
             # rather than deep inside the cell.
@@ -467,7 +231,7 @@ class DEQ(keras.layers.Layer):
                 ndim=len(input_shape), axes={-1: input_shape[-1]}
             )
         out = self.cell(z_spec, x_spec)
-        self._check_cell_output(out, z_spec)
+        state.check_cell_output(out, z_spec)
         self._jacobian_weight = self.add_weight(
             name="jacobian_weight",
             shape=(),
@@ -485,34 +249,10 @@ class DEQ(keras.layers.Layer):
             autocast=False,
         )
 
-    def _check_solver_batch_dims(self, z_spec):
-        if self.solver_batch_dims == 1:
-            return
-        if isinstance(z_spec, list) or self.solver_batch_dims >= len(z_spec.shape):
-            raise ValueError(
-                "`solver_batch_dims` > 1 needs a single-tensor state with more axes than "
-                f"`solver_batch_dims`. Received: solver_batch_dims={self.solver_batch_dims}, "
-                f"state shape={[t.shape for t in tf.nest.flatten(z_spec)]}"
-            )
-
-    def _check_cell_output(self, out, z_spec):
-        want = [tuple(t.shape[1:]) for t in tf.nest.flatten(z_spec)]
-        try:
-            got = [tuple(t.shape[1:]) for t in tf.nest.flatten(out)]
-        except AttributeError:
-            got = None
-        if got != want:
-            got_desc = got if got is not None else type(out).__name__
-            raise ValueError(
-                "The cell's output must have the shape of the state. "
-                f"Received: cell output shape={got_desc} (without batch), state shape={want}. "
-                "Pass `state_shape=` if the state differs from the input's shape."
-            )
-
     def compute_output_shape(self, input_shape):
-        multi = self._is_multi(input_shape)
-        batch = self._first_shape(input_shape)[0] if multi else input_shape[0]
-        return self._batched(batch, self._state_shapes(input_shape))
+        multi = state.is_multi(input_shape)
+        batch = state.first_shape(input_shape)[0] if multi else input_shape[0]
+        return state.batched(batch, state.state_shapes(self.state_shape, input_shape))
 
     # ------------------------------------------------------- jacobian controls
     @property
@@ -551,6 +291,16 @@ class DEQ(keras.layers.Layer):
         self._jacobian_frequency_init = value
 
     @property
+    def jacobian_probes(self):
+        """Number of Hutchinson probes of the Jacobian penalty."""
+        return self._penalty.probes
+
+    @property
+    def jacobian_max_iter_delta(self):
+        """The penalty's random forward budget `d` (see `JacobianPenalty`)."""
+        return self._penalty.max_iter_delta
+
+    @property
     def explicit_depth(self):
         """None (solve for the equilibrium), or the number of explicit cell steps.
 
@@ -570,15 +320,6 @@ class DEQ(keras.layers.Layer):
         self._explicit_depth = value
 
     # ------------------------------------------------------------------- call
-    def _initial_state(self, x):
-        flat = tf.nest.flatten(x)
-        if self.state_shape is None:
-            return tf.zeros(tf.shape(flat[0]), self.compute_dtype)
-        batch = tf.shape(flat[0])[:1]
-        shapes = self.state_shape if isinstance(self.state_shape, list) else [self.state_shape]
-        zeros = [tf.zeros(tf.concat([batch, s], 0), self.compute_dtype) for s in shapes]
-        return zeros if isinstance(self.state_shape, list) else zeros[0]
-
     def _solver(self, solver, max_iter=None):
         """`solver` as a function `(f, z0) -> SolverResult` over the solver batch dims,
         with `max_iter` (an int or a run-time tensor) replacing its own when given."""
@@ -598,9 +339,9 @@ class DEQ(keras.layers.Layer):
             The equilibrium state.
         """
         x = inputs
-        z0 = self._initial_state(x)
+        z0 = state.zeros(x, self.state_shape, self.compute_dtype)
         if initial_state is not None:
-            z0 = self._check_initial_state(initial_state, z0)
+            z0 = state.check_initial_state(initial_state, z0, self.compute_dtype)
         cell_dtype = self.cell.compute_dtype
         own_dtype = self.compute_dtype
 
@@ -619,213 +360,54 @@ class DEQ(keras.layers.Layer):
             if regularize
             else None
         )
-        if self._explicit_depth is None:
-            max_iter = self._jittered_max_iter(draw) if regularize else self.max_iter
-            z, result = self._solve(fn, x, z0, training, max_iter)
-        else:
-            z, result = backward_lib.explicit(
-                fn, x, z0, self._explicit_depth, self.tol, self.stop_mode
-            )
+        max_iter = self.max_iter
+        if regularize:
+            max_iter = self._penalty.budget(max_iter, self._picked(draw), self.seed_generator)
+        problem = backward_lib.Equilibrium(
+            fn,
+            x,
+            z0,
+            forward=self._solver(self._forward, max_iter if tf.is_tensor(max_iter) else None),
+            adjoint=self._solver(self._adjoint),
+            variables=tuple(self.cell.trainable_variables),
+            # Statistics of the adjoint solve only while training: the gradient
+            # function would otherwise capture the metric variables, which
+            # `model.export()` cannot save with an inference function.
+            on_backward=self._record_backward if training else None,
+            tol=self.tol,
+            stop_mode=self.stop_mode,
+        )
+        explicit = self._explicit_depth is not None
+        mode = backward_lib.Explicit(self._explicit_depth) if explicit else self._mode
+        z, result = mode(problem)
         checks = self._record_forward(
-            result, report=self._explicit_depth is None, host=not _in_save_context()
+            result, report=not explicit, host=not tf_backend.in_save_context()
         )
         if regularize:
             self._add_jacobian_loss(fn, result, x, draw)
         with tf.control_dependencies(checks):
             return backward_lib.finite_upstream(z)
 
-    def _check_initial_state(self, initial_state, zeros):
-        """`initial_state` cast to the layer's dtype, after checking it against the state."""
-        try:
-            tf.nest.assert_same_structure(initial_state, zeros)
-        except (TypeError, ValueError) as error:
-            raise ValueError(
-                "`initial_state` must have the structure of the state "
-                f"({tf.nest.map_structure(lambda t: t.shape, zeros)}). "
-                f"Received: initial_state={initial_state!r}"
-            ) from error
-        out = []
-        for given, want in zip(tf.nest.flatten(initial_state), tf.nest.flatten(zeros), strict=True):
-            given = tf.convert_to_tensor(given)
-            if not given.shape.is_compatible_with(want.shape):
-                raise ValueError(
-                    f"`initial_state` must have the state's shape {want.shape}. "
-                    f"Received: initial_state with shape {given.shape}"
-                )
-            out.append(tf.stop_gradient(tf.cast(given, self.compute_dtype)))
-        return tf.nest.pack_sequence_as(zeros, out)
-
-    def _solve(self, fn, x, z0, training, max_iter):
-        return backward_lib.equilibrium(
-            fn,
-            x,
-            z0,
-            forward=self._solver(self._forward, max_iter if tf.is_tensor(max_iter) else None),
-            mode=self.backward,
-            backward=self._solver(self._backward),
-            variables=self.cell.trainable_variables,
-            phantom_steps=self.phantom_steps,
-            phantom_damping=self.phantom_damping,
-            # Statistics of the adjoint solve only while training: the gradient
-            # function would otherwise capture the metric variables, which
-            # `model.export()` cannot save with an inference function.
-            on_backward=self._record_backward if training else None,
-        )
-
-    # -------------------------------------------------------------- statistics
-    def _residual(self, result):
-        return result.rel_residual if self.stop_mode == "rel" else result.abs_residual
-
-    def _record_forward(self, result, report=True, host=True):
-        """Updates the forward metrics; returns the checks the output must wait for.
-
-        `host=False` (while a SavedModel is being written) leaves out the Python
-        warning, which needs a `tf.py_function` that an exported model cannot run.
-        """
-        m = self._metrics_by_name
-        with _float32_metrics():
-            m["fwd_steps"].update_state(tf.cast(result.steps, "float32"))
-            m["fwd_residual"].update_state(*_finite_values(self._residual(result)))
-            m["converged"].update_state(tf.cast(result.converged, "float32"))
-        return self._report_failure(result, "forward", host) if report else []
-
-    def _record_backward(self, result):
-        m = self._metrics_by_name
-        with _float32_metrics():
-            m["bwd_steps"].update_state(tf.cast(result.steps, "float32"))
-            m["bwd_residual"].update_state(*_finite_values(self._residual(result)))
-        checks = self._report_failure(result, "backward")
-        if checks:
-            _gate_later_ops(checks)
-        return checks
-
-    def _failure_message(self, which, n_failed, n_nonfinite, worst):
-        tol = self.tol if which == "forward" else self.backward_tol
-        kind = "relative" if self.stop_mode == "rel" else "absolute"
-        if n_nonfinite:
-            cause = (
-                f"the cell produced NaN or Inf for {n_nonfinite} of them (their best finite "
-                "iterate, or the initial state if none, is returned; check the input and the "
-                "cell)"
-            )
-        else:
-            cause = f"worst {kind} residual {worst:.3g}"
-        return (
-            f"DEQ layer '{self.name}': the {which} solver did not reach tol={tol} for "
-            f"{n_failed} sample(s); {cause}. If the residual was still falling, increase "
-            "max_iter or change the solver; if it grows (an expansive cell: the iterate with "
-            "the lowest residual is returned), more iterations do not help: regularize the "
-            "cell (jacobian_weight) or bound its weights. This warning is shown once per "
-            f"layer; the metric '{self.name}_converged' tracks convergence."
-        )
-
-    def _on_host_failure(self, which, n_failed, n_nonfinite, worst):
-        # Called eagerly or from tf.py_function: both pass eager tensors.
-        message = self._failure_message(
-            which, int(n_failed.numpy()), int(n_nonfinite.numpy()), float(worst.numpy())
-        )
-        if self.on_failure == "raise":
-            raise FloatingPointError(message)
-        if not self._warned:
-            self._warned = True
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-        return 0
-
-    def _failure_counts(self, result):
-        failed = ~result.converged
-        nonfinite = failed if result.nonfinite is None else failed & result.nonfinite
-        residual = self._residual(result)
-        finite = tf.math.is_finite(residual)
-        worst = tf.reduce_max(tf.where(failed & finite, residual, tf.zeros_like(residual)))
-        return (
-            tf.reduce_sum(tf.cast(failed, tf.int32)),
-            tf.reduce_sum(tf.cast(nonfinite | (failed & ~finite), tf.int32)),
-            worst,
-        )
-
-    def _report_failure(self, result, which, host=True):
-        """Warns or raises when samples did not converge.
-
-        Returns:
-            A list of ops that the layer's output (or the gradient) must depend on:
-            with `on_failure="raise"` in a graph, the assertion that stops the step
-            before any update.
-        """
-        if self.on_failure == "ignore" or _in_xla_context():
-            return []
-        n_failed, n_nonfinite, worst = self._failure_counts(result)
-        if tf.executing_eagerly():
-            if int(n_failed) > 0:
-                self._on_host_failure(which, n_failed, n_nonfinite, worst)
-            return []
-        if self.on_failure == "raise":
-            tol = self.tol if which == "forward" else self.backward_tol
-            return [
-                tf.debugging.Assert(
-                    n_failed == 0,
-                    [
-                        f"DEQ layer {self.name} (on_failure=raise): the {which} solver did "
-                        f"not reach tol={tol} for",
-                        n_failed,
-                        "sample(s); with NaN or Inf:",
-                        n_nonfinite,
-                        "; worst finite residual:",
-                        worst,
-                    ],
-                    name="deq_on_failure_raise",
-                )
-            ]
-        if self._warned or not host:
-            return []
-
-        def report():
-            return tf.py_function(
-                lambda a, b, c: self._on_host_failure(which, a, b, c),
-                [n_failed, n_nonfinite, worst],
-                tf.int32,
-            )
-
-        tf.cond(n_failed > 0, report, lambda: tf.constant(0))
-        return []
-
     # ---------------------------------------------------------------- jacobian
     def _picked(self, draw):
-        """Whether this training step is one the regularizer picks."""
-        return (draw < self._jacobian_frequency) & (self._jacobian_weight > 0)
-
-    def _jittered_max_iter(self, draw):
-        """`max_iter + delta` on picked steps, `delta` uniform in `[-d, d - 1]` with
-        `d = jacobian_max_iter_delta` (the DEQ recipes' random forward budget), at
-        least 1; `max_iter` on the other steps. A tensor: no retracing."""
-        d = self.jacobian_max_iter_delta
-        if d == 0:
-            return self.max_iter
-        delta = keras.random.randint((), -d, d, seed=self.seed_generator, dtype="int32")
-        jittered = tf.maximum(self.max_iter + delta, 1)
-        return tf.where(self._picked(draw), jittered, tf.constant(self.max_iter, tf.int32))
+        """Whether this training step is one the penalty picks."""
+        return JacobianPenalty.picked(draw, self._jacobian_weight, self._jacobian_frequency)
 
     def _add_jacobian_loss(self, fn, result, x, draw):
-        weight = self._jacobian_weight
         z_star = tf.nest.map_structure(tf.stop_gradient, result.state)
         # Skipped on a step where some sample has no finite iterate (its Jacobian is NaN).
         solved = tf.reduce_all(backward_lib.solved_rows(result, x))
         apply = self._picked(draw) & solved
 
         def estimate():
-            est = jacobian.hutchinson_frobenius(
-                lambda z: fn(z, x),
-                z_star,
-                num_probes=self.jacobian_probes,
-                seed=self.seed_generator,
-            )
-            return tf.cast(est, "float32")
+            return self._penalty.estimate(lambda z: fn(z, x), z_star, self.seed_generator)
 
         est = tf.cond(apply, estimate, lambda: tf.constant(0.0, "float32"))
-        with _float32_metrics():
+        with tf_backend.float32_metrics():
             self._metrics_by_name["jac_loss"].update_state(
                 est, sample_weight=tf.cast(apply, "float32")
             )
-        self.add_loss(weight * est)
+        self.add_loss(self._jacobian_weight * est)
 
     # ----------------------------------------------------------------- saving
     def save_own_variables(self, store):
@@ -854,23 +436,20 @@ class DEQ(keras.layers.Layer):
         config = super().get_config()
         config.update(
             {
-                "cell": _serialize_shareable(self.cell),
-                "solver": _solver_config(self.solver),
+                "cell": tf_backend.serialize_shareable(self.cell),
+                "solver": arguments.object_config(self.solver, solvers_lib.serialize),
                 "max_iter": self.max_iter,
                 "tol": self.tol,
                 "stop_mode": self.stop_mode,
                 "solver_options": dict(self.solver_options),
-                "backward": self.backward,
-                "backward_solver": _solver_config(self.backward_solver),
+                "backward": arguments.object_config(self.backward, backward_lib.serialize),
+                "backward_solver": arguments.object_config(
+                    self.backward_solver, solvers_lib.serialize
+                ),
                 "backward_max_iter": self.backward_max_iter,
                 "backward_tol": self.backward_tol,
                 "backward_solver_options": dict(self.backward_solver_options),
-                "phantom_steps": self.phantom_steps,
-                "phantom_damping": self.phantom_damping,
-                "jacobian_weight": float(self._jacobian_weight_init),
-                "jacobian_frequency": float(self._jacobian_frequency_init),
-                "jacobian_probes": self.jacobian_probes,
-                "jacobian_max_iter_delta": self.jacobian_max_iter_delta,
+                **self._penalty_config(),
                 "state_shape": self.state_shape,
                 "on_failure": self.on_failure,
                 "seed": self.seed,
@@ -879,8 +458,29 @@ class DEQ(keras.layers.Layer):
         )
         return config
 
+    def _penalty_config(self):
+        """The penalty's arguments with the current weight and frequency (a scheduler
+        may have changed them): as `regularizer` if given so, else the flat ones."""
+        penalty = JacobianPenalty(
+            self._jacobian_weight_init,
+            self._jacobian_frequency_init,
+            self._penalty.probes,
+            self._penalty.max_iter_delta,
+        )
+        flat = {f"jacobian_{k}": v for k, v in arguments.FLAT_PENALTY_DEFAULTS.items()}
+        if self.regularizer is not None:
+            return {**flat, "regularizer": keras.saving.serialize_keras_object(penalty)}
+        flat = {f"jacobian_{k}": v for k, v in penalty.get_config().items()}
+        return {**flat, "regularizer": None}
+
     @classmethod
     def from_config(cls, config):
         config = dict(config)
         config["cell"] = keras.saving.deserialize_keras_object(config["cell"])
+        # Files saved before 0.2 hold the phantom mode's settings as layer arguments.
+        legacy = {k: config.pop(k) for k in arguments.LEGACY_PHANTOM if k in config}
+        if legacy and config.get("backward") == "phantom":
+            config["backward"] = backward_lib.Phantom(
+                **{arguments.LEGACY_PHANTOM[k]: v for k, v in legacy.items()}
+            )
         return cls(**config)

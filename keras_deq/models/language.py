@@ -6,6 +6,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_deq import backward as backward_lib
+from keras_deq.layers import deq_arguments as arguments
 from keras_deq.layers.deq import DEQ
 from keras_deq.layers.transformer import DEQTransformerCell, sinusoidal_positions
 from keras_deq.solvers.common import (
@@ -109,7 +111,8 @@ class DEQTransformerLM(keras.Model):
         solver: Forward solver of the DEQ layer.
         max_iter: Forward solver iterations.
         tol: Forward tolerance (relative residual).
-        backward: Backward mode of the DEQ layer (`"implicit"` by default).
+        backward: Backward mode of the DEQ layer: a `keras_deq.backward` object or
+            its name (`"implicit"` by default).
         backward_max_iter: Adjoint iterations; defaults to `max_iter`.
         jacobian_weight: Jacobian regularization weight (0: off).
         jacobian_frequency: Probability per step of computing the regularizer.
@@ -373,7 +376,7 @@ class DEQTransformerLM(keras.Model):
                 "solver": self.solver,
                 "max_iter": self.max_iter,
                 "tol": self.tol,
-                "backward": self.backward,
+                "backward": arguments.object_config(self.backward, backward_lib.serialize),
                 "backward_max_iter": self.backward_max_iter,
                 "jacobian_weight": self.jacobian_weight,
                 "jacobian_frequency": self.jacobian_frequency,

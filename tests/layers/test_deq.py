@@ -610,13 +610,11 @@ FULL_OPTIONS = {
     "tol": 1e-5,
     "stop_mode": "abs",
     "solver_options": {"memory": 7},
-    "backward": "phantom",
+    "backward": keras_deq.backward.serialize(keras_deq.backward.Phantom(steps=3, damping=0.8)),
     "backward_solver": "fixed_point",
     "backward_max_iter": 11,
     "backward_tol": 1e-3,
     "backward_solver_options": {"damping": 0.7},
-    "phantom_steps": 3,
-    "phantom_damping": 0.8,
     "jacobian_weight": 0.2,
     "jacobian_frequency": 0.5,
     "jacobian_probes": 2,
@@ -885,7 +883,7 @@ def test_solver_object_gives_the_same_equilibrium_and_gradient_as_the_name(tmp_p
         results.append([layer(x), *tape.gradient(loss, layer.cell.trainable_variables)])
     for got, want in zip(*results, strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    assert by_object.max_iter == 40 and by_object._backward.window == 3
+    assert by_object.max_iter == 40 and by_object._adjoint.window == 3
     model = keras.Sequential([keras.Input((6,)), by_object])
     model.save(tmp_path / "object.keras")
     loaded = keras.models.load_model(tmp_path / "object.keras")

@@ -1,0 +1,82 @@
+"""TensorFlow-specific wiring of the DEQ layer (private TensorFlow and Keras APIs).
+
+Each function here degrades to a harmless default if the private API it uses moves.
+"""
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+
+def float32_metrics():
+    """A scope in which metric variables are read in float32.
+
+    Under a mixed-precision policy Keras reads float32 variables in the compute
+    dtype inside `call`; metric totals accumulated in float16/bfloat16 drift.
+    Keras has no public switch for this, so the private scope is used when present.
+    """
+    try:
+        from keras.src.backend import AutocastScope  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return AutocastScope(None)
+
+
+def serialize_shareable(cell):
+    """`serialize_keras_object(cell)`, marked so that a cell shared by several DEQ
+    layers is shared again when a `.keras` file is loaded.
+
+    While Keras saves a model it notes every object it serializes and marks the
+    second occurrence of one with `shared_object_id`, and on load returns the
+    object already made for that id. The first occurrence's mark is lost here,
+    because Keras copies the layer's config after `get_config` returns, so the
+    loaded layers would each build their own cell and the weights file (which
+    holds the shared cell once) would not load. Marking every cell while saving
+    keeps the first occurrence findable; an unshared mark is unused on load.
+    """
+    config = keras.saving.serialize_keras_object(cell)
+    try:
+        from keras.src.backend.common import global_state  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - private module moved
+        return config
+    if global_state.get_global_attribute("shared_objects/id_to_config_map") is not None:
+        config["shared_object_id"] = int(id(cell))
+    return config
+
+
+def in_save_context():
+    """True while `tf.saved_model.save` (and so `model.export()`) traces functions."""
+    try:
+        from tensorflow.python.saved_model import save_context  # noqa: PLC0415
+
+        return save_context.in_save_context()
+    except Exception:  # pragma: no cover - private API moved
+        return False
+
+
+def in_xla_context():
+    try:
+        from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
+
+        return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    except Exception:  # pragma: no cover - private API moved
+        return False
+
+
+def gate_later_ops(checks):
+    """Makes every op created after this point in the current graph wait for `checks`.
+
+    The adjoint solve runs inside the gradient computation, after the gradients of
+    the layers above were computed: only the cell's gradients depend on its check
+    by data. For `on_failure="raise"` to stop the step before *any* weight moves,
+    the optimizer's updates, created later in the same traced step, must wait for
+    the assertion too. The dependency stays open until the graph is finished; it
+    goes to the bottom of the graph's control-dependency stack, so that `with
+    tf.control_dependencies(...)` blocks around the gradient still close in order.
+    (Under a `tf.distribute` strategy the stack is per replica thread, so the
+    cross-replica updates are not gated: there the cell's own weights stay put.)
+    """
+    graph = tf.compat.v1.get_default_graph()
+    controller = graph.control_dependencies(checks)
+    graph._control_dependencies_stack = [controller, *graph._control_dependencies_stack]

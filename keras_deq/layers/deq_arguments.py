@@ -1,0 +1,208 @@
+"""The arguments of `DEQ`: checked once here, turned into the objects the layer runs.
+
+`solver_settings` builds the forward solver, the backward mode and the adjoint solver
+from either form the layer accepts (names with flat settings, or objects carrying
+their own); `penalty` does the same for the Jacobian penalty.
+"""
+
+import numbers
+import warnings
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from keras_deq import backward as backward_lib
+from keras_deq import jacobian_penalty
+from keras_deq import solvers as solvers_lib
+from keras_deq.solvers import common, registry
+
+
+def is_solver_object(solver):
+    """A `keras_deq.solvers.Solver` or a config dict of one (not a name, not None)."""
+    return isinstance(solver, (solvers_lib.Solver, Mapping))
+
+
+def object_config(value, serialize):
+    """A name (or None) as is; an object as its config dict."""
+    return value if value is None or isinstance(value, str) else serialize(value)
+
+
+FLAT_PENALTY_DEFAULTS = {"weight": 0.0, "frequency": 1.0, "probes": 1, "max_iter_delta": 0}
+LEGACY_PHANTOM = {"phantom_steps": "steps", "phantom_damping": "damping"}
+
+
+def backward_mode(backward, legacy):
+    """The `Backward` object for `backward` (a name, a config dict or an object).
+
+    `legacy` holds `phantom_steps` / `phantom_damping` given as layer arguments (the
+    API before 0.2): they set the `"phantom"` mode's settings, with a deprecation
+    warning when passed by a user.
+    """
+    if legacy:
+        warnings.warn(
+            "`phantom_steps` and `phantom_damping` are deprecated: pass "
+            "`backward=keras_deq.backward.Phantom(steps=..., damping=...)`.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    common.check_positive_int("phantom_steps", legacy.get("phantom_steps", 5))
+    common.check_fraction("phantom_damping", legacy.get("phantom_damping", 0.5))
+    if legacy and backward == "phantom":
+        return backward_lib.Phantom(**{LEGACY_PHANTOM[k]: v for k, v in legacy.items()})
+    try:
+        return backward_lib.get(backward)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"`backward` must be one of {backward_lib.names()}, a config dict or a "
+            f"`keras_deq.backward.Backward`. Received: backward={backward!r}"
+        ) from error
+
+
+def penalty(regularizer, flat):
+    """`(regularizer, penalty)`: the `JacobianPenalty` given as `regularizer`, or the one
+    the flat `jacobian_*` arguments describe (`flat`), which must then be left at
+    their defaults."""
+    penalty = jacobian_penalty.get(regularizer)
+    if penalty is None:
+        return None, flat
+    if flat.get_config() != FLAT_PENALTY_DEFAULTS:
+        raise ValueError(
+            "The Jacobian penalty is set twice: by `regularizer` and by the `jacobian_*` "
+            f"arguments. Set it in one place. Received: regularizer={regularizer!r}, "
+            f"jacobian_* arguments={flat!r}"
+        )
+    return penalty, penalty
+
+
+class SolverSettings(NamedTuple):
+    """What `solver_settings` returns: the objects, and the arguments as the layer
+    reports them (names stay names, so that a config reads as it was written)."""
+
+    solver: Any
+    solver_options: dict
+    forward: solvers_lib.Solver
+    backward: Any
+    mode: backward_lib.Backward
+    backward_solver: Any
+    backward_solver_options: dict
+    adjoint: solvers_lib.Solver
+
+
+def solver_settings(
+    solver,
+    max_iter,
+    tol,
+    stop_mode,
+    solver_options,
+    backward,
+    backward_solver,
+    backward_max_iter,
+    backward_tol,
+    backward_solver_options,
+    legacy,
+):
+    """Checks the solver and backward arguments of `DEQ` and builds their objects."""
+    if is_solver_object(solver):
+        # A solver object (or its config) carries its own settings.
+        forward = solver_object("solver", solver, solver_options)
+        solver, solver_options = forward, {}
+    else:
+        solver = check_solver_name("solver", solver)
+        solver_options = registry.check_options(solver, solver_options, "solver_options")
+        forward = solvers_lib.get(
+            solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **solver_options
+        )
+    # A run-time tensor budget is for direct calls of a solver, not for a layer's config.
+    common.check_positive_int("max_iter", forward.max_iter)
+    mode = backward_mode(backward, legacy)
+    if not isinstance(backward, str) or legacy:
+        backward = mode
+    own = getattr(mode, "solver", None)  # Implicit(solver=...) names its own
+    if own is not None and (backward_solver is not None or backward_solver_options):
+        raise ValueError(
+            "The adjoint solver is set twice: by `backward` and by `backward_solver` "
+            f"(or `backward_solver_options`). Set it in one place. Received: "
+            f"backward={backward!r}, backward_solver={backward_solver!r}, "
+            f"backward_solver_options={backward_solver_options!r}"
+        )
+    overrides = {"max_iter": forward.max_iter, "tol": forward.tol}
+    if backward_max_iter is not None:
+        overrides["max_iter"] = common.check_positive_int("backward_max_iter", backward_max_iter)
+    if backward_tol is not None:
+        overrides["tol"] = common.check_positive_float("backward_tol", backward_tol)
+    named = {"backward_solver": None, "backward_solver_options": {}}
+    if own is not None:
+        adjoint = solvers_lib.get(own, **_given(overrides, backward_max_iter, backward_tol))
+    elif backward_solver is None and is_solver_object(solver):
+        adjoint = solvers_lib.get(forward, **overrides)
+    elif is_solver_object(backward_solver):
+        adjoint = solver_object("backward_solver", backward_solver, backward_solver_options)
+        adjoint = solvers_lib.get(adjoint, **_given(overrides, backward_max_iter, backward_tol))
+        named["backward_solver"] = adjoint
+    else:
+        name = check_solver_name(
+            "backward_solver", solver if backward_solver is None else backward_solver
+        )
+        if backward_solver_options is None and name == solver:
+            backward_solver_options = solver_options
+        options = registry.check_options(name, backward_solver_options, "backward_solver_options")
+        adjoint = solvers_lib.get(name, stop_mode=forward.stop_mode, **overrides, **options)
+        named = {"backward_solver": name, "backward_solver_options": options}
+    return SolverSettings(solver, solver_options, forward, backward, mode, adjoint=adjoint, **named)
+
+
+def _given(overrides, max_iter, tol):
+    """The adjoint settings the user gave (an object's own settings stand otherwise)."""
+    keys = [k for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None]
+    return {k: overrides[k] for k in keys}
+
+
+def solver_object(argument, solver, options):
+    if options:
+        raise ValueError(
+            f"`{argument}_options` apply to a solver given by name; a solver object "
+            f"carries its own settings. Received: {argument}={solver!r}, "
+            f"{argument}_options={options!r}"
+        )
+    try:
+        return solvers_lib.get(solver)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{error} Received: {argument}={solver!r}") from error
+
+
+def check_solver_name(argument, solver):
+    if solver not in registry.names():
+        raise ValueError(
+            f"Unknown solver. Expected one of {registry.names()}. Received: {argument}={solver!r}"
+        )
+    return solver
+
+
+def check_state_shape(state_shape):
+    """None, a tuple of positive ints, or a list of such tuples (a multi-tensor state)."""
+    if state_shape is None:
+        return None
+
+    def is_shape(s):
+        return isinstance(s, (tuple, list)) and all(
+            isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in s
+        )
+
+    if is_shape(state_shape) and len(state_shape) > 0:
+        return tuple(int(d) for d in state_shape)
+    if (
+        isinstance(state_shape, (tuple, list))
+        and state_shape
+        and all(is_shape(s) and s for s in state_shape)
+    ):
+        return [tuple(int(d) for d in s) for s in state_shape]
+    raise ValueError(
+        "`state_shape` must be a tuple of positive ints (the state shape without "
+        "the batch dimension) or a list of such tuples. "
+        f"Received: state_shape={state_shape!r}"
+    )
+
+
+def check_seed(seed):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"`seed` must be an integer or None. Received: seed={seed!r}")
+    return None if seed is None else int(seed)

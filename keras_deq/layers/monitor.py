@@ -1,0 +1,181 @@
+"""Solver statistics as metrics, and what a `DEQ` layer does when a solve fails.
+
+`SolverMonitor` is the part of `DEQ` that reports: it owns the layer's metrics
+(`{name}_fwd_steps`, ...) and implements `on_failure` ("warn", "raise", "ignore").
+"""
+
+import warnings
+
+import keras
+import tensorflow as tf
+
+from keras_deq.backend import tensorflow as tf_backend
+
+ON_FAILURE = ("warn", "raise", "ignore")
+METRICS = ("fwd_steps", "fwd_residual", "converged", "bwd_steps", "bwd_residual", "jac_loss")
+
+
+def check_on_failure(on_failure):
+    if on_failure not in ON_FAILURE:
+        raise ValueError(
+            f"`on_failure` must be one of {ON_FAILURE}. Received: on_failure={on_failure!r}"
+        )
+    return on_failure
+
+
+def _finite_values(values):
+    """`(values, weights)` for a Mean metric that skips non-finite samples.
+
+    Samples whose solve never produced a finite iterate (residual inf or NaN) are
+    counted by the `converged` metric and the failure warning instead.
+    """
+    values = tf.cast(values, "float32")
+    finite = tf.math.is_finite(values)
+    return tf.where(finite, values, tf.zeros_like(values)), tf.cast(finite, "float32")
+
+
+class _FiniteMean(keras.metrics.Mean):
+    """A mean over the finite samples that is NaN, not 0, when there were none.
+
+    A step (or epoch) in which every sample's residual was NaN or Inf would
+    otherwise report a residual of 0.0, which reads as perfect convergence.
+    """
+
+    def result(self):
+        count = keras.ops.cast(self.count, "float32")
+        mean = self.total / keras.ops.maximum(count, 1.0)
+        return keras.ops.where(count > 0, mean, float("nan"))
+
+
+class SolverMonitor:
+    """Mixin of `DEQ`: the solver metrics and the failure reports.
+
+    The metrics are attributes of the layer itself (so that Keras tracks them and
+    shows them in `fit`'s logs). The layer sets `on_failure`, `tol`,
+    `backward_tol` and `stop_mode` before calling `_make_metrics`.
+    """
+
+    def _make_metrics(self):
+        self._metrics_by_name = {
+            key: (_FiniteMean if key == "fwd_residual" else keras.metrics.Mean)(
+                name=f"{self.name}_{key}", dtype="float32"
+            )
+            for key in METRICS
+        }
+        for key, metric in self._metrics_by_name.items():
+            setattr(self, f"_{key}_metric", metric)
+
+    def _residual(self, result):
+        return result.rel_residual if self.stop_mode == "rel" else result.abs_residual
+
+    def _record_forward(self, result, report=True, host=True):
+        """Updates the forward metrics; returns the checks the output must wait for.
+
+        `host=False` (while a SavedModel is being written) leaves out the Python
+        warning, which needs a `tf.py_function` that an exported model cannot run.
+        """
+        m = self._metrics_by_name
+        with tf_backend.float32_metrics():
+            m["fwd_steps"].update_state(tf.cast(result.steps, "float32"))
+            m["fwd_residual"].update_state(*_finite_values(self._residual(result)))
+            m["converged"].update_state(tf.cast(result.converged, "float32"))
+        return self._report_failure(result, "forward", host) if report else []
+
+    def _record_backward(self, result):
+        m = self._metrics_by_name
+        with tf_backend.float32_metrics():
+            m["bwd_steps"].update_state(tf.cast(result.steps, "float32"))
+            m["bwd_residual"].update_state(*_finite_values(self._residual(result)))
+        checks = self._report_failure(result, "backward")
+        if checks:
+            tf_backend.gate_later_ops(checks)
+        return checks
+
+    def _failure_message(self, which, n_failed, n_nonfinite, worst):
+        tol = self.tol if which == "forward" else self.backward_tol
+        kind = "relative" if self.stop_mode == "rel" else "absolute"
+        if n_nonfinite:
+            cause = (
+                f"the cell produced NaN or Inf for {n_nonfinite} of them (their best finite "
+                "iterate, or the initial state if none, is returned; check the input and the "
+                "cell)"
+            )
+        else:
+            cause = f"worst {kind} residual {worst:.3g}"
+        return (
+            f"DEQ layer '{self.name}': the {which} solver did not reach tol={tol} for "
+            f"{n_failed} sample(s); {cause}. If the residual was still falling, increase "
+            "max_iter or change the solver; if it grows (an expansive cell: the iterate with "
+            "the lowest residual is returned), more iterations do not help: regularize the "
+            "cell (jacobian_weight) or bound its weights. This warning is shown once per "
+            f"layer; the metric '{self.name}_converged' tracks convergence."
+        )
+
+    def _on_host_failure(self, which, n_failed, n_nonfinite, worst):
+        # Called eagerly or from tf.py_function: both pass eager tensors.
+        message = self._failure_message(
+            which, int(n_failed.numpy()), int(n_nonfinite.numpy()), float(worst.numpy())
+        )
+        if self.on_failure == "raise":
+            raise FloatingPointError(message)
+        if not self._warned:
+            self._warned = True
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return 0
+
+    def _failure_counts(self, result):
+        failed = ~result.converged
+        nonfinite = failed if result.nonfinite is None else failed & result.nonfinite
+        residual = self._residual(result)
+        finite = tf.math.is_finite(residual)
+        worst = tf.reduce_max(tf.where(failed & finite, residual, tf.zeros_like(residual)))
+        return (
+            tf.reduce_sum(tf.cast(failed, tf.int32)),
+            tf.reduce_sum(tf.cast(nonfinite | (failed & ~finite), tf.int32)),
+            worst,
+        )
+
+    def _report_failure(self, result, which, host=True):
+        """Warns or raises when samples did not converge.
+
+        Returns:
+            A list of ops that the layer's output (or the gradient) must depend on:
+            with `on_failure="raise"` in a graph, the assertion that stops the step
+            before any update.
+        """
+        if self.on_failure == "ignore" or tf_backend.in_xla_context():
+            return []
+        n_failed, n_nonfinite, worst = self._failure_counts(result)
+        if tf.executing_eagerly():
+            if int(n_failed) > 0:
+                self._on_host_failure(which, n_failed, n_nonfinite, worst)
+            return []
+        if self.on_failure == "raise":
+            tol = self.tol if which == "forward" else self.backward_tol
+            return [
+                tf.debugging.Assert(
+                    n_failed == 0,
+                    [
+                        f"DEQ layer {self.name} (on_failure=raise): the {which} solver did "
+                        f"not reach tol={tol} for",
+                        n_failed,
+                        "sample(s); with NaN or Inf:",
+                        n_nonfinite,
+                        "; worst finite residual:",
+                        worst,
+                    ],
+                    name="deq_on_failure_raise",
+                )
+            ]
+        if self._warned or not host:
+            return []
+
+        def report():
+            return tf.py_function(
+                lambda a, b, c: self._on_host_failure(which, a, b, c),
+                [n_failed, n_nonfinite, worst],
+                tf.int32,
+            )
+
+        tf.cond(n_failed > 0, report, lambda: tf.constant(0))
+        return []
