@@ -407,6 +407,14 @@ for _mode in [
     case(f"keras_deq>{type(_mode).__name__}")(_backward_case(_mode))
 
 
+@case("keras_deq>JacobianPenalty")
+def _jacobian_penalty():
+    penalty = keras_deq.JacobianPenalty(weight=0.3, frequency=0.5, probes=2, max_iter_delta=1)
+    layer = DEQ(DenseCell(6), regularizer=penalty, tol=1e-5, name="deq")
+    model = keras.Sequential([keras.Input((6,)), layer])
+    return RoundTrip(model, floats((3, 6)), lambda m: m.get_layer("deq").regularizer)
+
+
 @case("keras_deq>DenseCell")
 def _dense_cell():
     model, x = _cell_model(DenseCell(6, activation="softsign", name="cell"), (6,), (5,))
