@@ -19,9 +19,13 @@ from keras_deq import (  # noqa: E402
     constraints,
     jacobian,
     layers,
+    linalg,
     models,
     solvers,
 )
+
+# `constraints_opteq`: the former module of `SpectralNorm` and `ConvSpectralNorm`.
+from keras_deq import constraints_opteq as constraints_opteq  # noqa: E402
 from keras_deq import distribute as distribute  # noqa: E402
 from keras_deq.layers import (  # noqa: E402
     DEQ,
@@ -46,6 +50,7 @@ __all__ = [
     "callbacks",
     "jacobian",
     "layers",
+    "linalg",
     "models",
     "solvers",
 ]

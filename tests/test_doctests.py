@@ -14,7 +14,7 @@ MODULES = [
     "keras_deq.solvers.registry",
     "keras_deq.jacobian",
     "keras_deq.callbacks",
-    "keras_deq.constraints",
+    "keras_deq.linalg",
     "keras_deq.layers.multiscale",
 ]
 
