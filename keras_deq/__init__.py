@@ -17,10 +17,12 @@ from keras_deq import (  # noqa: E402
     backward,
     callbacks,
     constraints,
+    features,
     jacobian,
     layers,
     linalg,
     models,
+    regularizers,
     solvers,
 )
 
@@ -48,9 +50,11 @@ __all__ = [
     "backward",
     "constraints",
     "callbacks",
+    "features",
     "jacobian",
     "layers",
     "linalg",
     "models",
+    "regularizers",
     "solvers",
 ]

@@ -15,7 +15,11 @@ MODULES = [
     "keras_deq.jacobian",
     "keras_deq.callbacks",
     "keras_deq.linalg",
+    "keras_deq.features",
+    "keras_deq.regularizers",
     "keras_deq.layers.multiscale",
+    "keras_deq.layers.opteq_priors",
+    "keras_deq.layers.opteq_sam",
 ]
 
 

@@ -1,5 +1,8 @@
 """Keras layers: the `DEQ` wrapper, ready-made cells, and the papers' layers."""
 
+# `opteq`: the former one-file module of the OptEq layers, which gathers their pieces
+# under the old import paths (`keras_deq.layers.opteq.OptEqBlock`, ...).
+from keras_deq.layers import opteq as opteq
 from keras_deq.layers.cells import DenseCell
 from keras_deq.layers.deq import DEQ
 from keras_deq.layers.multiscale import (
@@ -8,7 +11,8 @@ from keras_deq.layers.multiscale import (
     MultiscaleCell,
     MultiscaleDEQ,
 )
-from keras_deq.layers.opteq import OptEqBlock, OptEqCell
+from keras_deq.layers.opteq_block import OptEqBlock
+from keras_deq.layers.opteq_cell import OptEqCell
 from keras_deq.layers.pcdeq import PcDEQ, PositiveConcaveCell
 from keras_deq.layers.transformer import DEQTransformerCell
 
