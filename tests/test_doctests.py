@@ -17,7 +17,7 @@ MODULES = [
     "keras_deq.linalg",
     "keras_deq.features",
     "keras_deq.regularizers",
-    "keras_deq.layers.multiscale",
+    "keras_deq.layers.multiscale_blocks",
     "keras_deq.layers.opteq_priors",
     "keras_deq.layers.opteq_sam",
 ]
