@@ -17,11 +17,17 @@ from keras_deq import (  # noqa: E402
     backward,
     callbacks,
     constraints,
+    features,
     jacobian,
     layers,
+    linalg,
     models,
+    regularizers,
     solvers,
 )
+
+# `constraints_opteq`: the former module of `SpectralNorm` and `ConvSpectralNorm`.
+from keras_deq import constraints_opteq as constraints_opteq  # noqa: E402
 from keras_deq import distribute as distribute  # noqa: E402
 from keras_deq.jacobian_penalty import JacobianPenalty  # noqa: E402
 from keras_deq.layers import (  # noqa: E402
@@ -46,8 +52,11 @@ __all__ = [
     "backward",
     "constraints",
     "callbacks",
+    "features",
     "jacobian",
     "layers",
+    "linalg",
     "models",
+    "regularizers",
     "solvers",
 ]

@@ -1,176 +1,15 @@
-"""Weight constraints: the conv operator norm against an explicitly built conv matrix."""
+"""Weight constraints: each cap holds on the true operator norm of an explicitly built matrix."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conv_references import BOUND_CASES, exact_norm, operator_matrix, random_kernel
 
-from keras_deq import constraints
-from keras_deq import constraints_opteq as co
-
-
-def conv_matrix(kernel, input_shape, strides=1, padding="SAME"):
-    """The conv as an explicit `(outputs, inputs)` matrix: the conv of every basis image."""
-    height, width = input_shape
-    n = height * width * kernel.shape[2]
-    basis = np.eye(n).reshape(n, height, width, kernel.shape[2])
-    out = tf.nn.conv2d(basis, tf.constant(kernel, tf.float64), strides, padding).numpy()
-    return out.reshape(n, -1).T
+from keras_deq import constraints, constraints_opteq, linalg
 
 
-def exact_norm(kernel, input_shape, strides=1, padding="SAME"):
-    return np.linalg.svd(conv_matrix(kernel, input_shape, strides, padding), compute_uv=False)[0]
-
-
-def random_kernel(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape)
-
-
-def circular_strided_matrix(kernel, grid, strides):
-    """Circular correlation on `grid` (wrap-around padding), then every `s`-th pixel."""
-    n1, n2 = grid
-    n = n1 * n2 * kernel.shape[2]
-    basis = np.eye(n).reshape(n, n1, n2, kernel.shape[2])
-    wrapped = np.pad(
-        basis, [(0, 0), (0, kernel.shape[0] - 1), (0, kernel.shape[1] - 1), (0, 0)], "wrap"
-    )
-    out = tf.nn.conv2d(wrapped, tf.constant(kernel, tf.float64), 1, "VALID").numpy()
-    return out[:, :: strides[0], :: strides[1]].reshape(n, -1).T
-
-
-# Kernels, input sizes, strides and paddings of the bound tests: the multiscale cell's
-# convs (3x3 "same", stride 1 or 2, 1x1) down to 1x1 inputs, and odd cases (even kernels,
-# whose "same" padding is asymmetric; strides that do not divide the input; "valid").
-BOUND_CASES = [
-    ((3, 3, 8, 8), (8, 8), 1, "same"),
-    ((3, 3, 8, 8), (8, 8), 2, "same"),
-    ((3, 3, 4, 8), (4, 4), 2, "same"),
-    ((3, 3, 4, 4), (2, 2), 1, "same"),
-    ((3, 3, 4, 4), (2, 2), 2, "same"),
-    ((3, 3, 4, 4), (1, 1), 1, "same"),
-    ((1, 1, 3, 5), (4, 4), 1, "same"),
-    ((3, 3, 2, 3), (7, 5), (2, 3), "same"),
-    ((2, 2, 3, 2), (5, 6), 1, "same"),
-    ((4, 4, 2, 2), (6, 6), 2, "same"),
-    ((5, 5, 2, 2), (3, 3), 1, "same"),
-    ((3, 3, 2, 4), (6, 5), 1, "valid"),
-    ((3, 3, 2, 2), (7, 7), 2, "valid"),
-]
-
-
-# ------------------------------------------------------------------ operator norm
-@pytest.mark.parametrize(
-    "kernel_shape, input_shape, strides, padding",
-    [
-        ((3, 3, 2, 2), (6, 6), 1, "same"),
-        ((3, 3, 2, 3), (6, 6), 2, "same"),
-        ((3, 3, 4, 4), (8, 8), 1, "same"),
-        ((3, 3, 2, 4), (6, 5), 1, "valid"),
-        ((5, 5, 2, 2), (6, 6), 1, "same"),
-        ((1, 1, 3, 5), (6, 6), 1, "same"),
-        ((3, 3, 8, 4), (2, 2), 1, "same"),
-    ],
-)
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_operator_norm_matches_svd_of_the_conv_matrix(
-    kernel_shape, input_shape, strides, padding, dtype
-):
-    kernel = random_kernel(kernel_shape, seed=sum(kernel_shape))
-    exact = exact_norm(kernel, input_shape, strides, padding.upper())
-    estimate = constraints.conv_operator_norm(
-        tf.constant(kernel, dtype), input_shape, strides, padding
-    )
-    assert estimate.dtype == tf.as_dtype(dtype)
-    assert abs(float(estimate) - exact) <= 1e-3 * exact
-
-
-def test_operator_norm_is_deterministic_and_never_above_the_true_norm():
-    kernel = random_kernel((3, 3, 4, 4), seed=3)
-    first = constraints.conv_operator_norm(tf.constant(kernel), (8, 8), iterations=8)
-    second = constraints.conv_operator_norm(tf.constant(kernel), (8, 8), iterations=8)
-    assert float(first) == float(second)
-    assert float(first) <= exact_norm(kernel, (8, 8)) * (1 + 1e-12)
-
-
-def test_reshaped_kernel_norm_is_not_the_operator_norm():
-    """Caveat (a) of the paper's code: the reshaped-kernel norm under-estimates the conv.
-
-    For a 3x3 all-ones kernel the reshaped `(9, 1)` matrix has norm 3, while the
-    conv on a 6x6 image has norm `(1 + 2 cos(pi / 7))**2 = 7.85`: capping the
-    reshaped norm at `L_c` lets the true Lipschitz constant reach ~2.6 L_c.
-    """
-    ones = np.ones((3, 3, 1, 1))
-    reshaped = np.linalg.svd(ones.reshape(9, 1), compute_uv=False)[0]
-    operator = float(constraints.conv_operator_norm(tf.constant(ones), (6, 6)))
-    assert reshaped == pytest.approx(3.0)
-    assert operator == pytest.approx((1 + 2 * np.cos(np.pi / 7)) ** 2, rel=1e-6)
-    assert operator / reshaped > 2.5
-    # For random kernels too, the reshaped norm is only a lower bound.
-    for seed in range(5):
-        kernel = random_kernel((3, 3, 4, 4), seed=seed)
-        reshaped = np.linalg.svd(kernel.reshape(-1, 4), compute_uv=False)[0]
-        assert reshaped < 0.9 * exact_norm(kernel, (8, 8))
-
-
-def test_operator_norm_runs_in_graph_and_xla():
-    kernel = tf.constant(random_kernel((3, 3, 2, 2), seed=1), tf.float32)
-    eager = constraints.conv_operator_norm(kernel, (6, 6), iterations=60)
-    for jit in (False, True):
-        fn = tf.function(
-            lambda k: constraints.conv_operator_norm(k, (6, 6), iterations=60), jit_compile=jit
-        )
-        assert float(fn(kernel)) == pytest.approx(float(eager), rel=1e-5)
-
-
-@pytest.mark.parametrize("kernel_shape, input_shape, strides, padding", BOUND_CASES)
-def test_upper_bound_is_never_below_the_exact_norm(kernel_shape, input_shape, strides, padding):
-    for seed in range(3):
-        kernel = random_kernel(kernel_shape, seed=seed)
-        exact = exact_norm(kernel, input_shape, strides, padding.upper())
-        bound = constraints.conv_operator_norm_upper(
-            tf.constant(kernel), input_shape, strides, padding
-        )
-        assert bound.dtype == tf.float64
-        assert exact <= float(bound) * (1 + 1e-12)
-        if min(input_shape) >= 5:  # near-tight once the input is a few kernels wide
-            assert float(bound) <= 1.25 * exact
-
-
-def test_upper_bound_is_exact_where_the_kernel_reads_one_pixel():
-    # On a 1x1 input only the centre tap of a "same" 3x3 kernel is read.
-    kernel = random_kernel((3, 3, 4, 6), seed=1)
-    bound = float(constraints.conv_operator_norm_upper(tf.constant(kernel), (1, 1)))
-    assert bound == pytest.approx(np.linalg.svd(kernel[1, 1], compute_uv=False)[0], rel=1e-12)
-    assert bound == pytest.approx(exact_norm(kernel, (1, 1)), rel=1e-12)
-
-
-@pytest.mark.parametrize("grid, strides", [((6, 8), (2, 2)), ((6, 6), (3, 2)), ((5, 4), (1, 2))])
-def test_strided_circular_norm_equals_the_matrix_norm(grid, strides):
-    kernel = random_kernel((3, 3, 2, 3), seed=7)
-    exact = np.linalg.svd(circular_strided_matrix(kernel, grid, strides), compute_uv=False)[0]
-    got = float(co.circular_conv_norm(tf.constant(kernel), grid, strides))
-    assert got == pytest.approx(exact, rel=1e-10)
-    with pytest.raises(ValueError, match="Received: grid_shape"):
-        co.circular_conv_norm(tf.constant(kernel), (5, 5), 2)
-
-
-def test_upper_bound_runs_in_graph_and_xla():
-    kernel = tf.constant(random_kernel((3, 3, 2, 4), seed=1), tf.float32)
-    for strides in (1, 2):
-        eager = constraints.conv_operator_norm_upper(kernel, (6, 6), strides)
-        for jit in (False, True):
-            fn = tf.function(
-                lambda k, s=strides: constraints.conv_operator_norm_upper(k, (6, 6), s),
-                jit_compile=jit,
-            )
-            assert float(fn(kernel)) == pytest.approx(float(eager), rel=1e-5)
-
-
-def test_old_name_is_the_lower_estimate():
-    assert constraints.conv_operator_norm is constraints.conv_operator_norm_lower
-
-
-# ------------------------------------------------------------------- constraints
+# ------------------------------------------------------------------ ConvOperatorNorm
 @pytest.mark.parametrize("kernel_shape, input_shape, strides, padding", BOUND_CASES)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_capped_conv_never_exceeds_its_cap(kernel_shape, input_shape, strides, padding, dtype):
@@ -212,26 +51,6 @@ def test_conv_operator_norm_constraint_on_a_keras_conv_during_training():
     assert exact_norm(model.layers[0].kernel.numpy(), (6, 6)) <= 0.5 * (1 + 1e-6)
 
 
-def test_max_abs_clips_entrywise():
-    clipped = constraints.MaxAbs(1.5)(tf.constant([-3.0, -1.0, 0.5, 2.0])).numpy()
-    np.testing.assert_array_equal(clipped, [-1.5, -1.0, 0.5, 1.5])
-
-
-@pytest.mark.parametrize(
-    "constraint",
-    [
-        constraints.ConvOperatorNorm(2.0, input_shape=(8, 8, 4), strides=2, iterations=12),
-        constraints.MaxAbs(0.7),
-    ],
-)
-def test_constraints_serialize(constraint):
-    config = keras.constraints.serialize(constraint)
-    assert config["registered_name"].startswith("keras_deq>")
-    restored = keras.constraints.deserialize(config)
-    assert type(restored) is type(constraint)
-    assert restored.get_config() == constraint.get_config()
-
-
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -249,10 +68,66 @@ def test_conv_operator_norm_rejects_bad_arguments(kwargs, message):
         constraints.ConvOperatorNorm(**kwargs)
 
 
-def test_operator_norm_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="channels but the kernel reads 2"):
-        constraints.conv_operator_norm(tf.ones((3, 3, 2, 2)), (6, 6, 3))
-    with pytest.raises(ValueError, match="kernel.shape"):
-        constraints.conv_operator_norm(tf.ones((3, 2, 2)), (6, 6))
+# ------------------------------------------------------------------ MaxAbs
+def test_max_abs_clips_entrywise():
+    clipped = constraints.MaxAbs(1.5)(tf.constant([-3.0, -1.0, 0.5, 2.0])).numpy()
+    np.testing.assert_array_equal(clipped, [-1.5, -1.0, 0.5, 1.5])
     with pytest.raises(ValueError, match="max_value=-1"):
         constraints.MaxAbs(-1)
+
+
+# ------------------------------------------------------------------ SpectralNorm
+def test_spectral_norm_caps_large_kernels_and_keeps_small_ones():
+    rng = np.random.default_rng(1)
+    large = rng.normal(size=(6, 9))
+    large *= 3.0 / np.linalg.norm(large, 2)
+    small = large / 6.0
+    cap = constraints.SpectralNorm(1.0)
+    assert np.linalg.norm(cap(tf.constant(large)).numpy(), 2) == pytest.approx(1.0, rel=1e-12)
+    np.testing.assert_array_equal(cap(tf.constant(small)).numpy(), small)
+    assert constraints.SpectralNorm.from_config(cap.get_config()).max_norm == 1.0
+    with pytest.raises(ValueError, match="max_norm"):
+        constraints.SpectralNorm(0.0)
+
+
+# ------------------------------------------------------------------ ConvSpectralNorm
+def test_conv_spectral_norm_caps_the_true_operator_norm():
+    kernel = np.random.default_rng(3).normal(size=(3, 3, 2, 4))
+    capped = constraints.ConvSpectralNorm(1.0, (6, 6))(tf.constant(kernel)).numpy()
+    exact = np.linalg.norm(operator_matrix(capped, (6, 6), circular=False), 2)
+    assert 0.6 < exact <= 1.0 + 1e-12
+    config = constraints.ConvSpectralNorm(2.0, (6, 6)).get_config()
+    clone = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(constraints.ConvSpectralNorm(**config))
+    )
+    assert clone.max_norm == 2.0 and clone.spatial_shape == (6, 6)
+    with pytest.raises(ValueError, match="spatial_shape"):
+        constraints.ConvSpectralNorm(1.0, (6,))
+    with pytest.raises(ValueError, match="grid_shape"):
+        linalg.circular_conv_norm_exact(tf.constant(kernel), (2, 2))
+
+
+# ------------------------------------------------------------------ all constraints
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        constraints.ConvOperatorNorm(2.0, input_shape=(8, 8, 4), strides=2, iterations=12),
+        constraints.MaxAbs(0.7),
+        constraints.SpectralNorm(0.8),
+        constraints.ConvSpectralNorm(0.8, (4, 4)),
+    ],
+)
+def test_constraints_serialize(constraint):
+    config = keras.constraints.serialize(constraint)
+    assert config["registered_name"].startswith("keras_deq>")
+    restored = keras.constraints.deserialize(config)
+    assert type(restored) is type(constraint)
+    assert restored.get_config() == constraint.get_config()
+
+
+def test_former_module_of_the_opteq_caps_gives_the_same_classes():
+    """`keras_deq.constraints_opteq` (where the OptEq caps were) still imports them."""
+    assert constraints_opteq.SpectralNorm is constraints.SpectralNorm
+    assert constraints_opteq.ConvSpectralNorm is constraints.ConvSpectralNorm
+    config = keras.constraints.serialize(constraints_opteq.SpectralNorm(0.5))
+    assert config["registered_name"] == "keras_deq>SpectralNorm"

@@ -20,8 +20,12 @@ MODULES = [
     "keras_deq.backward.explicit",
     "keras_deq.jacobian",
     "keras_deq.callbacks",
-    "keras_deq.constraints",
-    "keras_deq.layers.multiscale",
+    "keras_deq.linalg",
+    "keras_deq.features",
+    "keras_deq.regularizers",
+    "keras_deq.layers.multiscale_blocks",
+    "keras_deq.layers.opteq_priors",
+    "keras_deq.layers.opteq_sam",
 ]
 
 
