@@ -10,7 +10,6 @@ accuracy and the solver's statistics (mean forward/backward steps and residuals)
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -64,27 +63,6 @@ def build_model(
     )
 
 
-class EpochReport(keras.callbacks.Callback):
-    """Prints one line per epoch: accuracy and the DEQ solver statistics."""
-
-    def on_train_begin(self, logs=None):
-        self.start = time.perf_counter()
-        print(
-            f"{'epoch':>5} {'train acc':>9} {'test acc':>8} {'fwd steps':>9} "
-            f"{'fwd resid':>9} {'bwd steps':>9} {'bwd resid':>9} {'converged':>9} {'time s':>7}"
-        )
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        print(
-            f"{epoch + 1:5d} {logs.get('accuracy', 0):9.4f} {logs.get('val_accuracy', 0):8.4f} "
-            f"{logs.get('deq_fwd_steps', 0):9.1f} {logs.get('deq_fwd_residual', 0):9.2e} "
-            f"{logs.get('deq_bwd_steps', 0):9.1f} {logs.get('deq_bwd_residual', 0):9.2e} "
-            f"{logs.get('deq_converged', 0):9.3f} {time.perf_counter() - self.start:7.1f}",
-            flush=True,
-        )
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -123,7 +101,11 @@ def main(argv=None):
         epochs=args.epochs,
         validation_data=(x_test, y_test),
         verbose=0,
-        callbacks=[EpochReport()],
+        callbacks=[
+            keras_deq.callbacks.SolverLogger(
+                metrics={"accuracy": "train acc", "val_accuracy": "test acc"}
+            )
+        ],
     )
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)[:2]
     print(f"test accuracy: {accuracy:.4f}")

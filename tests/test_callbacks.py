@@ -1,4 +1,5 @@
-"""`stepwise_schedule` and `JacobianRegularizationScheduler` (spec section 2.2)."""
+"""`stepwise_schedule` and `JacobianRegularizationScheduler` (spec section 2.2),
+`ExplicitPretraining` and `SolverLogger`."""
 
 import contextlib
 import math
@@ -9,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import keras_deq
-from keras_deq.callbacks import JacobianRegularizationScheduler, stepwise_schedule
+from keras_deq.callbacks import JacobianRegularizationScheduler, SolverLogger, stepwise_schedule
 
 # 32 samples, batch 8: 4 steps per epoch.
 _RNG = np.random.default_rng(0)
@@ -387,14 +388,18 @@ def _pretraining(layers):
     return keras_deq.callbacks.ExplicitPretraining(steps=2, depth=2, layers=layers)
 
 
-@pytest.mark.parametrize("make", [_scheduler, _pretraining])
+def _logger(layers):
+    return SolverLogger(layers=layers)
+
+
+@pytest.mark.parametrize("make", [_scheduler, _pretraining, _logger])
 def test_empty_layers_is_refused(make):
     # `layers=[]` used to steer nothing, silently, while the logs showed a weight.
     with pytest.raises(ValueError, match="`layers` is empty"):
         make([])
 
 
-@pytest.mark.parametrize("make", [_scheduler, _pretraining])
+@pytest.mark.parametrize("make", [_scheduler, _pretraining, _logger])
 def test_non_deq_layers_are_refused_with_a_clear_error(make):
     # `layers=[Dense(1)]` used to fail inside `fit` with an AttributeError.
     with pytest.raises(ValueError, match=r"`layers` must hold keras_deq\.DEQ layers.*Dense"):
@@ -557,3 +562,158 @@ def test_explicit_depth_setter_checks_its_value():
     layer = keras_deq.DEQ(keras_deq.DenseCell(4))
     with pytest.raises(ValueError, match="explicit_depth"):
         layer.explicit_depth = 0
+
+
+# ------------------------------------------------------------------ SolverLogger
+_LABELS = (_X[:, 0] > 0).astype("int32")
+
+
+def _solving_deq(name):
+    """A DEQ whose step counts vary (Anderson up to a tolerance), unlike `_deq`'s."""
+    return keras_deq.DEQ(
+        keras_deq.DenseCell(4), tol=1e-3, max_iter=20, on_failure="ignore", seed=0, name=name
+    )
+
+
+def _classifier(*deqs):
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((3,)), keras.layers.Dense(4), *deqs, keras.layers.Dense(2)]
+    model = keras.Sequential(layers)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _log(model, epochs=2, validation=True, **kwargs):
+    """Fits with a `SolverLogger(**kwargs)`; returns its lines and the history."""
+    lines = []
+    logger = SolverLogger(print_fn=lines.append, **kwargs)
+    history = model.fit(
+        _X,
+        _LABELS,
+        batch_size=8,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        validation_data=(_X, _LABELS) if validation else None,
+        callbacks=[logger],
+    )
+    return lines, history.history
+
+
+def _check_printed(text, value):
+    """`text` is `value` printed: equal up to half a unit of its last printed digit."""
+    mantissa, _, exponent = text.partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    assert decimals > 0, text
+    tolerance = 0.5 * 10.0 ** (int(exponent or 0) - decimals)
+    assert abs(float(text) - value) <= tolerance * 1.001, (text, value)
+
+
+def test_solver_logger_prints_the_history():
+    model = _classifier(_solving_deq("deq"))
+    lines, history = _log(model)
+    header, *rows = lines
+    titles = ["epoch", "accuracy", "val_accuracy", "fwd steps", "fwd resid", "bwd steps"]
+    titles += ["bwd resid", "converged", "epoch s"]
+    assert header.split() == " ".join(titles).split()
+    assert len(rows) == 2
+    # Aligned: every value ends where its title ends.
+    ends = [header.index(title) + len(title) for title in titles]
+    keys = ["accuracy", "val_accuracy", "deq_fwd_steps", "deq_fwd_residual", "deq_bwd_steps"]
+    keys += ["deq_bwd_residual", "deq_converged"]
+    for epoch, row in enumerate(rows):
+        assert len(row) == len(header)
+        cells = row.split()
+        assert [row[end - len(cell) : end] for end, cell in zip(ends, cells, strict=True)] == cells
+        assert cells[0] == str(epoch + 1)
+        for key, cell in zip(keys, cells[1:-1], strict=True):
+            _check_printed(cell, history[key][epoch])
+        assert 0 < float(cells[-1]) < 600
+    # Not a constant: the solver's step counts and residuals are measured values.
+    assert history["deq_fwd_steps"][0] != history["deq_fwd_steps"][1]
+
+
+def test_solver_logger_columns_per_deq_layer_and_every():
+    model = _classifier(_solving_deq("deq1"), _solving_deq("deq2"))
+    lines, history = _log(
+        model,
+        epochs=3,
+        metrics={"loss": "train loss"},
+        stats=("fwd_steps", "val_fwd_steps", "jac_loss"),
+        prefix="[w0] ",
+        every=2,
+    )
+    header, *rows = lines
+    titles = ["train loss", "deq1 fwd steps", "deq1 val fwd steps", "deq1 jac loss"]
+    titles += ["deq2 fwd steps", "deq2 val fwd steps", "deq2 jac loss"]
+    assert header.split() == " ".join(["[w0]", "epoch", *titles, "epoch s"]).split()
+    assert all(line.startswith("[w0] ") for line in lines)
+    assert [row.split()[1] for row in rows] == ["2", "3"]  # every 2nd epoch, and the last
+    keys = ["loss", "deq1_fwd_steps", "val_deq1_fwd_steps", "deq1_jac_loss"]
+    keys += ["deq2_fwd_steps", "val_deq2_fwd_steps", "deq2_jac_loss"]
+    for row, epoch in zip(rows, (1, 2), strict=True):
+        for key, cell in zip(keys, row.split()[2:-1], strict=True):
+            _check_printed(cell, history[key][epoch])
+
+
+def test_solver_logger_only_the_given_layers_and_missing_logs():
+    deq1, deq2 = _solving_deq("deq1"), _solving_deq("deq2")
+    model = _classifier(deq1, deq2)
+    lines, history = _log(
+        model,
+        epochs=1,
+        validation=False,
+        metrics=("accuracy", "val_accuracy", "mae"),
+        layers=[deq2],
+    )
+    header, row = lines
+    assert "deq1" not in header and "deq2" not in header  # one layer: titled by statistic
+    cells = row.split()
+    assert cells[2:4] == ["-", "-"]  # no validation, no `mae` metric
+    _check_printed(cells[1], history["accuracy"][0])
+    _check_printed(cells[4], history["deq2_fwd_steps"][0])
+
+
+def test_solver_logger_without_deq_layer(capsys):
+    with pytest.raises(ValueError, match=r"SolverLogger found no DEQ layer.*stats=\(\)"):
+        _fit(_model(), [SolverLogger()], epochs=1)
+    # With stats=(): the logs alone, printed to standard output by default.
+    _fit(_model(), [SolverLogger(metrics=["loss"], stats=())], epochs=2)
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["epoch", "loss", "epoch", "s"]
+    assert [row.split()[0] for row in rows] == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"metrics": "accuracy"}, "metrics"),
+        ({"metrics": ["accuracy", 1]}, "metrics"),
+        ({"metrics": ["accuracy", ""]}, "metrics"),
+        ({"metrics": {"accuracy": None}}, "metrics"),
+        ({"metrics": None}, "metrics"),
+        ({"stats": "fwd_steps"}, "stats"),
+        ({"stats": ("fwd_step",)}, "stats"),
+        ({"stats": ("val_deq_fwd_steps",)}, "stats"),
+        ({"stats": None}, "stats"),
+        ({"prefix": None}, "prefix"),
+        ({"print_fn": "print"}, "print_fn"),
+        ({"every": 0}, "every"),
+        ({"every": 1.5}, "every"),
+        ({"every": True}, "every"),
+    ],
+)
+def test_solver_logger_bad_arguments(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`.*Received: {argument}="):
+        SolverLogger(**kwargs)
+
+
+def test_solver_logger_knows_every_deq_metric():
+    from keras_deq.callbacks import _STAT_COLUMNS
+    from keras_deq.layers.monitor import METRICS
+
+    assert set(_STAT_COLUMNS) == set(METRICS)

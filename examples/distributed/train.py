@@ -55,7 +55,7 @@ import tensorflow as tf  # noqa: E402
 import keras_deq  # noqa: E402
 
 STRATEGIES = ("one_device", "mirrored", "multi_worker", "tpu")
-STATS = ("deq_fwd_steps", "deq_bwd_steps", "deq_converged")
+STATS = ("fwd_steps", "bwd_steps", "converged")  # the solver statistics of each epoch line
 
 
 # ------------------------------------------------------------------ data, model
@@ -154,29 +154,6 @@ def make_strategy(args):
 
 
 # ------------------------------------------------------------------ one process
-class EpochReport(keras.callbacks.Callback):
-    """Prints one line per epoch: loss, accuracy and the DEQ solver statistics."""
-
-    def __init__(self, prefix):
-        super().__init__()
-        self.prefix = prefix
-
-    def on_train_begin(self, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        print(
-            f"{self.prefix} epoch {epoch + 1}: loss {logs.get('loss', 0):.4f} "
-            f"acc {logs.get('accuracy', 0):.4f} "
-            f"fwd steps {logs.get('deq_fwd_steps', 0):.2f} "
-            f"bwd steps {logs.get('deq_bwd_steps', 0):.2f} "
-            f"converged {logs.get('deq_converged', 0):.3f} "
-            f"({time.perf_counter() - self.start:.1f} s)",
-            flush=True,
-        )
-
-
 def evaluate(model, x, y):
     """Test loss and accuracy, computed here (the model's weights are the same everywhere)."""
     logits = np.asarray(model(x, training=False), dtype="float64")
@@ -197,7 +174,9 @@ def train(args):
     with strategy.scope():
         model = build_model(args.width, args.max_iter, args.learning_rate)
     initial = weights_digest(model)
-    report = EpochReport(f"[{name}]")
+    report = keras_deq.callbacks.SolverLogger(
+        metrics=("loss", "accuracy"), stats=STATS, prefix=f"[{name}] "
+    )
     start = time.perf_counter()
     if args.strategy == "multi_worker":
         history = keras_deq.distribute.fit_distributed(

@@ -23,7 +23,6 @@ import argparse
 import os
 import pathlib
 import sys
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -81,30 +80,6 @@ def build_model(
     features = keras.layers.Concatenate()(flat) if len(flat) > 1 else flat[0]
     logits = keras.layers.Dense(num_classes, name="classifier")(features)
     return keras.Model(inputs, logits, name=f"{model}_classifier")
-
-
-class EpochReport(keras.callbacks.Callback):
-    """Prints one line per epoch: accuracy, solver steps and the epoch's time."""
-
-    def on_train_begin(self, logs=None):
-        print(
-            f"{'epoch':>5} {'train acc':>9} {'test acc':>8} {'fwd steps':>9} {'bwd steps':>9} "
-            f"{'test fwd':>8} {'converged':>9} {'epoch s':>7}",
-            flush=True,
-        )
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        print(
-            f"{epoch + 1:5d} {logs.get('accuracy', 0):9.4f} {logs.get('val_accuracy', 0):8.4f} "
-            f"{logs.get('deq_fwd_steps', 0):9.2f} {logs.get('deq_bwd_steps', 0):9.2f} "
-            f"{logs.get('val_deq_fwd_steps', 0):8.2f} {logs.get('deq_converged', 0):9.3f} "
-            f"{time.perf_counter() - self.start:7.1f}",
-            flush=True,
-        )
 
 
 def parse_channels(text):
@@ -181,7 +156,12 @@ def main(argv=None):
         epochs=args.epochs,
         validation_data=(x_test, y_test),
         verbose=0,
-        callbacks=[EpochReport()],
+        callbacks=[
+            keras_deq.callbacks.SolverLogger(
+                metrics={"accuracy": "train acc", "val_accuracy": "test acc"},
+                stats=("fwd_steps", "bwd_steps", "val_fwd_steps", "converged"),
+            )
+        ],
     )
     accuracy = model.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"]
     print(f"test accuracy: {accuracy:.4f}")

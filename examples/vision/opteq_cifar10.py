@@ -40,6 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import keras_deq  # noqa: E402
 from keras_deq.layers.opteq import PRIOR_MODES, PRIORS, OptEqBlock  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -224,6 +225,12 @@ def train(args):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
+    # The solver columns need a DEQ layer: OptEqBlock has one in the implicit mode only.
+    implicit = args.model == "opteq" and args.training_mode == "implicit"
+    report = keras_deq.callbacks.SolverLogger(
+        metrics={"accuracy": "train acc", "val_accuracy": "test acc"},
+        stats=("fwd_steps", "bwd_steps", "converged") if implicit else (),
+    )
     start = time.perf_counter()
     history = model.fit(
         x_train,
@@ -232,7 +239,7 @@ def train(args):
         epochs=args.epochs,
         validation_data=(x_test, y_test),
         verbose=0,
-        callbacks=[EpochReport()] if args.verbose else [],
+        callbacks=[report] if args.verbose else [],
     )
     seconds = time.perf_counter() - start
     _, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
@@ -243,22 +250,6 @@ def train(args):
         "seconds": seconds,
         "history": history.history,
     }
-
-
-class EpochReport(keras.callbacks.Callback):
-    """One line per epoch: train and test accuracy, elapsed time."""
-
-    def on_train_begin(self, logs=None):
-        self.start = time.perf_counter()
-        print(f"{'epoch':>5} {'train acc':>9} {'test acc':>8} {'time s':>7}")
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        print(
-            f"{epoch + 1:5d} {logs.get('accuracy', 0):9.4f} {logs.get('val_accuracy', 0):8.4f} "
-            f"{time.perf_counter() - self.start:7.1f}",
-            flush=True,
-        )
 
 
 def main(argv=None):
