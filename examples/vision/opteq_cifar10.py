@@ -242,7 +242,8 @@ def train(args):
         callbacks=[report] if args.verbose else [],
     )
     seconds = time.perf_counter() - start
-    _, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
+    scores = model.evaluate(x_test, y_test, batch_size=256, verbose=0, return_dict=True)
+    accuracy = scores["accuracy"]
     return {
         "model": model,
         "accuracy": float(accuracy),
