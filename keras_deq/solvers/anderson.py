@@ -1,8 +1,11 @@
 """Anderson acceleration (type II) with a relative ridge."""
 
+import functools
+import operator
+
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from keras_deq.solvers import common
 from keras_deq.solvers import result as res
@@ -32,10 +35,10 @@ class Anderson(Solver):
             to that floor, which keeps the small system invertible.
 
     Examples:
-        >>> import tensorflow as tf
+        >>> from keras import ops
         >>> solver = Anderson(window=3)
-        >>> result = solver(lambda z: 0.9 * tf.tanh(z) + 1.0, tf.zeros([4, 8]))
-        >>> bool(tf.reduce_all(result.converged))
+        >>> result = solver(lambda z: 0.9 * ops.tanh(z) + 1.0, ops.zeros((4, 8)))
+        >>> bool(ops.all(result.converged))
         True
     """
 
@@ -51,9 +54,9 @@ class Anderson(Solver):
         # The last `window` values of f(z_i) and of the residuals g_i = f(z_i) - z_i,
         # oldest first, as tuples of `(batch, n)` tensors: a new entry shifts the tuple,
         # which costs no copy (a ring buffer in one tensor rewrites it every iteration).
-        zeros = tf.zeros_like(z0)
+        zeros = ops.zeros_like(z0)
         acc = res.accumulation_dtype(z0.dtype)
-        gram = tf.zeros([tf.shape(z0)[0], self.window, self.window], acc)
+        gram = ops.zeros((ops.shape(z0)[0], self.window, self.window), acc)
         return (zeros,) * self.window, (zeros,) * self.window, gram
 
     def step(self, f, z, fz, state, k):
@@ -64,15 +67,15 @@ class Anderson(Solver):
         # computed once). A sample where it is not finite gets g = 0 and f = z in its
         # history so that it cannot spoil anything; its weights then fall back to a
         # plain step (and the loop freezes it).
-        diff = tf.cast(fz, acc) - tf.cast(z, acc)
-        finite = tf.math.is_finite(tf.reduce_sum(tf.square(diff), axis=1))[:, None]
-        g = tf.where(finite, fz - z, tf.zeros_like(z))
-        history_f = (*history_f[1:], tf.where(finite, fz, z))
+        diff = ops.cast(fz, acc) - ops.cast(z, acc)
+        finite = ops.isfinite(ops.sum(diff * diff, axis=1))[:, None]
+        g = ops.where(finite, fz - z, ops.zeros_like(z))
+        history_f = (*history_f[1:], ops.where(finite, fz, z))
         history_g = (*history_g[1:], g)
-        g_acc = tf.cast(g, acc)
-        row = tf.stack([tf.reduce_sum(tf.cast(h, acc) * g_acc, axis=1) for h in history_g], axis=1)
+        g_acc = ops.cast(g, acc)
+        row = ops.stack([ops.sum(ops.cast(h, acc) * g_acc, axis=1) for h in history_g], axis=1)
         gram = _shift_gram(gram, row)
-        alpha = tf.cast(_mixing_weights(gram, k, window, self.ridge), dtype)
+        alpha = ops.cast(_mixing_weights(gram, k, window, self.ridge), dtype)
         z_next = _combine(alpha, history_f)
         if self.beta != 1.0:
             z_next -= (1.0 - self.beta) * _combine(alpha, history_g)
@@ -105,9 +108,9 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
         A `SolverResult`.
 
     Examples:
-        >>> import tensorflow as tf
-        >>> result = anderson(lambda z: 0.9 * tf.tanh(z) + 1.0, tf.zeros([4, 8]))
-        >>> bool(tf.reduce_all(result.converged))
+        >>> from keras import ops
+        >>> result = anderson(lambda z: 0.9 * ops.tanh(z) + 1.0, ops.zeros((4, 8)))
+        >>> bool(ops.all(result.converged))
         True
     """
     common.check_callable("f", f)
@@ -117,8 +120,8 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
 def _shift_gram(gram, row):
     """Drops the oldest row/column of the `(batch, m, m)` Gram matrix and appends `row`
     (the inner products of every history entry, newest last, with the newest residual)."""
-    top = tf.concat([gram[:, 1:, 1:], row[:, :-1, None]], axis=2)
-    return tf.concat([top, row[:, None, :]], axis=1)
+    top = ops.concatenate([gram[:, 1:, 1:], row[:, :-1, None]], axis=2)
+    return ops.concatenate([top, row[:, None, :]], axis=1)
 
 
 def _mixing_weights(gram, k, window, ridge):
@@ -127,38 +130,34 @@ def _mixing_weights(gram, k, window, ridge):
     The history is ordered oldest first; after `k + 1` iterations its last
     `min(k + 1, window)` entries are valid.
     """
-    acc = gram.dtype
-    n_valid = tf.minimum(k + 1, window)
-    valid = tf.cast(tf.range(window) >= window - n_valid, acc)
+    acc = keras.backend.standardize_dtype(gram.dtype)
+    n_valid = ops.minimum(k + 1, window)
+    valid = ops.cast(ops.arange(window, dtype="int32") >= window - n_valid, acc)
     # A sample whose Gram matrix overflowed solves the identity system instead and
     # falls back to the newest iterate below.
-    finite = tf.reduce_all(tf.math.is_finite(gram), axis=[1, 2])
-    gram = tf.where(finite[:, None, None], gram, tf.zeros_like(gram))
-    mean_sq = tf.linalg.trace(gram) / tf.cast(n_valid, acc)
-    tiny = tf.constant(1e-30 if acc == tf.float64 else 1e-20, acc)
+    finite = ops.all(ops.isfinite(gram), axis=(1, 2))
+    gram = ops.where(finite[:, None, None], gram, ops.zeros_like(gram))
+    eye = ops.convert_to_tensor(np.eye(window), acc)
+    mean_sq = ops.sum(gram * eye, axis=(1, 2)) / ops.cast(n_valid, acc)
+    tiny = res.tiny_for(acc)
     # The system is scaled by the mean squared residual (the weights do not depend
     # on that scale), so that its entries are O(1) even for huge residuals.
     gram = gram / (mean_sq + tiny)[:, None, None]
     # The ridge never drops below a few machine epsilons (relative), so that the
-    # system stays invertible with `ridge=0` and a linearly dependent history:
-    # tf.linalg.solve raises on an exactly singular matrix.
-    floor = tf.constant(100.0, acc) * tf.constant(np.finfo(acc.as_numpy_dtype).eps, acc)
-    # An infinite ridge means equal weights: any huge finite value gives them.
-    lam = tf.minimum(tf.maximum(tf.constant(ridge, acc), floor), tf.constant(1e30, acc))
-    system = gram + tf.linalg.diag(lam * valid[None, :] + (1.0 - valid)[None, :])
-    rhs = tf.broadcast_to(valid[None, :, None], tf.shape(gram[:, :, :1]))
-    w = tf.linalg.solve(system, rhs)[:, :, 0]
-    total = tf.reduce_sum(w, axis=1, keepdims=True)
+    # system stays invertible with `ridge=0` and a linearly dependent history
+    # (TensorFlow's linear solve raises on an exactly singular matrix). An infinite
+    # ridge means equal weights: any huge finite value gives them.
+    lam = min(max(ridge, 100.0 * float(res.finfo(acc).eps)), 1e30)
+    system = gram + eye * (lam * valid + (1.0 - valid))
+    rhs = ops.zeros_like(gram[:, :, :1]) + valid[:, None]
+    w = ops.linalg.solve(system, rhs)[:, :, 0]
+    total = ops.sum(w, axis=1, keepdims=True)
     alpha = w / total
-    ok = (
-        tf.reduce_all(tf.math.is_finite(alpha), axis=1, keepdims=True)
-        & (tf.abs(total) > tiny)
-        & finite[:, None]
-    )
-    newest = tf.one_hot(window - 1, window, dtype=acc)[None, :]
-    return tf.where(ok, alpha, newest)
+    ok = ops.all(ops.isfinite(alpha), axis=1, keepdims=True) & (ops.abs(total) > tiny)
+    newest = ops.convert_to_tensor(np.eye(window)[-1:], acc)
+    return ops.where(ok & finite[:, None], alpha, newest)
 
 
 def _combine(alpha, history):
     """`sum_i alpha[:, i] * history[i]` for a tuple of `(batch, n)` tensors."""
-    return tf.add_n([alpha[:, i : i + 1] * h for i, h in enumerate(history)])
+    return functools.reduce(operator.add, [alpha[:, i : i + 1] * h for i, h in enumerate(history)])

@@ -9,7 +9,7 @@ iterate, the non-finite guard, the stopping rule and the `SolverResult`.
 import inspect
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_deq.solvers import common
 from keras_deq.solvers import result as res
@@ -50,12 +50,12 @@ class Solver:
         stop_mode: `"rel"` for `||f(z) - z|| / ||f(z)||`, `"abs"` for `||f(z) - z||`.
 
     Examples:
-        >>> import tensorflow as tf
+        >>> from keras import ops
         >>> class Picard(Solver):
         ...     def step(self, f, z, fz, state, k):
         ...         return fz, state
-        >>> result = Picard(tol=1e-6)(lambda z: 0.5 * z + 1.0, tf.zeros([2, 3]))
-        >>> bool(tf.reduce_all(result.converged))
+        >>> result = Picard(tol=1e-6)(lambda z: 0.5 * z + 1.0, ops.zeros((2, 3)))
+        >>> bool(ops.all(result.converged))
         True
     """
 
@@ -193,8 +193,9 @@ class Solver:
             return k + 1, z_next, state, best, res.keep_going(best, tol, stop_mode)
 
         def cond(k, z, state, best, go):
-            return tf.logical_and(go, k < max_iter)
+            return ops.logical_and(go, k < max_iter)
 
-        loop_vars = (tf.constant(0), z0, self.init(f, z0), res.initial_best(z0), tf.constant(True))
-        steps, _, _, best, _ = tf.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
+        k0, go = ops.convert_to_tensor(0, "int32"), ops.convert_to_tensor(True)
+        loop_vars = (k0, z0, self.init(f, z0), res.initial_best(z0), go)
+        steps, _, _, best, _ = ops.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
         return res.to_result(best, steps, tol, stop_mode, unpack or (lambda z: z))

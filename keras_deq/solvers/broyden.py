@@ -1,7 +1,7 @@
 """Limited-memory ("good") Broyden's method on g(z) = f(z) - z."""
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_deq.solvers import common
 from keras_deq.solvers import result as res
@@ -25,10 +25,10 @@ class Broyden(Solver):
         memory: Number of rank-one updates stored before the model restarts.
 
     Examples:
-        >>> import tensorflow as tf
+        >>> from keras import ops
         >>> solver = Broyden(tol=1e-6)
-        >>> result = solver(lambda z: 1.5 * z + 1.0, tf.zeros([2, 3]))
-        >>> bool(tf.reduce_all(result.converged))
+        >>> result = solver(lambda z: 1.5 * z + 1.0, ops.zeros((2, 3)))
+        >>> bool(ops.all(result.converged))
         True
     """
 
@@ -41,9 +41,9 @@ class Broyden(Solver):
     def init(self, f, z0):
         # The previous iterate and residual (for the secant pair; the first iteration
         # makes no update), and the rank-one terms u_i, v_i of H = -I + sum_i u_i v_i^T.
-        batch, n = tf.shape(z0)[0], tf.shape(z0)[1]
-        zeros = tf.zeros([batch, self.memory, n], z0.dtype)
-        return z0, tf.zeros_like(z0), zeros, zeros
+        batch, n = ops.shape(z0)
+        zeros = ops.zeros((batch, self.memory, n), z0.dtype)
+        return z0, ops.zeros_like(z0), zeros, zeros
 
     def step(self, f, z, fz, state, k):
         z_prev, g_prev, us, vs = state
@@ -53,16 +53,18 @@ class Broyden(Solver):
         # guard, s = its best iterate - z_prev. When the memory is full, restart from
         # H = -I and make the newest secant update against -I, so that H dg = s.
         slot = (k - 1) % self.memory
-        restart = tf.logical_and(slot == 0, k > 1)
-        branch = tf.where(k > 0, tf.where(restart, 2, 1), 0)
+        restart = ops.logical_and(slot == 0, k > 1)
+        branch = ops.where(k > 0, ops.where(restart, 2, 1), 0)
         s, dg = z - z_prev, g - g_prev
-        us, vs = tf.switch_case(
+        us, vs = ops.switch(
             branch,
             [
-                lambda: (us, vs),
-                lambda: self._update(s, dg, slot, us, vs),
-                lambda: self._update(s, dg, slot, tf.zeros_like(us), tf.zeros_like(vs)),
+                lambda us, vs: (us, vs),
+                lambda us, vs: self._update(s, dg, slot, us, vs),
+                lambda us, vs: self._update(s, dg, slot, ops.zeros_like(us), ops.zeros_like(vs)),
             ],
+            us,
+            vs,
         )
         z_next = z + -_apply_inverse(us, vs, g)
         return z_next, (z, g, us, vs)
@@ -71,14 +73,13 @@ class Broyden(Solver):
         """Writes the good-Broyden rank-one term of the pair `(s, dg)` into `slot`."""
         dtype = s.dtype
         acc = res.accumulation_dtype(dtype)
-        tiny = tf.constant(1e-30 if acc == tf.float64 else 1e-20, acc)
         v = _apply_inverse_transposed(us, vs, s)
-        denom = tf.reduce_sum(tf.cast(v, acc) * tf.cast(dg, acc), axis=1, keepdims=True)
-        ok = (tf.abs(denom) > tiny) & tf.reduce_all(tf.math.is_finite(dg), axis=1, keepdims=True)
-        u = (s - _apply_inverse(us, vs, dg)) / tf.cast(
-            tf.where(ok, denom, tf.ones_like(denom)), dtype
+        denom = ops.sum(ops.cast(v, acc) * ops.cast(dg, acc), axis=1, keepdims=True)
+        ok = (ops.abs(denom) > res.tiny_for(acc)) & ops.all(ops.isfinite(dg), axis=1, keepdims=True)
+        u = (s - _apply_inverse(us, vs, dg)) / ops.cast(
+            ops.where(ok, denom, ops.ones_like(denom)), dtype
         )
-        u = tf.where(ok, u, tf.zeros_like(u))
+        u = ops.where(ok, u, ops.zeros_like(u))
         return res.write_slot(us, slot, u), res.write_slot(vs, slot, v)
 
 
@@ -104,9 +105,9 @@ def broyden(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
         A `SolverResult`.
 
     Examples:
-        >>> import tensorflow as tf
-        >>> result = broyden(lambda z: 1.5 * z + 1.0, tf.zeros([2, 3]), tol=1e-6)
-        >>> bool(tf.reduce_all(result.converged))
+        >>> from keras import ops
+        >>> result = broyden(lambda z: 1.5 * z + 1.0, ops.zeros((2, 3)), tol=1e-6)
+        >>> bool(ops.all(result.converged))
         True
     """
     common.check_callable("f", f)
@@ -115,8 +116,8 @@ def broyden(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
 
 def _low_rank(left, right, x):
     """`sum_i left_i (right_i . x)` per sample; buffers are `(batch, memory, n)`."""
-    coefficients = tf.matmul(right, x[:, :, None])  # (batch, memory, 1)
-    return tf.matmul(coefficients, left, transpose_a=True)[:, 0, :]
+    coefficients = ops.matmul(right, x[:, :, None])  # (batch, memory, 1)
+    return ops.matmul(coefficients[:, None, :, 0], left)[:, 0, :]
 
 
 def _apply_inverse(us, vs, x):

@@ -3,12 +3,14 @@
 import numbers
 from collections.abc import Mapping
 
-import tensorflow as tf
+import keras
+import numpy as np
+from keras import ops
 
-from keras_deq.solvers.packing import Packer
+from keras_deq.solvers.packing import Packer, static_shape
 from keras_deq.solvers.result import STOP_MODES
 
-# Iteration counters are int32 inside `tf.while_loop`.
+# Iteration counters are int32 inside the solver loop (`keras.ops.while_loop`).
 MAX_COUNT = 2**31 - 1
 
 
@@ -83,11 +85,12 @@ def check_max_iter(max_iter):
     """A positive int, or a scalar integer tensor (a budget drawn at run time, which
     changes without retracing; values below 1 act as 1, see `loop_bound`).
 
-    A tensor is returned as given: it is converted where the loop runs, so a solver
-    built in one graph (or eagerly) can run in another.
+    A tensor (of the Keras backend) is returned as given: it is converted where the
+    loop runs, so a solver built in one graph (or eagerly) can run in another.
     """
-    if tf.is_tensor(max_iter):
-        if not max_iter.dtype.is_integer or max_iter.shape.rank not in (None, 0):
+    if ops.is_tensor(max_iter):
+        dtype = keras.backend.standardize_dtype(max_iter.dtype)
+        if not keras.backend.is_int_dtype(dtype) or ops.ndim(max_iter) not in (None, 0):
             raise ValueError(
                 "`max_iter` must be a positive integer or a scalar integer tensor. "
                 f"Received: max_iter={max_iter!r}"
@@ -99,8 +102,8 @@ def check_max_iter(max_iter):
 def loop_bound(max_iter):
     """`max_iter` as checked by `check_max_iter`, ready for a loop: an int, or an int32
     tensor of at least 1."""
-    if tf.is_tensor(max_iter):
-        return tf.maximum(tf.cast(max_iter, tf.int32), 1)
+    if ops.is_tensor(max_iter):
+        return ops.maximum(ops.cast(max_iter, "int32"), 1)
     return max_iter
 
 
@@ -120,12 +123,12 @@ def solve_structure(flat_solver, f, z0, **kwargs):
         z0: The initial state: a tensor or a nest of tensors sharing the batch dim.
         **kwargs: Passed to `flat_solver`.
     """
-    z0 = tf.nest.map_structure(tf.convert_to_tensor, z0)
+    z0 = keras.tree.map_structure(ops.convert_to_tensor, z0)
     _check_state(z0)
     packer = Packer(z0)
-    if not packer.dtype.is_floating:
+    if not keras.backend.is_float_dtype(packer.dtype):
         raise ValueError(
-            f"`z0` must be a floating-point tensor or a nest of them. Received: z0 with dtype={packer.dtype.name}"
+            f"`z0` must be a floating-point tensor or a nest of them. Received: z0 with dtype={packer.dtype}"
         )
     return flat_solver(packer.flat_fn(f), packer.pack(z0), packer.unpack, **kwargs)
 
@@ -150,13 +153,13 @@ def per_entry(solve, batch_dims):
         return solve
 
     def solve_entries(f, z0):
-        lead = tf.shape(z0)[:batch_dims]
+        lead = ops.shape(z0)[:batch_dims]
 
         def merge(z):
-            return tf.reshape(z, tf.concat([[-1], tf.shape(z)[batch_dims:]], 0))
+            return ops.reshape(z, (-1, *ops.shape(z)[batch_dims:]))
 
         def split(z):
-            return tf.reshape(z, tf.concat([lead, tf.shape(z)[1:]], 0))
+            return ops.reshape(z, (*lead, *ops.shape(z)[1:]))
 
         result = solve(lambda z: merge(f(split(z))), merge(z0))
         return result._replace(state=split(result.state))
@@ -165,27 +168,29 @@ def per_entry(solve, batch_dims):
 
 
 def _check_state(z0):
-    """Static checks of `z0`: batched tensors sharing one batch size."""
-    tensors = tf.nest.flatten(z0)
-    shapes = [t.shape for t in tensors]
-    if any(shape.rank == 0 for shape in shapes):
+    """Static checks of `z0`: batched tensors of known rank sharing one batch size."""
+    shapes = [static_shape(t) for t in keras.tree.flatten(z0)]
+    if any(shape is None for shape in shapes):
+        raise ValueError(
+            "`z0` must be a `(batch, ...)` tensor or a nest of them, of known rank. "
+            f"Received: z0 with shapes {[None if s is None else list(s) for s in shapes]}"
+        )
+    if any(len(shape) == 0 for shape in shapes):
         raise ValueError(
             "`z0` must be a `(batch, ...)` tensor or a nest of them; a scalar has no batch "
-            f"dimension. Received: z0 with shapes {[s.as_list() for s in shapes]}"
+            f"dimension. Received: z0 with shapes {[list(s) for s in shapes]}"
         )
-    batches = {shape[0] for shape in shapes if shape.rank is not None and shape[0] is not None}
+    batches = {shape[0] for shape in shapes if shape[0] is not None}
     if len(batches) > 1:
         raise ValueError(
             "All tensors of `z0` must share the batch (first) dimension. "
-            f"Received: z0 with shapes {[s.as_list() for s in shapes]}"
+            f"Received: z0 with shapes {[list(s) for s in shapes]}"
         )
 
 
 # ------------------------------------------------------------- layer argument checks
 def check_bool(name, value):
     """A Python or numpy boolean (not an int, a string or any other truthy value)."""
-    import numpy as np
-
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"`{name}` must be a boolean. Received: {name}={value!r}")
     return bool(value)
@@ -219,8 +224,6 @@ def get_keras_object(kind, name, value, default=None):
         value: The identifier: an instance, a name, a config dict or a callable.
         default: What None means.
     """
-    import keras
-
     if kind not in _KERAS_KINDS:
         raise ValueError(f"`kind` must be one of {_KERAS_KINDS}. Received: kind={kind!r}")
     module = getattr(keras, f"{kind}s")

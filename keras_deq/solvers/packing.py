@@ -5,19 +5,42 @@ lists of tensors (multiscale states) all share one implementation. A half-precis
 state (float16, bfloat16, e.g. under a mixed-precision policy) is packed in float32:
 the cell still runs in its own dtype, but the solver's iterates, histories and
 mixing keep float32 precision.
+
+Shapes: a sample dimension known when the packer is built is a Python int; on
+TensorFlow an unknown one (a `None` in a `tf.function` signature) is read at run
+time, as `keras.ops.shape` gives it.
 """
 
-import math
+import functools
+import operator
 
-import tensorflow as tf
+import keras
+from keras import ops
 
-HALF_DTYPES = (tf.float16, tf.bfloat16)
+HALF_DTYPES = ("float16", "bfloat16")
 
 
 def solver_dtype(dtype):
-    """The dtype solvers iterate in: float32 for half-precision states."""
-    dtype = tf.as_dtype(dtype)
-    return tf.float32 if dtype in HALF_DTYPES else dtype
+    """The dtype name solvers iterate in: float32 for half-precision states."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    return "float32" if dtype in HALF_DTYPES else dtype
+
+
+def static_shape(t):
+    """The static shape of `t` as a tuple (None for unknown dimensions), or None if
+    its rank is unknown (a TensorFlow graph tensor)."""
+    if ops.ndim(t) is None:
+        return None
+    return tuple(t.shape)
+
+
+def compatible(got, want):
+    """Whether static shapes (tuples with None for unknown, or None) can be equal."""
+    if got is None or want is None:
+        return True
+    return len(got) == len(want) and all(
+        a is None or b is None or a == b for a, b in zip(got, want, strict=True)
+    )
 
 
 class Packer:
@@ -30,54 +53,41 @@ class Packer:
 
     def __init__(self, structure):
         self.structure = structure
-        self.tensors = tf.nest.flatten(structure)
+        self.tensors = keras.tree.flatten(structure)
         if not self.tensors:
             raise ValueError("`z0` must contain at least one tensor. Received: an empty structure.")
-        self.dtypes = [t.dtype for t in self.tensors]
+        self.dtypes = [keras.backend.standardize_dtype(t.dtype) for t in self.tensors]
         self.dtype = solver_dtype(self.dtypes[0])
-        self.shapes = [self._sample_shape(t) for t in self.tensors]
-        self.sizes = [self._size(t, s) for t, s in zip(self.tensors, self.shapes, strict=True)]
-        self.single_matrix = len(self.tensors) == 1 and self.tensors[0].shape.rank == 2
-
-    @staticmethod
-    def _sample_shape(t):
-        static = t.shape[1:]
-        if static.is_fully_defined():
-            return static.as_list()
-        return tf.shape(t)[1:]
-
-    @staticmethod
-    def _size(t, shape):
-        if isinstance(shape, list):
-            return math.prod(shape)
-        return tf.reduce_prod(shape)
+        self.static_shapes = [static_shape(t) for t in self.tensors]
+        self.shapes = [tuple(ops.shape(t)[1:]) for t in self.tensors]
+        self.sizes = [functools.reduce(operator.mul, s, 1) for s in self.shapes]
+        self.single_matrix = len(self.tensors) == 1 and ops.ndim(self.tensors[0]) == 2
 
     def pack(self, structure):
-        tensors = tf.nest.flatten(structure)
+        tensors = keras.tree.flatten(structure)
         if self.single_matrix:
-            return tf.cast(tensors[0], self.dtype)
-        batch = tf.shape(tensors[0])[0]
-        flat = [tf.reshape(tf.cast(t, self.dtype), [batch, -1]) for t in tensors]
-        return flat[0] if len(flat) == 1 else tf.concat(flat, axis=1)
+            return self._cast(tensors[0], self.dtype)
+        batch = ops.shape(tensors[0])[0]
+        flat = [ops.reshape(self._cast(t, self.dtype), (batch, -1)) for t in tensors]
+        return flat[0] if len(flat) == 1 else ops.concatenate(flat, axis=1)
 
     def unpack(self, matrix):
         if self.single_matrix:
-            return tf.nest.pack_sequence_as(self.structure, [tf.cast(matrix, self.dtypes[0])])
-        batch = tf.shape(matrix)[0]
-        parts = [matrix] if len(self.sizes) == 1 else tf.split(matrix, self.sizes, axis=1)
-        tensors = [
-            tf.cast(
-                tf.reshape(
-                    p,
-                    tf.concat([[batch], shape], axis=0)
-                    if not isinstance(shape, list)
-                    else [batch] + shape,
-                ),
-                dtype,
-            )
-            for p, shape, dtype in zip(parts, self.shapes, self.dtypes, strict=True)
-        ]
-        return tf.nest.pack_sequence_as(self.structure, tensors)
+            return keras.tree.pack_sequence_as(self.structure, [self._cast(matrix, self.dtypes[0])])
+        batch = ops.shape(matrix)[0]
+        tensors, start = [], 0
+        for shape, size, dtype in zip(self.shapes, self.sizes, self.dtypes, strict=True):
+            part = matrix if len(self.sizes) == 1 else matrix[:, start : start + size]
+            tensors.append(self._cast(ops.reshape(part, (batch, *shape)), dtype))
+            start = start + size
+        return keras.tree.pack_sequence_as(self.structure, tensors)
+
+    @staticmethod
+    def _cast(t, dtype):
+        """`t` in `dtype`; `t` itself if it has that dtype already."""
+        if keras.backend.standardize_dtype(t.dtype) == dtype:
+            return t
+        return ops.cast(t, dtype)
 
     def flat_fn(self, f):
         """Wraps `f` (structure -> structure) as a map of packed matrices."""
@@ -91,12 +101,12 @@ class Packer:
 
     def _check_output(self, out):
         """`f` must return tensors shaped like the state (checked where shapes are known)."""
-        flat = tf.nest.flatten(out)
+        flat = keras.tree.flatten(out)
         ok = len(flat) == len(self.tensors) and all(t is not None for t in flat)
         if ok:
-            for t, ref in zip(flat, self.tensors, strict=True):
-                got, want = tf.TensorShape(getattr(t, "shape", None)), ref.shape
-                if not got.is_compatible_with(want):
+            for t, want in zip(flat, self.static_shapes, strict=True):
+                got = static_shape(t) if hasattr(t, "shape") else None
+                if not compatible(got, want):
                     ok = False
         if not ok:
             shapes = [getattr(t, "shape", None) for t in flat]

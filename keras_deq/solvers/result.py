@@ -1,9 +1,14 @@
-"""The result every solver returns, and the bookkeeping that fills it."""
+"""The result every solver returns, and the bookkeeping that fills it.
+
+Backend-agnostic: `keras.ops` only, so the same code runs on every Keras backend
+(TensorFlow graphs, XLA and `tf.custom_gradient` included, and `jax.jit`).
+"""
 
 from typing import Any, NamedTuple
 
-import numpy as np
-import tensorflow as tf
+import keras
+import ml_dtypes
+from keras import ops
 
 STOP_MODES = ("rel", "abs")
 
@@ -38,17 +43,31 @@ class SolverResult(NamedTuple):
     """
 
     state: Any
-    steps: tf.Tensor
-    abs_residual: tf.Tensor
-    rel_residual: tf.Tensor
-    converged: tf.Tensor
+    steps: Any
+    abs_residual: Any
+    rel_residual: Any
+    converged: Any
     nonfinite: Any = None
 
 
 def accumulation_dtype(dtype):
-    """The dtype for norms and small linear solves: float32 or wider."""
-    dtype = tf.as_dtype(dtype)
-    return tf.float64 if dtype == tf.float64 else tf.float32
+    """The dtype name for norms and small linear solves: `"float32"` or `"float64"`.
+
+    Args:
+        dtype: A dtype of any backend, a numpy dtype or a name (`"bfloat16"`).
+    """
+    return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
+
+
+def finfo(dtype):
+    """`numpy.finfo` of a floating dtype (bfloat16 too), from any dtype or name."""
+    return ml_dtypes.finfo(keras.backend.standardize_dtype(dtype))
+
+
+def tiny_for(dtype):
+    """A floor for denominators in the accumulation dtype of `dtype`: far below any
+    meaningful value, far above the smallest normal number."""
+    return 1e-30 if accumulation_dtype(dtype) == "float64" else 1e-20
 
 
 def relative(abs_res, f_norm):
@@ -58,38 +77,38 @@ def relative(abs_res, f_norm):
     An additive epsilon (`f_norm + eps`) would accept any state whose image is
     below `eps * tol`, e.g. `z = 0` when `f(0)` is tiny but not 0.
     """
-    dtype = abs_res.dtype
-    ratio = abs_res / tf.maximum(f_norm, tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype))
-    capped = tf.minimum(ratio, tf.constant(dtype.max, dtype))
-    return tf.where(tf.math.is_finite(abs_res), capped, ratio)
+    dtype = keras.backend.standardize_dtype(abs_res.dtype)
+    info = finfo(dtype)
+    ratio = abs_res / ops.maximum(f_norm, ops.convert_to_tensor(float(info.tiny), dtype))
+    capped = ops.minimum(ratio, ops.convert_to_tensor(float(info.max), dtype))
+    return ops.where(ops.isfinite(abs_res), capped, ratio)
 
 
 def residuals(fz, z):
     """Per-sample absolute and relative residuals of flat `(batch, n)` states."""
     acc = accumulation_dtype(z.dtype)
-    fz32 = tf.cast(fz, acc)
-    diff = fz32 - tf.cast(z, acc)
-    abs_res = tf.sqrt(tf.reduce_sum(tf.square(diff), axis=1))
-    f_norm = tf.sqrt(tf.reduce_sum(tf.square(fz32), axis=1))
+    fz_acc = ops.cast(fz, acc)
+    diff = fz_acc - ops.cast(z, acc)
+    abs_res = ops.sqrt(ops.sum(diff * diff, axis=1))
+    f_norm = ops.sqrt(ops.sum(fz_acc * fz_acc, axis=1))
     # Residuals only steer the solve; without stop_gradient, differentiating
     # through an unrolled solve would keep `fz - z` of every iteration.
-    return tf.stop_gradient(abs_res), tf.stop_gradient(relative(abs_res, f_norm))
+    return ops.stop_gradient(abs_res), ops.stop_gradient(relative(abs_res, f_norm))
 
 
 class Best(NamedTuple):
     """The lowest-residual iterate seen so far, per sample, and whether the sample
     has met a non-finite value (after which it is frozen)."""
 
-    z: tf.Tensor
-    abs_residual: tf.Tensor
-    rel_residual: tf.Tensor
-    failed: tf.Tensor
+    z: Any
+    abs_residual: Any
+    rel_residual: Any
+    failed: Any
 
 
 def initial_best(z0):
-    batch = tf.shape(z0)[0]
-    inf = tf.fill([batch], tf.constant(float("inf"), accumulation_dtype(z0.dtype)))
-    return Best(z0, inf, inf, tf.zeros([batch], tf.bool))
+    inf = ops.full_like(z0[:, 0], float("inf"), dtype=accumulation_dtype(z0.dtype))
+    return Best(z0, inf, inf, ops.zeros_like(z0[:, 0], dtype="bool"))
 
 
 def criterion(abs_res, rel_res, stop_mode):
@@ -114,10 +133,10 @@ def update_best(best, z, abs_res, rel_res, stop_mode, tol):
     meets = residual <= tol
     better = (meets | (abs_res < best.abs_residual)) & ~(best_residual <= tol) & ~best.failed
     return Best(
-        tf.where(better[:, None], z, best.z),
-        tf.where(better, abs_res, best.abs_residual),
-        tf.where(better, rel_res, best.rel_residual),
-        best.failed | ~tf.math.is_finite(residual),
+        ops.where(better[:, None], z, best.z),
+        ops.where(better, abs_res, best.abs_residual),
+        ops.where(better, rel_res, best.rel_residual),
+        best.failed | ~ops.isfinite(residual),
     )
 
 
@@ -132,8 +151,8 @@ def guard(best, z_next):
     Returns:
         `(z_next, best)` with the failed samples' `z_next` replaced and marked.
     """
-    failed = best.failed | ~tf.reduce_all(tf.math.is_finite(z_next), axis=1)
-    return tf.where(failed[:, None], best.z, z_next), best._replace(failed=failed)
+    failed = best.failed | ~ops.all(ops.isfinite(z_next), axis=1)
+    return ops.where(failed[:, None], best.z, z_next), best._replace(failed=failed)
 
 
 def converged(best, tol, stop_mode):
@@ -142,13 +161,13 @@ def converged(best, tol, stop_mode):
 
 def keep_going(best, tol, stop_mode):
     """True while some sample is unconverged and has not failed (see `guard`)."""
-    return tf.reduce_any(~converged(best, tol, stop_mode) & ~best.failed)
+    return ops.any(~converged(best, tol, stop_mode) & ~best.failed)
 
 
 def to_result(best, steps, tol, stop_mode, unpack):
     return SolverResult(
         state=unpack(best.z),
-        steps=tf.cast(steps, tf.int32),
+        steps=ops.cast(steps, "int32"),
         abs_residual=best.abs_residual,
         rel_residual=best.rel_residual,
         converged=converged(best, tol, stop_mode),
@@ -158,6 +177,6 @@ def to_result(best, steps, tol, stop_mode, unpack):
 
 def write_slot(buffer, slot, value):
     """Writes `value` `(batch, n)` into slot `slot` of a `(batch, slots, n)` history."""
-    batch = tf.shape(value)[0]
-    index = tf.stack([tf.range(batch), tf.fill([batch], slot)], axis=1)
-    return tf.tensor_scatter_nd_update(buffer, index, value)
+    rows = ops.arange(ops.shape(value)[0], dtype="int32")
+    index = ops.stack([rows, ops.zeros_like(rows) + ops.cast(slot, "int32")], axis=1)
+    return ops.scatter_update(buffer, index, value)

@@ -2,15 +2,53 @@
 
 Nothing here uses `keras_deq`: the references are plain numpy (or plain eager
 loops over the map), so the tests compare the solvers against code that shares
-none of their machinery.
+none of their machinery. The maps are written with `keras.ops`, so the tests run
+on every Keras backend; the few backend-specific lines (compiling a function,
+recording inside a compiled loop) are here, behind `BACKEND`.
 """
 
+import keras
 import numpy as np
-import tensorflow as tf
+import pytest
+from keras import ops
 
 from keras_deq import solvers
 
 SOLVER_NAMES = ("fixed_point", "anderson", "broyden")
+BACKEND = keras.backend.backend()
+# For tests that hold in both precisions, with a tolerance per dtype: the float64 case
+# (skipped where the backend has no float64, see tests/conftest.py) keeps the tight
+# tolerance; the float32 case runs on every backend.
+FLOAT_DTYPES = (pytest.param("float64", marks=pytest.mark.float64), "float32")
+
+
+def const(value, like):
+    """`value` as a tensor with the dtype of the tensor `like`."""
+    return ops.convert_to_tensor(value, like.dtype)
+
+
+def dtype_of(t):
+    """The dtype name of a tensor or array (`"float32"`)."""
+    return keras.backend.standardize_dtype(t.dtype)
+
+
+def numpy(structure):
+    """A nest of tensors as the same nest of numpy arrays."""
+    return keras.tree.map_structure(ops.convert_to_numpy, structure)
+
+
+def compiled(fn, xla=False):
+    """`fn` compiled by the backend: `tf.function` (with XLA if `xla`) or `jax.jit`
+    (always XLA). Arguments that are Python numbers become tensors under `jax.jit`."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True if xla else None)
+    if BACKEND == "jax":
+        import jax
+
+        return jax.jit(fn)
+    raise NotImplementedError(f"No compiled mode for the {BACKEND} backend in these tests.")
 
 
 def rng(seed=0):
@@ -43,14 +81,14 @@ def matrix_with_spectral_radius(n, radius, seed=0):
 
 
 class TanhMap:
-    """f(z) = tanh(z W + x), a contraction when ||W||_2 < 1; in tf and in numpy."""
+    """f(z) = tanh(z W + x), a contraction when ||W||_2 < 1; in keras.ops and in numpy."""
 
     def __init__(self, n, batch, norm=0.5, seed=0, dtype=np.float64):
         self.w = matrix_with_norm(n, norm, seed).astype(dtype)
         self.x = rng(seed + 1).standard_normal((batch, n)).astype(dtype)
 
     def __call__(self, z):
-        return tf.tanh(tf.matmul(z, tf.constant(self.w, z.dtype)) + tf.constant(self.x, z.dtype))
+        return ops.tanh(ops.matmul(z, const(self.w, z)) + const(self.x, z))
 
     def np(self, z):
         return np.tanh(z @ self.w + self.x)
@@ -71,7 +109,7 @@ class LinearMap:
         self.c = np.asarray(c, np.float64)
 
     def __call__(self, z):
-        return tf.matmul(z, tf.constant(self.a, z.dtype)) + tf.constant(self.c, z.dtype)
+        return ops.matmul(z, const(self.a, z)) + const(self.c, z)
 
     def np(self, z):
         return z @ self.a + self.c
@@ -83,7 +121,9 @@ class LinearMap:
 
 def flat(structure):
     """A nest of (batch, ...) arrays as one (batch, n) float64 numpy matrix."""
-    leaves = [np.asarray(t, np.float64) for t in tf.nest.flatten(structure)]
+    leaves = [
+        np.asarray(ops.convert_to_numpy(t), np.float64) for t in keras.tree.flatten(structure)
+    ]
     return np.concatenate([t.reshape(t.shape[0], -1) for t in leaves], axis=1)
 
 
@@ -106,18 +146,48 @@ def true_residuals(f, state):
 
 
 class Recorder:
-    """Wraps a map and records, in eager mode, every state it is evaluated at."""
+    """Wraps a map and records every state it is evaluated at, in order.
+
+    On TensorFlow it records in eager mode (the solver loop then runs in Python).
+    On JAX, where the loop is always compiled, it records through an ordered
+    `jax.debug.callback`, which runs at every evaluation, also under `jax.jit`.
+    """
 
     def __init__(self, f):
         self.f = f
-        self.inputs = []
-        self.outputs = []
+        self._inputs = []
+        self._outputs = []
 
     def __call__(self, z):
         fz = self.f(z)
-        self.inputs.append(flat(tf.nest.map_structure(lambda t: t.numpy(), z)))
-        self.outputs.append(flat(tf.nest.map_structure(lambda t: t.numpy(), fz)))
+        if BACKEND == "jax":
+            import jax
+
+            jax.debug.callback(self._record, z, fz, ordered=True)
+        else:
+            self._record(z, fz)
         return fz
+
+    def _record(self, z, fz):
+        self._inputs.append(flat(z))
+        self._outputs.append(flat(fz))
+
+    @staticmethod
+    def _sync():
+        if BACKEND == "jax":
+            import jax
+
+            jax.effects_barrier()
+
+    @property
+    def inputs(self):
+        self._sync()
+        return self._inputs
+
+    @property
+    def outputs(self):
+        self._sync()
+        return self._outputs
 
     @property
     def calls(self):
@@ -201,9 +271,48 @@ def broyden_np(f_np, z0, iters, memory):
     return zs
 
 
+class Counter:
+    """Wraps a map and counts its evaluations at run time, also inside a compiled
+    function (where Python code runs only while tracing)."""
+
+    def __init__(self, f):
+        self.f = f
+        if BACKEND == "tensorflow":
+            import tensorflow as tf
+
+            self._variable = tf.Variable(0, dtype=tf.int32)
+        self._count = 0
+
+    def __call__(self, z):
+        if BACKEND == "tensorflow":
+            self._variable.assign_add(1)
+        else:
+            import jax
+
+            jax.debug.callback(self._increment, ordered=True)
+        return self.f(z)
+
+    def _increment(self):
+        self._count += 1
+
+    @property
+    def count(self):
+        if BACKEND == "tensorflow":
+            return int(self._variable.numpy())
+        import jax
+
+        jax.effects_barrier()
+        return self._count
+
+    def reset(self):
+        if BACKEND == "tensorflow":
+            self._variable.assign(0)
+        self._count = 0
+
+
 def assert_result_shapes(result, batch):
-    assert result.steps.shape == ()
-    assert result.steps.dtype == tf.int32
+    assert tuple(result.steps.shape) == ()
+    assert dtype_of(result.steps) == "int32"
     for t in (result.abs_residual, result.rel_residual, result.converged):
-        assert t.shape == (batch,)
-    assert result.converged.dtype == tf.bool
+        assert tuple(t.shape) == (batch,)
+    assert dtype_of(result.converged) == "bool"
