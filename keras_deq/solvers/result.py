@@ -107,8 +107,9 @@ class Best(NamedTuple):
 
 
 def initial_best(z0):
-    inf = ops.full_like(z0[:, 0], float("inf"), dtype=accumulation_dtype(z0.dtype))
-    return Best(z0, inf, inf, ops.zeros_like(z0[:, 0], dtype="bool"))
+    batch = (ops.shape(z0)[0],)  # not from z0[:, 0]: a state may have no entries
+    inf = ops.full(batch, float("inf"), dtype=accumulation_dtype(z0.dtype))
+    return Best(z0, inf, inf, ops.zeros(batch, dtype="bool"))
 
 
 def criterion(abs_res, rel_res, stop_mode):

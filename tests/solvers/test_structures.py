@@ -162,6 +162,17 @@ def test_numpy_initial_state(name, dtype):
     np.testing.assert_allclose(np.asarray(result.state), 2.0, atol=10 * tol)
 
 
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_state_without_entries(name):
+    # A (batch, 0) state is its own fixed point: ||f(z) - z|| = ||f(z)|| = 0, relative
+    # residual 0, so one evaluation solves it.
+    result = solver(name)(lambda z: 0.5 * z + 1.0, ops.zeros((2, 0)))
+    assert tuple(result.state.shape) == (2, 0)
+    assert int(result.steps) == 1
+    np.testing.assert_array_equal(np.asarray(result.converged), [True, True])
+    np.testing.assert_array_equal(np.asarray(result.rel_residual), [0.0, 0.0])
+
+
 @pytest.mark.float64
 @pytest.mark.parametrize("name", SOLVER_NAMES)
 @pytest.mark.parametrize("shape", [(2, 3), (2, 3, 2)])
