@@ -1,4 +1,4 @@
-"""keras_deq: deep equilibrium models as Keras 3 layers (TensorFlow backend)."""
+"""keras_deq: deep equilibrium models as Keras 3 layers (TensorFlow and JAX backends)."""
 
 import os
 
@@ -6,10 +6,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 
-if keras.backend.backend() != "tensorflow":
+if keras.backend.backend() not in ("tensorflow", "jax"):
     raise ImportError(
-        "keras_deq runs on Keras' TensorFlow backend (its solvers and implicit gradients "
-        "are TensorFlow ops). Set KERAS_BACKEND=tensorflow before importing keras. "
+        "keras_deq runs on Keras' TensorFlow and JAX backends (PyTorch is not supported "
+        "yet). Set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax before importing keras. "
         f"Received: backend={keras.backend.backend()!r}"
     )
 

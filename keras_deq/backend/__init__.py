@@ -1,12 +1,25 @@
 """The backend seam: what must differ between Keras backends lives here and nowhere else.
 
-Everything else in keras_deq is written with `keras.ops` and `keras.tree`. This
-package holds the few operations that each backend spells differently (loops that
-reverse-mode autodiff can go through, and, in `keras_deq.backend.tensorflow`, the
-TensorFlow-specific wiring of the DEQ layer).
+Everything else in keras_deq is written with `keras.ops` and `keras.tree`, except the
+TensorFlow path of the `DEQ` layer (`keras_deq.backend.tensorflow` and the modules
+that import TensorFlow for it), which predates the seam. This package holds the few
+operations each backend spells differently: loops that reverse-mode autodiff can go
+through, vector-Jacobian products, gradients rewritten on the way back, and host
+callbacks.
 """
 
+import contextlib
+
 import keras
+
+
+def name():
+    """The Keras backend in use: `"tensorflow"`, `"jax"` or `"torch"`."""
+    return keras.backend.backend()
+
+
+def is_float(t):
+    return "float" in keras.backend.standardize_dtype(t.dtype)
 
 
 def differentiable_loop(step, state, steps):
@@ -24,7 +37,7 @@ def differentiable_loop(step, state, steps):
     Returns:
         The nest after `steps` applications of `step`.
     """
-    if keras.backend.backend() == "jax":
+    if name() == "jax":
         return keras.ops.fori_loop(0, steps, lambda i, s: step(s), state)
     _, out = keras.ops.while_loop(
         lambda i, s: i < steps,
@@ -33,3 +46,66 @@ def differentiable_loop(step, state, steps):
         maximum_iterations=steps,
     )
     return out
+
+
+def not_recorded():
+    """A context in which eager gradient tapes do not record (a no-op where autodiff
+    only follows the data: `stop_gradient` on the inputs is enough there)."""
+    if name() == "tensorflow":
+        from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
+
+        return tf_backend.not_recorded()
+    return contextlib.nullcontext()
+
+
+def vjp(fn, *primals):
+    """`(fn(*primals), vjp_fn)`: `vjp_fn(cotangent)` is the tuple of `cotangent^T J`
+    for each primal (nests in, nests out; differentiable, for second-order use).
+    """
+    if name() == "jax":
+        import jax  # noqa: PLC0415
+
+        out, pullback = jax.vjp(fn, *primals)
+        return out, pullback
+    if name() == "tensorflow":
+        from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
+
+        return tf_backend.vjp(fn, *primals)
+    raise NotImplementedError(f"keras_deq does not run on the {name()!r} backend yet.")
+
+
+def identity_with_gradient(flat, rewrite):
+    """The list of tensors `flat`, whose upstream gradients (a list like `flat`, with
+    None for missing ones) are replaced by `rewrite(upstream)` on the way back."""
+    if name() == "tensorflow":
+        from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
+
+        return tf_backend.identity_with_gradient(flat, rewrite)
+
+    @keras.ops.custom_gradient
+    def identity(*tensors):
+        def grad(*args, upstream=None):
+            return tuple(rewrite(upstream_list(args, upstream)))
+
+        return list(tensors), grad
+
+    return list(identity(*flat))
+
+
+def upstream_list(args, upstream=None):
+    """The upstream gradients a `keras.ops.custom_gradient` backward function received,
+    as a list: backends pass them positionally (TensorFlow) or as one structure (JAX)."""
+    if upstream is None:
+        upstream = args[0] if len(args) == 1 else args
+    return list(upstream) if isinstance(upstream, (list, tuple)) else [upstream]
+
+
+def host_call(fn, *args):
+    """Calls the Python function `fn` on the host with the values of `args` (numpy),
+    from inside a compiled function; its return value is ignored."""
+    if name() == "jax":
+        import jax  # noqa: PLC0415
+
+        jax.debug.callback(fn, *args)
+        return
+    raise NotImplementedError(f"host_call is not used on the {name()!r} backend.")

@@ -80,3 +80,52 @@ def gate_later_ops(checks):
     graph = tf.compat.v1.get_default_graph()
     controller = graph.control_dependencies(checks)
     graph._control_dependencies_stack = [controller, *graph._control_dependencies_stack]
+
+
+def vjp(fn, *primals):
+    """TensorFlow's `(fn(*primals), vjp_fn)` for nests of tensors, with a persistent
+    tape (so `vjp_fn` may be called many times, e.g. in an adjoint solve)."""
+    flat = [tf.nest.flatten(p) for p in primals]
+    with tf.GradientTape(persistent=True) as tape:
+        for tensors in flat:
+            tape.watch(tensors)
+        out = fn(*primals)
+    out_flat = tf.nest.flatten(out)
+
+    def pullback(cotangent):
+        sources = [t for tensors in flat for t in tensors]
+        grads = tape.gradient(out_flat, sources, output_gradients=tf.nest.flatten(cotangent))
+        grads = [tf.zeros_like(t) if g is None else g for g, t in zip(grads, sources, strict=True)]
+        result, start = [], 0
+        for primal, tensors in zip(primals, flat, strict=True):
+            part = grads[start : start + len(tensors)]
+            start += len(tensors)
+            result.append(tf.nest.pack_sequence_as(primal, part))
+        return tuple(result)
+
+    return out, pullback
+
+
+def identity_with_gradient(flat, rewrite):
+    """`flat` (a list of tensors) whose upstream gradients become `rewrite(upstream)`."""
+
+    @tf.custom_gradient
+    def identity(*tensors):
+        def grad(*upstream):
+            return rewrite(list(upstream))
+
+        return [tf.identity(t) for t in tensors], grad
+
+    return list(identity(*flat))
+
+
+@contextlib.contextmanager
+def not_recorded():
+    """Keeps eager gradient tapes from recording (the forward solve)."""
+    if not tf.executing_eagerly():
+        yield
+        return
+    from tensorflow.python.eager import record  # noqa: PLC0415
+
+    with record.stop_recording():
+        yield

@@ -6,13 +6,12 @@ solvers) and returns the output state, with whatever gradient the mode defines,
 and the forward `SolverResult`.
 """
 
-import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import tensorflow as tf
+import keras
 
-from keras_deq import configurable
+from keras_deq import backend, configurable
 from keras_deq.backward import rows
 
 
@@ -32,6 +31,10 @@ class Equilibrium(NamedTuple):
             must wait for.
         tol: The forward tolerance (for modes that report convergence themselves).
         stop_mode: `"rel"` or `"abs"`, the residual compared with `tol`.
+        stateless_fn: The cell with its trainable weights passed in,
+            `(z, x, weights) -> next z`, for backends whose custom gradients cannot
+            close over the weights (JAX); None where not needed.
+        weights: The current values of `variables`, for `stateless_fn`.
     """
 
     fn: Callable
@@ -43,6 +46,8 @@ class Equilibrium(NamedTuple):
     on_backward: Callable | None = None
     tol: float = 1e-4
     stop_mode: str = "rel"
+    stateless_fn: Callable | None = None
+    weights: tuple = ()
 
 
 class Backward(configurable.Configurable):
@@ -73,18 +78,6 @@ class Backward(configurable.Configurable):
         raise NotImplementedError(f"{type(self).__name__} must implement `__call__`.")
 
 
-@contextlib.contextmanager
-def not_recorded():
-    """Keeps eager gradient tapes from recording the forward solve."""
-    if not tf.executing_eagerly():
-        yield
-        return
-    from tensorflow.python.eager import record  # noqa: PLC0415
-
-    with record.stop_recording():
-        yield
-
-
 class JacobianFree(Backward):
     """A mode that solves without gradient, then differentiates a few steps from `z*`.
 
@@ -101,10 +94,10 @@ class JacobianFree(Backward):
 
     def __call__(self, problem):
         fn, x = problem.fn, problem.x
-        x_const = tf.nest.map_structure(tf.stop_gradient, x)
-        with not_recorded():
+        x_const = keras.tree.map_structure(keras.ops.stop_gradient, x)
+        with backend.not_recorded():
             result = problem.forward(lambda z: fn(z, x_const), problem.z0)
-        z_star = tf.nest.map_structure(tf.stop_gradient, result.state)
+        z_star = keras.tree.map_structure(keras.ops.stop_gradient, result.state)
         ok = rows.solved_rows(result, x)
         z = self.refine(fn, rows.mask_rows(x, ok), rows.mask_rows(z_star, ok))
         return rows.select_rows(ok, z, z_star), result

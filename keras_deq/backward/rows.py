@@ -1,6 +1,9 @@
 """Per-sample (row) masks that keep failed samples out of every gradient."""
 
-import tensorflow as tf
+import keras
+from keras import ops
+
+from keras_deq import backend
 
 
 def solved_rows(result, x):
@@ -9,18 +12,18 @@ def solved_rows(result, x):
     A sample without one (NaN input, or a cell that is NaN everywhere) returns its
     initial state; the gradients leave it out (see `mask_rows`).
     """
-    batch = tf.shape(tf.nest.flatten(x)[0])[0]
-    finite = tf.math.is_finite(result.abs_residual)
-    return tf.reduce_all(tf.reshape(finite, [batch, -1]), axis=1)
+    batch = ops.shape(keras.tree.flatten(x)[0])[0]
+    finite = ops.isfinite(result.abs_residual)
+    return ops.all(ops.reshape(finite, (batch, -1)), axis=1)
 
 
 def finite_rows(structure):
     """Per-sample bool `(batch,)`: every entry of the sample in every tensor is finite."""
     rows = [
-        tf.reduce_all(tf.reshape(tf.math.is_finite(t), [tf.shape(t)[0], -1]), axis=1)
-        for t in tf.nest.flatten(structure)
+        ops.all(ops.reshape(ops.isfinite(t), (ops.shape(t)[0], -1)), axis=1)
+        for t in keras.tree.flatten(structure)
     ]
-    return tf.reduce_all(tf.stack(rows), axis=0)
+    return ops.all(ops.stack(rows), axis=0)
 
 
 def mask_rows(structure, ok):
@@ -29,24 +32,26 @@ def mask_rows(structure, ok):
     `NaN * 0`."""
 
     def mask(t):
-        return tf.where(_rows(ok, t), t, tf.zeros_like(t)) if t.dtype.is_floating else t
+        if not backend.is_float(t):
+            return t
+        return ops.where(_rows(ok, t), t, ops.zeros_like(t))
 
-    return tf.nest.map_structure(mask, structure)
+    return keras.tree.map_structure(mask, structure)
 
 
 def select_rows(ok, a, b):
     """Rows of nest `a` where `ok`, else rows of nest `b`."""
-    return tf.nest.map_structure(lambda t, u: tf.where(_rows(ok, t), t, u), a, b)
+    return keras.tree.map_structure(lambda t, u: ops.where(_rows(ok, t), t, u), a, b)
 
 
 def _rows(ok, t):
     """`ok` `(batch,)` shaped to broadcast over the rows of `t`."""
-    return tf.reshape(ok, tf.concat([[-1], tf.ones([tf.rank(t) - 1], tf.int32)], 0))
+    return ops.reshape(ok, (-1,) + (1,) * (len(t.shape) - 1))
 
 
 def zeros_for_none(grads, like):
     """`grads` with each None replaced by zeros shaped like the matching `like`."""
-    return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
+    return [ops.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
 
 
 def finite_upstream(z):
@@ -56,14 +61,10 @@ def finite_upstream(z):
     A loss that overflows downstream of the layer (e.g. on a diverged state) then
     moves no weight through the layer, whatever the backward mode.
     """
-    flat = tf.nest.flatten(z)
+    flat = keras.tree.flatten(z)
 
-    @tf.custom_gradient
-    def identity(*tensors):
-        def grad(*upstream):
-            upstream = zeros_for_none(upstream, tensors)
-            return [tf.where(_rows(finite_rows(g), g), g, tf.zeros_like(g)) for g in upstream]
+    def clean(upstream):
+        upstream = zeros_for_none(upstream, flat)
+        return [ops.where(_rows(finite_rows(g), g), g, ops.zeros_like(g)) for g in upstream]
 
-        return [tf.identity(t) for t in tensors], grad
-
-    return tf.nest.pack_sequence_as(z, list(identity(*flat)))
+    return keras.tree.pack_sequence_as(z, backend.identity_with_gradient(flat, clean))

@@ -1,10 +1,12 @@
 """The `DEQ` layer: the fixed point of any Keras cell `f(z, x)` as a layer."""
 
+import inspect
 import warnings
 
 import keras
 import tensorflow as tf
 
+from keras_deq import backend
 from keras_deq import backward as backward_lib
 from keras_deq import solvers as solvers_lib
 from keras_deq.backend import tensorflow as tf_backend
@@ -18,8 +20,8 @@ _SEED_STATE_KEY = "seed_generator_state"
 
 
 def _cast_floats(structure, dtype):
-    return tf.nest.map_structure(
-        lambda t: tf.cast(t, dtype) if t.dtype.is_floating else t, structure
+    return keras.tree.map_structure(
+        lambda t: keras.ops.cast(t, dtype) if backend.is_float(t) else t, structure
     )
 
 
@@ -207,7 +209,11 @@ class DEQ(SolverMonitor, keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
         self._warned = False
         self._explicit_depth = None
-        self._make_metrics()
+        arguments.check_backend_support(self._mode, self.on_failure, self._penalty)
+        if backend.name() == "tensorflow":
+            self._make_metrics()
+        else:
+            self._metrics_by_name = {}
 
     # ------------------------------------------------------------------ build
     def build(self, input_shape):
@@ -248,6 +254,8 @@ class DEQ(SolverMonitor, keras.layers.Layer):
             dtype="float32",
             autocast=False,
         )
+        if backend.name() != "tensorflow":
+            self._make_stat_variables()
 
     def compute_output_shape(self, input_shape):
         multi = state.is_multi(input_shape)
@@ -352,6 +360,8 @@ class DEQ(SolverMonitor, keras.layers.Layer):
             out = self.cell(z, x_in, training=training)
             return _cast_floats(out, own_dtype) if cell_dtype != own_dtype else out
 
+        if backend.name() != "tensorflow":
+            return self._call_stateless(fn, x, z0, training)
         regularize = bool(training) and self._jacobian_enabled
         # The regularizer's per-step draw comes first: on the steps it picks, the
         # forward budget may be jittered (`jacobian_max_iter_delta`).
@@ -387,6 +397,51 @@ class DEQ(SolverMonitor, keras.layers.Layer):
             self._add_jacobian_loss(fn, result, x, draw)
         with tf.control_dependencies(checks):
             return backward_lib.finite_upstream(z)
+
+    def _stateless_cell(self, training):
+        """The cell as `(z, x, (trainable, non_trainable)) -> next z`, weights passed in."""
+        cell, own_dtype = self.cell, self.compute_dtype
+        cast = cell.compute_dtype != own_dtype
+        # `stateless_call` passes keyword arguments to `call` as they are.
+        extra = (
+            {"training": training} if "training" in inspect.signature(cell.call).parameters else {}
+        )
+
+        def f(z, x, weights):
+            if cast:
+                z, x = _cast_floats(z, cell.compute_dtype), _cast_floats(x, cell.compute_dtype)
+            trainable, non_trainable = weights
+            out, _ = cell.stateless_call(list(trainable), list(non_trainable), z, x, **extra)
+            return _cast_floats(out, own_dtype) if cast else out
+
+        return f
+
+    def _call_stateless(self, fn, x, z0, training):
+        """The layer on the backends other than TensorFlow (JAX): the same solvers and
+        backward modes; statistics in non-trainable variables; no Jacobian penalty and
+        no `on_failure="raise"` yet (refused by the constructor)."""
+        weights = (
+            tuple(v.value for v in self.cell.trainable_variables),
+            tuple(v.value for v in self.cell.non_trainable_variables),
+        )
+        problem = backward_lib.Equilibrium(
+            fn,
+            x,
+            z0,
+            forward=self._solver(self._forward),
+            adjoint=self._solver(self._adjoint),
+            variables=tuple(self.cell.trainable_variables),
+            tol=self.tol,
+            stop_mode=self.stop_mode,
+            stateless_fn=self._stateless_cell(training),
+            weights=weights,
+            on_backward=self._report_on_host if training else None,
+        )
+        explicit = self._explicit_depth is not None
+        mode = backward_lib.Explicit(self._explicit_depth) if explicit else self._mode
+        z, result = mode(problem)
+        self._record_in_variables(result, report=not explicit)
+        return backward_lib.finite_upstream(z)
 
     # ---------------------------------------------------------------- jacobian
     def _picked(self, draw):

@@ -10,8 +10,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from keras_deq import backend, jacobian_penalty
 from keras_deq import backward as backward_lib
-from keras_deq import jacobian_penalty
 from keras_deq import solvers as solvers_lib
 from keras_deq.solvers import common, registry
 
@@ -206,3 +206,32 @@ def check_seed(seed):
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise ValueError(f"`seed` must be an integer or None. Received: seed={seed!r}")
     return None if seed is None else int(seed)
+
+
+def check_backend_support(mode, on_failure, penalty):
+    """Refuses what the current Keras backend cannot do (clearly, at construction)."""
+    name = backend.name()
+    if name == "tensorflow":
+        return
+    if name != "jax":
+        raise ValueError(
+            f"keras_deq's DEQ layer runs on the TensorFlow and JAX backends. "
+            f"Received: KERAS_BACKEND={name!r}"
+        )
+    if isinstance(mode, backward_lib.Unrolled):
+        raise ValueError(
+            "backward='unrolled' differentiates through the solver's while loop, which JAX "
+            "cannot reverse-differentiate: use 'implicit', 'phantom' or 'one_step' on JAX. "
+            f"Received: backward={mode!r}"
+        )
+    if on_failure == "raise":
+        raise ValueError(
+            "on_failure='raise' stops a training step before any weight moves, which needs "
+            "TensorFlow; on JAX use 'warn' (a warning from the host) or 'ignore'. "
+            f"Received: on_failure={on_failure!r}"
+        )
+    if penalty.weight > 0:
+        raise ValueError(
+            "The Jacobian penalty runs on the TensorFlow backend only for now. "
+            f"Received: jacobian_weight={penalty.weight!r} on backend {name!r}"
+        )

@@ -76,32 +76,41 @@ def check_cell_output(out, z_spec):
 
 def zeros(x, state_shape, dtype):
     """The zero state for the injection `x` (the input's shape if `state_shape` is None)."""
-    flat = tf.nest.flatten(x)
+    first = keras.tree.flatten(x)[0]
     if state_shape is None:
-        return tf.zeros(tf.shape(flat[0]), dtype)
-    batch = tf.shape(flat[0])[:1]
+        return keras.ops.zeros(keras.ops.shape(first), dtype)
+    batch = keras.ops.shape(first)[0]
     shapes = state_shape if isinstance(state_shape, list) else [state_shape]
-    out = [tf.zeros(tf.concat([batch, s], 0), dtype) for s in shapes]
+    out = [keras.ops.zeros((batch, *s), dtype) for s in shapes]
     return out if isinstance(state_shape, list) else out[0]
 
 
 def check_initial_state(initial_state, zeros, dtype):
     """`initial_state` cast to `dtype` (no gradient), after checking it against the state."""
     try:
-        tf.nest.assert_same_structure(initial_state, zeros)
+        keras.tree.assert_same_structure(initial_state, zeros)
     except (TypeError, ValueError) as error:
         raise ValueError(
             "`initial_state` must have the structure of the state "
-            f"({tf.nest.map_structure(lambda t: t.shape, zeros)}). "
+            f"({keras.tree.map_structure(lambda t: t.shape, zeros)}). "
             f"Received: initial_state={initial_state!r}"
         ) from error
     out = []
-    for given, want in zip(tf.nest.flatten(initial_state), tf.nest.flatten(zeros), strict=True):
-        given = tf.convert_to_tensor(given)
-        if not given.shape.is_compatible_with(want.shape):
+    flat = zip(keras.tree.flatten(initial_state), keras.tree.flatten(zeros), strict=True)
+    for given, want in flat:
+        given = keras.ops.convert_to_tensor(given)
+        if not _compatible(given.shape, want.shape):
             raise ValueError(
-                f"`initial_state` must have the state's shape {want.shape}. "
-                f"Received: initial_state with shape {given.shape}"
+                f"`initial_state` must have the state's shape {tuple(want.shape)}. "
+                f"Received: initial_state with shape {tuple(given.shape)}"
             )
-        out.append(tf.stop_gradient(tf.cast(given, dtype)))
-    return tf.nest.pack_sequence_as(zeros, out)
+        out.append(keras.ops.stop_gradient(keras.ops.cast(given, dtype)))
+    return keras.tree.pack_sequence_as(zeros, out)
+
+
+def _compatible(a, b):
+    """Whether two static shapes can be the same (None matches any size)."""
+    a, b = tuple(a), tuple(b)
+    return len(a) == len(b) and all(
+        p is None or q is None or p == q for p, q in zip(a, b, strict=True)
+    )

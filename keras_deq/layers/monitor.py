@@ -9,6 +9,7 @@ import warnings
 import keras
 import tensorflow as tf
 
+from keras_deq import backend
 from keras_deq.backend import tensorflow as tf_backend
 
 ON_FAILURE = ("warn", "raise", "ignore")
@@ -179,3 +180,69 @@ class SolverMonitor:
 
         tf.cond(n_failed > 0, report, lambda: tf.constant(0))
         return []
+
+    # ------------------------------------------- statistics in variables (not TF)
+    def _make_stat_variables(self):
+        """Non-trainable variables holding the last batch's forward statistics.
+
+        On JAX a metric owned by a layer cannot be updated in `call` under `fit`
+        (keras-team/keras#21639), so the statistics are variables there: read them
+        with `layer.solver_statistics()`.
+        """
+        self._stats = {
+            key: self.add_weight(
+                name=f"last_{key}",
+                shape=(),
+                initializer="zeros",
+                trainable=False,
+                dtype="float32",
+                autocast=False,
+            )
+            for key in ("fwd_steps", "fwd_residual", "converged")
+        }
+
+    def solver_statistics(self):
+        """The last forward solve's statistics as floats (the JAX backend), or the
+        metrics' current values (TensorFlow): `fwd_steps`, `fwd_residual`, `converged`."""
+        if getattr(self, "_stats", None):
+            return {
+                key: float(keras.ops.convert_to_numpy(v.value)) for key, v in self._stats.items()
+            }
+        keys = ("fwd_steps", "fwd_residual", "converged")
+        return {key: float(self._metrics_by_name[key].result()) for key in keys}
+
+    def _record_in_variables(self, result, report=True):
+        ops = keras.ops
+        residual = ops.cast(self._residual(result), "float32")
+        finite = ops.isfinite(residual)
+        count = ops.sum(ops.cast(finite, "float32"))
+        total = ops.sum(ops.where(finite, residual, ops.zeros_like(residual)))
+        mean = ops.where(count > 0, total / ops.maximum(count, 1.0), float("nan"))
+        self._stats["fwd_steps"].assign(ops.cast(result.steps, "float32"))
+        self._stats["fwd_residual"].assign(mean)
+        self._stats["converged"].assign(ops.mean(ops.cast(result.converged, "float32")))
+        if report:
+            self._report_on_host(result, "forward")
+
+    def _report_on_host(self, result, which="backward"):
+        """Sends the failure counts of `result` to a host warning (`on_failure="warn"`)."""
+        if self.on_failure != "warn":
+            return
+        ops = keras.ops
+        residual = ops.cast(self._residual(result), "float32")
+        finite = ops.isfinite(residual)
+        failed = ops.logical_not(result.converged)
+        nonfinite = failed if result.nonfinite is None else failed & result.nonfinite
+        worst = ops.max(ops.where(failed & finite, residual, ops.zeros_like(residual)))
+        n_failed = ops.sum(ops.cast(failed, "int32"))
+        n_nonfinite = ops.sum(ops.cast(nonfinite | (failed & ~finite), "int32"))
+
+        def warn(n_failed, n_nonfinite, worst):
+            if int(n_failed) > 0 and not self._warned:
+                self._warned = True
+                message = self._failure_message(
+                    which, int(n_failed), int(n_nonfinite), float(worst)
+                )
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+        backend.host_call(warn, n_failed, n_nonfinite, worst)
