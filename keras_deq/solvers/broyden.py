@@ -117,7 +117,8 @@ def broyden(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
 def _low_rank(left, right, x):
     """`sum_i left_i (right_i . x)` per sample; buffers are `(batch, memory, n)`."""
     coefficients = ops.matmul(right, x[:, :, None])  # (batch, memory, 1)
-    return ops.matmul(coefficients[:, None, :, 0], left)[:, 0, :]
+    row = ops.reshape(coefficients, (-1, 1, left.shape[1]))  # (batch, 1, memory)
+    return ops.matmul(row, left)[:, 0, :]
 
 
 def _apply_inverse(us, vs, x):

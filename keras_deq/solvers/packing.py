@@ -28,10 +28,11 @@ def solver_dtype(dtype):
 
 def static_shape(t):
     """The static shape of `t` as a tuple (None for unknown dimensions), or None if
-    its rank is unknown (a TensorFlow graph tensor)."""
-    if ops.ndim(t) is None:
+    its rank is unknown (a TensorFlow graph tensor, whose shape cannot be iterated)."""
+    try:
+        return tuple(t.shape)
+    except (TypeError, ValueError):
         return None
-    return tuple(t.shape)
 
 
 def compatible(got, want):
@@ -61,7 +62,7 @@ class Packer:
         self.static_shapes = [static_shape(t) for t in self.tensors]
         self.shapes = [tuple(ops.shape(t)[1:]) for t in self.tensors]
         self.sizes = [functools.reduce(operator.mul, s, 1) for s in self.shapes]
-        self.single_matrix = len(self.tensors) == 1 and ops.ndim(self.tensors[0]) == 2
+        self.single_matrix = len(self.tensors) == 1 and len(self.static_shapes[0]) == 2
 
     def pack(self, structure):
         tensors = keras.tree.flatten(structure)

@@ -85,6 +85,18 @@ def test_unbatched_state(name, z0, match):
     assert "Received: z0 with shapes" in str(info.value)
 
 
+@pytest.mark.tensorflow_only("tensors of unknown rank exist only in TensorFlow graphs")
+def test_state_of_unknown_rank():
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32)])
+    def run(z0):
+        return solver("fixed_point")(_never_called, z0)
+
+    with pytest.raises(ValueError, match="`z0` must be .* of known rank"):
+        run(tf.zeros([2, 3]))
+
+
 @pytest.mark.parametrize("name", SOLVER_NAMES)
 def test_map_returning_another_shape(name):
     with pytest.raises(ValueError, match="`f` must return a structure of tensors shaped like"):
