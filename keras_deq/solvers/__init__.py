@@ -5,11 +5,8 @@ dict or an instance into a solver, like `keras.optimizers.get`. The function for
 (`anderson(f, z0, max_iter=..., ...)`) call the objects.
 """
 
-from collections.abc import Mapping
-
-import keras
-
-from keras_deq.solvers.base import Solver, named_solvers
+from keras_deq import configurable
+from keras_deq.solvers.base import Solver
 
 # isort: off
 # Built-in solvers, in the order of `names()` (a solver registers its name on import).
@@ -58,25 +55,12 @@ def get(identifier, **overrides):
         >>> get({"class_name": "FixedPoint", "config": {"damping": 0.5}}).damping
         0.5
     """
-    if isinstance(identifier, Solver):
-        if not overrides:
-            return identifier
-        return type(identifier).from_config({**identifier.get_config(), **overrides})
-    if isinstance(identifier, str) and identifier in named_solvers():
-        return named_solvers()[identifier](**overrides)
-    if isinstance(identifier, Mapping):
-        return get(deserialize(identifier), **overrides)
-    raise ValueError(
-        f"Unknown solver. Expected one of {names()}, a config dict or a `Solver` instance. "
-        f"Received: solver={identifier!r}"
-    )
+    return configurable.get(Solver, identifier, "solver", **overrides)
 
 
 def serialize(solver):
     """The config dict of `solver` (`keras.saving.serialize_keras_object`)."""
-    if not isinstance(solver, Solver):
-        raise ValueError(f"`solver` must be a `Solver` instance. Received: solver={solver!r}")
-    return keras.saving.serialize_keras_object(solver)
+    return configurable.serialize(Solver, solver, "solver")
 
 
 def deserialize(config, custom_objects=None):
@@ -91,22 +75,4 @@ def deserialize(config, custom_objects=None):
     Returns:
         A `Solver`.
     """
-    if not isinstance(config, Mapping) or "class_name" not in config:
-        raise ValueError(
-            "`config` must be a dict with 'class_name' and 'config' keys, as made by "
-            f"`keras_deq.solvers.serialize`. Received: config={config!r}"
-        )
-    module_objects = {cls.__name__: cls for cls in named_solvers().values()}
-    try:
-        solver = keras.saving.deserialize_keras_object(
-            dict(config), module_objects=module_objects, custom_objects=custom_objects
-        )
-    except TypeError as error:  # unknown constructor arguments
-        raise ValueError(f"{error}. Received: config={config!r}") from error
-    if not isinstance(solver, Solver):
-        raise ValueError(
-            "`config` must describe a `Solver`: a built-in class "
-            f"({', '.join(sorted(module_objects))}) or one registered with "
-            f"`keras.saving.register_keras_serializable`. Received: config={config!r}"
-        )
-    return solver
+    return configurable.deserialize(Solver, config, "config", custom_objects)

@@ -6,26 +6,23 @@ everything else: evaluating `f` once per iteration, the residuals, the per-sampl
 iterate, the non-finite guard, the stopping rule and the `SolverResult`.
 """
 
-import inspect
-
 import keras
 from keras import ops
 
+from keras_deq import configurable
 from keras_deq.solvers import common
 from keras_deq.solvers import result as res
 
 # Short name -> Solver subclass, for the subclasses that set `name` (see `Solver.name`).
 _BY_NAME = {}
 
-_NAMED_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-
 
 def named_solvers():
     """The solver classes reachable by name, `{name: class}`, in registration order."""
-    return dict(_BY_NAME)
+    return dict(Solver._registry)
 
 
-class Solver:
+class Solver(configurable.Configurable):
     """Base class of the fixed-point solvers: finds `z` with `f(z) = z`, per sample.
 
     A subclass declares its settings as constructor arguments, checks them there
@@ -59,28 +56,8 @@ class Solver:
         True
     """
 
-    name = None
-    """The short name `keras_deq.solvers.get` accepts; None: reachable only as an object."""
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        name = cls.__dict__.get("name")
-        if name is None:
-            cls.name = None  # a subclass does not take its parent's name
-            return
-        if not isinstance(name, str) or not name:
-            raise ValueError(
-                f"`name` must be a non-empty string or None. Received: {cls.__qualname__}.name={name!r}"
-            )
-        previous = _BY_NAME.get(name)
-        where = (cls.__module__, cls.__qualname__)
-        if previous is not None and (previous.__module__, previous.__qualname__) != where:
-            raise ValueError(
-                f"A solver named {name!r} is already registered "
-                f"({previous.__module__}.{previous.__qualname__}). "
-                f"Received: {cls.__module__}.{cls.__qualname__}.name={name!r}"
-            )
-        _BY_NAME[name] = cls  # a re-definition (same module and name) replaces it
+    family = "solver"
+    _registry = _BY_NAME
 
     def __init__(self, max_iter=50, tol=1e-4, stop_mode="rel"):
         self.max_iter = common.check_max_iter(max_iter)
@@ -122,23 +99,6 @@ class Solver:
 
     # ----------------------------------------------------------------- config
     @classmethod
-    def settings(cls):
-        """The constructor arguments, `{name: default}`, over the class hierarchy."""
-        out = {}
-        for klass in reversed(cls.__mro__):
-            init = klass.__dict__.get("__init__")
-            if init is None or klass is object:
-                continue
-            for key, param in inspect.signature(init).parameters.items():
-                if key != "self" and param.kind in _NAMED_KINDS:
-                    out[key] = param.default
-        return out
-
-    def get_config(self):
-        """Every constructor argument, read from the attribute of the same name."""
-        return {key: getattr(self, key) for key in self.settings()}
-
-    @classmethod
     def from_config(cls, config):
         # A tensor setting (a `max_iter` tensor) serializes as a nested config.
         config = {
@@ -146,10 +106,6 @@ class Solver:
             for key, value in config.items()
         }
         return cls(**config)
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
     # ------------------------------------------------------------------- call
     def __call__(self, f, z0, **overrides):

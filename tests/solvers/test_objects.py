@@ -302,7 +302,7 @@ def test_bare_picard_subclass_is_bitwise_fixed_point(dtype):
 
 # ------------------------------------------------------- registration and the registry
 def test_named_subclass_is_reachable_everywhere(monkeypatch):
-    monkeypatch.setattr(base, "_BY_NAME", dict(base._BY_NAME))
+    monkeypatch.setattr(base.Solver, "_registry", dict(base.Solver._registry))
 
     class Halving(solvers.Solver):
         name = "halving_test_solver"
@@ -350,7 +350,9 @@ def test_check_options_errors_come_from_the_constructor(name, key, value):
 @pytest.fixture
 def docs_solver(monkeypatch):
     """The first code block of 'Adding a solver' in docs/development.md, executed."""
-    monkeypatch.setattr(base, "_BY_NAME", dict(base._BY_NAME))  # its `name` registers
+    monkeypatch.setattr(
+        base.Solver, "_registry", dict(base.Solver._registry)
+    )  # its `name` registers
     text = DOCS.read_text()
     section = text[text.index("## Adding a solver") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
