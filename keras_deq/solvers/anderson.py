@@ -1,24 +1,45 @@
-"""Anderson acceleration (type II) with a relative ridge."""
+"""Anderson acceleration (type II, difference form) with a ridge relative to the current
+residual."""
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from keras_deq.solvers import common
 from keras_deq.solvers import result as res
 from keras_deq.solvers.base import Solver
+
+_MAX_RIDGE = 1e30
+"""Cap of the scaled ridge, so that a huge ridge stays finite in float32."""
+
+_DROP = 1e-3
+"""A residual difference is dropped when less than this fraction of its squared norm
+lies outside the span of the newer differences kept (an angle below about 1.8 degrees)."""
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
 class Anderson(Solver):
     """Anderson-accelerated fixed-point iteration.
 
-    Each iteration mixes the last `window` iterates with weights `alpha` that
-    minimize `||sum_i alpha_i g_i||^2 + lam ||alpha||^2` subject to
-    `sum_i alpha_i = 1`, where `g_i = f(z_i) - z_i`. The ridge `lam` is relative:
-    `lam = ridge * mean_i ||g_i||^2`, so it shrinks with the residuals and the
-    acceleration does not stall near the solution. If the small system is
-    singular or not finite for a sample, that sample takes a plain step instead.
+    With residuals `g_i = f(z_i) - z_i`, mixed iterates `y_i = z_i + beta g_i`, and
+    the differences `dg_i`, `dy_i` of consecutive ones over the last `window`
+    iterates (newest first), each iteration steps to
+    `z_{k+1} = y_k - sum_i gamma_i dy_i`, where `gamma` minimizes
+    `||g_k - sum_i gamma_i dg_i||^2 + sum_i lam_i gamma_i^2` (Anderson type II in
+    difference form; the same as mixing the iterates with weights that sum to 1).
+
+    The ridge is relative to the current residual:
+    `lam_i = max(ridge * ||g_k||^2, 100 eps ||dg_i||^2)` (`eps` the machine
+    epsilon of the accumulation dtype). It shrinks with the residual, so the
+    acceleration keeps its pace near the solution whatever the older, larger
+    residuals in the window, and it holds near a zero solution too. The
+    `100 eps ||dg_i||^2` floor, the precision of the small system's entries, keeps
+    it invertible with `ridge=0`. A difference that is nearly in the span of the
+    newer ones (less than 1e-3 of its squared norm outside it, in the regularized
+    system) is left out of the window for that step: a longer window then costs no
+    iterations on a low-dimensional or nearly linear problem (with one unknown,
+    Anderson is the secant method). A sample whose small system is not finite (an
+    overflowing residual) takes a plain step, `z_{k+1} = y_k`.
 
     Args:
         max_iter: Maximum number of iterations (each evaluates `f` once).
@@ -27,9 +48,9 @@ class Anderson(Solver):
         window: Number of past iterates mixed (the history size `m`).
         beta: Mixing parameter in (0, 1]: 1 mixes the `f(z_i)`, smaller values
             move part way from the mixed `z_i`.
-        ridge: Relative Tikhonov regularization of the least-squares system, >= 0.
-            Values below 100 machine epsilons of the accumulation dtype are raised
-            to that floor, which keeps the small system invertible.
+        ridge: Tikhonov regularization of the least-squares system relative to the
+            current squared residual `||g_k||^2`, >= 0 (0: none beyond the floor
+            above; `inf`: plain steps).
 
     Examples:
         >>> import tensorflow as tf
@@ -48,45 +69,60 @@ class Anderson(Solver):
         self.ridge = common.check_nonnegative_float("ridge", ridge, finite=False)
 
     def init(self, f, z0):
-        # The last `window` values of f(z_i) and of the residuals g_i = f(z_i) - z_i,
-        # oldest first, as tuples of `(batch, n)` tensors: a new entry shifts the tuple,
-        # which costs no copy (a ring buffer in one tensor rewrites it every iteration).
-        zeros = tf.zeros_like(z0)
-        acc = res.accumulation_dtype(z0.dtype)
-        gram = tf.zeros([tf.shape(z0)[0], self.window, self.window], acc)
-        return (zeros,) * self.window, (zeros,) * self.window, gram
+        # The last `window - 1` differences of the residuals g_i and of the mixed iterates
+        # y_i = z_i + beta g_i, newest first, as (window - 1, batch, n) buffers, their Gram
+        # matrix (batch, window - 1, window - 1), and the previous y and g.
+        del f
+        if self.window == 1:
+            return ()
+        zeros = ops.zeros_like(z0)
+        size = self.window - 1
+        buffer = ops.tile(zeros[None], (size, 1, 1))
+        gram = ops.tile(ops.cast(zeros[:, :1, None], _acc_dtype(z0.dtype)), (1, size, size))
+        return zeros, zeros, buffer, buffer, gram
 
     def step(self, f, z, fz, state, k):
-        history_f, history_g, gram = state
-        window, dtype = self.window, z.dtype
-        acc = res.accumulation_dtype(dtype)
-        # ||f(z) - z||^2 as the loop's residual computes it (in a graph, the same ops are
-        # computed once). A sample where it is not finite gets g = 0 and f = z in its
-        # history so that it cannot spoil anything; its weights then fall back to a
-        # plain step (and the loop freezes it).
-        diff = tf.cast(fz, acc) - tf.cast(z, acc)
-        finite = tf.math.is_finite(tf.reduce_sum(tf.square(diff), axis=1))[:, None]
-        g = tf.where(finite, fz - z, tf.zeros_like(z))
-        history_f = (*history_f[1:], tf.where(finite, fz, z))
-        history_g = (*history_g[1:], g)
-        g_acc = tf.cast(g, acc)
-        row = tf.stack([tf.reduce_sum(tf.cast(h, acc) * g_acc, axis=1) for h in history_g], axis=1)
-        gram = _shift_gram(gram, row)
-        alpha = tf.cast(_mixing_weights(gram, k, window, self.ridge), dtype)
-        z_next = _combine(alpha, history_f)
-        if self.beta != 1.0:
-            z_next -= (1.0 - self.beta) * _combine(alpha, history_g)
-        return z_next, (history_f, history_g, gram)
+        del f
+        g = fz - z
+        y = fz if self.beta == 1.0 else z + self.beta * g
+        if self.window == 1:
+            return y, state
+        y_prev, g_prev, dys, dgs, gram = state
+        # A sample whose f(z) is not finite keeps g = 0 and y = z in its history, so that
+        # no NaN enters it (nor the gradient of an unrolled solve); the loop freezes it.
+        finite = ops.all(ops.isfinite(g), axis=1, keepdims=True)
+        g = ops.where(finite, g, 0.0)
+        y = ops.where(finite, y, z)
+        acc = _acc_dtype(z.dtype)
+        # Iteration k >= 1 pushes the differences y - y_prev, g - g_prev (at k = 0 the
+        # pushed entry is never used: only the k newest differences are valid).
+        dg = g - g_prev
+        dgs = ops.concatenate([dg[None], dgs[:-1]], axis=0)
+        dys = ops.concatenate([(y - y_prev)[None], dys[:-1]], axis=0)
+        dgs_acc, g_acc = ops.cast(dgs, acc), ops.cast(g, acc)
+        row = ops.transpose(ops.sum(dgs_acc * ops.cast(dg, acc)[None], axis=2))
+        rhs = ops.transpose(ops.sum(dgs_acc * g_acc[None], axis=2))
+        gram = ops.concatenate(
+            [row[:, None, :], ops.concatenate([row[:, 1:, None], gram[:, :-1, :-1]], axis=2)],
+            axis=1,
+        )
+        valid = ops.less(ops.arange(self.window - 1), k)
+        current = ops.sum(ops.square(g_acc), axis=1)
+        gamma = _coefficients(gram, rhs, current, valid, self.ridge)
+        z_next = y - ops.sum(ops.cast(ops.transpose(gamma), z.dtype)[:, :, None] * dys, axis=0)
+        return z_next, (y, g, dys, dgs, gram)
 
 
 def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, ridge=1e-4):
     """Anderson-accelerated fixed-point iteration.
 
     The function form of `Anderson(max_iter, tol, stop_mode, window, beta, ridge)(f, z0)`.
-    Each iteration mixes the last `window` iterates with weights `alpha` that
-    minimize `||sum_i alpha_i g_i||^2 + lam ||alpha||^2` subject to
-    `sum_i alpha_i = 1`, where `g_i = f(z_i) - z_i`, with the relative ridge
-    `lam = ridge * mean_i ||g_i||^2`.
+    Each iteration steps to `z_{k+1} = y_k - sum_i gamma_i dy_i` with
+    `y_i = z_i + beta g_i`, `g_i = f(z_i) - z_i`, where `gamma` minimizes
+    `||g_k - sum_i gamma_i dg_i||^2 + sum_i lam_i gamma_i^2` over the differences
+    `dg_i`, `dy_i` of the last `window` iterates, with the ridge relative to the
+    newest residual: `lam_i = max(ridge * ||g_k||^2, 100 eps ||dg_i||^2)`. See
+    `Anderson`.
 
     Args:
         f: The map, taking and returning a structure like `z0`.
@@ -97,9 +133,9 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
         window: Number of past iterates mixed (the history size `m`).
         beta: Mixing parameter in (0, 1]: 1 mixes the `f(z_i)`, smaller values
             move part way from the mixed `z_i`.
-        ridge: Relative Tikhonov regularization of the least-squares system, >= 0.
-            Values below 100 machine epsilons of the accumulation dtype are raised
-            to that floor, which keeps the small system invertible.
+        ridge: Tikhonov regularization of the least-squares system relative to the
+            current squared residual `||g_k||^2`, >= 0 (0: none beyond the
+            `100 eps ||dg_i||^2` floor; `inf`: plain steps).
 
     Returns:
         A `SolverResult`.
@@ -114,51 +150,71 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
     return Anderson(max_iter, tol, stop_mode, window, beta, ridge)(f, z0)
 
 
-def _shift_gram(gram, row):
-    """Drops the oldest row/column of the `(batch, m, m)` Gram matrix and appends `row`
-    (the inner products of every history entry, newest last, with the newest residual)."""
-    top = tf.concat([gram[:, 1:, 1:], row[:, :-1, None]], axis=2)
-    return tf.concat([top, row[:, None, :]], axis=1)
+def _acc_dtype(dtype):
+    return keras.backend.standardize_dtype(res.accumulation_dtype(dtype))
 
 
-def _mixing_weights(gram, k, window, ridge):
-    """Solves for the Anderson weights, falling back to the newest iterate.
+def _coefficients(gram, rhs, current, valid, ridge):
+    """The coefficients `gamma` `(batch, p)` of the differences, newest first.
 
-    The history is ordered oldest first; after `k + 1` iterations its last
-    `min(k + 1, window)` entries are valid.
+    Args:
+        gram: `(batch, p, p)` inner products of the residual differences `dg_i`.
+        rhs: `(batch, p)` inner products `<dg_i, g_k>` with the newest residual.
+        current: `(batch,)` the newest squared residual `||g_k||^2`.
+        valid: `(p,)` which differences exist yet (the others are ignored).
+        ridge: The relative ridge.
+
+    Solves `min ||g_k - sum_i gamma_i dg_i||^2 + sum_i lam_i gamma_i^2`, with
+    `lam_i = max(ridge ||g_k||^2, 100 eps ||dg_i||^2)`, over the differences kept by
+    `_filtered_solve`. A sample whose system is not finite gets `gamma = 0`: a plain
+    step.
     """
-    acc = gram.dtype
-    n_valid = tf.minimum(k + 1, window)
-    valid = tf.cast(tf.range(window) >= window - n_valid, acc)
-    # A sample whose Gram matrix overflowed solves the identity system instead and
-    # falls back to the newest iterate below.
-    finite = tf.reduce_all(tf.math.is_finite(gram), axis=[1, 2])
-    gram = tf.where(finite[:, None, None], gram, tf.zeros_like(gram))
-    mean_sq = tf.linalg.trace(gram) / tf.cast(n_valid, acc)
-    tiny = tf.constant(1e-30 if acc == tf.float64 else 1e-20, acc)
-    # The system is scaled by the mean squared residual (the weights do not depend
-    # on that scale), so that its entries are O(1) even for huge residuals.
-    gram = gram / (mean_sq + tiny)[:, None, None]
-    # The ridge never drops below a few machine epsilons (relative), so that the
-    # system stays invertible with `ridge=0` and a linearly dependent history:
-    # tf.linalg.solve raises on an exactly singular matrix.
-    floor = tf.constant(100.0, acc) * tf.constant(np.finfo(acc.as_numpy_dtype).eps, acc)
-    # An infinite ridge means equal weights: any huge finite value gives them.
-    lam = tf.minimum(tf.maximum(tf.constant(ridge, acc), floor), tf.constant(1e30, acc))
-    system = gram + tf.linalg.diag(lam * valid[None, :] + (1.0 - valid)[None, :])
-    rhs = tf.broadcast_to(valid[None, :, None], tf.shape(gram[:, :, :1]))
-    w = tf.linalg.solve(system, rhs)[:, :, 0]
-    total = tf.reduce_sum(w, axis=1, keepdims=True)
-    alpha = w / total
-    ok = (
-        tf.reduce_all(tf.math.is_finite(alpha), axis=1, keepdims=True)
-        & (tf.abs(total) > tiny)
-        & finite[:, None]
+    dtype = keras.backend.standardize_dtype(gram.dtype)
+    size = gram.shape[-1]
+    eye = ops.eye(size, dtype=dtype)
+    finite = (
+        ops.all(ops.isfinite(gram), axis=(1, 2))
+        & ops.all(ops.isfinite(rhs), axis=1)
+        & ops.isfinite(current)
     )
-    newest = tf.one_hot(window - 1, window, dtype=acc)[None, :]
-    return tf.where(ok, alpha, newest)
+    both = valid[:, None] & valid[None, :]
+    gram = ops.where(finite[:, None, None] & both, gram, eye)
+    rhs = ops.where(finite[:, None] & valid, rhs, 0.0)
+    current = ops.where(finite, current, 0.0)
+    squares = ops.diagonal(gram, axis1=1, axis2=2)  # ||dg_i||^2 (1 where invalid)
+    squares = ops.where(squares > 0.0, squares, 1.0)
+    # Scaled by D = diag(1 / ||dg_i||): unit diagonal, off-diagonal entries the cosines,
+    # so the system is well scaled whatever the sizes of the differences.
+    d = ops.rsqrt(squares)
+    floor = 100.0 * float(np.finfo(dtype).eps)
+    ridges = ops.where(
+        valid, ops.clip(min(ridge, _MAX_RIDGE) * current[:, None] / squares, floor, _MAX_RIDGE), 0.0
+    )
+    system = gram * d[:, :, None] * d[:, None, :] + eye * ridges[:, None, :]
+    gamma = _filtered_solve(system, rhs * d, ridges) * d
+    ok = finite[:, None] & ops.all(ops.isfinite(gamma), axis=1, keepdims=True)
+    return ops.where(ok, gamma, 0.0)
 
 
-def _combine(alpha, history):
-    """`sum_i alpha[:, i] * history[i]` for a tuple of `(batch, n)` tensors."""
-    return tf.add_n([alpha[:, i : i + 1] * h for i, h in enumerate(history)])
+def _filtered_solve(a, b, ridges):
+    """`a^{-1} b` for a batch of small symmetric positive definite `a` `(batch, p, p)`
+    with unit diagonal plus `ridges` `(batch, p)`, `b` `(batch, p)`, dropping the
+    nearly dependent unknowns.
+
+    Gauss-Jordan elimination without pivoting (stable for such matrices), in order,
+    unrolled over the `p` unknowns. Unknown j is dropped (set to 0) when its pivot,
+    less its own ridge, is at most `_DROP`: then the direction it stands for is, to
+    that tolerance, in the span of the earlier (newer) kept ones.
+    """
+    size = a.shape[-1]
+    x = ops.concatenate([a, b[:, :, None]], axis=2)
+    unit = np.eye(size, size + 1, dtype=keras.backend.standardize_dtype(a.dtype))
+    rows = np.arange(size)[None, :, None]
+    for j in range(size):
+        pivot = x[:, j : j + 1, j : j + 1]
+        keep = pivot - ridges[:, j : j + 1, None] > _DROP
+        # A dropped unknown's equation becomes gamma_j = 0, and its column is cleared.
+        x = ops.where(~keep & (rows == j), unit[None, j : j + 1], x)
+        row = x[:, j : j + 1, :] / ops.where(keep, pivot, 1.0)
+        x = x - (x[:, :, j : j + 1] - unit[None, :, j : j + 1]) * row
+    return x[:, :, size]
