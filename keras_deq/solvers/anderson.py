@@ -70,15 +70,16 @@ class Anderson(Solver):
 
     def init(self, f, z0):
         # The last `window - 1` differences of the residuals g_i and of the mixed iterates
-        # y_i = z_i + beta g_i, newest first, as (window - 1, batch, n) buffers, their Gram
+        # y_i = z_i + beta g_i, newest first, as (batch, window - 1, n) buffers, their Gram
         # matrix (batch, window - 1, window - 1), and the previous y and g.
         del f
         if self.window == 1:
             return ()
         zeros = ops.zeros_like(z0)
         size = self.window - 1
-        buffer = ops.tile(zeros[None], (size, 1, 1))
-        gram = ops.tile(ops.cast(zeros[:, :1, None], _acc_dtype(z0.dtype)), (1, size, size))
+        buffer = ops.tile(zeros[:, None], (1, size, 1))
+        batch_zeros = ops.zeros_like(ops.sum(ops.cast(zeros, _acc_dtype(z0.dtype)), axis=1))
+        gram = ops.tile(batch_zeros[:, None, None], (1, size, size))
         return zeros, zeros, buffer, buffer, gram
 
     def step(self, f, z, fz, state, k):
@@ -88,28 +89,35 @@ class Anderson(Solver):
         if self.window == 1:
             return y, state
         y_prev, g_prev, dys, dgs, gram = state
-        # A sample whose f(z) is not finite keeps g = 0 and y = z in its history, so that
-        # no NaN enters it (nor the gradient of an unrolled solve); the loop freezes it.
-        finite = ops.all(ops.isfinite(g), axis=1, keepdims=True)
-        g = ops.where(finite, g, 0.0)
-        y = ops.where(finite, y, z)
         acc = _acc_dtype(z.dtype)
-        # Iteration k >= 1 pushes the differences y - y_prev, g - g_prev (at k = 0 the
-        # pushed entry is never used: only the k newest differences are valid).
-        dg = g - g_prev
-        dgs = ops.concatenate([dg[None], dgs[:-1]], axis=0)
-        dys = ops.concatenate([(y - y_prev)[None], dys[:-1]], axis=0)
-        dgs_acc, g_acc = ops.cast(dgs, acc), ops.cast(g, acc)
-        row = ops.transpose(ops.sum(dgs_acc * ops.cast(dg, acc)[None], axis=2))
-        rhs = ops.transpose(ops.sum(dgs_acc * g_acc[None], axis=2))
+        # ||g_k||^2 computed as the loop's residual is (a graph computes it once); it only
+        # scales the ridge, so no gradient flows through it.
+        current = ops.stop_gradient(
+            ops.sum(ops.square(ops.cast(fz, acc) - ops.cast(z, acc)), axis=1)
+        )
+        # A sample whose residual is not finite keeps g = 0 and y = z in its history, so
+        # that no NaN enters it (nor the gradient of an unrolled solve); the loop freezes
+        # it. Iteration 0 pushes zero differences, which the solve drops.
+        finite = ops.isfinite(current)
+        current = ops.where(finite, current, 0.0)
+        g = ops.where(finite[:, None], g, 0.0)
+        y = ops.where(finite[:, None], y, z)
+        first = ops.cast(k > 0, z.dtype)
+        dg = (g - g_prev) * first
+        dgs = ops.concatenate([dg[:, None], dgs[:, :-1]], axis=1)
+        dys = ops.concatenate([((y - y_prev) * first)[:, None], dys[:, :-1]], axis=1)
+        # <dg_i, dg_k> (the Gram matrix's new row and column) and <dg_i, g_k>. Batched
+        # matrix products, here and for z_next, rather than sums of products: XLA would
+        # fuse the small solve into those sums and redo it for every entry.
+        dgs_acc = ops.cast(dgs, acc)
+        row = ops.einsum("bpn,bn->bp", dgs_acc, ops.cast(dg, acc))
+        rhs = ops.einsum("bpn,bn->bp", dgs_acc, ops.cast(g, acc))
         gram = ops.concatenate(
             [row[:, None, :], ops.concatenate([row[:, 1:, None], gram[:, :-1, :-1]], axis=2)],
             axis=1,
         )
-        valid = ops.less(ops.arange(self.window - 1), k)
-        current = ops.sum(ops.square(g_acc), axis=1)
-        gamma = _coefficients(gram, rhs, current, valid, self.ridge)
-        z_next = y - ops.sum(ops.cast(ops.transpose(gamma), z.dtype)[:, :, None] * dys, axis=0)
+        gamma = _coefficients(gram, rhs, current, self.ridge)
+        z_next = y - ops.einsum("bp,bpn->bn", ops.cast(gamma, z.dtype), dys)
         return z_next, (y, g, dys, dgs, gram)
 
 
@@ -154,67 +162,62 @@ def _acc_dtype(dtype):
     return keras.backend.standardize_dtype(res.accumulation_dtype(dtype))
 
 
-def _coefficients(gram, rhs, current, valid, ridge):
+def _coefficients(gram, rhs, current, ridge):
     """The coefficients `gamma` `(batch, p)` of the differences, newest first.
 
     Args:
-        gram: `(batch, p, p)` inner products of the residual differences `dg_i`.
+        gram: `(batch, p, p)` inner products of the residual differences `dg_i` (zero
+            rows and columns for differences that do not exist yet).
         rhs: `(batch, p)` inner products `<dg_i, g_k>` with the newest residual.
         current: `(batch,)` the newest squared residual `||g_k||^2`.
-        valid: `(p,)` which differences exist yet (the others are ignored).
         ridge: The relative ridge.
 
     Solves `min ||g_k - sum_i gamma_i dg_i||^2 + sum_i lam_i gamma_i^2`, with
     `lam_i = max(ridge ||g_k||^2, 100 eps ||dg_i||^2)`, over the differences kept by
-    `_filtered_solve`. A sample whose system is not finite gets `gamma = 0`: a plain
-    step.
+    `_filtered_solve` (a zero difference is never kept). A sample whose system is not
+    finite gets `gamma = 0`: a plain step.
     """
     dtype = keras.backend.standardize_dtype(gram.dtype)
     size = gram.shape[-1]
-    eye = ops.eye(size, dtype=dtype)
-    finite = (
-        ops.all(ops.isfinite(gram), axis=(1, 2))
-        & ops.all(ops.isfinite(rhs), axis=1)
-        & ops.isfinite(current)
-    )
-    both = valid[:, None] & valid[None, :]
-    gram = ops.where(finite[:, None, None] & both, gram, eye)
-    rhs = ops.where(finite[:, None] & valid, rhs, 0.0)
-    current = ops.where(finite, current, 0.0)
-    squares = ops.diagonal(gram, axis1=1, axis2=2)  # ||dg_i||^2 (1 where invalid)
-    squares = ops.where(squares > 0.0, squares, 1.0)
     # Scaled by D = diag(1 / ||dg_i||): unit diagonal, off-diagonal entries the cosines,
     # so the system is well scaled whatever the sizes of the differences.
+    squares = ops.diagonal(gram, axis1=1, axis2=2)
+    squares = ops.where(squares > 0.0, squares, 1.0)
     d = ops.rsqrt(squares)
     floor = 100.0 * float(np.finfo(dtype).eps)
-    ridges = ops.where(
-        valid, ops.clip(min(ridge, _MAX_RIDGE) * current[:, None] / squares, floor, _MAX_RIDGE), 0.0
-    )
-    system = gram * d[:, :, None] * d[:, None, :] + eye * ridges[:, None, :]
-    gamma = _filtered_solve(system, rhs * d, ridges) * d
-    ok = finite[:, None] & ops.all(ops.isfinite(gamma), axis=1, keepdims=True)
-    return ops.where(ok, gamma, 0.0)
+    ridges = ops.clip(min(ridge, _MAX_RIDGE) * current[:, None] / squares, floor, _MAX_RIDGE)
+    scale = d[:, :, None] * ops.concatenate([d, ops.ones_like(d[:, :1])], axis=1)[:, None, :]
+    unit = np.eye(size, size + 1, dtype=dtype)
+    system = ops.concatenate([gram, rhs[:, :, None]], axis=2) * scale + ridges[:, :, None] * unit
+    # A sample whose system overflowed solves the identity system: gamma = 0.
+    finite = ops.all(ops.isfinite(system), axis=(1, 2))[:, None]
+    system = ops.where(finite[:, :, None], system, unit)
+    gamma = _filtered_solve(system, ridges + _DROP) * d
+    return ops.where(finite & ops.isfinite(gamma), gamma, 0.0)
 
 
-def _filtered_solve(a, b, ridges):
-    """`a^{-1} b` for a batch of small symmetric positive definite `a` `(batch, p, p)`
-    with unit diagonal plus `ridges` `(batch, p)`, `b` `(batch, p)`, dropping the
-    nearly dependent unknowns.
+def _filtered_solve(system, thresholds):
+    """Solves the augmented systems `system` `(batch, p, p + 1)` (`[a | b]`, `a`
+    symmetric positive definite with unit diagonal plus ridges), dropping the nearly
+    dependent unknowns.
 
     Gauss-Jordan elimination without pivoting (stable for such matrices), in order,
-    unrolled over the `p` unknowns. Unknown j is dropped (set to 0) when its pivot,
-    less its own ridge, is at most `_DROP`: then the direction it stands for is, to
-    that tolerance, in the span of the earlier (newer) kept ones.
+    unrolled over the `p` unknowns. Unknown j is dropped (set to 0, its column
+    cleared) when its pivot is at most `thresholds[:, j]` (its ridge plus `_DROP`):
+    the direction it stands for is then, to that tolerance, in the span of the
+    earlier (newer) kept ones.
     """
-    size = a.shape[-1]
-    x = ops.concatenate([a, b[:, :, None]], axis=2)
-    unit = np.eye(size, size + 1, dtype=keras.backend.standardize_dtype(a.dtype))
-    rows = np.arange(size)[None, :, None]
-    for j in range(size):
+    size = system.shape[1]
+    unit = np.eye(size, size + 1, dtype=keras.backend.standardize_dtype(system.dtype))
+    x, keeps = system, []
+    for j, threshold in enumerate(ops.split(thresholds[:, :, None], size, axis=1)):
         pivot = x[:, j : j + 1, j : j + 1]
-        keep = pivot - ridges[:, j : j + 1, None] > _DROP
-        # A dropped unknown's equation becomes gamma_j = 0, and its column is cleared.
-        x = ops.where(~keep & (rows == j), unit[None, j : j + 1], x)
-        row = x[:, j : j + 1, :] / ops.where(keep, pivot, 1.0)
+        keep = pivot > threshold
+        # A dropped unknown eliminates itself from the other rows with the row e_j; its
+        # own row is then meaningless, and its value is set to 0 at the end.
+        row = ops.where(
+            keep, x[:, j : j + 1, :] / ops.where(keep, pivot, 1.0), unit[None, j : j + 1]
+        )
         x = x - (x[:, :, j : j + 1] - unit[None, :, j : j + 1]) * row
-    return x[:, :, size]
+        keeps.append(keep[:, 0])
+    return ops.where(ops.concatenate(keeps, axis=1), x[:, :, size], 0.0)
