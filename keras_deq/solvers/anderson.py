@@ -70,17 +70,17 @@ class Anderson(Solver):
 
     def init(self, f, z0):
         # The last `window - 1` differences of the residuals g_i and of the mixed iterates
-        # y_i = z_i + beta g_i, newest first, as (batch, window - 1, n) buffers, their Gram
-        # matrix (batch, window - 1, window - 1), and the previous y and g.
+        # y_i = z_i + beta g_i, newest first, as tuples of (batch, n) tensors (a new
+        # difference shifts the tuple, which copies nothing), their Gram matrix
+        # (batch, window - 1, window - 1), and the previous y and g.
         del f
         if self.window == 1:
             return ()
         zeros = ops.zeros_like(z0)
         size = self.window - 1
-        buffer = ops.tile(zeros[:, None], (1, size, 1))
         batch_zeros = ops.zeros_like(ops.sum(ops.cast(zeros, _acc_dtype(z0.dtype)), axis=1))
         gram = ops.tile(batch_zeros[:, None, None], (1, size, size))
-        return zeros, zeros, buffer, buffer, gram
+        return zeros, zeros, (zeros,) * size, (zeros,) * size, gram
 
     def step(self, f, z, fz, state, k):
         del f
@@ -104,20 +104,20 @@ class Anderson(Solver):
         y = ops.where(finite[:, None], y, z)
         first = ops.cast(k > 0, z.dtype)
         dg = (g - g_prev) * first
-        dgs = ops.concatenate([dg[:, None], dgs[:, :-1]], axis=1)
-        dys = ops.concatenate([((y - y_prev) * first)[:, None], dys[:, :-1]], axis=1)
-        # <dg_i, dg_k> (the Gram matrix's new row and column) and <dg_i, g_k>. Batched
-        # matrix products, here and for z_next, rather than sums of products: XLA would
-        # fuse the small solve into those sums and redo it for every entry.
-        dgs_acc = ops.cast(dgs, acc)
-        row = ops.einsum("bpn,bn->bp", dgs_acc, ops.cast(dg, acc))
-        rhs = ops.einsum("bpn,bn->bp", dgs_acc, ops.cast(g, acc))
+        dgs = (dg, *dgs[:-1])
+        dys = ((y - y_prev) * first, *dys[:-1])
+        # <dg_i, dg_k> (the Gram matrix's new row and column) and <dg_i, g_k>: batched
+        # matrix products, which XLA computes well (sums of products, one per slot, it
+        # does not), at the cost of one stacked copy of the differences.
+        stacked = ops.cast(ops.stack(dgs, axis=1), acc)
+        row = ops.einsum("bpn,bn->bp", stacked, ops.cast(dg, acc))
+        rhs = ops.einsum("bpn,bn->bp", stacked, ops.cast(g, acc))
         gram = ops.concatenate(
             [row[:, None, :], ops.concatenate([row[:, 1:, None], gram[:, :-1, :-1]], axis=2)],
             axis=1,
         )
-        gamma = _coefficients(gram, rhs, current, self.ridge)
-        z_next = y - ops.einsum("bp,bpn->bn", ops.cast(gamma, z.dtype), dys)
+        gamma = ops.cast(_coefficients(gram, rhs, current, self.ridge), z.dtype)
+        z_next = y - sum(gamma[:, i : i + 1] * dy for i, dy in enumerate(dys))
         return z_next, (y, g, dys, dgs, gram)
 
 
