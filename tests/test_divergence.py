@@ -29,7 +29,7 @@ import pytest
 import tensorflow as tf
 
 from keras_deq import DEQ, DenseCell, solvers
-from tests.solvers.helpers import relative_np
+from tests.solvers.helpers import anderson_np, relative_np
 
 SOLVERS = ("anderson", "broyden", "fixed_point")
 
@@ -49,21 +49,7 @@ def picard_iterates(f_np, z0, count):
 
 def anderson_iterates(f_np, z0, count, window=5, ridge=1e-4):
     """Anderson type II, per sample, as documented (beta = 1); z_0 .. z_{count-1}."""
-    z = np.asarray(z0, np.float64)
-    zs, hist_f, hist_g = [z], [], []
-    while len(zs) < count:
-        fz = f_np(z)
-        hist_f = (hist_f + [fz])[-window:]
-        hist_g = (hist_g + [fz - z])[-window:]
-        g = np.stack(hist_g, axis=1)
-        gram = g @ g.transpose(0, 2, 1)
-        m = g.shape[1]
-        lam = ridge * np.trace(gram, axis1=1, axis2=2) / m
-        w = np.linalg.solve(gram + lam[:, None, None] * np.eye(m), np.ones((z.shape[0], m, 1)))
-        alpha = w[..., 0] / w[..., 0].sum(axis=1, keepdims=True)
-        z = np.einsum("bm,bmn->bn", alpha, np.stack(hist_f, axis=1))
-        zs.append(z)
-    return zs
+    return anderson_np(f_np, z0, count - 1, window, 1.0, ridge)
 
 
 def broyden_iterates(f_np, z0, count):

@@ -1,7 +1,5 @@
-"""Anderson acceleration (type II) with a relative ridge."""
-
-import functools
-import operator
+"""Anderson acceleration (type II, difference form) with a ridge relative to the current
+residual."""
 
 import keras
 import numpy as np
@@ -11,17 +9,37 @@ from keras_deq.solvers import common
 from keras_deq.solvers import result as res
 from keras_deq.solvers.base import Solver
 
+_MAX_RIDGE = 1e30
+"""Cap of the scaled ridge, so that a huge ridge stays finite in float32."""
+
+_DROP = 1e-3
+"""A residual difference is dropped when less than this fraction of its squared norm
+lies outside the span of the newer differences kept (an angle below about 1.8 degrees)."""
+
 
 @keras.saving.register_keras_serializable(package="keras_deq")
 class Anderson(Solver):
     """Anderson-accelerated fixed-point iteration.
 
-    Each iteration mixes the last `window` iterates with weights `alpha` that
-    minimize `||sum_i alpha_i g_i||^2 + lam ||alpha||^2` subject to
-    `sum_i alpha_i = 1`, where `g_i = f(z_i) - z_i`. The ridge `lam` is relative:
-    `lam = ridge * mean_i ||g_i||^2`, so it shrinks with the residuals and the
-    acceleration does not stall near the solution. If the small system is
-    singular or not finite for a sample, that sample takes a plain step instead.
+    With residuals `g_i = f(z_i) - z_i`, mixed iterates `y_i = z_i + beta g_i`, and
+    the differences `dg_i`, `dy_i` of consecutive ones over the last `window`
+    iterates (newest first), each iteration steps to
+    `z_{k+1} = y_k - sum_i gamma_i dy_i`, where `gamma` minimizes
+    `||g_k - sum_i gamma_i dg_i||^2 + sum_i lam_i gamma_i^2` (Anderson type II in
+    difference form; the same as mixing the iterates with weights that sum to 1).
+
+    The ridge is relative to the current residual:
+    `lam_i = max(ridge * ||g_k||^2, 100 eps ||dg_i||^2)` (`eps` the machine
+    epsilon of the accumulation dtype). It shrinks with the residual, so the
+    acceleration keeps its pace near the solution whatever the older, larger
+    residuals in the window, and it holds near a zero solution too. The
+    `100 eps ||dg_i||^2` floor, the precision of the small system's entries, keeps
+    it invertible with `ridge=0`. A difference that is nearly in the span of the
+    newer ones (less than 1e-3 of its squared norm outside it, in the regularized
+    system) is left out of the window for that step: a longer window then costs no
+    iterations on a low-dimensional or nearly linear problem (with one unknown,
+    Anderson is the secant method). A sample whose small system is not finite (an
+    overflowing residual) takes a plain step, `z_{k+1} = y_k`.
 
     Args:
         max_iter: Maximum number of iterations (each evaluates `f` once).
@@ -30,9 +48,9 @@ class Anderson(Solver):
         window: Number of past iterates mixed (the history size `m`).
         beta: Mixing parameter in (0, 1]: 1 mixes the `f(z_i)`, smaller values
             move part way from the mixed `z_i`.
-        ridge: Relative Tikhonov regularization of the least-squares system, >= 0.
-            Values below 100 machine epsilons of the accumulation dtype are raised
-            to that floor, which keeps the small system invertible.
+        ridge: Tikhonov regularization of the least-squares system relative to the
+            current squared residual `||g_k||^2`, >= 0 (0: none beyond the floor
+            above; `inf`: plain steps).
 
     Examples:
         >>> from keras import ops
@@ -51,45 +69,68 @@ class Anderson(Solver):
         self.ridge = common.check_nonnegative_float("ridge", ridge, finite=False)
 
     def init(self, f, z0):
-        # The last `window` values of f(z_i) and of the residuals g_i = f(z_i) - z_i,
-        # oldest first, as tuples of `(batch, n)` tensors: a new entry shifts the tuple,
-        # which costs no copy (a ring buffer in one tensor rewrites it every iteration).
+        # The last `window - 1` differences of the residuals g_i and of the mixed iterates
+        # y_i = z_i + beta g_i, newest first, as tuples of (batch, n) tensors (a new
+        # difference shifts the tuple, which copies nothing), their Gram matrix
+        # (batch, window - 1, window - 1), and the previous y and g.
+        del f
+        if self.window == 1:
+            return ()
         zeros = ops.zeros_like(z0)
-        acc = res.accumulation_dtype(z0.dtype)
-        gram = ops.zeros((ops.shape(z0)[0], self.window, self.window), acc)
-        return (zeros,) * self.window, (zeros,) * self.window, gram
+        size = self.window - 1
+        batch_zeros = ops.zeros_like(ops.sum(ops.cast(zeros, _acc_dtype(z0.dtype)), axis=1))
+        gram = ops.tile(batch_zeros[:, None, None], (1, size, size))
+        return zeros, zeros, (zeros,) * size, (zeros,) * size, gram
 
     def step(self, f, z, fz, state, k):
-        history_f, history_g, gram = state
-        window, dtype = self.window, z.dtype
-        acc = res.accumulation_dtype(dtype)
-        # ||f(z) - z||^2 as the loop's residual computes it (in a graph, the same ops are
-        # computed once). A sample where it is not finite gets g = 0 and f = z in its
-        # history so that it cannot spoil anything; its weights then fall back to a
-        # plain step (and the loop freezes it).
-        diff = ops.cast(fz, acc) - ops.cast(z, acc)
-        finite = ops.isfinite(ops.sum(diff * diff, axis=1))[:, None]
-        g = ops.where(finite, fz - z, ops.zeros_like(z))
-        history_f = (*history_f[1:], ops.where(finite, fz, z))
-        history_g = (*history_g[1:], g)
-        g_acc = ops.cast(g, acc)
-        row = ops.stack([ops.sum(ops.cast(h, acc) * g_acc, axis=1) for h in history_g], axis=1)
-        gram = _shift_gram(gram, row)
-        alpha = ops.cast(_mixing_weights(gram, k, window, self.ridge), dtype)
-        z_next = _combine(alpha, history_f)
-        if self.beta != 1.0:
-            z_next -= (1.0 - self.beta) * _combine(alpha, history_g)
-        return z_next, (history_f, history_g, gram)
+        del f
+        g = fz - z
+        y = fz if self.beta == 1.0 else z + self.beta * g
+        if self.window == 1:
+            return y, state
+        y_prev, g_prev, dys, dgs, gram = state
+        acc = _acc_dtype(z.dtype)
+        # ||g_k||^2 computed as the loop's residual is (a graph computes it once); it only
+        # scales the ridge, so no gradient flows through it.
+        current = ops.stop_gradient(
+            ops.sum(ops.square(ops.cast(fz, acc) - ops.cast(z, acc)), axis=1)
+        )
+        # A sample whose residual is not finite keeps g = 0 and y = z in its history, so
+        # that no NaN enters it (nor the gradient of an unrolled solve); the loop freezes
+        # it. Iteration 0 pushes zero differences, which the solve drops.
+        finite = ops.isfinite(current)
+        current = ops.where(finite, current, 0.0)
+        g = ops.where(finite[:, None], g, 0.0)
+        y = ops.where(finite[:, None], y, z)
+        first = ops.cast(k > 0, z.dtype)
+        dg = (g - g_prev) * first
+        dgs = (dg, *dgs[:-1])
+        dys = ((y - y_prev) * first, *dys[:-1])
+        # <dg_i, dg_k> (the Gram matrix's new row and column) and <dg_i, g_k>: batched
+        # matrix products, which XLA computes well (sums of products, one per slot, it
+        # does not), at the cost of one stacked copy of the differences.
+        stacked = ops.cast(ops.stack(dgs, axis=1), acc)
+        row = ops.einsum("bpn,bn->bp", stacked, ops.cast(dg, acc))
+        rhs = ops.einsum("bpn,bn->bp", stacked, ops.cast(g, acc))
+        gram = ops.concatenate(
+            [row[:, None, :], ops.concatenate([row[:, 1:, None], gram[:, :-1, :-1]], axis=2)],
+            axis=1,
+        )
+        gamma = ops.cast(_coefficients(gram, rhs, current, self.ridge), z.dtype)
+        z_next = y - sum(gamma[:, i : i + 1] * dy for i, dy in enumerate(dys))
+        return z_next, (y, g, dys, dgs, gram)
 
 
 def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, ridge=1e-4):
     """Anderson-accelerated fixed-point iteration.
 
     The function form of `Anderson(max_iter, tol, stop_mode, window, beta, ridge)(f, z0)`.
-    Each iteration mixes the last `window` iterates with weights `alpha` that
-    minimize `||sum_i alpha_i g_i||^2 + lam ||alpha||^2` subject to
-    `sum_i alpha_i = 1`, where `g_i = f(z_i) - z_i`, with the relative ridge
-    `lam = ridge * mean_i ||g_i||^2`.
+    Each iteration steps to `z_{k+1} = y_k - sum_i gamma_i dy_i` with
+    `y_i = z_i + beta g_i`, `g_i = f(z_i) - z_i`, where `gamma` minimizes
+    `||g_k - sum_i gamma_i dg_i||^2 + sum_i lam_i gamma_i^2` over the differences
+    `dg_i`, `dy_i` of the last `window` iterates, with the ridge relative to the
+    newest residual: `lam_i = max(ridge * ||g_k||^2, 100 eps ||dg_i||^2)`. See
+    `Anderson`.
 
     Args:
         f: The map, taking and returning a structure like `z0`.
@@ -100,9 +141,9 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
         window: Number of past iterates mixed (the history size `m`).
         beta: Mixing parameter in (0, 1]: 1 mixes the `f(z_i)`, smaller values
             move part way from the mixed `z_i`.
-        ridge: Relative Tikhonov regularization of the least-squares system, >= 0.
-            Values below 100 machine epsilons of the accumulation dtype are raised
-            to that floor, which keeps the small system invertible.
+        ridge: Tikhonov regularization of the least-squares system relative to the
+            current squared residual `||g_k||^2`, >= 0 (0: none beyond the
+            `100 eps ||dg_i||^2` floor; `inf`: plain steps).
 
     Returns:
         A `SolverResult`.
@@ -117,47 +158,66 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
     return Anderson(max_iter, tol, stop_mode, window, beta, ridge)(f, z0)
 
 
-def _shift_gram(gram, row):
-    """Drops the oldest row/column of the `(batch, m, m)` Gram matrix and appends `row`
-    (the inner products of every history entry, newest last, with the newest residual)."""
-    top = ops.concatenate([gram[:, 1:, 1:], row[:, :-1, None]], axis=2)
-    return ops.concatenate([top, row[:, None, :]], axis=1)
+def _acc_dtype(dtype):
+    return keras.backend.standardize_dtype(res.accumulation_dtype(dtype))
 
 
-def _mixing_weights(gram, k, window, ridge):
-    """Solves for the Anderson weights, falling back to the newest iterate.
+def _coefficients(gram, rhs, current, ridge):
+    """The coefficients `gamma` `(batch, p)` of the differences, newest first.
 
-    The history is ordered oldest first; after `k + 1` iterations its last
-    `min(k + 1, window)` entries are valid.
+    Args:
+        gram: `(batch, p, p)` inner products of the residual differences `dg_i` (zero
+            rows and columns for differences that do not exist yet).
+        rhs: `(batch, p)` inner products `<dg_i, g_k>` with the newest residual.
+        current: `(batch,)` the newest squared residual `||g_k||^2`.
+        ridge: The relative ridge.
+
+    Solves `min ||g_k - sum_i gamma_i dg_i||^2 + sum_i lam_i gamma_i^2`, with
+    `lam_i = max(ridge ||g_k||^2, 100 eps ||dg_i||^2)`, over the differences kept by
+    `_filtered_solve` (a zero difference is never kept). A sample whose system is not
+    finite gets `gamma = 0`: a plain step.
     """
-    acc = keras.backend.standardize_dtype(gram.dtype)
-    n_valid = ops.minimum(k + 1, window)
-    valid = ops.cast(ops.arange(window, dtype="int32") >= window - n_valid, acc)
-    # A sample whose Gram matrix overflowed solves the identity system instead and
-    # falls back to the newest iterate below.
-    finite = ops.all(ops.isfinite(gram), axis=(1, 2))
-    gram = ops.where(finite[:, None, None], gram, ops.zeros_like(gram))
-    eye = ops.convert_to_tensor(np.eye(window), acc)
-    mean_sq = ops.sum(gram * eye, axis=(1, 2)) / ops.cast(n_valid, acc)
-    tiny = res.tiny_for(acc)
-    # The system is scaled by the mean squared residual (the weights do not depend
-    # on that scale), so that its entries are O(1) even for huge residuals.
-    gram = gram / (mean_sq + tiny)[:, None, None]
-    # The ridge never drops below a few machine epsilons (relative), so that the
-    # system stays invertible with `ridge=0` and a linearly dependent history
-    # (TensorFlow's linear solve raises on an exactly singular matrix). An infinite
-    # ridge means equal weights: any huge finite value gives them.
-    lam = min(max(ridge, 100.0 * float(res.finfo(acc).eps)), 1e30)
-    system = gram + eye * (lam * valid + (1.0 - valid))
-    rhs = ops.zeros_like(gram[:, :, :1]) + valid[:, None]
-    w = ops.linalg.solve(system, rhs)[:, :, 0]
-    total = ops.sum(w, axis=1, keepdims=True)
-    alpha = w / total
-    ok = ops.all(ops.isfinite(alpha), axis=1, keepdims=True) & (ops.abs(total) > tiny)
-    newest = ops.convert_to_tensor(np.eye(window)[-1:], acc)
-    return ops.where(ok & finite[:, None], alpha, newest)
+    dtype = keras.backend.standardize_dtype(gram.dtype)
+    size = gram.shape[-1]
+    # Scaled by D = diag(1 / ||dg_i||): unit diagonal, off-diagonal entries the cosines,
+    # so the system is well scaled whatever the sizes of the differences.
+    squares = ops.diagonal(gram, axis1=1, axis2=2)
+    squares = ops.where(squares > 0.0, squares, 1.0)
+    d = ops.rsqrt(squares)
+    floor = 100.0 * float(np.finfo(dtype).eps)
+    ridges = ops.clip(min(ridge, _MAX_RIDGE) * current[:, None] / squares, floor, _MAX_RIDGE)
+    scale = d[:, :, None] * ops.concatenate([d, ops.ones_like(d[:, :1])], axis=1)[:, None, :]
+    unit = np.eye(size, size + 1, dtype=dtype)
+    system = ops.concatenate([gram, rhs[:, :, None]], axis=2) * scale + ridges[:, :, None] * unit
+    # A sample whose system overflowed solves the identity system: gamma = 0.
+    finite = ops.all(ops.isfinite(system), axis=(1, 2))[:, None]
+    system = ops.where(finite[:, :, None], system, unit)
+    gamma = _filtered_solve(system, ridges + _DROP) * d
+    return ops.where(finite & ops.isfinite(gamma), gamma, 0.0)
 
 
-def _combine(alpha, history):
-    """`sum_i alpha[:, i] * history[i]` for a tuple of `(batch, n)` tensors."""
-    return functools.reduce(operator.add, [alpha[:, i : i + 1] * h for i, h in enumerate(history)])
+def _filtered_solve(system, thresholds):
+    """Solves the augmented systems `system` `(batch, p, p + 1)` (`[a | b]`, `a`
+    symmetric positive definite with unit diagonal plus ridges), dropping the nearly
+    dependent unknowns.
+
+    Gauss-Jordan elimination without pivoting (stable for such matrices), in order,
+    unrolled over the `p` unknowns. Unknown j is dropped (set to 0, its column
+    cleared) when its pivot is at most `thresholds[:, j]` (its ridge plus `_DROP`):
+    the direction it stands for is then, to that tolerance, in the span of the
+    earlier (newer) kept ones.
+    """
+    size = system.shape[1]
+    unit = np.eye(size, size + 1, dtype=keras.backend.standardize_dtype(system.dtype))
+    x, keeps = system, []
+    for j, threshold in enumerate(ops.split(thresholds[:, :, None], size, axis=1)):
+        pivot = x[:, j : j + 1, j : j + 1]
+        keep = pivot > threshold
+        # A dropped unknown eliminates itself from the other rows with the row e_j; its
+        # own row is then meaningless, and its value is set to 0 at the end.
+        row = ops.where(
+            keep, x[:, j : j + 1, :] / ops.where(keep, pivot, 1.0), unit[None, j : j + 1]
+        )
+        x = x - (x[:, :, j : j + 1] - unit[None, :, j : j + 1]) * row
+        keeps.append(keep[:, 0])
+    return ops.where(ops.concatenate(keeps, axis=1), x[:, :, size], 0.0)

@@ -847,7 +847,17 @@ def test_dict_inputs_need_a_state_shape():
 def test_dict_inputs_solve_and_differentiate_like_the_unrolled_reference(tmp_path):
     x = _dict_batch()
     layer = DEQ(DictInjectionCell(), state_shape=(4,), tol=1e-7, max_iter=100)
-    reference = DEQ(layer.cell, state_shape=(4,), tol=1e-7, max_iter=100, backward="unrolled")
+    # Autodiff through plain fixed-point steps: a reference that shares no solver
+    # bookkeeping with the implicit gradient (unrolled Anderson differentiates its mixing
+    # weights too, which in float32 is noisier than this tolerance).
+    reference = DEQ(
+        layer.cell,
+        state_shape=(4,),
+        solver="fixed_point",
+        tol=1e-7,
+        max_iter=300,
+        backward="unrolled",
+    )
     x_t = {k: tf.constant(v) for k, v in x.items()}
     grads = []
     for deq in (layer, reference):

@@ -209,26 +209,43 @@ def picard_np(f_np, z0, iters, damping=1.0):
     return zs
 
 
-def anderson_np(f_np, z0, iters, window, beta, ridge):
+def anderson_np(f_np, z0, iters, window, beta, ridge, drop=1e-3):
     """Anderson type II as documented, per sample, dense numpy; returns z_0 .. z_iters.
 
-    alpha minimizes ||sum_i alpha_i g_i||^2 + lam ||alpha||^2 s.t. sum alpha = 1 with
-    lam = ridge * mean_i ||g_i||^2; z_next = sum_i alpha_i (z_i + beta g_i).
+    With y_i = z_i + beta g_i and the last `window - 1` differences dg_i, dy_i of g and
+    y, newest first: gamma minimizes ||g_k - sum_i gamma_i dg_i||^2 + sum_i lam_i
+    gamma_i^2 with lam_i = max(ridge ||g_k||^2, 100 eps ||dg_i||^2), over the
+    differences kept newest first: one is dropped when, in the system scaled to unit
+    diagonal, its pivot less its own ridge is at most `drop`. z_next = y_k - sum_i
+    gamma_i dy_i.
     """
+    eps = np.finfo(np.float64).eps
     z = np.asarray(z0, np.float64)
-    zs, hist_z, hist_g = [z], [], []
+    zs, ys, gs = [z], [], []
     for _ in range(iters):
         g = f_np(z) - z
-        hist_z = (hist_z + [z])[-window:]
-        hist_g = (hist_g + [g])[-window:]
-        zm = np.stack(hist_z, axis=1)  # (batch, m, n)
-        gm = np.stack(hist_g, axis=1)
-        gram = gm @ gm.transpose(0, 2, 1)
-        m = gm.shape[1]
-        lam = ridge * np.trace(gram, axis1=1, axis2=2) / m
-        w = np.linalg.solve(gram + lam[:, None, None] * np.eye(m), np.ones((z.shape[0], m, 1)))
-        alpha = w[..., 0] / w[..., 0].sum(axis=1, keepdims=True)
-        z = np.einsum("bm,bmn->bn", alpha, zm + beta * gm)
+        ys = [z + beta * g, *ys][:window]
+        gs = [g, *gs][:window]
+        z = ys[0].copy()
+        for b in range(z.shape[0]):
+            dg = np.array([gs[i][b] - gs[i + 1][b] for i in range(len(gs) - 1)])
+            dy = np.array([ys[i][b] - ys[i + 1][b] for i in range(len(ys) - 1)])
+            if not len(dg):
+                continue
+            norms = np.linalg.norm(dg, axis=1)
+            d = 1.0 / np.where(norms > 0, norms, 1.0)
+            lam = np.maximum(ridge * (g[b] @ g[b]) * d**2, 100 * eps)
+            system = (dg @ dg.T) * np.outer(d, d) + np.diag(lam)
+            rhs = (dg @ g[b]) * d
+            keep = []
+            for j in range(len(rhs)):
+                v = system[keep, j]
+                schur = v @ np.linalg.solve(system[np.ix_(keep, keep)], v) if keep else 0.0
+                if system[j, j] - schur - lam[j] > drop:
+                    keep.append(j)
+            gamma = np.zeros(len(rhs))
+            gamma[keep] = np.linalg.solve(system[np.ix_(keep, keep)], rhs[keep]) * d[keep]
+            z[b] = ys[0][b] - gamma @ dy
         zs.append(z)
     return zs
 
