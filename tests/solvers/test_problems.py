@@ -50,6 +50,7 @@ def test_there_are_24_problems_with_distinct_names():
 
 
 @pytest.mark.parametrize("problem, column", _cases())
+@pytest.mark.float64  # the table is in float64 (abs tol 1e-8)
 def test_solver_reaches_the_known_solution(problem, column):
     result = _run(problem, column)
     assert bool(np.all(_numpy(result.converged))), f"{column} did not converge"
@@ -65,6 +66,7 @@ def test_solver_reaches_the_known_solution(problem, column):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("problem", [p for p in PROBLEMS if not p.picard], ids=lambda p: p.name)
+@pytest.mark.float64  # the table is in float64 (abs tol 1e-8)
 def test_fixed_point_fails_where_the_table_says_so(problem):
     # Not a contraction (banax_expanding), derivative -1 at the root (optx_root_via_min),
     # or contraction factor 1 - 2.5e-5 (optx_rosenbrock_gd).
@@ -72,6 +74,7 @@ def test_fixed_point_fails_where_the_table_says_so(problem):
     assert not bool(np.all(_numpy(result.converged)))
 
 
+@pytest.mark.float64  # the table is in float64 (abs tol 1e-8)
 def test_solution_references_are_fixed_points():
     # Independent of the solvers: each reference solution is a fixed point of its map.
     for p in PROBLEMS:
@@ -89,6 +92,7 @@ def anderson_counts():
     }
 
 
+@pytest.mark.float64  # the table is in float64 (abs tol 1e-8)
 def test_anderson_solves_the_linear_map_in_four_evaluations():
     # banax's 0.5 z + 1 to 1e-8: the secant extrapolation from z0, z1 lands on 2 (up to
     # the ridge), which z3 confirms. With the old ridge (1e-4 of the window's mean
@@ -111,6 +115,7 @@ def test_float32_anderson_reaches_a_zero_solution(name):
     assert np.max(np.abs(P.flatten(result.state))) <= 1e-18
 
 
+@pytest.mark.float64  # the table is in float64 (abs tol 1e-8)
 def test_window_8_is_not_worse_than_window_5(anderson_counts):
     # On all 24 problems at the time of writing (better on optx_heat and
     # optx_midpoint_fk_linear); with the old ridge window 8 was worse on 20 of them.
@@ -118,6 +123,7 @@ def test_window_8_is_not_worse_than_window_5(anderson_counts):
     assert len(not_worse) >= 23, sorted(set(anderson_counts) - set(not_worse))
 
 
+@pytest.mark.float64  # the table is in float64 (abs tol 1e-8)
 def test_anderson_total_evaluations(anderson_counts):
     # 177 evaluations (window 5) and 175 (window 8) over the 24 problems; 277 and 354
     # with the old ridge.
@@ -126,6 +132,7 @@ def test_anderson_total_evaluations(anderson_counts):
     assert sum(row["m8"] for row in anderson_counts.values()) <= 185
 
 
+@pytest.mark.float64  # the table is in float64 (abs tol 1e-8)
 def test_anderson_is_the_secant_method_in_one_dimension():
     # In 1-D every difference after the newest is dependent: it is left out, so a long
     # window costs nothing and Anderson is the secant method (6 evaluations on tanh(z+1)).
@@ -135,6 +142,7 @@ def test_anderson_is_the_secant_method_in_one_dimension():
     assert counts[2] <= 6
 
 
+@pytest.mark.float64  # the table is in float64 (abs tol 1e-8)
 def test_anderson_matches_a_numpy_reference_with_filtering():
     # A window longer than the dimension (2 unknowns, window 8): filtering drops the
     # dependent differences. The iterates agree with the documented math in numpy.
