@@ -1,7 +1,6 @@
 """The state of a `DEQ` layer: its shapes, its symbolic specs and its starting value."""
 
 import keras
-import tensorflow as tf
 
 
 def is_multi(input_shape):
@@ -55,14 +54,14 @@ def check_solver_batch_dims(solver_batch_dims, z_spec):
         raise ValueError(
             "`solver_batch_dims` > 1 needs a single-tensor state with more axes than "
             f"`solver_batch_dims`. Received: solver_batch_dims={solver_batch_dims}, "
-            f"state shape={[t.shape for t in tf.nest.flatten(z_spec)]}"
+            f"state shape={[t.shape for t in keras.tree.flatten(z_spec)]}"
         )
 
 
 def check_cell_output(out, z_spec):
-    want = [tuple(t.shape[1:]) for t in tf.nest.flatten(z_spec)]
+    want = [tuple(t.shape[1:]) for t in keras.tree.flatten(z_spec)]
     try:
-        got = [tuple(t.shape[1:]) for t in tf.nest.flatten(out)]
+        got = [tuple(t.shape[1:]) for t in keras.tree.flatten(out)]
     except AttributeError:
         got = None
     if got != want:

@@ -113,10 +113,9 @@ class SolverMonitor:
         )
 
     def _on_host_failure(self, which, n_failed, n_nonfinite, worst):
-        # Called eagerly or from tf.py_function: both pass eager tensors.
-        message = self._failure_message(
-            which, int(n_failed.numpy()), int(n_nonfinite.numpy()), float(worst.numpy())
-        )
+        # Called eagerly, from tf.py_function (eager tensors) or from a JAX host
+        # callback (numpy values): `int` and `float` read all of them.
+        message = self._failure_message(which, int(n_failed), int(n_nonfinite), float(worst))
         if self.on_failure == "raise":
             raise FloatingPointError(message)
         if not self._warned:
@@ -125,14 +124,16 @@ class SolverMonitor:
         return 0
 
     def _failure_counts(self, result):
-        failed = ~result.converged
+        """`(n_failed, n_nonfinite, worst finite residual of a failed sample)`."""
+        ops = keras.ops
+        failed = ops.logical_not(result.converged)
         nonfinite = failed if result.nonfinite is None else failed & result.nonfinite
         residual = self._residual(result)
-        finite = tf.math.is_finite(residual)
-        worst = tf.reduce_max(tf.where(failed & finite, residual, tf.zeros_like(residual)))
+        finite = ops.isfinite(residual)
+        worst = ops.max(ops.where(failed & finite, residual, ops.zeros_like(residual)))
         return (
-            tf.reduce_sum(tf.cast(failed, tf.int32)),
-            tf.reduce_sum(tf.cast(nonfinite | (failed & ~finite), tf.int32)),
+            ops.sum(ops.cast(failed, "int32")),
+            ops.sum(ops.cast(nonfinite | (failed & ops.logical_not(finite)), "int32")),
             worst,
         )
 
@@ -228,21 +229,9 @@ class SolverMonitor:
         """Sends the failure counts of `result` to a host warning (`on_failure="warn"`)."""
         if self.on_failure != "warn":
             return
-        ops = keras.ops
-        residual = ops.cast(self._residual(result), "float32")
-        finite = ops.isfinite(residual)
-        failed = ops.logical_not(result.converged)
-        nonfinite = failed if result.nonfinite is None else failed & result.nonfinite
-        worst = ops.max(ops.where(failed & finite, residual, ops.zeros_like(residual)))
-        n_failed = ops.sum(ops.cast(failed, "int32"))
-        n_nonfinite = ops.sum(ops.cast(nonfinite | (failed & ~finite), "int32"))
 
         def warn(n_failed, n_nonfinite, worst):
-            if int(n_failed) > 0 and not self._warned:
-                self._warned = True
-                message = self._failure_message(
-                    which, int(n_failed), int(n_nonfinite), float(worst)
-                )
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            if int(n_failed) > 0:
+                self._on_host_failure(which, n_failed, n_nonfinite, worst)
 
-        backend.host_call(warn, n_failed, n_nonfinite, worst)
+        backend.host_call(warn, *self._failure_counts(result))
