@@ -2,7 +2,7 @@
 and step counts on 24 test problems.
 
     python benchmarks/solvers.py                 # (a), (b), (c): a few minutes on CPU
-    python benchmarks/solvers.py --jit both      # the same, plain tf.function and XLA
+    python benchmarks/solvers.py --jit off       # plain tf.function only (also: on, apart)
     python benchmarks/solvers.py --problems      # evaluations per problem and solver
     python benchmarks/solvers.py --trained       # solvers on a trained digits DEQ
 
@@ -48,13 +48,20 @@ TINY = 1e-30  # a tolerance no iterate meets: the solvers run exactly `max_iter`
 
 # ------------------------------------------------------------------------- utilities
 def compile_fn(fn, jit):
-    """`fn` compiled as a graph: `tf.function` (with XLA if `jit`), or `jax.jit`."""
+    """`fn` compiled as a graph, or `jax.jit`. `jit`: False, a plain `tf.function`; True,
+    `tf.function(jit_compile=True)`; `"apart"`, a plain `tf.function` in which `fn` runs
+    as one XLA program (`keras_deq.backend.compiled_solve`, as `DEQ(jit_compile="auto")`
+    runs its solves in Keras' default CPU graphs)."""
     if keras.backend.backend() == "jax":
         import jax
 
         return jax.jit(fn)
     import tensorflow as tf
 
+    if jit == "apart":
+        from keras_deq.backend import tensorflow as tf_backend
+
+        return tf.function(lambda: tf_backend.xla_call(fn), autograph=False)
     return tf.function(fn, jit_compile=jit, autograph=False)
 
 
@@ -121,11 +128,16 @@ def load_baseline(directory):
 
 
 def jit_modes(choice):
-    return {"off": [False], "on": [True], "both": [False, True]}[choice]
+    return {
+        "off": [False],
+        "on": [True],
+        "apart": ["apart"],
+        "both": [False, "apart", True],
+    }[choice]
 
 
 def mode_name(jit):
-    return "XLA" if jit else "graph"
+    return {False: "graph", True: "XLA", "apart": "apart"}[jit]
 
 
 # ------------------------------------------------------------------- (a) and (b)
@@ -284,7 +296,9 @@ def trained(args, baseline=None):
             label = name + (
                 "" if not options else "(" + ",".join(f"{k}={v}" for k, v in options.items()) + ")"
             )
-            fns[label] = compile_fn(lambda s=solver: s(cell, tf.zeros_like(x)), args.jit == "on")
+            fns[label] = compile_fn(
+                lambda s=solver: s(cell, tf.zeros_like(x)), jit_modes(args.jit)[-1]
+            )
         results = {label: fn() for label, fn in fns.items()}
         times = median_times(fns, args.repeats, args.clock)
         base = times["fixed_point"]
@@ -309,7 +323,12 @@ def main(argv=None):
     parser.add_argument("--max-iter", type=int, default=500, help="budget of (c), --trained")
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads (0: default)")
-    parser.add_argument("--jit", choices=["off", "on", "both"], default="both")
+    parser.add_argument(
+        "--jit",
+        choices=["off", "on", "apart", "both"],
+        default="both",
+        help="graph (off), XLA (on), the solve alone in XLA inside a graph (apart), or all",
+    )
     parser.add_argument("--clock", choices=["process", "wall"], default="process")
     parser.add_argument("--baseline", help="another checkout, whose Anderson is timed too")
     parser.add_argument("--skip", nargs="*", default=[], choices=["overhead", "to_tol"])

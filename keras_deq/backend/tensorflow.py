@@ -64,6 +64,23 @@ def in_xla_context():
         return False
 
 
+def outside_xla_graph():
+    """True while tracing a graph that TensorFlow will run op by op: not eager, not
+    inside an XLA cluster, not tracing for `tf.saved_model.save`."""
+    return not tf.executing_eagerly() and not in_xla_context() and not in_save_context()
+
+
+def xla_call(fn, *args):
+    """`fn(*args)` compiled by XLA as one cluster inside the graph being traced.
+
+    The caller's graph keeps running op by op around it; only `fn` (a solver loop,
+    its cell included) becomes one compiled program. Compiled again for each new
+    input shape; not differentiable through `fn` by design (use it on solves whose
+    gradient is defined otherwise).
+    """
+    return tf.function(fn, jit_compile=True, autograph=False)(*args)
+
+
 def gate_later_ops(checks):
     """Makes every op created after this point in the current graph wait for `checks`.
 

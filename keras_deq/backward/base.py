@@ -63,6 +63,9 @@ class Backward(configurable.Configurable):
     """
 
     family = "backward mode"
+    # Whether the mode differentiates through the forward solve itself (then that
+    # solve must stay differentiable: it is not compiled apart, see `DEQ.jit_compile`).
+    differentiates_forward = False
     _registry = {}
 
     def __call__(self, problem):

@@ -18,6 +18,7 @@ class Unrolled(Backward):
     """
 
     name = "unrolled"
+    differentiates_forward = True
 
     def __call__(self, problem):
         result = problem.forward(lambda z: problem.fn(z, problem.x), problem.z0)

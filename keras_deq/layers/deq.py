@@ -120,6 +120,16 @@ class DEQ(SolverMonitor, keras.layers.Layer):
         on_failure: `"warn"`, `"raise"` or `"ignore"` when a sample does not
             converge.
         seed: Seed for the regularizer's probes and its per-step draw.
+        jit_compile: Whether the solves run as one XLA program each inside a
+            TensorFlow graph that is not compiled as a whole (Keras' default on
+            CPU), which makes each solver iteration cost about what its cell
+            evaluations cost instead of paying per-op dispatch (about 2x faster
+            training of small cells; each new batch shape compiles once, a few
+            seconds). `"auto"` (default): when every layer of the cell has
+            `supports_jit`; `True`: always; `False`: never. A solve that is
+            differentiated through (`backward="unrolled"`) is never compiled
+            apart. No effect on JAX or under `model.compile(jit_compile=True)`,
+            where the whole step is compiled anyway.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -156,6 +166,7 @@ class DEQ(SolverMonitor, keras.layers.Layer):
         on_failure="warn",
         seed=None,
         solver_batch_dims=1,
+        jit_compile="auto",
         **kwargs,
     ):
         # Before 0.2 the phantom mode's settings were layer arguments.
@@ -207,6 +218,7 @@ class DEQ(SolverMonitor, keras.layers.Layer):
         self.on_failure = check_on_failure(on_failure)
         self.seed = arguments.check_seed(seed)
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self.jit_compile = arguments.check_jit_compile(jit_compile)
         self._warned = False
         self._explicit_depth = None
         arguments.check_backend_support(self._mode, self.on_failure, self._penalty)
@@ -328,11 +340,16 @@ class DEQ(SolverMonitor, keras.layers.Layer):
         self._explicit_depth = value
 
     # ------------------------------------------------------------------- call
-    def _solver(self, solver, max_iter=None):
+    def _solver(self, solver, max_iter=None, differentiated=False):
         """`solver` as a function `(f, z0) -> SolverResult` over the solver batch dims,
-        with `max_iter` (an int or a run-time tensor) replacing its own when given."""
+        with `max_iter` (an int or a run-time tensor) replacing its own when given,
+        compiled apart as `jit_compile` says unless it is `differentiated`."""
         overrides = {} if max_iter is None else {"max_iter": max_iter}
-        return common.per_entry(lambda f, z0: solver(f, z0, **overrides), self.solver_batch_dims)
+        solve = common.per_entry(lambda f, z0: solver(f, z0, **overrides), self.solver_batch_dims)
+        jit = self.jit_compile == "auto" and arguments.supports_jit(self.cell)
+        if differentiated or not (jit or self.jit_compile is True):
+            return solve
+        return backend.compiled_solve(solve)
 
     def call(self, inputs, initial_state=None, training=None):
         """Solves for the equilibrium of the cell with injection `inputs`.
@@ -373,11 +390,17 @@ class DEQ(SolverMonitor, keras.layers.Layer):
         max_iter = self.max_iter
         if regularize:
             max_iter = self._penalty.budget(max_iter, self._picked(draw), self.seed_generator)
+        explicit = self._explicit_depth is not None
+        mode = backward_lib.Explicit(self._explicit_depth) if explicit else self._mode
         problem = backward_lib.Equilibrium(
             fn,
             x,
             z0,
-            forward=self._solver(self._forward, max_iter if tf.is_tensor(max_iter) else None),
+            forward=self._solver(
+                self._forward,
+                max_iter if tf.is_tensor(max_iter) else None,
+                differentiated=mode.differentiates_forward,
+            ),
             adjoint=self._solver(self._adjoint),
             variables=tuple(self.cell.trainable_variables),
             # Statistics of the adjoint solve only while training: the gradient
@@ -387,8 +410,6 @@ class DEQ(SolverMonitor, keras.layers.Layer):
             tol=self.tol,
             stop_mode=self.stop_mode,
         )
-        explicit = self._explicit_depth is not None
-        mode = backward_lib.Explicit(self._explicit_depth) if explicit else self._mode
         z, result = mode(problem)
         checks = self._record_forward(
             result, report=not explicit, host=not tf_backend.in_save_context()
@@ -509,6 +530,7 @@ class DEQ(SolverMonitor, keras.layers.Layer):
                 "on_failure": self.on_failure,
                 "seed": self.seed,
                 "solver_batch_dims": self.solver_batch_dims,
+                "jit_compile": self.jit_compile,
             }
         )
         return config

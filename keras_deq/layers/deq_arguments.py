@@ -208,6 +208,19 @@ def check_seed(seed):
     return None if seed is None else int(seed)
 
 
+def check_jit_compile(jit_compile):
+    if jit_compile not in ("auto", True, False):
+        raise ValueError(
+            f"`jit_compile` must be 'auto', True or False. Received: jit_compile={jit_compile!r}"
+        )
+    return jit_compile
+
+
+def supports_jit(layer):
+    """Whether `layer` and every layer inside it say they compile with XLA."""
+    return all(getattr(sub, "supports_jit", True) for sub in layer._flatten_layers())
+
+
 def check_backend_support(mode, on_failure, penalty):
     """Refuses what the current Keras backend cannot do (clearly, at construction)."""
     name = backend.name()
