@@ -25,6 +25,9 @@ def classifier(deq_layer, stem_channels):
     return keras.Model(inputs, logits)
 
 
+@pytest.mark.tensorflow_only(
+    "the caps are keras_deq.constraints, TensorFlow code until its port to keras.ops"
+)
 # ------------------------------------------------------------------ caps survive training
 def test_caps_hold_after_training_with_a_large_learning_rate():
     keras.utils.set_random_seed(0)
