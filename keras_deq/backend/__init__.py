@@ -137,3 +137,77 @@ def host_call(fn, *args):
         jax.debug.callback(fn, *args)
         return
     raise NotImplementedError(f"host_call is not used on the {name()!r} backend.")
+
+
+# ------------------------------------------------------------------ layers (paper cells)
+# Used by the paper layers (`keras_deq.layers.multiscale_cell`, `keras_deq.models.language`).
+
+
+def init_scope():
+    """A context that runs its body eagerly, outside any function being traced, e.g.
+    to apply weight constraints once when a layer is built inside a `tf.function`
+    (TensorFlow's `tf.init_scope`). Elsewhere a no-op: Keras builds layers eagerly
+    there, before tracing."""
+    if name() == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415
+
+        return tf.init_scope()
+    return contextlib.nullcontext()
+
+
+def has_values(tensor):
+    """Whether the values of `tensor` can be read now (eager), rather than being
+    traced into a graph (`tf.function`) or a compiled function (`jax.jit`)."""
+    if name() == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415
+
+        return tf.executing_eagerly()
+    if name() == "jax":
+        import jax  # noqa: PLC0415
+
+        return not isinstance(tensor, jax.core.Tracer)
+    return True
+
+
+def with_runtime_checks(value, conditions, message):
+    """`value`, with run-time assertions that every boolean tensor of `conditions()`
+    (a function, called only where the checks run) holds: in a TensorFlow graph an
+    `InvalidArgumentError` carrying `message` when it runs (XLA drops the
+    assertions). Where values cannot be checked inside a compiled function (JAX),
+    `value` unchecked; check eagerly before (`has_values`)."""
+    if name() != "tensorflow":
+        return value
+    import tensorflow as tf  # noqa: PLC0415
+
+    checks = [tf.debugging.Assert(tf.reduce_all(c), [message]) for c in conditions()]
+    with tf.control_dependencies(checks):
+        return tf.identity(value)
+
+
+def shape_polymorphic_function(fn, shape, dtype):
+    """`fn` of one tensor, compiled once for every input of rank `len(shape)` (`None`
+    for a dimension of any size) and `dtype` where the backend can (a `tf.function`
+    with an input signature); elsewhere `fn` as is (JAX compiles the loops inside)."""
+    if name() == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415
+
+        return tf.function(fn, input_signature=[tf.TensorSpec(shape, dtype)])
+    return fn
+
+
+def stateless_uniform(shape, seed, dtype="float32"):
+    """Uniform `[0, 1)` values of `shape`, a pure function of the int32 `(2,)` tensor
+    `seed` (the same seed gives the same values, at every call and inside loops).
+    `keras.random` takes only Python ints or a stateful `SeedGenerator` as seeds.
+    TensorFlow's `tf.random.stateless_uniform`; JAX's `jax.random.uniform` with the
+    seed as a raw key."""
+    if name() == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415
+
+        return tf.random.stateless_uniform(shape, seed=seed, dtype=dtype)
+    if name() == "jax":
+        import jax  # noqa: PLC0415
+
+        key = keras.ops.cast(seed, "uint32")
+        return jax.random.uniform(key, tuple(shape), dtype=dtype)
+    raise NotImplementedError(f"stateless_uniform is not used on the {name()!r} backend.")

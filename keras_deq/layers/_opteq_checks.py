@@ -8,7 +8,7 @@ make exact hyper-parameter tensors.
 
 import numbers
 
-import tensorflow as tf
+from keras import ops
 
 from keras_deq.solvers.common import check_positive_float, check_positive_int
 
@@ -52,9 +52,9 @@ def check_max_norm(max_norm):
 def scalar(value, dtype):
     """`value` as a `dtype` scalar tensor, exactly for a Python number.
 
-    `tf.cast(0.7, tf.float64)` first makes a float32 tensor and so rounds 0.7 to
-    float32 (off by 1e-8); `tf.constant(0.7, tf.float64)` does not.
+    Casting 0.7 to float64 from a default (float32) tensor rounds it to float32 (off
+    by 1e-8); converting the Python number straight to float64 does not.
     """
-    if tf.is_tensor(value) or isinstance(value, tf.Variable):
-        return tf.cast(value, dtype)
-    return tf.constant(value, dtype)
+    if isinstance(value, numbers.Number):
+        return ops.convert_to_tensor(value, dtype)
+    return ops.cast(value, dtype)

@@ -12,7 +12,7 @@ Keras' `Conv2D`, `GroupNormalization` and `UpSampling2D`, chained by `_Chain`.
 import math
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_deq.solvers.common import (
     check_bool,
@@ -37,7 +37,7 @@ class ScaledReLU(keras.layers.Layer):
 
     Examples:
         >>> import numpy as np
-        >>> ScaledReLU(0.5)(np.array([-2.0, 2.0])).numpy().tolist()
+        >>> keras.ops.convert_to_numpy(ScaledReLU(0.5)(np.array([-2.0, 2.0]))).tolist()
         [0.0, 1.0]
     """
 
@@ -128,11 +128,11 @@ class MeanGroupNormalization(keras.layers.Layer):
             )
 
     def call(self, inputs):
-        shape = tf.shape(inputs)
+        shape = ops.shape(inputs)
         channels = inputs.shape[-1]
-        grouped = tf.reshape(inputs, [shape[0], -1, self.groups, channels // self.groups])
-        centered = grouped - tf.reduce_mean(grouped, axis=[1, 3], keepdims=True)
-        out = tf.reshape(centered, shape)
+        grouped = ops.reshape(inputs, (shape[0], -1, self.groups, channels // self.groups))
+        centered = grouped - ops.mean(grouped, axis=(1, 3), keepdims=True)
+        out = ops.reshape(centered, shape)
         if self.gamma is not None:
             out = out * self.gamma
         if self.beta is not None:
@@ -145,8 +145,8 @@ class MeanGroupNormalization(keras.layers.Layer):
     def lipschitz_constant(self):
         """`max|gamma|` (1 without `gamma`): the layer's Lipschitz constant."""
         if self.gamma is None:
-            return tf.constant(1.0, self.variable_dtype)
-        return tf.reduce_max(tf.abs(tf.convert_to_tensor(self.gamma)))
+            return ops.convert_to_tensor(1.0, self.variable_dtype)
+        return ops.max(ops.abs(ops.convert_to_tensor(self.gamma)))
 
     def get_config(self):
         return {

@@ -6,13 +6,15 @@ Lipschitz constant from its weights (`lipschitz_bound`). `LipschitzMultiscaleCel
 reuses it with its hyper-parameters changed.
 """
 
+import functools
 import math
 import numbers
+import operator
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from keras_deq import constraints, linalg
+from keras_deq import backend, constraints, linalg
 from keras_deq.layers.multiscale_blocks import (
     MeanGroupNormalization,
     ScaledReLU,
@@ -24,6 +26,11 @@ from keras_deq.solvers.common import check_positive_int, get_keras_object
 
 # Epsilon of the standard group normalization (PyTorch's GroupNorm default, as in MDEQ).
 GROUP_NORM_EPSILON = 1e-5
+
+
+def _add_n(terms):
+    """The sum of `terms`, left to right (as `tf.add_n` sums them)."""
+    return functools.reduce(operator.add, terms)
 
 
 def _check_channels(channels):
@@ -203,7 +210,7 @@ class MultiscaleCell(keras.layers.Layer):
             )
             for i, c in enumerate(self.channels)
         ]
-        with tf.init_scope():  # once, eagerly, even if built while tracing a function
+        with backend.init_scope():  # once, eagerly, even if built while tracing a function
             self.apply_constraints()
 
     def _make_block(self, i):
@@ -265,10 +272,10 @@ class MultiscaleCell(keras.layers.Layer):
             return own
         if self.beta > 0:
             weights = fusion_weights(self.num_branches, self.softmax_weights)[i]
-            return (1.0 - self.beta) * own + self.beta * tf.add_n(
+            return (1.0 - self.beta) * own + self.beta * _add_n(
                 [weights[j] * term for j, term in others.items()]
             )
-        return tf.add_n([own, *others.values()])
+        return _add_n([own, *others.values()])
 
     def call(self, z, x, training=None):
         blocks = []
@@ -292,25 +299,26 @@ class MultiscaleCell(keras.layers.Layer):
     # ---------------------------------------------------------------- lipschitz
     def _chain_lipschitz(self, layers, size):
         """Product of the Lipschitz constants of `layers` applied in turn at `size`."""
-        total = tf.constant(1.0, self.variable_dtype)
+        dtype = self.variable_dtype
+        total = ops.convert_to_tensor(1.0, dtype)
         for layer in layers:
             if isinstance(layer, keras.layers.Conv2D):
-                kernel = tf.convert_to_tensor(layer.kernel)
+                kernel = ops.convert_to_tensor(layer.kernel)
                 factor = linalg.conv_operator_norm_upper(kernel, size, layer.strides, layer.padding)
                 size = tuple(-(-d // s) for d, s in zip(size, layer.strides, strict=True))
             elif isinstance(layer, MeanGroupNormalization):
                 factor = layer.lipschitz_constant()
             elif isinstance(layer, keras.layers.GroupNormalization):
-                factor = tf.constant(math.inf, self.variable_dtype)
+                factor = ops.convert_to_tensor(math.inf, dtype)
             elif isinstance(layer, ScaledReLU):
-                factor = tf.constant(layer.slope, self.variable_dtype)
+                factor = ops.convert_to_tensor(layer.slope, dtype)
             elif isinstance(layer, keras.layers.UpSampling2D):
                 # Each pixel is copied sy * sx times: norms grow by sqrt(sy * sx).
-                factor = tf.constant(math.sqrt(layer.size[0] * layer.size[1]), self.variable_dtype)
+                factor = ops.convert_to_tensor(math.sqrt(layer.size[0] * layer.size[1]), dtype)
                 size = tuple(d * s for d, s in zip(size, layer.size, strict=True))
             else:  # pragma: no cover - every layer built above is listed
                 raise TypeError(f"No Lipschitz constant for layer {layer!r}")
-            total = total * tf.cast(factor, self.variable_dtype)
+            total = total * ops.cast(factor, dtype)
         return total
 
     def _block_constant(self, inner):
@@ -393,10 +401,11 @@ class MultiscaleCell(keras.layers.Layer):
             self._chain_lipschitz(post.steps, size)
             for post, size in zip(self.post_fusion, self._sizes, strict=True)
         ]
-        matrix = tf.stack([tf.stack(row) for row in self._bound_rows(blocks, paths, posts)])
-        if not bool(tf.reduce_all(tf.math.is_finite(matrix))):
-            return tf.constant(math.inf, self.variable_dtype)
-        return linalg.dense_spectral_norm_exact(matrix)
+        matrix = ops.stack([ops.stack(row) for row in self._bound_rows(blocks, paths, posts)])
+        finite = ops.all(ops.isfinite(matrix))
+        # A graph-safe `inf if not finite else norm`: the norm of a finite stand-in.
+        norm = linalg.dense_spectral_norm_exact(ops.where(finite, matrix, ops.zeros_like(matrix)))
+        return ops.where(finite, norm, ops.convert_to_tensor(math.inf, matrix.dtype))
 
     # ------------------------------------------------------------------ config
     def get_config(self):

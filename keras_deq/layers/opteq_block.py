@@ -6,7 +6,7 @@ solve. The map `T` is an `OptEqCell`; priors come from `opteq_priors`.
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_deq.layers._opteq_checks import check_choice
 from keras_deq.layers.deq import DEQ
@@ -225,12 +225,12 @@ class OptEqBlock(keras.layers.Layer):
         Returns:
             A `(batch,)` tensor.
         """
-        x = tf.convert_to_tensor(x, self.compute_dtype)
+        x = ops.convert_to_tensor(x, self.compute_dtype)
         z = self(x) if z is None else z
         diff = z - self.map(x)(z)
-        axes = list(range(1, z.shape.rank))
-        return tf.norm(tf.reshape(diff, [tf.shape(z)[0], -1]), axis=1) / (
-            tf.sqrt(tf.reduce_sum(tf.square(z), axis=axes)) + 1e-12
+        axes = tuple(range(1, len(z.shape)))
+        return ops.norm(ops.reshape(diff, (ops.shape(z)[0], -1)), axis=1) / (
+            ops.sqrt(ops.sum(ops.square(z), axis=axes)) + 1e-12
         )
 
     def compute_output_shape(self, input_shape):

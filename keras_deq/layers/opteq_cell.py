@@ -5,7 +5,7 @@
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_deq.layers._opteq_checks import check_alpha, check_choice, check_max_norm, check_units
 from keras_deq.layers.opteq_priors import PRIORS, FeaturePrior
@@ -151,11 +151,11 @@ class OptEqCell(keras.layers.Layer):
         1-Lipschitz monotone activation and every `||W_l|| <= 1` (for conv units
         `||W_l||` is the operator-norm upper bound of `OptEqConvUnit`).
         """
-        bound = tf.constant(1.0)
+        bound = ops.convert_to_tensor(1.0, "float32")
         for unit in self.unit_layers:
-            alpha = tf.cast(unit.alpha_value(), tf.float32)
-            norm = tf.cast(unit.operator_norm(), tf.float32)
-            bound = bound * (alpha * tf.square(norm) + 1.0 - alpha)
+            alpha = ops.cast(unit.alpha_value(), "float32")
+            norm = ops.cast(unit.operator_norm(), "float32")
+            bound = bound * (alpha * ops.square(norm) + 1.0 - alpha)
         return bound
 
     def get_config(self):

@@ -9,7 +9,7 @@ to `z = T(T_R(z), x)`, with `T_R = prox_{gamma R}` when it has a closed form and
 import math
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_deq.features import (
     decorrelation,
@@ -75,9 +75,9 @@ class FeaturePrior:
 
     Example:
 
-    >>> import tensorflow as tf
+    >>> import keras
     >>> prior = FeaturePrior("l2", strength=1.0)
-    >>> prior.step(tf.constant([[2.0, 4.0]])).numpy().tolist()
+    >>> keras.ops.convert_to_numpy(prior.step(keras.ops.array([[2.0, 4.0]]))).tolist()
     [[1.0, 2.0]]
     """
 
@@ -107,9 +107,9 @@ class FeaturePrior:
     def value(self, z):
         """`R(z)`, a scalar (per-sample priors are summed over the batch)."""
         if self.name == "l2":
-            return 0.5 * tf.reduce_sum(tf.square(z))
+            return 0.5 * ops.sum(ops.square(z))
         if self.name == "l1":
-            return tf.reduce_sum(tf.abs(z))
+            return ops.sum(ops.abs(z))
         if self.name == "incay":
             return incay(z, self.epsilon)
         if self.name == "hsic":
@@ -121,7 +121,7 @@ class FeaturePrior:
         if self.name == "l2":
             return z
         if self.name == "l1":
-            return tf.sign(z)
+            return ops.sign(z)
         if self.name == "incay":
             return incay_gradient(z, self.epsilon)
         if self.name == "hsic":

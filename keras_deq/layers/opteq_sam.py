@@ -7,8 +7,9 @@ fixed points of a nonexpansive `T` it selects the one with the least prior `R`
 which `OptEqBlock` unrolls in training.
 """
 
-import tensorflow as tf
+from keras import ops
 
+from keras_deq import backend
 from keras_deq.layers._opteq_checks import scalar
 from keras_deq.solvers.common import check_positive_float, check_positive_int
 
@@ -33,9 +34,10 @@ def sam_iteration(fn, z0, steps, grad_r=None, rho=0.5, c=0.2, gamma=0.1):
     For a nonexpansive `fn` with many fixed points it tends to the fixed point
     with the least `R` (Theorem 5, for `rho + 2c < 1` and `gamma = 1 / (2 L)`
     where `L` is the Lipschitz constant of `grad_r`). With `grad_r=None` it is
-    plain iteration `z^k = fn(z^{k-1})` (Remark 2). A `tf.while_loop`:
-    differentiable by autodiff (the unrolled gradient of Eq. 12), usable in
-    graph mode and under XLA.
+    plain iteration `z^k = fn(z^{k-1})` (Remark 2). A loop with a static trip
+    count (`keras_deq.backend.differentiable_loop`): differentiable by autodiff
+    (the unrolled gradient of Eq. 12) on every backend, usable in graph mode and
+    under XLA.
 
     Args:
         fn: The map `T`, a function of a tensor returning a tensor of its shape.
@@ -51,28 +53,26 @@ def sam_iteration(fn, z0, steps, grad_r=None, rho=0.5, c=0.2, gamma=0.1):
 
     Example:
 
-    >>> import tensorflow as tf
-    >>> z = sam_iteration(lambda z: 0.5 * z + 1.0, tf.zeros([1, 2]), steps=60)
-    >>> [round(v, 4) for v in z.numpy()[0].tolist()]
+    >>> import keras
+    >>> z = sam_iteration(lambda z: 0.5 * z + 1.0, keras.ops.zeros((1, 2)), steps=60)
+    >>> [round(v, 4) for v in keras.ops.convert_to_numpy(z)[0].tolist()]
     [2.0, 2.0]
     """
     steps = check_positive_int("steps", steps)
-    z0 = tf.convert_to_tensor(z0)
+    z0 = ops.convert_to_tensor(z0)
     dtype = z0.dtype
 
-    def plain(k, z):
+    def plain(state):
+        k, z = state
         return k + 1, fn(z)
 
-    def averaged(k, z):
-        beta = scalar(rho, dtype) / tf.pow(tf.cast(k, dtype), scalar(c, dtype))
+    def averaged(state):
+        k, z = state
+        beta = scalar(rho, dtype) / ops.power(ops.cast(k, dtype), scalar(c, dtype))
         step = scalar(gamma, dtype)
         s = (1.0 - step * beta) * z - step * grad_r(z)
         return k + 1, beta * s + (1.0 - beta) * fn(z)
 
-    _, z = tf.while_loop(
-        lambda k, z: k <= steps,
-        plain if grad_r is None else averaged,
-        (tf.constant(1), z0),
-        maximum_iterations=steps,
-    )
+    start = (ops.convert_to_tensor(1, "int32"), z0)
+    _, z = backend.differentiable_loop(plain if grad_r is None else averaged, start, steps)
     return z

@@ -11,7 +11,7 @@ nonexpansive and its fixed points are the minimizers of `phi` (Xie et al., TPAMI
 import math
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_deq.constraints import ConvSpectralNorm, SpectralNorm
 from keras_deq.layers._opteq_checks import check_alpha, check_max_norm
@@ -71,8 +71,8 @@ class _OptEqUnit(keras.layers.Layer):
         """The relaxation `alpha` (a tensor in (0, 1) when learnable, else a float)."""
         if not self.learnable_alpha:
             return self.alpha
-        alpha = tf.sigmoid(tf.convert_to_tensor(self.alpha_logit))
-        return tf.cast(alpha, dtype) if dtype is not None else alpha
+        alpha = ops.sigmoid(ops.convert_to_tensor(self.alpha_logit))
+        return ops.cast(alpha, dtype) if dtype is not None else alpha
 
     def injection(self, x):
         """`U x + b`: the part of the pre-activation that does not depend on `z`."""
@@ -236,17 +236,19 @@ class OptEqConvUnit(_OptEqUnit):
         self._cap_initial_kernel()
 
     def _apply(self, z):
-        return tf.nn.conv2d(z, self.kernel, 1, "SAME")
+        return ops.conv(z, self.kernel, 1, "same", data_format="channels_last")
 
     def _adjoint(self, h, z):
-        return tf.nn.conv2d_transpose(h, self.kernel, tf.shape(z), 1, "SAME")
+        # The transposed conv with the same (k, k, m, n) kernel maps n channels back to m;
+        # stride 1 and "same" padding keep the spatial size of `z`.
+        return ops.conv_transpose(h, self.kernel, 1, "same", data_format="channels_last")
 
     def _inject(self, x):
-        return tf.nn.conv2d(x, self.injection_kernel, 1, "SAME")
+        return ops.conv(x, self.injection_kernel, 1, "same", data_format="channels_last")
 
     def operator_norm(self):
         """An upper bound on the conv's operator norm on `spatial_shape` inputs."""
-        return same_conv_norm_upper(tf.convert_to_tensor(self.kernel), self.spatial_shape)
+        return same_conv_norm_upper(ops.convert_to_tensor(self.kernel), self.spatial_shape)
 
     def get_config(self):
         config = super().get_config()

@@ -4,8 +4,9 @@ import math
 import numbers
 
 import keras
-import tensorflow as tf
+from keras import ops
 
+from keras_deq import backend
 from keras_deq.solvers.common import check_optional_positive_int, check_rate, get_keras_object
 
 NORMS = ("pre", "post")
@@ -29,16 +30,16 @@ def sinusoidal_positions(length, d_model, dtype="float32"):
     pe = sinusoidal_positions(16, 32)  # (16, 32)
     ```
     """
-    positions = tf.cast(tf.range(length), "float32")[:, None]
+    positions = ops.cast(ops.arange(length), "float32")[:, None]
     half = d_model // 2
-    rates = tf.exp(-math.log(10000.0) * tf.cast(tf.range(half), "float32") * 2.0 / d_model)
+    rates = ops.exp(-math.log(10000.0) * ops.cast(ops.arange(half), "float32") * 2.0 / d_model)
     angles = positions * rates[None, :]
     # The explicit length: with d_model = 1 (half = 0) a -1 could not be inferred.
-    shape = tf.stack([tf.shape(positions)[0], 2 * half])
-    pe = tf.reshape(tf.stack([tf.sin(angles), tf.cos(angles)], axis=-1), shape)
+    shape = (ops.shape(positions)[0], 2 * half)
+    pe = ops.reshape(ops.stack([ops.sin(angles), ops.cos(angles)], axis=-1), shape)
     if d_model % 2:
-        pe = tf.pad(pe, [[0, 0], [0, 1]])
-    return tf.cast(pe, dtype)
+        pe = ops.pad(pe, [[0, 0], [0, 1]])
+    return ops.cast(pe, dtype)
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
@@ -197,12 +198,12 @@ class DEQTransformerCell(keras.layers.Layer):
     def _masks(self, z):
         """Two variational masks of shape `(batch, 1, d_model)`, scaled by 1/keep."""
         keep = 1.0 - self.dropout
-        shape = tf.stack([tf.shape(z)[0], 1, self.d_model])
-        seed = tf.convert_to_tensor(self.dropout_seed)
+        shape = (ops.shape(z)[0], 1, self.d_model)
+        seed = ops.convert_to_tensor(self.dropout_seed)
         masks = []
         for i in range(2):
-            u = tf.random.stateless_uniform(shape, seed=seed + i, dtype="float32")
-            masks.append(tf.cast(u < keep, z.dtype) / tf.cast(keep, z.dtype))
+            u = backend.stateless_uniform(shape, seed + i, "float32")
+            masks.append(ops.cast(u < keep, z.dtype) / ops.cast(keep, z.dtype))
         return masks
 
     # ------------------------------------------------------------------- call

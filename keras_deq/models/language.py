@@ -4,8 +4,9 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from keras_deq import backend
 from keras_deq import backward as backward_lib
 from keras_deq.layers import deq_arguments as arguments
 from keras_deq.layers.deq import DEQ
@@ -24,7 +25,7 @@ LN2 = math.log(2.0)
 
 def _cross_entropy(y_true, y_pred):
     return keras.losses.sparse_categorical_crossentropy(
-        tf.cast(y_true, "int32"), tf.cast(y_pred, "float32"), from_logits=True
+        ops.cast(y_true, "int32"), ops.cast(y_pred, "float32"), from_logits=True
     )
 
 
@@ -240,8 +241,8 @@ class DEQTransformerLM(keras.Model):
         Returns:
             A `(batch, T, d_model)` tensor.
         """
-        x = self.embedding(tokens) * tf.cast(math.sqrt(self.d_model), self.compute_dtype)
-        x = x + sinusoidal_positions(tf.shape(tokens)[1], self.d_model, self.compute_dtype)
+        x = self.embedding(tokens) * ops.cast(math.sqrt(self.d_model), self.compute_dtype)
+        x = x + sinusoidal_positions(ops.shape(tokens)[1], self.d_model, self.compute_dtype)
         return self.injection_dropout(self.injection(x), training=training)
 
     def check_tokens(self, tokens):
@@ -251,17 +252,20 @@ class DEQTransformerLM(keras.Model):
         are whole numbers (as `keras.layers.Embedding` does, and as Keras' default export
         signature of a subclassed model, float32, needs). The dtype and rank are checked
         statically (ValueError). The values are checked with a ValueError when running
-        eagerly and with `tf.debugging` assertions in a graph (`InvalidArgumentError` at
-        run time; XLA drops them).
+        eagerly, with assertions in a TensorFlow graph (`InvalidArgumentError` at run
+        time; XLA drops them), and not inside a compiled JAX function
+        (`keras_deq.backend.with_runtime_checks`).
         """
-        tokens = tf.convert_to_tensor(tokens)
-        dtype = tokens.dtype
-        if not (dtype.is_integer or dtype.is_floating):
+        tokens = ops.convert_to_tensor(tokens)
+        dtype = keras.backend.standardize_dtype(tokens.dtype)
+        floating = "float" in dtype
+        if not (floating or "int" in dtype):
             raise ValueError(
                 "`tokens` must be integer token ids (an int tensor or array). "
-                f"Received: tokens with dtype={dtype.name}"
+                f"Received: tokens with dtype={dtype}"
             )
-        if tokens.shape.rank is not None and tokens.shape.rank != 2:
+        rank = ops.ndim(tokens)  # None: unknown (a TensorFlow graph without a shape)
+        if rank is not None and rank != 2:
             raise ValueError(
                 "`tokens` must have shape (batch, T). "
                 f"Received: tokens with shape={tuple(tokens.shape)}"
@@ -269,29 +273,28 @@ class DEQTransformerLM(keras.Model):
         message = (
             f"`tokens` must be integer ids in [0, vocab_size) with vocab_size={self.vocab_size}"
         )
-        values = tf.cast(tokens, "float64" if dtype.is_floating else "int64")
-        vocab_size = tf.constant(self.vocab_size, values.dtype)
-        if tf.executing_eagerly():
-            if tf.size(values) == 0:
-                return tf.cast(tokens, "int32")
-            if dtype.is_floating and not bool(tf.reduce_all(tf.equal(values, tf.floor(values)))):
+        wide = "float64" if floating else "int64"
+        if backend.has_values(tokens):
+            values = ops.convert_to_numpy(tokens).astype(wide)
+            if values.size == 0:
+                return ops.cast(tokens, "int32")
+            if floating and not np.all(values == np.floor(values)):
                 raise ValueError(
-                    f"{message}. Received: tokens with dtype={dtype.name} and non-integer values"
+                    f"{message}. Received: tokens with dtype={dtype} and non-integer values"
                 )
-            low, high = tf.reduce_min(values), tf.reduce_max(values)
-            if not (bool(low >= 0) and bool(high < vocab_size)):
-                raise ValueError(
-                    f"{message}. Received: tokens with ids from {low.numpy()} to {high.numpy()}"
-                )
-            return tf.cast(tokens, "int32")
-        checks = [
-            tf.debugging.assert_greater_equal(values, tf.zeros([], values.dtype), message=message),
-            tf.debugging.assert_less(values, vocab_size, message=message),
-        ]
-        if dtype.is_floating:
-            checks.append(tf.debugging.assert_equal(values, tf.floor(values), message=message))
-        with tf.control_dependencies(checks):
-            return tf.cast(tf.identity(tokens), "int32")
+            low, high = values.min(), values.max()
+            if not (low >= 0 and high < self.vocab_size):
+                raise ValueError(f"{message}. Received: tokens with ids from {low} to {high}")
+            return ops.cast(tokens, "int32")
+
+        def conditions():
+            values = ops.cast(tokens, wide)
+            checks = [values >= 0, values < ops.convert_to_tensor(self.vocab_size, wide)]
+            if floating:
+                checks.append(ops.equal(values, ops.floor(values)))
+            return checks
+
+        return ops.cast(backend.with_runtime_checks(tokens, conditions, message), "int32")
 
     def call(self, tokens, training=None):
         tokens = self.check_tokens(tokens)
@@ -300,8 +303,9 @@ class DEQTransformerLM(keras.Model):
             self.cell.resample_dropout()
         z = self.deq(x, training=training)
         h = self.final_norm(z)
-        logits = tf.matmul(h, tf.cast(self.embedding.embeddings, h.dtype), transpose_b=True)
-        return tf.cast(logits + tf.cast(self.output_bias, h.dtype), "float32")
+        embeddings = ops.cast(self.embedding.embeddings, h.dtype)
+        logits = ops.matmul(h, ops.transpose(embeddings))
+        return ops.cast(logits + ops.cast(self.output_bias, h.dtype), "float32")
 
     def compute_output_shape(self, input_shape):
         return (*input_shape, self.vocab_size)
@@ -311,12 +315,12 @@ class DEQTransformerLM(keras.Model):
         fn = getattr(self, "_next_logits_fn", None)
         if fn is None:
 
-            @tf.function(input_signature=[tf.TensorSpec((None, None), tf.int32)])
-            def fn(t):
+            def next_logits(t):
                 return self(t, training=False)[:, -1, :]
 
+            fn = backend.shape_polymorphic_function(next_logits, (None, None), "int32")
             self._next_logits_fn = fn
-        return fn(tf.convert_to_tensor(tokens, tf.int32)).numpy()
+        return ops.convert_to_numpy(fn(ops.convert_to_tensor(tokens, "int32")))
 
     def generate(self, prompt, length, temperature=1.0, greedy=False, seed=None, max_context=None):
         """Continues token sequences by sampling one token at a time.

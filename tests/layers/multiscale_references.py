@@ -2,7 +2,7 @@
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from keras_deq import constraints
 from keras_deq.layers.lipschitz_multiscale_cell import LipschitzMultiscaleCell
@@ -16,14 +16,16 @@ SIZE = 8
 def random_state(batch, seed, channels=SMALL["channels"], dtype="float32", scale=1.0):
     rng = np.random.default_rng(seed)
     return [
-        tf.constant(scale * rng.normal(size=(batch, SIZE // 2**i, SIZE // 2**i, c)), dtype)
+        ops.convert_to_tensor(
+            scale * rng.normal(size=(batch, SIZE // 2**i, SIZE // 2**i, c)), dtype
+        )
         for i, c in enumerate(channels)
     ]
 
 
 def random_injection(batch, seed, channels=SMALL["channels"], dtype="float32"):
     rng = np.random.default_rng(seed)
-    return tf.constant(rng.normal(size=(batch, SIZE, SIZE, channels[0])), dtype)
+    return ops.convert_to_tensor(rng.normal(size=(batch, SIZE, SIZE, channels[0])), dtype)
 
 
 def built_cell(cls=LipschitzMultiscaleCell, dtype="float32", size=SIZE, **kwargs):
@@ -32,10 +34,10 @@ def built_cell(cls=LipschitzMultiscaleCell, dtype="float32", size=SIZE, **kwargs
     channels = cell.channels
     rng = np.random.default_rng(0)
     z = [
-        tf.constant(rng.normal(size=(1, size // 2**i, size // 2**i, c)), dtype)
+        ops.convert_to_tensor(rng.normal(size=(1, size // 2**i, size // 2**i, c)), dtype)
         for i, c in enumerate(channels)
     ]
-    cell(z, tf.constant(rng.normal(size=(1, size, size, channels[0])), dtype))
+    cell(z, ops.convert_to_tensor(rng.normal(size=(1, size, size, channels[0])), dtype))
     return cell
 
 

@@ -41,7 +41,18 @@ def load_example():
     return module
 
 
-@pytest.mark.parametrize("model", ["lipschitz", pytest.param("mdeq", marks=pytest.mark.slow)])
+LIPSCHITZ_ON_TF = pytest.mark.tensorflow_only(
+    "the caps are keras_deq.constraints, TensorFlow code until its port to keras.ops"
+)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param("lipschitz", marks=LIPSCHITZ_ON_TF),
+        pytest.param("mdeq", marks=pytest.mark.slow),
+    ],
+)
 def test_vision_example_runs_on_digits(model, capsys):
     accuracy = load_example().main(
         ["--model", model, "--epochs", "1", "--limit", "256", "--channels", "4,8"]

@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conv_references import exact_norm
 from multiscale_references import SIZE, SMALL, random_injection, saturate
 
@@ -26,6 +25,9 @@ def classifier(deq_layer, stem_channels):
     return keras.Model(inputs, logits)
 
 
+@pytest.mark.tensorflow_only(
+    "the caps are keras_deq.constraints, TensorFlow code until its port to keras.ops"
+)
 # ------------------------------------------------------------------ caps survive training
 def test_caps_hold_after_training_with_a_large_learning_rate():
     keras.utils.set_random_seed(0)
@@ -54,8 +56,12 @@ def test_caps_hold_after_training_with_a_large_learning_rate():
     assert float(cell.lipschitz_bound()) < 1.0
 
 
+@pytest.mark.float64
+@pytest.mark.tensorflow_only("DEQ on JAX refuses on_failure='raise' (for now); a GradientTape")
 # ------------------------------------------------------------------ implicit gradient = unrolled
 def test_implicit_gradient_equals_autodiff_through_a_long_unrolled_iteration():
+    import tensorflow as tf  # noqa: PLC0415
+
     layer = LipschitzMultiscale(
         **SMALL,
         solver="anderson",

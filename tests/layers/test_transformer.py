@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
 import keras_deq
 from keras_deq.layers.transformer import DEQTransformerCell, sinusoidal_positions
@@ -42,10 +42,10 @@ def test_changing_token_t_never_changes_earlier_logits_through_the_model(norm):
     model = _lm(norm=norm, solver="fixed_point", max_iter=12)
     _scale_kernels(model.cell, 10.0)
     tokens = np.random.default_rng(0).integers(0, VOCAB, (3, 10))
-    base = model(tokens).numpy()
-    assert float(model.deq._metrics_by_name["fwd_steps"].result()) > 3
+    base = np.asarray(model(tokens))
+    assert model.deq.solver_statistics()["fwd_steps"] > 3
     for t in (0, 4, 9):
-        out = model(_change_token(tokens, t)).numpy()
+        out = np.asarray(model(_change_token(tokens, t)))
         np.testing.assert_array_equal(out[:, :t], base[:, :t])
         assert np.abs(out[:, t:] - base[:, t:]).max() > 1e-3
 
@@ -57,11 +57,11 @@ def test_per_position_solve_is_exactly_causal_with_any_solver(solver):
     assert model.deq.solver_batch_dims == 2
     _scale_kernels(model.cell, 10.0)
     tokens = np.random.default_rng(1).integers(0, VOCAB, (3, 10))
-    base = model(tokens).numpy()
-    assert float(model.deq._metrics_by_name["fwd_steps"].result()) > 3
-    assert float(model.deq._metrics_by_name["converged"].result()) == 1.0
+    base = np.asarray(model(tokens))
+    assert model.deq.solver_statistics()["fwd_steps"] > 3
+    assert model.deq.solver_statistics()["converged"] == 1.0
     for t in (0, 6, 9):
-        out = model(_change_token(tokens, t)).numpy()
+        out = np.asarray(model(_change_token(tokens, t)))
         np.testing.assert_array_equal(out[:, :t], base[:, :t])
         assert np.abs(out[:, t:] - base[:, t:]).max() > 1e-1
 
@@ -70,8 +70,8 @@ def test_whole_sequence_anderson_is_causal_up_to_the_solver_tolerance():
     model = _lm(solver="anderson", tol=1e-6, max_iter=60, deq_options={"solver_batch_dims": 1})
     _scale_kernels(model.cell, 10.0)
     tokens = np.random.default_rng(1).integers(0, VOCAB, (3, 10))
-    base = model(tokens).numpy()
-    out = model(_change_token(tokens, 6)).numpy()
+    base = np.asarray(model(tokens))
+    out = np.asarray(model(_change_token(tokens, 6)))
     assert np.abs(out[:, :6] - base[:, :6]).max() < 1e-3
     assert np.abs(out[:, 6:] - base[:, 6:]).max() > 1e-1
 
@@ -96,8 +96,12 @@ def _float64_deq(backward, solver, max_iter, tol, norm):
     )
 
 
+@pytest.mark.float64
+@pytest.mark.tensorflow_only("DEQ on JAX refuses backward='unrolled' (for now)")
 @pytest.mark.parametrize("norm", ["pre", pytest.param("post", marks=pytest.mark.slow)])
 def test_implicit_gradient_equals_autodiff_through_a_long_unrolled_iteration(norm):
+    import tensorflow as tf  # noqa: PLC0415
+
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(2, 5, 8)), "float64")
     w = tf.constant(rng.normal(size=(2, 5, 8)), "float64")
@@ -135,11 +139,12 @@ def test_implicit_gradient_equals_autodiff_through_a_long_unrolled_iteration(nor
     )
 
 
+@pytest.mark.tensorflow_only("DEQ on JAX refuses on_failure='raise' (for now)")
 def test_variational_dropout_keeps_one_mask_per_solve():
     keras.utils.set_random_seed(0)
     cell = DEQTransformerCell(2, dropout=0.5)
-    z = tf.random.normal((4, 6, 8))
-    x = tf.random.normal((4, 6, 8))
+    z = keras.random.normal((4, 6, 8))
+    x = keras.random.normal((4, 6, 8))
     cell(z, x)
     cell.resample_dropout()
     a = cell(z, x, training=True)
@@ -153,6 +158,7 @@ def test_variational_dropout_keeps_one_mask_per_solve():
     assert float(deq._metrics_by_name["converged"].result()) == 1.0
 
 
+@pytest.mark.tensorflow_only("DEQ on JAX refuses a Jacobian penalty (for now)")
 def test_model_trains_with_fit_and_reports_bits_and_solver_steps():
     model = _lm(dropout=0.1, embedding_dropout=0.1, max_iter=8, jacobian_weight=0.5)
     model.compile(
@@ -205,11 +211,11 @@ def test_cell_config_round_trip_and_argument_checks():
     with pytest.raises(ValueError, match="dropout"):
         DEQTransformerCell(2, dropout=1.0)
     with pytest.raises(ValueError, match="d_model"):
-        keras_deq.DEQ(DEQTransformerCell(2), state_shape=(5, 8))(tf.zeros((1, 5, 6)))
+        keras_deq.DEQ(DEQTransformerCell(2), state_shape=(5, 8))(ops.zeros((1, 5, 6)))
 
 
 def test_sinusoidal_positions():
-    pe = sinusoidal_positions(7, 6).numpy()
+    pe = np.asarray(sinusoidal_positions(7, 6))
     assert pe.shape == (7, 6)
     np.testing.assert_allclose(pe[:, 0], np.sin(np.arange(7)), atol=1e-6)
     np.testing.assert_allclose(pe[:, 1], np.cos(np.arange(7)), atol=1e-6)
