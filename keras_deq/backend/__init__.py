@@ -4,8 +4,9 @@ Everything else in keras_deq is written with `keras.ops` and `keras.tree`, excep
 TensorFlow path of the `DEQ` layer (`keras_deq.backend.tensorflow` and the modules
 that import TensorFlow for it), which predates the seam. This package holds the few
 operations each backend spells differently: loops that reverse-mode autodiff can go
-through, vector-Jacobian products, gradients rewritten on the way back, and host
-callbacks.
+through, vector-Jacobian products, gradients rewritten on the way back, host
+callbacks, compilation of a function with Python-value arguments, and the linear
+algebra Keras lacks (eigenvalues without eigenvectors, complex eigenvalues).
 """
 
 import contextlib
