@@ -22,7 +22,7 @@ estimate from below) stay importable from here.
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_deq.linalg import (
     PADDINGS,
@@ -53,7 +53,7 @@ __all__ = [
 
 def _rescale(w, norm, max_norm):
     """`w / max(1, norm / max_norm)`."""
-    return w / tf.maximum(tf.constant(1.0, w.dtype), tf.cast(norm, w.dtype) / max_norm)
+    return w / ops.maximum(ops.ones((), w.dtype), ops.cast(norm, w.dtype) / max_norm)
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
@@ -82,7 +82,7 @@ class SpectralNorm(keras.constraints.Constraint):
         self.max_norm = check_positive_float("max_norm", max_norm, finite=False)
 
     def __call__(self, w):
-        w = tf.convert_to_tensor(w)
+        w = ops.convert_to_tensor(w)
         return _rescale(w, dense_spectral_norm_exact(w), self.max_norm)
 
     def get_config(self):
@@ -121,7 +121,7 @@ class ConvSpectralNorm(keras.constraints.Constraint):
         self.spatial_shape = _check_spatial_shape(spatial_shape)
 
     def __call__(self, w):
-        w = tf.convert_to_tensor(w)
+        w = ops.convert_to_tensor(w)
         return _rescale(w, same_conv_norm_upper(w, self.spatial_shape), self.max_norm)
 
     def get_config(self):
@@ -172,7 +172,7 @@ class ConvOperatorNorm(keras.constraints.Constraint):
         return conv_operator_norm_upper(kernel, self.input_shape, self.strides, self.padding)
 
     def __call__(self, w):
-        w = tf.convert_to_tensor(w)
+        w = ops.convert_to_tensor(w)
         return _rescale(w, self.norm(w), self.max_norm)
 
     def get_config(self):
@@ -207,8 +207,8 @@ class MaxAbs(keras.constraints.Constraint):
         self.max_value = check_positive_float("max_value", max_value, finite=False)
 
     def __call__(self, w):
-        w = tf.convert_to_tensor(w)
-        return tf.clip_by_value(w, -self.max_value, self.max_value)
+        w = ops.convert_to_tensor(w)
+        return ops.clip(w, -self.max_value, self.max_value)
 
     def get_config(self):
         return {"max_value": self.max_value}

@@ -14,18 +14,19 @@ solver loops). `keras_deq.layers.opteq_priors.FeaturePrior` turns these into the
 priors of the OptEq layers, and `keras_deq.regularizers` into Keras regularizers.
 """
 
-import tensorflow as tf
+import keras
+from keras import ops
 
 
 def _as_matrix(z):
     """`z` as a `(samples, features)` matrix: features on the last axis."""
-    return tf.reshape(z, [-1, tf.shape(z)[-1]])
+    return ops.reshape(z, (-1, ops.shape(z)[-1]))
 
 
 def _sample_sq_norms(z):
     """Per-sample squared norms, shaped to broadcast against `z`."""
-    axes = list(range(1, z.shape.rank))
-    return tf.reduce_sum(tf.square(z), axis=axes, keepdims=True)
+    axes = tuple(range(1, len(z.shape)))
+    return ops.sum(ops.square(z), axis=axes, keepdims=True)
 
 
 def soft_threshold(z, threshold):
@@ -40,11 +41,11 @@ def soft_threshold(z, threshold):
 
     Example:
 
-    >>> import tensorflow as tf
-    >>> soft_threshold(tf.constant([-2.0, 0.5, 3.0]), 1.0).numpy().tolist()
+    >>> from keras import ops
+    >>> ops.convert_to_numpy(soft_threshold(ops.convert_to_tensor([-2.0, 0.5, 3.0]), 1.0)).tolist()
     [-1.0, 0.0, 2.0]
     """
-    return tf.sign(z) * tf.nn.relu(tf.abs(z) - threshold)
+    return ops.sign(z) * ops.relu(ops.abs(z) - threshold)
 
 
 def incay(z, epsilon=1.0):
@@ -59,24 +60,24 @@ def incay(z, epsilon=1.0):
     Returns:
         A scalar tensor.
     """
-    return tf.reduce_sum(2.0 / (_sample_sq_norms(z) + 2.0 * epsilon))
+    return ops.sum(2.0 / (_sample_sq_norms(z) + 2.0 * epsilon))
 
 
 def incay_gradient(z, epsilon=1.0):
     """`grad R(z) = -4 z / (||z||^2 + 2 epsilon)^2`, per sample (see `incay`)."""
-    return -4.0 * z / tf.square(_sample_sq_norms(z) + 2.0 * epsilon)
+    return -4.0 * z / ops.square(_sample_sq_norms(z) + 2.0 * epsilon)
 
 
 def _cosines(z, epsilon):
     """Unit feature columns `u` (samples, features), their norms, and `u^T u`."""
     matrix = _as_matrix(z)
-    norms = tf.sqrt(tf.reduce_sum(tf.square(matrix), axis=0) + epsilon)
+    norms = ops.sqrt(ops.sum(ops.square(matrix), axis=0) + epsilon)
     unit = matrix / norms
-    return unit, norms, tf.matmul(unit, unit, transpose_a=True)
+    return unit, norms, ops.matmul(ops.transpose(unit), unit)
 
 
 def _off_diagonal(square):
-    return square - tf.linalg.diag(tf.linalg.diag_part(square))
+    return square - ops.diag(ops.diagonal(square))
 
 
 def decorrelation(z, epsilon=1e-12):
@@ -98,12 +99,12 @@ def decorrelation(z, epsilon=1e-12):
 
     Example:
 
-    >>> import tensorflow as tf
-    >>> float(decorrelation(tf.constant([[1.0, 0.0], [0.0, 2.0]])))
+    >>> from keras import ops
+    >>> float(decorrelation(ops.convert_to_tensor([[1.0, 0.0], [0.0, 2.0]])))
     0.0
     """
     _, _, cos = _cosines(z, epsilon)
-    return 0.5 * tf.reduce_sum(tf.square(_off_diagonal(cos)))
+    return 0.5 * ops.sum(ops.square(_off_diagonal(cos)))
 
 
 def decorrelation_gradient(z, epsilon=1e-12):
@@ -120,9 +121,9 @@ def decorrelation_gradient(z, epsilon=1e-12):
         A tensor like `z`.
     """
     unit, norms, cos = _cosines(z, epsilon)
-    pulled = 2.0 * tf.matmul(unit, _off_diagonal(cos))  # column i: 2 sum_j C_ij u_j
-    radial = tf.reduce_sum(pulled * unit, axis=0, keepdims=True) * unit
-    return tf.reshape((pulled - radial) / norms, tf.shape(z))
+    pulled = 2.0 * ops.matmul(unit, _off_diagonal(cos))  # column i: 2 sum_j C_ij u_j
+    radial = ops.sum(pulled * unit, axis=0, keepdims=True) * unit
+    return ops.reshape((pulled - radial) / norms, ops.shape(z))
 
 
 # `exp(-u)` is 0 in float64 (and in every float dtype) for u >= 746: capping the exponent
@@ -130,10 +131,14 @@ def decorrelation_gradient(z, epsilon=1e-12):
 _RBF_EXPONENT_CAP = 1000.0
 
 
+def _dtype(t):
+    return keras.backend.standardize_dtype(t.dtype)
+
+
 def _smallest_normal(dtype):
-    if dtype == tf.float16:
+    if dtype == "float16":
         return 2.0**-14
-    return 2.0**-1022 if dtype == tf.float64 else 2.0**-126  # bfloat16 is float32's
+    return 2.0**-1022 if dtype == "float64" else 2.0**-126  # bfloat16 is float32's
 
 
 def _rbf_compute(diff, sigma):
@@ -141,12 +146,14 @@ def _rbf_compute(diff, sigma):
 
     `2 sigma^2` is a Python float: 0 or subnormal when it underflows. Where it is not a
     normal number of `diff`'s dtype the kernels are computed in float64, and where it
-    is not one of float64 either, None.
+    is not one of float64 either, None. (Where the backend computes float64 in float32,
+    as Keras on JAX does, the float64 fallback is float32 too, and so None.)
     """
     denominator = 2.0 * sigma * sigma
-    for compute_dtype in (diff.dtype, tf.float64):
-        if denominator >= _smallest_normal(compute_dtype):  # inf included
-            return tf.cast(diff, compute_dtype), tf.constant(denominator, compute_dtype)
+    for compute_dtype in (_dtype(diff), "float64"):
+        d = ops.cast(diff, compute_dtype)
+        if denominator >= _smallest_normal(_dtype(d)):  # inf included
+            return d, ops.convert_to_tensor(denominator, _dtype(d))
     return None
 
 
@@ -156,10 +163,10 @@ def _rbf_kernels(diff, sigma):
     if compute is None:
         # sigma < 1e-154: every kernel entry but those of equal samples is 0 in float64
         # unless two samples differ by less than about 40 sigma.
-        return tf.cast(tf.equal(diff, 0), diff.dtype) + 0.0 * diff  # a zero gradient, not None
+        return ops.cast(ops.equal(diff, 0), diff.dtype) + 0.0 * diff  # a zero gradient, not None
     d, denominator = compute
-    exponent = tf.minimum(tf.square(d) / denominator, _RBF_EXPONENT_CAP)
-    return tf.cast(tf.exp(-exponent), diff.dtype)
+    exponent = ops.minimum(ops.square(d) / denominator, _RBF_EXPONENT_CAP)
+    return ops.cast(ops.exp(-exponent), diff.dtype)
 
 
 def _rbf_slopes_sum(diff, sigma, weights):
@@ -172,31 +179,31 @@ def _rbf_slopes_sum(diff, sigma, weights):
     """
     compute = _rbf_compute(diff, sigma)
     if compute is None:  # the kernels are `d == 0`: constant, so no slope
-        return 0.0 * tf.reduce_sum(diff, axis=-1)
+        return 0.0 * ops.sum(diff, axis=-1)
     d, denominator = compute
-    exponent = tf.minimum(tf.square(d) / denominator, _RBF_EXPONENT_CAP)
-    slopes = -2.0 * (d * tf.exp(-exponent)) / denominator
-    total = tf.reduce_sum(tf.cast(weights, d.dtype) * slopes, axis=-1)
-    return tf.cast(total, diff.dtype)
+    exponent = ops.minimum(ops.square(d) / denominator, _RBF_EXPONENT_CAP)
+    slopes = -2.0 * (d * ops.exp(-exponent)) / denominator
+    total = ops.sum(ops.cast(weights, d.dtype) * slopes, axis=-1)
+    return ops.cast(total, diff.dtype)
 
 
 def _feature_differences(z):
     """`(features, samples)` matrix of `z` and its pairwise differences `d[i, a, b]`."""
-    matrix = tf.transpose(_as_matrix(z))  # (features, samples)
+    matrix = ops.transpose(_as_matrix(z))  # (features, samples)
     return matrix, matrix[:, :, None] - matrix[:, None, :]
 
 
 def _centered_kernels(diff, sigma):
     """`Kc_i = H K_i H` for every feature `i`: `(features, samples, samples)`."""
     kernels = _rbf_kernels(diff, sigma)
-    centered = kernels - tf.reduce_mean(kernels, axis=1, keepdims=True)
-    return centered - tf.reduce_mean(centered, axis=2, keepdims=True)
+    centered = kernels - ops.mean(kernels, axis=1, keepdims=True)
+    return centered - ops.mean(centered, axis=2, keepdims=True)
 
 
 def _hsic_scale(matrix):
     """`(B - 1)^2`, with `B - 1` floored at 1: one sample has zero centered kernels."""
-    samples = tf.cast(tf.shape(matrix)[1], matrix.dtype)
-    return tf.square(tf.maximum(samples - 1.0, 1.0))
+    samples = ops.cast(ops.shape(matrix)[1], matrix.dtype)
+    return ops.square(ops.maximum(samples - 1.0, 1.0))
 
 
 def hsic(z, sigma=1.0):
@@ -227,8 +234,8 @@ def hsic(z, sigma=1.0):
     """
     matrix, diff = _feature_differences(z)
     centered = _centered_kernels(diff, sigma)
-    total = tf.reduce_sum(tf.square(tf.reduce_sum(centered, axis=0)))
-    own = tf.reduce_sum(tf.square(centered))
+    total = ops.sum(ops.square(ops.sum(centered, axis=0)))
+    own = ops.sum(ops.square(centered))
     return 0.5 * (total - own) / _hsic_scale(matrix)
 
 
@@ -250,9 +257,9 @@ def hsic_gradient(z, sigma=1.0):
     """
     matrix, diff = _feature_differences(z)
     centered = _centered_kernels(diff, sigma)
-    weights = (tf.reduce_sum(centered, axis=0, keepdims=True) - centered) / _hsic_scale(matrix)
+    weights = (ops.sum(centered, axis=0, keepdims=True) - centered) / _hsic_scale(matrix)
     # The diagonal (d = 0, k'(0) = 0) adds nothing; zeroing its weight keeps the second
     # derivative, whose diagonal terms are ~1 / sigma^2 and cancel exactly, finite.
-    weights = weights * (1.0 - tf.eye(tf.shape(matrix)[1], dtype=weights.dtype))
+    weights = weights * (1.0 - ops.eye(ops.shape(matrix)[1], dtype=weights.dtype))
     gradient = 2.0 * _rbf_slopes_sum(diff, sigma, weights)  # (features, samples)
-    return tf.reshape(tf.transpose(gradient), tf.shape(z))
+    return ops.reshape(ops.transpose(gradient), ops.shape(z))

@@ -2,21 +2,24 @@
 
 import numbers
 
-import tensorflow as tf
+import keras
+from keras import ops
 
+from keras_deq import backend
 from keras_deq.solvers.common import check_nonnegative_int, check_positive_int
 
 # Machine epsilon of the float dtypes a state may have.
-_EPS = {tf.float64: 2.0**-52, tf.float32: 2.0**-23, tf.float16: 2.0**-10, tf.bfloat16: 2.0**-7}
+_EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def _dtype(t):
+    return keras.backend.standardize_dtype(t.dtype)
 
 
 def _vjp(fn, z, v):
     """`v^T (df/dz)` for flat lists `z`, `v`; differentiable (second order)."""
-    with tf.GradientTape() as tape:
-        tape.watch(z)
-        fz = tf.nest.flatten(fn(tf.nest.pack_sequence_as(z, z)))
-    grads = tape.gradient(fz, z, output_gradients=v)
-    return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, z, strict=True)]
+    _, pullback = backend.vjp(lambda flat: keras.tree.flatten(fn(flat)), list(z))
+    return list(pullback(list(v))[0])
 
 
 def _seed_generator(seed):
@@ -24,19 +27,24 @@ def _seed_generator(seed):
 
     A numpy integer is an int seed too (`keras.random` refuses it as such).
     """
-    import keras  # noqa: PLC0415
-
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
         return keras.random.SeedGenerator(int(seed))
     return seed
 
 
 def _batch_size(flat):
-    return tf.shape(flat[0])[0]
+    return ops.shape(flat[0])[0]
 
 
 def _sample_size(flat):
-    return tf.add_n([tf.reduce_prod(tf.shape(t)[1:]) for t in flat])
+    """The number of state elements per sample (an int where the shapes are static)."""
+    total = 0
+    for t in flat:
+        size = 1
+        for d in ops.shape(t)[1:]:
+            size = size * d
+        total = total + size
+    return total
 
 
 def hutchinson_frobenius(fn, z, num_probes=1, seed=None):
@@ -58,28 +66,26 @@ def hutchinson_frobenius(fn, z, num_probes=1, seed=None):
         A scalar tensor (float32 or wider).
 
     Examples:
-        >>> import tensorflow as tf
-        >>> est = hutchinson_frobenius(lambda z: 2.0 * z, tf.ones([4, 3]), 100, seed=0)
+        >>> from keras import ops
+        >>> est = hutchinson_frobenius(lambda z: 2.0 * z, ops.ones([4, 3]), 100, seed=0)
         >>> abs(float(est) - 4.0) < 1.0
         True
     """
-    import keras  # noqa: PLC0415
-
     seed = _seed_generator(seed)
-    flat = tf.nest.flatten(z)
+    flat = keras.tree.flatten(z)
+
+    def cell(s):
+        return fn(keras.tree.pack_sequence_as(z, keras.tree.flatten(s)))
+
     total = 0.0
-    for _ in range(num_probes):
-        probes = [keras.random.normal(tf.shape(t), dtype=t.dtype, seed=seed) for t in flat]
-        vjp = _vjp(lambda s: fn(tf.nest.pack_sequence_as(z, tf.nest.flatten(s))), flat, probes)
-        total += tf.add_n(
-            [
-                tf.reduce_sum(
-                    tf.square(tf.cast(g, tf.float32 if g.dtype != tf.float64 else g.dtype))
-                )
-                for g in vjp
-            ]
-        )
-    count = tf.cast(_batch_size(flat) * _sample_size(flat), total.dtype)
+    for _ in range(num_probes):  # a few probes, each drawn from the generator in turn
+        probes = [keras.random.normal(ops.shape(t), dtype=t.dtype, seed=seed) for t in flat]
+        squares = [
+            ops.sum(ops.square(ops.cast(g, "float64" if _dtype(g) == "float64" else "float32")))
+            for g in _vjp(cell, flat, probes)
+        ]
+        total += sum(squares[1:], squares[0])
+    count = ops.cast(_batch_size(flat) * _sample_size(flat), total.dtype)
     return total / (num_probes * count)
 
 
@@ -93,7 +99,7 @@ def spectral_radius(fn, z, num_iters=100, seed=None, krylov_size=16):
     from `v` build an orthonormal basis of the Krylov subspace
     `span(v, J^T v, J^T^2 v, ...)`, and the estimate is the largest modulus of
     the eigenvalues of `J^T` projected on it (the Ritz values, from
-    `tf.linalg.eigvals` of the small Hessenberg matrix).
+    `keras_deq.backend.eigenvalue_moduli` of the small Hessenberg matrix).
 
     Unlike the growth factor `||J^T v||` of plain power iteration, which
     oscillates forever when the largest eigenvalues are a complex-conjugate pair
@@ -123,74 +129,85 @@ def spectral_radius(fn, z, num_iters=100, seed=None, krylov_size=16):
         `num_iters + krylov_size` vector-Jacobian products.
 
     Examples:
-        >>> import numpy as np, tensorflow as tf
+        >>> import numpy as np
+        >>> from keras import ops
         >>> a = np.array([[0.3, -0.5], [0.5, 0.3]])  # eigenvalues 0.3 +- 0.5i
-        >>> z = tf.ones([1, 2], tf.float64)
-        >>> radius = spectral_radius(lambda s: s @ a, z, num_iters=10, seed=0)
+        >>> z = ops.ones([1, 2], "float64")  # float32 where Keras has no float64
+        >>> radius = spectral_radius(lambda s: ops.matmul(s, a), z, num_iters=10, seed=0)
         >>> round(float(radius[0]), 6), round(float(np.hypot(0.3, 0.5)), 6)
         (0.583095, 0.583095)
     """
-    import keras  # noqa: PLC0415
-
     num_iters = check_nonnegative_int("num_iters", num_iters)
     krylov_size = check_positive_int("krylov_size", krylov_size)
     seed = _seed_generator(seed)
-    flat = [tf.stop_gradient(t) for t in tf.nest.flatten(z)]
+    flat = [ops.stop_gradient(ops.convert_to_tensor(t)) for t in keras.tree.flatten(z)]
     # The vectors are kept as one (batch, n) matrix, n the state size per sample,
     # in float32 at least (float64 if the state has a float64 part).
-    work = tf.float64 if any(t.dtype == tf.float64 for t in flat) else tf.float32
+    work = "float64" if any(_dtype(t) == "float64" for t in flat) else "float32"
     batch = _batch_size(flat)
-    sizes = [tf.reduce_prod(tf.shape(t)[1:]) for t in flat]
+    sizes = [_sample_size([t]) for t in flat]
 
     def to_matrix(ts):
-        return tf.concat([tf.reshape(tf.cast(t, work), [batch, -1]) for t in ts], axis=1)
+        return ops.concatenate([ops.reshape(ops.cast(t, work), (batch, -1)) for t in ts], axis=1)
 
     def to_state(m):
-        parts = tf.split(m, tf.stack(sizes), axis=1, num=len(flat))
-        return [
-            tf.cast(tf.reshape(p, tf.shape(t)), t.dtype) for p, t in zip(parts, flat, strict=True)
-        ]
+        parts, start = [], 0
+        for size, t in zip(sizes, flat, strict=True):
+            part = m[:, start : start + size]
+            parts.append(ops.cast(ops.reshape(part, ops.shape(t)), t.dtype))
+            start = start + size
+        return parts
+
+    def cell(s):
+        return fn(keras.tree.pack_sequence_as(z, keras.tree.flatten(s)))
 
     def jt(m):
         """`J_b^T m_b` for each sample `b`: one vector-Jacobian product."""
-        cell = lambda s: fn(tf.nest.pack_sequence_as(z, tf.nest.flatten(s)))  # noqa: E731
         return to_matrix(_vjp(cell, flat, to_state(m)))
 
     def normalize(m):
-        n = tf.norm(m, axis=1, keepdims=True)
-        return tf.math.divide_no_nan(m, n), n[:, 0]
+        n = ops.norm(m, axis=1, keepdims=True)
+        return ops.divide_no_nan(m, n), n[:, 0]
 
-    v0 = [keras.random.normal(tf.shape(t), dtype=t.dtype, seed=seed) for t in flat]
+    v0 = [keras.random.normal(ops.shape(t), dtype=t.dtype, seed=seed) for t in flat]
     v, _ = normalize(to_matrix(v0))
-    _, v = tf.while_loop(
+    _, v = ops.while_loop(
         lambda i, v: i < num_iters,
         lambda i, v: (i + 1, normalize(jt(v))[0]),
-        (tf.constant(0), v),
+        (0, v),
         maximum_iterations=num_iters,
     )
 
-    # Arnoldi with two classical Gram-Schmidt passes. A remainder at rounding
-    # level means an invariant subspace is found: the next basis vector is 0 (so
-    # are those after it, as J^T 0 = 0), and the Hessenberg matrix has the exact
-    # eigenvalues of the invariant block, plus zeros.
-    deflate = max(_EPS.get(t.dtype, _EPS[tf.float32]) for t in flat) ** 0.5
-    basis = v[:, None, :]  # (batch, j + 1, n), orthonormal rows
-    columns = []
-    for j in range(krylov_size):
-        w = jt(basis[:, j])
-        w_norm = tf.norm(w, axis=1)
+    # Arnoldi with two classical Gram-Schmidt passes, on a basis of krylov_size + 1
+    # rows that starts at zero (a zero row adds nothing to the projections). A
+    # remainder at rounding level means an invariant subspace is found: the next
+    # basis vector is 0 (so are those after it, as J^T 0 = 0), and the Hessenberg
+    # matrix has the exact eigenvalues of the invariant block, plus zeros.
+    deflate = max(_EPS.get(_dtype(t), _EPS["float32"]) for t in flat) ** 0.5
+    rows = ops.arange(krylov_size + 1)
+
+    def arnoldi_step(j, state):
+        basis, hessenberg = state  # (batch, k + 1, n) orthonormal rows; (batch, k + 1, k)
+        w = jt(ops.take(basis, j, axis=1))
+        w_norm = ops.norm(w, axis=1)
         coefficients = 0.0
         for _ in range(2):
-            c = tf.einsum("bkn,bn->bk", basis, w)
-            w -= tf.einsum("bk,bkn->bn", c, basis)
+            c = ops.einsum("bkn,bn->bk", basis, w)
+            w -= ops.einsum("bk,bkn->bn", c, basis)
             coefficients += c
         q, h = normalize(w)
         keep = h > deflate * w_norm
-        h = tf.where(keep, h, tf.zeros_like(h))
-        q = tf.where(keep[:, None], q, tf.zeros_like(q))
-        basis = tf.concat([basis, q[:, None, :]], axis=1)
-        pad = tf.zeros([batch, krylov_size - j - 1], work)
-        columns.append(tf.concat([coefficients, h[:, None], pad], axis=1)[:, :krylov_size])
-    hessenberg = tf.stack(columns, axis=2)  # H[b, i, j] = columns[j][b, i]
-    ritz = tf.linalg.eigvals(hessenberg)
-    return tf.cast(tf.reduce_max(tf.abs(ritz), axis=1), flat[0].dtype)
+        h = ops.where(keep, h, ops.zeros_like(h))
+        q = ops.where(keep[:, None], q, ops.zeros_like(q))
+        next_row = ops.cast(ops.equal(rows, j + 1), work)[None, :, None]
+        basis = basis + next_row * q[:, None, :]  # row j + 1 was zero
+        column = coefficients + next_row[:, :, 0] * h[:, None]  # H[:, :, j], rows 0..k
+        hessenberg = ops.slice_update(hessenberg, (0, 0, j), column[:, :, None])
+        return basis, hessenberg
+
+    n = ops.shape(v)[1]
+    basis = ops.concatenate([v[:, None, :], ops.zeros((batch, krylov_size, n), work)], axis=1)
+    hessenberg = ops.zeros((batch, krylov_size + 1, krylov_size), work)
+    _, hessenberg = ops.fori_loop(0, krylov_size, arnoldi_step, (basis, hessenberg))
+    moduli = backend.eigenvalue_moduli(hessenberg[:, :krylov_size])
+    return ops.cast(ops.max(moduli, axis=1), flat[0].dtype)

@@ -21,8 +21,10 @@ from below) are kept as aliases.
 
 import numbers
 
-import tensorflow as tf
+import keras
+from keras import ops
 
+from keras_deq import backend
 from keras_deq.solvers.common import check_positive_int
 
 PADDINGS = ("same", "valid")
@@ -78,11 +80,11 @@ def _check_padding(padding):
 
 
 def _operator_dims(kernel, input_shape, strides, padding):
-    """Checks the arguments; returns `(input_shape_4d, strides_4d, padding)`."""
+    """Checks the arguments; returns `(input_shape_4d, strides_pair, padding)`."""
     input_shape = _check_input_shape(input_shape)
     strides = _pair("strides", strides)
     padding = _check_padding(padding)
-    if kernel.shape.rank != 4:
+    if len(kernel.shape) != 4:
         raise ValueError(
             "The kernel must have shape (kernel_h, kernel_w, in_channels, out_channels). "
             f"Received: kernel.shape={kernel.shape}"
@@ -93,7 +95,11 @@ def _operator_dims(kernel, input_shape, strides, padding):
             f"`input_shape` has {input_shape[2]} channels but the kernel reads {in_channels}. "
             f"Received: input_shape={input_shape}, kernel.shape={kernel.shape}"
         )
-    return (1, input_shape[0], input_shape[1], in_channels), (1, *strides, 1), padding.upper()
+    return (1, input_shape[0], input_shape[1], in_channels), strides, padding
+
+
+def _dtype(t):
+    return keras.backend.standardize_dtype(t.dtype)
 
 
 # ------------------------------------------------------------------ dense
@@ -108,16 +114,16 @@ def dense_spectral_norm_exact(kernel):
 
     Example:
 
-    >>> import tensorflow as tf
-    >>> round(float(dense_spectral_norm_exact(tf.constant([[3.0, 0.0], [0.0, 1.0]]))), 4)
+    >>> from keras import ops
+    >>> round(float(dense_spectral_norm_exact(ops.convert_to_tensor([[3.0, 0.0], [0.0, 1.0]]))), 4)
     3.0
     """
-    kernel = tf.convert_to_tensor(kernel)
-    if kernel.shape.rank != 2:
+    kernel = ops.convert_to_tensor(kernel)
+    if len(kernel.shape) != 2:
         raise ValueError(
             f"The kernel must be a matrix (in, out). Received: kernel.shape={kernel.shape}"
         )
-    return tf.linalg.svd(kernel, compute_uv=False)[0]
+    return ops.svd(kernel, compute_uv=False)[0]
 
 
 # ------------------------------------------------------------------ circular convolution
@@ -144,12 +150,12 @@ def circular_conv_norm_exact(kernel, grid_shape, strides=1):
 
     Example:
 
-    >>> import tensorflow as tf
-    >>> kernel = tf.ones((1, 1, 1, 1)) * 3.0
+    >>> from keras import ops
+    >>> kernel = ops.ones((1, 1, 1, 1)) * 3.0
     >>> round(float(circular_conv_norm_exact(kernel, (4, 4))), 4)
     3.0
     """
-    kernel = tf.convert_to_tensor(kernel)
+    kernel = ops.convert_to_tensor(kernel)
     kh, kw, c_in, c_out = kernel.shape
     n1, n2 = _check_spatial_shape(grid_shape)
     if kh > n1 or kw > n2:
@@ -165,25 +171,40 @@ def circular_conv_norm_exact(kernel, grid_shape, strides=1):
             f"The strides must divide the grid. Received: grid_shape={grid_shape}, "
             f"strides={strides!r}"
         )
-    per_channel = tf.transpose(kernel, (2, 3, 0, 1))  # (C_in, C_out, kh, kw)
-    padded = tf.pad(per_channel, [[0, 0], [0, 0], [0, n1 - kh], [0, n2 - kw]])
+    per_channel = ops.transpose(kernel, (2, 3, 0, 1))  # (C_in, C_out, kh, kw)
+    padded = ops.pad(per_channel, [[0, 0], [0, 0], [0, n1 - kh], [0, n2 - kw]])
+    # DFTs are pairs (real part, imaginary part).
     if s1 == s2 == 1:
         # A real kernel's spectrum is conjugate-symmetric: half the frequencies suffice.
-        spectrum = tf.signal.rfft2d(padded)  # (C_in, C_out, N1, N2 // 2 + 1)
-        matrices = tf.transpose(spectrum, (2, 3, 0, 1))  # (N1, N2 // 2 + 1, C_in, C_out)
+        half = ops.rfft(padded)  # over N2: (C_in, C_out, N1, N2 // 2 + 1)
+        spectrum = ops.fft(tuple(ops.swapaxes(part, -1, -2) for part in half))  # over N1
+        real, imag = (  # (N1, N2 // 2 + 1, C_in, C_out)
+            ops.transpose(part, (3, 2, 0, 1)) for part in spectrum
+        )
     else:
         m1, m2 = n1 // s1, n2 // s2
-        spectrum = tf.signal.fft2d(tf.complex(padded, tf.zeros_like(padded)))
-        spectrum = tf.reshape(spectrum, (c_in, c_out, s1, m1, s2, m2))
-        matrices = tf.reshape(  # (M1, M2, s1 s2 C_in, C_out): the aliases stacked
-            tf.transpose(spectrum, (3, 5, 2, 4, 0, 1)), (m1, m2, s1 * s2 * c_in, c_out)
-        )
-        # The stack at -w is the conjugate of the one at w, up to the order of the aliases.
-        matrices = matrices[:, : m2 // 2 + 1]
-    small_side_first = matrices.shape[-2] <= matrices.shape[-1]
-    gram = tf.matmul(matrices, matrices, adjoint_a=not small_side_first, adjoint_b=small_side_first)
-    largest = tf.reduce_max(tf.math.real(tf.linalg.eigvalsh(gram))) / (s1 * s2)
-    return tf.sqrt(tf.maximum(largest, tf.zeros_like(largest)))
+        spectrum = ops.fft2((padded, ops.zeros_like(padded)))  # (C_in, C_out, N1, N2) each
+
+        def stacked(part):
+            """(M1, M2 // 2 + 1, s1 s2 C_in, C_out): the aliases of each frequency stacked."""
+            part = ops.reshape(part, (c_in, c_out, s1, m1, s2, m2))
+            part = ops.reshape(
+                ops.transpose(part, (3, 5, 2, 4, 0, 1)), (m1, m2, s1 * s2 * c_in, c_out)
+            )
+            # The stack at -w is the conjugate of the one at w, up to the order of the aliases.
+            return part[:, : m2 // 2 + 1]
+
+        real, imag = (stacked(part) for part in spectrum)
+    # The smaller Gram matrix of each M = X + iY, M M^H or M^H M, in real arithmetic:
+    # M^H M = (X^T X + Y^T Y) + i (X^T Y - Y^T X) = A^T [A, B] with A = [X; Y], B = [Y; -X].
+    if real.shape[-2] <= real.shape[-1]:
+        real, imag = ops.swapaxes(real, -1, -2), -ops.swapaxes(imag, -1, -2)  # M^H
+    a = ops.concatenate([real, imag], axis=-2)
+    b = ops.concatenate([imag, -real], axis=-2)
+    gram = ops.matmul(ops.swapaxes(a, -1, -2), ops.concatenate([a, b], axis=-1))
+    gram_real, gram_imag = ops.split(gram, 2, axis=-1)
+    largest = ops.max(backend.eigvalsh(gram_real, gram_imag)) / (s1 * s2)
+    return ops.sqrt(ops.maximum(largest, ops.zeros_like(largest)))
 
 
 # ------------------------------------------------------------------ zero-padded convolution
@@ -202,7 +223,7 @@ def same_conv_norm_upper(kernel, spatial_shape):
         A scalar tensor: `circular_conv_norm_exact(kernel, (H + kh - 1, W + kw - 1))`.
     """
     h, w = _check_spatial_shape(spatial_shape)
-    kernel = tf.convert_to_tensor(kernel)
+    kernel = ops.convert_to_tensor(kernel)
     return circular_conv_norm_exact(kernel, (h + kernel.shape[0] - 1, w + kernel.shape[1] - 1))
 
 
@@ -234,18 +255,18 @@ def conv_operator_norm_upper(kernel, input_shape, strides=1, padding="same"):
         A scalar tensor in the kernel's dtype.
 
     Examples:
-        >>> import tensorflow as tf
-        >>> ones = tf.ones((3, 3, 1, 1))  # the true norm on 6x6 is 7.85 (a 3x3 box sum)
+        >>> from keras import ops
+        >>> ones = ops.ones((3, 3, 1, 1))  # the true norm on 6x6 is 7.85 (a 3x3 box sum)
         >>> round(float(conv_operator_norm_upper(ones, (6, 6))), 4)
         9.0
     """
-    kernel = tf.convert_to_tensor(kernel)
+    kernel = ops.convert_to_tensor(kernel)
     shape, strides, padding = _operator_dims(kernel, input_shape, strides, padding)
     taps, grid = [], []
-    for size, k, s in zip(shape[1:3], kernel.shape[:2], strides[1:3], strict=True):
+    for size, k, s in zip(shape[1:3], kernel.shape[:2], strides, strict=True):
         # Output m reads input s * m + t - before through tap t.
-        out = -(-size // s) if padding == "SAME" else (size - k) // s + 1
-        before = max((out - 1) * s + k - size, 0) // 2 if padding == "SAME" else 0
+        out = -(-size // s) if padding == "same" else (size - k) // s + 1
+        before = max((out - 1) * s + k - size, 0) // 2 if padding == "same" else 0
         low, high = max(before - (out - 1) * s, 0), min(before + size, k)
         taps.append(slice(low, high))
         grid.append(s * -(-(size + high - low - 1) // s))
@@ -253,7 +274,7 @@ def conv_operator_norm_upper(kernel, input_shape, strides=1, padding="same"):
     if kernel.shape[0] == 1 and kernel.shape[1] == 1:
         # One (C_in, C_out) matrix at every kept pixel: its norm, exactly.
         return dense_spectral_norm_exact(kernel[0, 0])
-    return circular_conv_norm_exact(kernel, grid, strides[1:3])
+    return circular_conv_norm_exact(kernel, grid, strides)
 
 
 def conv_operator_norm_lower(kernel, input_shape, strides=1, padding="same", iterations=20):
@@ -263,8 +284,8 @@ def conv_operator_norm_lower(kernel, input_shape, strides=1, padding="same", ite
     given strides, no bias) is a matrix of size `H'W'C_out x HWC_in`; its
     largest singular value is what bounds `||conv(a) - conv(b)|| / ||a - b||`.
     It is found from the power-iteration products `v -> A^T A v`, applying `A`
-    with `tf.nn.conv2d` and its exact adjoint `A^T` with
-    `tf.nn.conv2d_transpose` on one input of the true size. The estimate is the
+    with `keras.ops.conv` and its exact adjoint `A^T` as the vector-Jacobian
+    product of that conv (`keras_deq.backend.vjp`) on one input of the true size. The estimate is the
     largest Ritz value of the Krylov space these products span (Lanczos with
     full reorthogonalization) rather than the last iterate's Rayleigh quotient:
     the same products, but it converges in a few dozen steps where plain power
@@ -294,12 +315,12 @@ def conv_operator_norm_lower(kernel, input_shape, strides=1, padding="same", ite
         A scalar tensor in the kernel's dtype.
 
     Examples:
-        >>> import tensorflow as tf
-        >>> kernel = tf.ones((1, 1, 1, 1)) * 3.0  # a 1x1 conv scaling by 3
+        >>> from keras import ops
+        >>> kernel = ops.ones((1, 1, 1, 1)) * 3.0  # a 1x1 conv scaling by 3
         >>> round(float(conv_operator_norm_lower(kernel, (4, 4))), 4)
         3.0
     """
-    kernel = tf.convert_to_tensor(kernel)
+    kernel = ops.convert_to_tensor(kernel)
     shape, strides, padding = _operator_dims(kernel, input_shape, strides, padding)
     iterations = check_positive_int("iterations", iterations)
     if kernel.shape[0] == 1 and kernel.shape[1] == 1:
@@ -309,16 +330,23 @@ def conv_operator_norm_lower(kernel, input_shape, strides=1, padding="same", ite
     return _krylov_operator_norm(kernel, shape, strides, padding, iterations)
 
 
-@tf.function(autograph=False)
 def _krylov_operator_norm(kernel, shape, strides, padding, iterations):
-    """A graph (also when called eagerly: the loop then runs in C++, not Python)."""
+    """`sqrt` of the largest Ritz value of `A^T A` (see `conv_operator_norm_lower`)."""
+
+    def conv(image):
+        return ops.conv(image, kernel, strides, padding, data_format="channels_last")
 
     def normal_op(v):
-        """`A^T A v` for a flat `v`."""
-        u = tf.nn.conv2d(tf.reshape(v, shape), kernel, strides, padding)
-        return tf.reshape(tf.nn.conv2d_transpose(u, kernel, shape, strides, padding), [-1])
+        """`A^T A v` for a flat `v`: the conv, then its adjoint (the conv's VJP)."""
+        u, pullback = backend.vjp(conv, ops.reshape(v, shape))
+        return ops.reshape(pullback(u)[0], (-1,))
 
-    return tf.sqrt(_lanczos_max_eigenvalue(normal_op, shape, kernel.dtype, iterations))
+    return ops.sqrt(_lanczos_max_eigenvalue(normal_op, shape, _dtype(kernel), iterations))
+
+
+# One graph per signature (also when called eagerly: the loop then runs compiled, not
+# op by op); the shape, strides, padding and step count are Python values.
+_krylov_operator_norm = backend.compiled(_krylov_operator_norm, static_argnums=(1, 2, 3, 4))
 
 
 def _lanczos_max_eigenvalue(op, shape, dtype, steps):
@@ -327,32 +355,31 @@ def _lanczos_max_eigenvalue(op, shape, dtype, steps):
     for d in shape:
         size *= d
     # Below this relative size the next Krylov vector is round-off: the space is invariant.
-    breakdown = tf.constant(1e-7 if dtype == tf.float64 else 1e-3, dtype)
-    v0 = tf.random.stateless_normal([size], seed=(1234, 5678), dtype=dtype)
-    v0 = v0 / tf.norm(v0)
+    breakdown = 1e-7 if dtype == "float64" else 1e-3
+    v0 = keras.random.normal((size,), dtype=dtype, seed=1234)  # a fixed draw
+    v0 = v0 / ops.norm(v0)
 
-    def body(j, v, basis, alphas, betas):
-        basis = tf.tensor_scatter_nd_update(basis, [[j]], v[None])
+    def body(j, state):
+        v, basis, alphas, betas = state
+        basis = ops.slice_update(basis, (j, 0), v[None])
         w = op(v)
-        a = tf.reduce_sum(w * v)
-        for _ in range(2):  # full reorthogonalization, twice for float32
-            w = w - tf.linalg.matvec(basis, tf.linalg.matvec(basis, w), transpose_a=True)
-        b = tf.norm(w)
-        alphas = tf.tensor_scatter_nd_update(alphas, [[j]], [a])
-        scale = tf.reduce_max(tf.abs(alphas))
-        b = tf.where(b > breakdown * scale, b, tf.zeros_like(b))
-        betas = tf.tensor_scatter_nd_update(betas, [[j]], [b])
-        v = tf.math.divide_no_nan(w, b)
-        return j + 1, v, basis, alphas, betas
+        a = ops.sum(w * v)
+        for _ in range(2):  # full reorthogonalization (basis^T basis w), twice for float32
+            w = w - ops.matmul(ops.matmul(basis, w), basis)
+        b = ops.norm(w)
+        alphas = ops.slice_update(alphas, (j,), a[None])
+        scale = ops.max(ops.abs(alphas))
+        b = ops.where(b > breakdown * scale, b, ops.zeros_like(b))
+        betas = ops.slice_update(betas, (j,), b[None])
+        return ops.divide_no_nan(w, b), basis, alphas, betas
 
-    zeros = tf.zeros([steps], dtype)
-    loop_vars = (tf.constant(0), v0, tf.zeros([steps, size], dtype), zeros, zeros)
-    *_, alphas, betas = tf.while_loop(
-        lambda j, *_: j < steps, body, loop_vars, maximum_iterations=steps
-    )
+    zeros = ops.zeros((steps,), dtype)
+    state = (v0, ops.zeros((steps, size), dtype), zeros, zeros)
+    _, _, alphas, betas = ops.fori_loop(0, steps, body, state)
     off = betas[:-1]
-    tridiagonal = tf.linalg.diag(alphas) + tf.linalg.diag(off, k=1) + tf.linalg.diag(off, k=-1)
-    return tf.maximum(tf.reduce_max(tf.linalg.eigvalsh(tridiagonal)), tf.zeros([], dtype))
+    tridiagonal = ops.diag(alphas) + ops.diag(off, k=1) + ops.diag(off, k=-1)
+    largest = ops.max(backend.eigvalsh(tridiagonal))
+    return ops.maximum(largest, ops.zeros_like(largest))
 
 
 # ------------------------------------------------------------------ former names

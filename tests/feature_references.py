@@ -1,9 +1,39 @@
-"""Plain-numpy references of the feature functions, and finite differences (not tests).
+"""Plain-numpy references of the feature functions, finite differences, and the
+backend's own autodiff (not tests).
 
-Shared by the tests of `keras_deq.features`, `keras_deq.regularizers` and the OptEq priors.
+Shared by the tests of `keras_deq.features`, `keras_deq.regularizers`, the OptEq priors
+and `keras_deq.jacobian`. `gradient` is the one backend-specific reference here: the
+backend's autodiff (`tf.GradientTape`, `jax.grad`), independent of `keras_deq`.
 """
 
+import keras
 import numpy as np
+import pytest
+
+# Parameters for tests that hold in both precisions, with a tolerance per dtype: the
+# float64 case (skipped where the backend has no float64, see tests/conftest.py) keeps
+# the tight tolerance; the float32 case runs on every backend.
+FLOAT_DTYPES = (pytest.param("float64", marks=pytest.mark.float64), "float32")
+
+
+def float64_param(*values):
+    """A parametrization case that needs float64 (see `tests/conftest.py`)."""
+    return pytest.param(*values, marks=pytest.mark.float64)
+
+
+def gradient(fn, *args):
+    """The gradients of the scalar `fn(*args)` with respect to each tensor in `args`
+    (a tuple of tensors), by the backend's autodiff; usable inside compiled functions."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415
+
+        with tf.GradientTape() as tape:
+            tape.watch(args)
+            value = fn(*args)
+        return tuple(tape.gradient(value, args))
+    import jax  # noqa: PLC0415
+
+    return tuple(jax.grad(fn, argnums=tuple(range(len(args))))(*args))
 
 
 def numpy_decorrelation(z):

@@ -1,29 +1,53 @@
 """Jacobian diagnostics and the DEQ layer's Jacobian regularizer (spec section 2).
 
 Reference values are computed independently of `keras_deq.jacobian`: closed-form
-Jacobians in numpy, `tf.GradientTape.batch_jacobian`, `numpy.linalg.eigvals` and
-central finite differences.
+Jacobians in numpy, Jacobians by the backend's own autodiff, `numpy.linalg.eigvals`
+and central finite differences.
+
+The statistical tests run in float64 where the backend has it and in float32 elsewhere
+(`DTYPE`: their tolerances are sampling errors, far above float32 rounding); the tests
+with rounding-level tolerances are marked `float64`.
 """
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import float64_available
+from feature_references import float64_param, gradient
+from keras import ops
 
 import keras_deq
 from keras_deq import jacobian
 
 D, BATCH = 5, 3
+BACKEND = keras.backend.backend()
+DTYPE = "float64" if float64_available() else "float32"
 
 
 # ----------------------------------------------------------------- helpers
+def tensor(value, dtype=None):
+    return ops.convert_to_tensor(value, dtype or DTYPE)
+
+
+def numpy(t):
+    return ops.convert_to_numpy(t)
+
+
+def dtype_of(t):
+    return keras.backend.standardize_dtype(t.dtype)
+
+
 def _tiny_problem(seed=0, scale=0.8):
-    """A float64 cell `f(z) = tanh(z W + x)` with d = 5 and batch 3."""
+    """A cell `f(z) = tanh(z W + x)` with d = 5 and batch 3 (numpy float64)."""
     rng = np.random.default_rng(seed)
     w = rng.normal(size=(D, D)) * scale
     x = rng.normal(size=(BATCH, D))
     z = rng.normal(size=(BATCH, D))
     return w, x, z
+
+
+def _tanh_cell(w, x):
+    return lambda s: ops.tanh(ops.matmul(s, w) + x)
 
 
 def _exact_np(w, x, z):
@@ -36,59 +60,93 @@ def _exact_np(w, x, z):
     return per_sample.mean() / z.shape[1]
 
 
-def _exact_tape(fn, z):
-    """mean_b ||J_b||_F^2 / d from `batch_jacobian`."""
-    z = tf.convert_to_tensor(z)
-    with tf.GradientTape() as tape:
-        tape.watch(z)
-        fz = fn(z)
-    jac = tape.batch_jacobian(fz, z)
-    return float(tf.reduce_mean(tf.reduce_sum(tf.square(jac), axis=[1, 2]))) / int(z.shape[1])
+def _batch_jacobian(fn, z):
+    """`(batch, d_out, d_in)`: each sample's Jacobian of `fn` (acting on each sample
+    separately) at the `(batch, d)` tensor `z`, one row per backend gradient."""
+    rows = [gradient(lambda s, i=i: ops.sum(fn(s)[:, i]), z)[0] for i in range(z.shape[1])]
+    return np.stack([numpy(row) for row in rows], axis=1)
+
+
+def _exact_autodiff(fn, z):
+    """mean_b ||J_b||_F^2 / d from the backend's autodiff."""
+    jac = _batch_jacobian(fn, z)
+    return float(np.mean(np.sum(jac.astype("float64") ** 2, axis=(1, 2)))) / int(z.shape[1])
+
+
+def _repeated_mean(step, calls, generator, shape=()):
+    """The mean of `calls` values of `step()` (a tensor of `shape`), which draws from
+    `generator`, in one compiled function: a `tf.function` loop, or one `jax.jit` of
+    `step` called `calls` times with the generator's state passed through."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415
+
+        @tf.function
+        def run():
+            total = tf.zeros(shape, tf.float64)
+            for _ in tf.range(calls):
+                total += tf.cast(step(), tf.float64)
+            return total / calls
+
+        return run().numpy()
+    import jax  # noqa: PLC0415
+
+    @jax.jit
+    def once(state):
+        with keras.StatelessScope(state_mapping=[(generator.state, state)]) as scope:
+            value = step()
+        return value, scope.get_current_value(generator.state)
+
+    state, total = generator.state.value, np.zeros(shape)
+    for _ in range(calls):
+        value, state = once(state)
+        total += np.asarray(value, "float64")
+    generator.state.assign(state)
+    return total / calls
 
 
 def _many_probe_average(fn, z, calls, probes_per_call, seed):
-    """Average of `calls` estimates of `probes_per_call` probes each, in one graph."""
+    """Average of `calls` estimates of `probes_per_call` probes each, compiled."""
     gen = keras.random.SeedGenerator(seed)
-
-    @tf.function
-    def run():
-        total = tf.constant(0.0, tf.float64)
-        for _ in tf.range(calls):
-            est = jacobian.hutchinson_frobenius(fn, z, num_probes=probes_per_call, seed=gen)
-            total += tf.cast(est, tf.float64)
-        return total / calls
-
-    return float(run())
+    return float(
+        _repeated_mean(
+            lambda: jacobian.hutchinson_frobenius(fn, z, num_probes=probes_per_call, seed=gen),
+            calls,
+            gen,
+        )
+    )
 
 
 # ------------------------------------------------------ hutchinson_frobenius
-def test_closed_form_reference_agrees_with_batch_jacobian():
-    # Guards the reference used below: closed form == GradientTape.batch_jacobian.
+def test_closed_form_reference_agrees_with_autodiff():
+    # Guards the reference used below: closed form == the backend's autodiff Jacobians.
     w, x, z = _tiny_problem()
-    got = _exact_tape(lambda s: tf.tanh(s @ tf.constant(w) + x), z)
-    np.testing.assert_allclose(got, _exact_np(w, x, z), rtol=1e-12)
+    got = _exact_autodiff(_tanh_cell(tensor(w), tensor(x)), tensor(z))
+    np.testing.assert_allclose(got, _exact_np(w, x, z), rtol=1e-12 if DTYPE == "float64" else 1e-5)
 
 
 def test_hutchinson_matches_exact_with_many_probes():
     seed = 0
     w, x, z = _tiny_problem(seed)
-    w_t, x_t, z_t = tf.constant(w), tf.constant(x), tf.constant(z)
-    exact = _exact_tape(lambda s: tf.tanh(s @ w_t + x_t), z_t)
+    cell, z_t = _tanh_cell(tensor(w), tensor(x)), tensor(z)
+    exact = _exact_autodiff(cell, z_t)
     calls, per_call = 200, 50
     m = calls * per_call
-    est = _many_probe_average(lambda s: tf.tanh(s @ w_t + x_t), z_t, calls, per_call, seed + 10)
+    est = _many_probe_average(cell, z_t, calls, per_call, seed + 10)
     assert abs(est - exact) / exact < 5 * np.sqrt(2 / m)
 
 
+@pytest.mark.float64
 def test_hutchinson_single_call_many_probes_float64():
     # One eager call with num_probes = 500 (no outer averaging).
     w, x, z = _tiny_problem(2)
-    w_t, x_t, z_t = tf.constant(w), tf.constant(x), tf.constant(z)
     exact = _exact_np(w, x, z)
     est = jacobian.hutchinson_frobenius(
-        lambda s: tf.tanh(s @ w_t + x_t), z_t, num_probes=500, seed=keras.random.SeedGenerator(3)
+        _tanh_cell(tensor(w), tensor(x)),
+        tensor(z),
+        num_probes=500,
+        seed=keras.random.SeedGenerator(3),
     )
-    assert est.dtype == tf.float64
+    assert dtype_of(est) == "float64"
     assert est.shape == ()
     assert abs(float(est) - exact) / exact < 5 * np.sqrt(2 / 500)
 
@@ -98,7 +156,7 @@ def test_normalization_by_batch_times_d(shape):
     # J = c I for every sample: ||J_b||_F^2 / d = c^2 whatever the batch and d.
     # Dividing by d only (not batch * d) would give batch * c^2; not at all, c^2 d.
     c = 3.0
-    z = tf.constant(np.random.default_rng(0).normal(size=shape))
+    z = tensor(np.random.default_rng(0).normal(size=shape))
     est = _many_probe_average(lambda s: c * s, z, 20, 20, seed=4)
     n = 20 * 20 * int(np.prod(shape))
     assert abs(est - c**2) / c**2 < max(5 * np.sqrt(2 / n), 1e-3)
@@ -106,16 +164,18 @@ def test_normalization_by_batch_times_d(shape):
 
 def test_normalization_ratio_is_exact_with_identical_probes():
     # Same SeedGenerator seed -> same probes, so est(c z) / est(z) = c^2 exactly.
-    z = tf.constant(np.random.default_rng(1).normal(size=(3, 7)))
+    z = tensor(np.random.default_rng(1).normal(size=(3, 7)))
     a = jacobian.hutchinson_frobenius(lambda s: 2.5 * s, z, 4, seed=keras.random.SeedGenerator(9))
     b = jacobian.hutchinson_frobenius(lambda s: s, z, 4, seed=keras.random.SeedGenerator(9))
-    np.testing.assert_allclose(float(a) / float(b), 6.25, rtol=1e-12)
+    np.testing.assert_allclose(
+        float(a) / float(b), 6.25, rtol=1e-12 if DTYPE == "float64" else 1e-6
+    )
 
 
 def test_batch_mean_of_per_sample_norms():
     # f(z)_b = c_b z_b: mean_b ||J_b||_F^2 / d = mean_b c_b^2 (a batch mean, not a sum).
-    scales = tf.constant([[1.0], [2.0], [3.0]], tf.float64)
-    z = tf.constant(np.random.default_rng(2).normal(size=(3, D)))
+    scales = tensor([[1.0], [2.0], [3.0]])
+    z = tensor(np.random.default_rng(2).normal(size=(3, D)))
     est = _many_probe_average(lambda s: scales * s, z, 100, 20, seed=5)
     assert abs(est - 14.0 / 3.0) / (14.0 / 3.0) < 5 * np.sqrt(2 / 2000)
 
@@ -123,33 +183,29 @@ def test_batch_mean_of_per_sample_norms():
 def test_multi_tensor_state():
     # State [a (B, 2), b (B, 3, 2)], f = [2 a, 3 b]: ||J||_F^2 = 4*2 + 9*6 = 62, d = 8.
     rng = np.random.default_rng(3)
-    a = tf.constant(rng.normal(size=(4, 2)))
-    b = tf.constant(rng.normal(size=(4, 3, 2)))
+    a = tensor(rng.normal(size=(4, 2)))
+    b = tensor(rng.normal(size=(4, 3, 2)))
     gen = keras.random.SeedGenerator(6)
-
-    @tf.function
-    def run():
-        total = tf.constant(0.0, tf.float64)
-        for _ in tf.range(100):
-            total += jacobian.hutchinson_frobenius(
-                lambda s: [2.0 * s[0], 3.0 * s[1]], [a, b], num_probes=20, seed=gen
-            )
-        return total / 100
-
-    est = float(run())
-    assert abs(est - 62.0 / 8.0) / (62.0 / 8.0) < 5 * np.sqrt(2 / 2000)
+    est = _repeated_mean(
+        lambda: jacobian.hutchinson_frobenius(
+            lambda s: [2.0 * s[0], 3.0 * s[1]], [a, b], num_probes=20, seed=gen
+        ),
+        100,
+        gen,
+    )
+    assert abs(float(est) - 62.0 / 8.0) / (62.0 / 8.0) < 5 * np.sqrt(2 / 2000)
 
 
 def test_float32_state_gives_float32_estimate():
-    z = tf.ones([2, 3], tf.float32)
+    z = ops.ones([2, 3], "float32")
     est = jacobian.hutchinson_frobenius(lambda s: 2.0 * s, z, 3, seed=keras.random.SeedGenerator(0))
-    assert est.dtype == tf.float32
+    assert dtype_of(est) == "float32"
 
 
 def test_int_seed_draws_distinct_probes():
     # `seed` may be an int (documented). With an int seed the probes must still be
     # distinct: averaging num_probes copies of the same probe is no average at all.
-    z = tf.ones([4, 3])
+    z = ops.ones([4, 3])
     one = float(jacobian.hutchinson_frobenius(lambda s: 2.0 * s, z, num_probes=1, seed=1))
     two = float(jacobian.hutchinson_frobenius(lambda s: 2.0 * s, z, num_probes=2, seed=1))
     assert one != two
@@ -160,7 +216,7 @@ def test_int_seed_many_probes_converge():
     # elements its relative std is sqrt(2 / 4800) = 0.02, so 10% is 5 sigma.
     for seed in (0, 1, 2):
         est = float(
-            jacobian.hutchinson_frobenius(lambda s: 2.0 * s, tf.ones([4, 3]), 400, seed=seed)
+            jacobian.hutchinson_frobenius(lambda s: 2.0 * s, ops.ones([4, 3]), 400, seed=seed)
         )
         assert abs(est - 4.0) / 4.0 < 0.1, (seed, est)
 
@@ -175,49 +231,40 @@ def _fd_grad(fun, w, h=1e-5):
     return grad
 
 
+@pytest.mark.float64
 def test_gradient_with_fixed_probes_matches_finite_differences_of_estimate():
     # Fixed probes (fresh SeedGenerator, same seed): the estimate is a smooth
-    # function of W, and its nested-tape gradient must match its own FD exactly.
+    # function of W, and its second-order gradient must match its own FD exactly.
     w, x, z = _tiny_problem(4)
-    x_t, z_t = tf.constant(x), tf.constant(z)
+    x_t, z_t = tensor(x), tensor(z)
 
-    def est(w_np_or_var):
+    def est(w_t):
         return jacobian.hutchinson_frobenius(
-            lambda s: tf.tanh(s @ w_np_or_var + x_t),
-            z_t,
-            num_probes=3,
-            seed=keras.random.SeedGenerator(5),
+            _tanh_cell(w_t, x_t), z_t, num_probes=3, seed=keras.random.SeedGenerator(5)
         )
 
-    w_var = tf.Variable(w)
-    with tf.GradientTape() as tape:
-        value = est(w_var)
-    grad = tape.gradient(value, w_var).numpy()
-    fd = _fd_grad(lambda wn: float(est(tf.constant(wn))), w)
+    grad = numpy(gradient(est, tensor(w))[0])
+    fd = _fd_grad(lambda wn: float(est(tensor(wn))), w)
     assert np.abs(grad).max() > 1e-3
     np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-9)
 
 
 def test_gradient_of_many_probe_average_matches_finite_differences_of_exact():
     w, x, z = _tiny_problem(5)
-    x_t, z_t = tf.constant(x), tf.constant(z)
+    w_t, x_t, z_t = tensor(w), tensor(x), tensor(z)
     fd_exact = _fd_grad(lambda wn: _exact_np(wn, x, z), w)
-    w_var = tf.Variable(w)
     gen = keras.random.SeedGenerator(12)
     calls, per_call = 100, 50
 
-    @tf.function
-    def grad_avg():
-        total = tf.zeros_like(w_var)
-        for _ in tf.range(calls):
-            with tf.GradientTape() as tape:
-                est = jacobian.hutchinson_frobenius(
-                    lambda s: tf.tanh(s @ w_var + x_t), z_t, num_probes=per_call, seed=gen
-                )
-            total += tape.gradient(est, w_var)
-        return total / calls
+    def grad_once():
+        def est(w_var):
+            return jacobian.hutchinson_frobenius(
+                _tanh_cell(w_var, x_t), z_t, num_probes=per_call, seed=gen
+            )
 
-    grad = grad_avg().numpy()
+        return gradient(est, w_t)[0]
+
+    grad = _repeated_mean(grad_once, calls, gen, shape=w.shape)
     assert np.linalg.norm(fd_exact) > 1e-2
     rel = np.linalg.norm(grad - fd_exact) / np.linalg.norm(fd_exact)
     assert rel < 5 * np.sqrt(2 / (calls * per_call))
@@ -225,15 +272,16 @@ def test_gradient_of_many_probe_average_matches_finite_differences_of_exact():
 
 def test_estimate_is_differentiable_in_the_input():
     w, x, z = _tiny_problem(6)
-    w_t, z_t = tf.constant(w), tf.constant(z)
-    x_var = tf.Variable(x)
-    with tf.GradientTape() as tape:
-        est = jacobian.hutchinson_frobenius(
-            lambda s: tf.tanh(s @ w_t + x_var), z_t, 2, seed=keras.random.SeedGenerator(1)
+    w_t, z_t = tensor(w), tensor(z)
+
+    def est(x_var):
+        return jacobian.hutchinson_frobenius(
+            _tanh_cell(w_t, x_var), z_t, 2, seed=keras.random.SeedGenerator(1)
         )
-    grad = tape.gradient(est, x_var)
+
+    grad = gradient(est, tensor(x))[0]
     assert grad is not None
-    assert float(tf.reduce_max(tf.abs(grad))) > 1e-4
+    assert float(np.max(np.abs(numpy(grad)))) > 1e-4
 
 
 # ------------------------------------------------------------- spectral_radius
@@ -247,22 +295,24 @@ def _linear_maps(eigs_per_sample, seed=0):
     return np.stack(mats)
 
 
+def _batched_linear(mats):
+    return lambda s: ops.einsum("bi,bij->bj", s, mats)
+
+
 def test_spectral_radius_of_linear_maps_with_known_spectrum():
     eigs = [
         [0.9, 0.4, -0.3, 0.2, 0.1],
         [-0.7, 0.3, 0.25, -0.1, 0.05],  # negative dominant eigenvalue
         [1.5, 0.6, -0.5, 0.2, 0.0],  # > 1: not a contraction
     ]
-    mats = tf.constant(_linear_maps(eigs))
+    mats = _linear_maps(eigs)
     # Reference from numpy, not from the construction alone.
-    expected = np.abs(np.linalg.eigvals(mats.numpy())).max(axis=1)
+    expected = np.abs(np.linalg.eigvals(mats)).max(axis=1)
     np.testing.assert_allclose(expected, [0.9, 0.7, 1.5], rtol=1e-10)
-    z = tf.constant(np.random.default_rng(1).normal(size=(3, 5)))
-    radius = jacobian.spectral_radius(
-        lambda s: tf.einsum("bi,bij->bj", s, mats), z, num_iters=200, seed=0
-    )
+    z = tensor(np.random.default_rng(1).normal(size=(3, 5)))
+    radius = jacobian.spectral_radius(_batched_linear(tensor(mats)), z, num_iters=200, seed=0)
     assert radius.shape == (3,)
-    np.testing.assert_allclose(radius.numpy(), expected, atol=1e-3)
+    np.testing.assert_allclose(numpy(radius), expected, atol=1e-3)
 
 
 def test_spectral_radius_of_a_nonlinear_cell_at_a_state():
@@ -273,29 +323,21 @@ def test_spectral_radius_of_a_nonlinear_cell_at_a_state():
     w = q @ np.diag([1.2, 0.4, 0.3, 0.2, 0.1]) @ q.T
     x = rng.normal(size=(4, D)) * 0.5
     z = rng.normal(size=(4, D)) * 0.5
-    w_t, x_t = tf.constant(w), tf.constant(x)
-
-    def fn(s):
-        return tf.tanh(s @ w_t + x_t)
-
-    z_t = tf.constant(z)
-    with tf.GradientTape() as tape:
-        tape.watch(z_t)
-        fz = fn(z_t)
-    jac = tape.batch_jacobian(fz, z_t).numpy()
+    fn, z_t = _tanh_cell(tensor(w), tensor(x)), tensor(z)
+    jac = _batch_jacobian(fn, z_t)
     moduli = np.sort(np.abs(np.linalg.eigvals(jac)), axis=1)
     assert (moduli[:, -1] > 1.5 * moduli[:, -2]).all()  # a clear spectral gap
     radius = jacobian.spectral_radius(fn, z_t, num_iters=200, seed=keras.random.SeedGenerator(0))
-    np.testing.assert_allclose(radius.numpy(), moduli[:, -1], atol=1e-3)
+    np.testing.assert_allclose(numpy(radius), moduli[:, -1], atol=1e-3)
 
 
 def test_spectral_radius_multi_tensor_state():
     # f([a, b]) = [0.5 a, -0.8 b]: J = blockdiag(0.5 I, -0.8 I), rho = 0.8.
     rng = np.random.default_rng(8)
-    a = tf.constant(rng.normal(size=(2, 3)))
-    b = tf.constant(rng.normal(size=(2, 2, 2)))
+    a = tensor(rng.normal(size=(2, 3)))
+    b = tensor(rng.normal(size=(2, 2, 2)))
     radius = jacobian.spectral_radius(lambda s: [0.5 * s[0], -0.8 * s[1]], [a, b], 200, seed=1)
-    np.testing.assert_allclose(radius.numpy(), [0.8, 0.8], atol=1e-3)
+    np.testing.assert_allclose(numpy(radius), [0.8, 0.8], atol=1e-3)
 
 
 def _conjugated(block, seed):
@@ -327,14 +369,14 @@ def _real_top_map(seed, d=6):
 
 
 def _radii(maps, dtype, seed, num_iters=100, **kwargs):
-    a = tf.constant(np.stack(maps), dtype)
-    z = tf.ones([len(maps), a.shape[1]], dtype)
-    return jacobian.spectral_radius(
-        lambda s: tf.einsum("bi,bij->bj", s, a), z, num_iters=num_iters, seed=seed, **kwargs
-    ).numpy()
+    a = tensor(np.stack(maps), dtype)
+    z = ops.ones([len(maps), a.shape[1]], dtype)
+    return numpy(
+        jacobian.spectral_radius(_batched_linear(a), z, num_iters=num_iters, seed=seed, **kwargs)
+    )
 
 
-@pytest.mark.parametrize("dtype, rtol", [(tf.float64, 1e-9), (tf.float32, 1e-4)])
+@pytest.mark.parametrize("dtype, rtol", [float64_param("float64", 1e-9), ("float32", 1e-4)])
 def test_spectral_radius_of_a_dominant_complex_pair(dtype, rtol):
     # Plain power iteration's growth factor ||J^T v|| never settles when the top
     # eigenvalues are a complex pair: on these maps it read from about 0.3 to 1.1
@@ -348,7 +390,7 @@ def test_spectral_radius_of_a_dominant_complex_pair(dtype, rtol):
         np.testing.assert_allclose(_radii(maps, dtype, seed), moduli[:, -1], rtol=rtol)
 
 
-@pytest.mark.parametrize("dtype, rtol", [(tf.float64, 1e-9), (tf.float32, 1e-4)])
+@pytest.mark.parametrize("dtype, rtol", [float64_param("float64", 1e-9), ("float32", 1e-4)])
 def test_spectral_radius_of_a_dominant_real_eigenvalue(dtype, rtol):
     maps = [_real_top_map(seed) for seed in range(6)]
     expected = np.abs(np.linalg.eigvals(np.stack(maps))).max(axis=1)
@@ -357,30 +399,33 @@ def test_spectral_radius_of_a_dominant_real_eigenvalue(dtype, rtol):
         np.testing.assert_allclose(_radii(maps, dtype, seed), expected, rtol=rtol)
 
 
+@pytest.mark.float64
 def test_spectral_radius_of_opposite_real_eigenvalues():
     # +0.8 and -0.8: the power iterate flips between two directions, and its
     # growth factor between two values; the two-dimensional Krylov space holds both.
     maps = [_conjugated(np.diag([0.8, -0.8, 0.3, 0.2, -0.1]), seed) for seed in range(4)]
     for seed in range(3):
-        np.testing.assert_allclose(_radii(maps, tf.float64, seed), 0.8, rtol=1e-9)
+        np.testing.assert_allclose(_radii(maps, "float64", seed), 0.8, rtol=1e-9)
 
 
+@pytest.mark.float64
 def test_spectral_radius_of_random_maps_with_crowded_spectra():
     # Gaussian 32 x 32 matrices: many eigenvalues near the largest modulus, real
     # or complex, so power iteration alone is off by up to 20% after 100 steps.
     rng = np.random.default_rng(0)
     maps = list(rng.normal(size=(20, 32, 32)) / np.sqrt(32))
     expected = np.abs(np.linalg.eigvals(np.stack(maps))).max(axis=1)
-    np.testing.assert_allclose(_radii(maps, tf.float64, 0), expected, rtol=1e-6)
+    np.testing.assert_allclose(_radii(maps, "float64", 0), expected, rtol=1e-6)
 
 
+@pytest.mark.float64
 def test_spectral_radius_of_a_zero_jacobian_and_small_krylov_sizes():
-    z = tf.constant(np.random.default_rng(9).normal(size=(2, 4)))
+    z = tensor(np.random.default_rng(9).normal(size=(2, 4)), "float64")
     np.testing.assert_array_equal(jacobian.spectral_radius(lambda s: 0.0 * s, z, seed=0), 0.0)
     # krylov_size 2 resolves a pair; numpy integers are accepted for the counts.
     maps = [_complex_pair_map(seed) for seed in range(3)]
     expected = np.abs(np.linalg.eigvals(np.stack(maps))).max(axis=1)
-    got = _radii(maps, tf.float64, 0, num_iters=np.int64(100), krylov_size=np.int64(2))
+    got = _radii(maps, "float64", 0, num_iters=np.int64(100), krylov_size=np.int64(2))
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
@@ -395,12 +440,12 @@ def test_spectral_radius_of_a_zero_jacobian_and_small_krylov_sizes():
 )
 def test_spectral_radius_bad_arguments(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
-        jacobian.spectral_radius(lambda s: s, tf.ones([1, 2]), **kwargs)
+        jacobian.spectral_radius(lambda s: s, ops.ones([1, 2]), **kwargs)
 
 
 def test_numpy_integer_seed_is_an_int_seed():
     # keras.random refuses a numpy integer seed; the diagnostics take it as an int.
-    z = tf.ones([4, 3])
+    z = ops.ones([4, 3])
     for fn in (
         lambda seed: jacobian.hutchinson_frobenius(lambda s: 2.0 * s, z, 3, seed=seed),
         lambda seed: jacobian.spectral_radius(lambda s: 2.0 * s, z, 5, seed=seed),
@@ -426,12 +471,30 @@ def _deq(seed=3, weight=1.0, frequency=0.25, probes=1, units=4, max_iter=3):
     )
 
 
-_X = tf.constant(np.random.default_rng(0).normal(size=(2, 4)), tf.float32)
+# A positive `jacobian_weight` is refused on other backends for now.
+penalty_tensorflow_only = pytest.mark.tensorflow_only(
+    "the DEQ layer's Jacobian penalty runs on TensorFlow only for now "
+    "(keras_deq.layers.deq_arguments refuses a positive jacobian_weight elsewhere)"
+)
+
+_X = np.random.default_rng(0).normal(size=(2, 4)).astype("float32")
 
 
 def _added_losses(layer, n, training=True):
-    """The layer's summed `add_loss` term over `n` calls, in one graph."""
+    """The layer's summed `add_loss` term over `n` calls, in one graph (TensorFlow) or
+    eagerly (elsewhere), and the function that runs them."""
     layer(_X)  # build
+    if BACKEND != "tensorflow":
+
+        def run_eagerly():
+            totals = []
+            for _ in range(n):
+                layer(_X, training=training)
+                totals.append(sum(float(loss) for loss in layer.losses))
+            return np.array(totals, "float32")
+
+        return run_eagerly(), run_eagerly
+    import tensorflow as tf  # noqa: PLC0415
 
     @tf.function
     def run():
@@ -445,6 +508,7 @@ def _added_losses(layer, n, training=True):
     return run().numpy(), run
 
 
+@penalty_tensorflow_only
 def test_regularizer_frequency():
     values, _ = _added_losses(_deq(frequency=0.25), 2000)
     assert (values >= 0).all()
@@ -452,6 +516,7 @@ def test_regularizer_frequency():
     assert abs(fraction - 0.25) < 0.05
 
 
+@penalty_tensorflow_only
 def test_regularizer_frequency_is_read_from_the_variable():
     # Changing the frequency after tracing must take effect (a variable, not a constant).
     layer = _deq(frequency=0.25)
@@ -464,11 +529,13 @@ def test_regularizer_frequency_is_read_from_the_variable():
     assert (run().numpy() == 0).all()
 
 
+@penalty_tensorflow_only
 def test_regularizer_always_applied_with_frequency_one():
     values, _ = _added_losses(_deq(frequency=1.0), 200)
     assert (values > 0).all()
 
 
+@penalty_tensorflow_only
 def test_regularizer_never_added_in_inference():
     layer = _deq(frequency=1.0)
     values, _ = _added_losses(layer, 50, training=False)
@@ -486,6 +553,7 @@ def test_regularizer_zero_weight_adds_nothing():
     assert (values == 0).all()
 
 
+@penalty_tensorflow_only
 def test_regularizer_enabled_by_setting_a_positive_weight_before_tracing():
     layer = _deq(weight=0.0, frequency=1.0)
     layer.jacobian_weight = 1.0
@@ -493,6 +561,7 @@ def test_regularizer_enabled_by_setting_a_positive_weight_before_tracing():
     assert (values > 0).all()
 
 
+@penalty_tensorflow_only
 def test_regularizer_weight_set_between_fits_takes_effect():
     # `jacobian_weight` is documented as changeable during training. A user who
     # trains without the regularizer and then sets a positive weight must get it
@@ -514,6 +583,7 @@ def test_regularizer_weight_set_between_fits_takes_effect():
     assert history.history["deq_jac_loss"][0] > 0.0
 
 
+@penalty_tensorflow_only
 def test_regularizer_draw_is_reproducible_with_a_seed():
     a, _ = _added_losses(_deq(seed=3), 100)
     b, _ = _added_losses(_deq(seed=3), 100)
@@ -522,16 +592,17 @@ def test_regularizer_draw_is_reproducible_with_a_seed():
     assert ((a != 0) != (c != 0)).any()
 
 
+@penalty_tensorflow_only
 def test_regularizer_value_is_weighted_frobenius_estimate_at_equilibrium():
     # When applied, the added loss is weight * ||J(z*)||_F^2 / d; averaged over
     # many calls it matches the closed form at the layer's output z*.
     weight = 2.5
     layer = _deq(weight=weight, frequency=1.0, probes=10, max_iter=50)
     values, _ = _added_losses(layer, 300)
-    z_star = layer(_X).numpy().astype(np.float64)
+    z_star = numpy(layer(_X)).astype(np.float64)
     cell = layer.cell
-    w = cell.kernel.numpy().astype(np.float64)
-    pre_x = _X.numpy() @ cell.injection_kernel.numpy() + cell.bias.numpy()
+    w = numpy(cell.kernel).astype(np.float64)
+    pre_x = _X @ numpy(cell.injection_kernel) + numpy(cell.bias)
     exact = _exact_np(w, pre_x.astype(np.float64), z_star)
     m = 300 * 10
     assert abs(values.mean() / weight - exact) / exact < 5 * np.sqrt(2 / m)
@@ -541,7 +612,10 @@ def test_regularizer_value_is_weighted_frobenius_estimate_at_equilibrium():
     )
 
 
+@penalty_tensorflow_only
 def test_regularizer_gradient_reaches_the_cell():
+    import tensorflow as tf  # noqa: PLC0415
+
     layer = _deq(weight=1.0, frequency=1.0)
     layer(_X)
     with tf.GradientTape() as tape:
@@ -559,6 +633,8 @@ def _h(x):
 
 
 def _train_regression(weight, seed=0, epochs=19):
+    import tensorflow as tf  # noqa: PLC0415
+
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     x = rng.uniform(-2, 2, size=(1024, 1)).astype("float32")
@@ -596,6 +672,7 @@ def _train_regression(weight, seed=0, epochs=19):
 
 
 @pytest.mark.slow
+@penalty_tensorflow_only
 def test_regularizer_makes_the_equilibrium_better_conditioned():
     fro0, rho0, steps0 = _train_regression(0.0)
     fro1, rho1, steps1 = _train_regression(1.0)

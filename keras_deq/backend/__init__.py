@@ -4,8 +4,9 @@ Everything else in keras_deq is written with `keras.ops` and `keras.tree`, excep
 TensorFlow path of the `DEQ` layer (`keras_deq.backend.tensorflow` and the modules
 that import TensorFlow for it), which predates the seam. This package holds the few
 operations each backend spells differently: loops that reverse-mode autodiff can go
-through, vector-Jacobian products, gradients rewritten on the way back, and host
-callbacks.
+through, vector-Jacobian products, gradients rewritten on the way back, host
+callbacks, compilation of a function with Python-value arguments, and the linear
+algebra Keras lacks (eigenvalues without eigenvectors, complex eigenvalues).
 """
 
 import contextlib
@@ -99,6 +100,83 @@ def vjp(fn, *primals):
         from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
 
         return tf_backend.vjp(fn, *primals)
+    raise NotImplementedError(f"keras_deq does not run on the {name()!r} backend yet.")
+
+
+def compiled(fn, static_argnums=()):
+    """`fn` compiled once per signature and run as one program, also when called eagerly.
+
+    TensorFlow: a `tf.function` without autograph (Python-value arguments are part of
+    its cache key), so that an eager call runs its loops in C++ rather than op by op
+    in Python. JAX: `jax.jit` with the arguments at `static_argnums` (Python values:
+    shapes, strides, counts) static. Elsewhere `fn` itself.
+
+    Args:
+        fn: A function of tensors and Python values, written with `keras.ops`.
+        static_argnums: The positions of the Python-value arguments (used by JAX).
+
+    Returns:
+        A function with `fn`'s signature.
+    """
+    if name() == "tensorflow":
+        from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
+
+        return tf_backend.compiled(fn)
+    if name() == "jax":
+        import jax  # noqa: PLC0415
+
+        return jax.jit(fn, static_argnums=static_argnums)
+    return fn
+
+
+def eigvalsh(real, imag=None):
+    """The eigenvalues of the Hermitian matrices `real + i imag`, ascending, without
+    eigenvectors (`imag=None`: real symmetric matrices).
+
+    Keras tensors are real and `keras.ops.eigh` computes the eigenvectors too; the
+    real form of a Hermitian `n x n` matrix, `[[A, -B], [B, A]]`, would double `n`.
+    Either would at least double the time of the operator norms (`keras_deq.linalg`),
+    taken after every optimizer step.
+
+    Args:
+        real: A `(..., n, n)` real symmetric tensor, the real part.
+        imag: None, or a tensor like `real`, antisymmetric: the imaginary part.
+
+    Returns:
+        A `(..., n)` real tensor in `real`'s dtype.
+    """
+    if name() == "tensorflow":
+        from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
+
+        return tf_backend.eigvalsh(real, imag)
+    if name() == "jax":
+        import jax.numpy as jnp  # noqa: PLC0415
+
+        matrices = real if imag is None else real + 1j * imag
+        return jnp.linalg.eigvalsh(matrices).astype(real.dtype)
+    raise NotImplementedError(f"keras_deq does not run on the {name()!r} backend yet.")
+
+
+def eigenvalue_moduli(matrices):
+    """The moduli `|lambda|` of the (complex) eigenvalues of real square matrices.
+
+    Keras has no op for the eigenvalues of a non-symmetric matrix without its
+    eigenvectors, and its tensors are real: the complex eigenvalues stay here.
+
+    Args:
+        matrices: A `(..., n, n)` real tensor.
+
+    Returns:
+        A `(..., n)` real tensor in `matrices`' dtype (in no particular order).
+    """
+    if name() == "tensorflow":
+        from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
+
+        return tf_backend.eigenvalue_moduli(matrices)
+    if name() == "jax":
+        import jax.numpy as jnp  # noqa: PLC0415
+
+        return jnp.abs(jnp.linalg.eigvals(matrices)).astype(matrices.dtype)
     raise NotImplementedError(f"keras_deq does not run on the {name()!r} backend yet.")
 
 

@@ -123,6 +123,23 @@ def vjp(fn, *primals):
     return out, pullback
 
 
+def compiled(fn):
+    """`fn` as a graph without autograph (also when called eagerly: loops run in C++)."""
+    return tf.function(fn, autograph=False)
+
+
+def eigvalsh(real, imag=None):
+    """Eigenvalues of the Hermitian `real + i imag` (`tf.linalg.eigvalsh`), in `real`'s dtype."""
+    if imag is None:
+        return tf.linalg.eigvalsh(real)
+    return tf.math.real(tf.linalg.eigvalsh(tf.complex(real, imag)))
+
+
+def eigenvalue_moduli(matrices):
+    """`|eigenvalues|` of real square matrices, in their dtype (`tf.linalg.eigvals`)."""
+    return tf.cast(tf.abs(tf.linalg.eigvals(matrices)), matrices.dtype)
+
+
 def identity_with_gradient(flat, rewrite):
     """`flat` (a list of tensors) whose upstream gradients become `rewrite(upstream)`."""
 
