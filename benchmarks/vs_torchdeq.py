@@ -1,4 +1,5 @@
-"""keras_deq against TorchDEQ on the same DEQ, solver, tolerance and budget (CPU).
+"""keras_deq on TensorFlow and on JAX against TorchDEQ on the same DEQ, solver,
+tolerance and budget (CPU), in one run.
 
     pip install torch==2.13.0 torchdeq==0.1.0   # for this benchmark only
     python benchmarks/vs_torchdeq.py [--epochs 15] [--threads 1] [--repeats 7] [--quick]
@@ -12,13 +13,21 @@ Two models on scikit-learn's digits (standardized, 80/20 stratified split, seed 
   head was a global average pool to 8 features, which capped both libraries below
   40% accuracy; see docs/benchmarks.md.)
 
-Both libraries start from the same initial weights (drawn once with NumPy), use
-the same solver (Anderson with a history of 6, or fixed-point iteration, forward;
-the implicit backward solved with Anderson), relative tolerance 1e-4 in both
-passes, at most 30 forward and 30 backward iterations, Adam 1e-3 (eps 1e-8),
-batch 64 and the same number of epochs. Each library is measured in its own
-subprocess with the same number of intra-op (and inter-op) threads, one after
-the other in this single run.
+Three libraries: TorchDEQ, keras_deq on TensorFlow and keras_deq on JAX (the same
+script, `KERAS_BACKEND=jax`). All start from the same initial weights (drawn once with
+NumPy), use Adam 1e-3 (eps 1e-8), batch 64 and the same number of epochs, and the same
+solver settings, one configuration of `CONFIGS` at a time:
+
+- `anderson`: Anderson forward (history 6), implicit backward solved with Anderson,
+  relative tolerance 1e-4 in both passes, at most 30 + 30 iterations;
+- `fixed_point`: the same with a fixed-point forward;
+- `anderson_defaults` (mlp only): Anderson forward and backward, 30 + 30 iterations,
+  tol 1e-4, everything else TorchDEQ's defaults (its absolute stop mode);
+- `torchdeq_defaults` (mlp only): TorchDEQ's defaults throughout: fixed-point forward
+  of 40 steps, absolute tol 1e-3, one-step gradient.
+
+Each run is its own subprocess with the same number of intra-op (and inter-op)
+threads, one after the other in this single run.
 
 Reported per library and configuration:
 
@@ -29,13 +38,16 @@ Reported per library and configuration:
   solver calls are counted here with a wrapper instead;
 - forward / backward relative residual: the last epoch's mean per-sample
   ||f(z)-z|| / ||f(z)|| reported by each library's solver (keras_deq's metrics,
-  TorchDEQ's `rel_lowest`);
+  TorchDEQ's `rel_lowest`); on JAX keras_deq's fit logs have no solver metrics, so
+  the forward steps are the layer's `solver_statistics()` averaged over the epoch's
+  batches and the other solver columns are `nan`;
 - test-set forward residual recomputed here the same way for both libraries on
   the returned state (mean, max, and the fraction of samples at or below tol);
 - train time per epoch: median over the epochs after the first (the first
   includes tracing / compilation);
-- inference time for the whole test set in one batch: median of `--repeats`;
-- keras_deq/TorchDEQ ratios of the two times.
+- inference time for the whole test set in one batch (`predict_on_batch` for
+  keras_deq): median of `--repeats`;
+- the ratios of both times to TorchDEQ's.
 
 Peak training memory is not reported: TensorFlow's CPU allocator statistics and
 PyTorch's CPU allocations (invisible to tracemalloc) have no common measure.
@@ -56,7 +68,23 @@ CHANNELS = 8
 TOL = 1e-4
 MAX_ITER = 30
 WINDOW = 6
-SOLVERS = {"anderson": ("anderson", "anderson"), "fixed_point": ("fixed_point_iter", "anderson")}
+# Configurations: what each library is given. "rel" ones set every setting in both
+# libraries; "*_defaults" ones set only what is listed and leave the rest to TorchDEQ's
+# defaults (absolute stop mode, fixed-point forward of 40 steps, tol 1e-3, one-step
+# gradient), with keras_deq given the same values.
+CONFIGS = {
+    "anderson": dict(f_solver="anderson", b_solver="anderson", stop="rel", tol=TOL, f_iter=30),
+    "fixed_point": dict(
+        f_solver="fixed_point_iter", b_solver="anderson", stop="rel", tol=TOL, f_iter=30
+    ),
+    "anderson_defaults": dict(
+        f_solver="anderson", b_solver="anderson", stop="abs", tol=TOL, f_iter=30
+    ),
+    "torchdeq_defaults": dict(
+        f_solver="fixed_point_iter", b_solver=None, stop="abs", tol=1e-3, f_iter=40
+    ),
+}
+LIBRARIES = ("torchdeq", "keras_deq", "keras_deq_jax")
 
 
 # ---------------------------------------------------------------- shared data
@@ -125,32 +153,46 @@ def _summary(rel, tol=TOL):
 
 
 # ------------------------------------------------------------------ keras_deq
-def run_keras(cell, solver, epochs, threads, repeats, seed):
-    import tensorflow as tf
+def keras_settings(config):
+    """`DEQ` arguments for a configuration of `CONFIGS`."""
+    c = CONFIGS[config]
+    anderson = {"window": WINDOW}
+    forward = "fixed_point" if c["f_solver"] == "fixed_point_iter" else "anderson"
+    settings = dict(
+        solver=forward,
+        max_iter=c["f_iter"],
+        tol=c["tol"],
+        stop_mode=c["stop"],
+        solver_options=anderson if forward == "anderson" else {},
+    )
+    if c["b_solver"] is None:
+        return {**settings, "backward": "one_step"}
+    return {
+        **settings,
+        "backward": "implicit",
+        "backward_solver": "anderson",
+        "backward_max_iter": MAX_ITER,
+        "backward_tol": c["tol"],
+        "backward_solver_options": anderson,
+    }
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+def run_keras(cell, config, epochs, threads, repeats, seed):
     import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    from keras import ops
 
     import keras_deq
 
     keras.utils.set_random_seed(seed)
     x_train, y_train, x_test, y_test = load_digits_split(seed)
     w = initial_weights(cell, seed)
-    f_solver = "fixed_point" if solver == "fixed_point" else "anderson"
-    deq_kwargs = dict(
-        solver=f_solver,
-        max_iter=MAX_ITER,
-        tol=TOL,
-        stop_mode="rel",
-        solver_options={"window": WINDOW} if f_solver == "anderson" else {},
-        backward="implicit",
-        backward_solver="anderson",
-        backward_max_iter=MAX_ITER,
-        backward_tol=TOL,
-        backward_solver_options={"window": WINDOW},
-        name="deq",
-    )
+    deq_kwargs = dict(keras_settings(config), name="deq")
     if cell == "mlp":
         deq_cell = keras_deq.DenseCell(WIDTH)
         model = keras.Sequential(
@@ -190,7 +232,12 @@ def run_keras(cell, solver, epochs, threads, repeats, seed):
             self.times = []
 
         def on_epoch_begin(self, epoch, logs=None):
+            self.steps = []
             self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if "deq_fwd_steps" not in (logs or {}):  # JAX: read the layer's variables
+                self.steps.append(self.model.get_layer("deq").solver_statistics()["fwd_steps"])
 
         def on_epoch_end(self, epoch, logs=None):
             self.times.append(time.perf_counter() - self.start)
@@ -201,33 +248,30 @@ def run_keras(cell, solver, epochs, threads, repeats, seed):
     )
     last = {k: v[-1] for k, v in history.history.items()}
     accuracy = float(np.mean(np.argmax(model.predict(x_test, verbose=0), -1) == y_test))
-
-    deq = model.get_layer("deq")
-    injection = model.get_layer("injection")
-    xt = tf.constant(x_test)
-    infer = tf.function(lambda x: model(x, training=False), jit_compile=bool(model.jit_compile))
-    infer(xt)
+    model.predict_on_batch(x_test)
     infer_times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        infer(xt).numpy()
+        model.predict_on_batch(x_test)
         infer_times.append(time.perf_counter() - start)
 
-    x_inj = injection(xt)
+    deq, injection = model.get_layer("deq"), model.get_layer("injection")
+    x_inj = injection(ops.convert_to_tensor(x_test))
     z = deq(x_inj)
-    fz = deq.cell(z, x_inj)
-    diff = tf.reshape(fz - z, [len(x_test), -1])
-    rel = tf.norm(diff, axis=1) / (tf.norm(tf.reshape(fz, [len(x_test), -1]), axis=1) + 1e-8)
+    fz = ops.convert_to_numpy(deq.cell(z, x_inj)).reshape(len(x_test), -1)
+    diff = fz - ops.convert_to_numpy(z).reshape(len(x_test), -1)
+    rel = np.linalg.norm(diff, axis=1) / (np.linalg.norm(fz, axis=1) + 1e-8)
+    nan = float("nan")
     return {
         "accuracy": accuracy,
-        "fwd_steps": float(last["deq_fwd_steps"]),
-        "bwd_steps": float(last["deq_bwd_steps"]),
-        "fwd_res": float(last["deq_fwd_residual"]),
-        "bwd_res": float(last["deq_bwd_residual"]),
+        "fwd_steps": float(last.get("deq_fwd_steps", np.mean(timer.steps or [nan]))),
+        "bwd_steps": float(last.get("deq_bwd_steps", nan)),
+        "fwd_res": float(last.get("deq_fwd_residual", nan)),
+        "bwd_res": float(last.get("deq_bwd_residual", nan)),
         "epoch_times": timer.times,
         "infer_times": infer_times,
         "jit_compile": bool(model.jit_compile),
-        **_summary(rel.numpy()),
+        **_summary(rel, CONFIGS[config]["tol"]),
     }
 
 
@@ -255,7 +299,7 @@ def ConvCell():  # noqa: N802 - a factory standing in for the class
 
 
 # ------------------------------------------------------------------- TorchDEQ
-def run_torch(cell, solver, epochs, threads, repeats, seed):
+def run_torch(cell, config, epochs, threads, repeats, seed):
     import torch
     from torch import nn
     from torchdeq import get_deq
@@ -266,18 +310,31 @@ def run_torch(cell, solver, epochs, threads, repeats, seed):
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = load_digits_split(seed)
     w = initial_weights(cell, seed)
-    f_solver, b_solver = SOLVERS[solver]
-    deq = get_deq(
-        f_solver=f_solver,
-        b_solver=b_solver,
-        f_max_iter=MAX_ITER,
-        b_max_iter=MAX_ITER,
-        f_tol=TOL,
-        b_tol=TOL,
-        f_stop_mode="rel",
-        b_stop_mode="rel",
-        ift=True,
-    )
+    c = CONFIGS[config]
+    if c["b_solver"] is None:  # TorchDEQ's defaults but the cell: f_solver etc. as listed
+        deq = get_deq(f_solver=c["f_solver"], f_max_iter=c["f_iter"], f_tol=c["tol"])
+    elif c["stop"] == "abs":  # solvers, budgets and tolerances set; stop modes default
+        deq = get_deq(
+            f_solver=c["f_solver"],
+            b_solver=c["b_solver"],
+            f_max_iter=c["f_iter"],
+            b_max_iter=MAX_ITER,
+            f_tol=c["tol"],
+            b_tol=c["tol"],
+            ift=True,
+        )
+    else:
+        deq = get_deq(
+            f_solver=c["f_solver"],
+            b_solver=c["b_solver"],
+            f_max_iter=c["f_iter"],
+            b_max_iter=MAX_ITER,
+            f_tol=c["tol"],
+            b_tol=c["tol"],
+            f_stop_mode="rel",
+            b_stop_mode="rel",
+            ift=True,
+        )
     counts = {"fwd": [], "bwd": [], "fwd_res": [], "bwd_res": []}
 
     def counted(solve, key, extra=None):
@@ -299,12 +356,13 @@ def run_torch(cell, solver, epochs, threads, repeats, seed):
     # the lowest residual, not the number of iterations run). Anderson's history
     # is m=6 in both passes (TorchDEQ's default).
     deq.f_solver = counted(deq.f_solver, "fwd")
-    deq.produce_grad[-1] = backward_factory(
-        grad_type="ift",
-        hook_ift=False,
-        b_solver=counted(deq.b_solver, "bwd"),
-        b_solver_kwargs=dict(max_iter=MAX_ITER, tol=TOL, stop_mode="rel"),
-    )
+    if c["b_solver"] is not None:
+        deq.produce_grad[-1] = backward_factory(
+            grad_type="ift",
+            hook_ift=False,
+            b_solver=counted(deq.b_solver, "bwd"),
+            b_solver_kwargs=dict(max_iter=MAX_ITER, tol=c["tol"], stop_mode=c["stop"]),
+        )
 
     def t(a):
         return torch.from_numpy(np.ascontiguousarray(a))
@@ -402,22 +460,27 @@ def run_torch(cell, solver, epochs, threads, repeats, seed):
         "bwd_res": last["bwd_res"],
         "epoch_times": epoch_times,
         "infer_times": infer_times,
-        **_summary(rel.numpy()),
+        **_summary(rel.numpy(), c["tol"]),
     }
 
 
 # ---------------------------------------------------------------------- driver
 def worker(args):
-    run = run_keras if args.worker == "keras_deq" else run_torch
-    out = run(args.cell, args.solver, args.epochs, args.threads, args.repeats, args.seed)
+    run = run_torch if args.worker == "torchdeq" else run_keras
+    out = run(args.cell, args.config, args.epochs, args.threads, args.repeats, args.seed)
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def spawn(lib, cell, solver, args):
+def spawn(lib, cell, config, args):
     env = dict(os.environ)
-    env.setdefault("KERAS_BACKEND", "tensorflow")
+    env["KERAS_BACKEND"] = "jax" if lib == "keras_deq_jax" else "tensorflow"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["OMP_NUM_THREADS"] = str(args.threads)
+    if lib == "keras_deq_jax" and args.threads == 1:
+        env["XLA_FLAGS"] = (
+            env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+            " intra_op_parallelism_threads=1"
+        ).strip()
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -425,8 +488,8 @@ def spawn(lib, cell, solver, args):
         lib,
         "--cell",
         cell,
-        "--solver",
-        solver,
+        "--config",
+        config,
         "--epochs",
         str(args.epochs),
         "--threads",
@@ -441,7 +504,7 @@ def spawn(lib, cell, solver, args):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
     sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-    raise RuntimeError(f"{lib} {cell} {solver} failed (exit {proc.returncode})")
+    raise RuntimeError(f"{lib} {cell} {config} failed (exit {proc.returncode})")
 
 
 def epoch_time(result):
@@ -460,11 +523,16 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="3 epochs, 3 repeats (smoke run)")
     parser.add_argument("--cells", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
     parser.add_argument(
-        "--solvers", nargs="+", default=["anderson", "fixed_point"], choices=list(SOLVERS)
+        "--configs",
+        nargs="+",
+        default=list(CONFIGS),
+        choices=list(CONFIGS),
+        help="configurations (the *_defaults ones run on the mlp cell only)",
     )
-    parser.add_argument("--worker", choices=["keras_deq", "torchdeq"], help=argparse.SUPPRESS)
+    parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
+    parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
     parser.add_argument("--cell", default="mlp", help=argparse.SUPPRESS)
-    parser.add_argument("--solver", default="anderson", help=argparse.SUPPRESS)
+    parser.add_argument("--config", default="anderson", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.repeats = 3, 3
@@ -472,41 +540,55 @@ def main(argv=None):
         return worker(args)
 
     print(
-        f"epochs={args.epochs} threads={args.threads} repeats={args.repeats} tol={TOL} (rel) "
-        f"max_iter={MAX_ITER}/{MAX_ITER} batch=64 Adam(1e-3)",
+        f"epochs={args.epochs} threads={args.threads} repeats={args.repeats} batch=64 "
+        f"Adam(1e-3); configurations: {CONFIGS}",
         flush=True,
     )
     rows = []
     for cell in args.cells:
-        for solver in args.solvers:
-            # Alternate the libraries so that slow drifts in machine load hit both.
-            pair = {}
-            for lib in ("torchdeq", "keras_deq"):
-                pair[lib] = spawn(lib, cell, solver, args)
-                r = pair[lib]
+        for config in args.configs:
+            if config.endswith("_defaults") and cell != "mlp":
+                continue
+            # Alternate the libraries so that slow drifts in machine load hit all.
+            runs = {}
+            for lib in args.libraries:
+                runs[lib] = spawn(lib, cell, config, args)
+                r = runs[lib]
                 print(
-                    f"  done {cell:4s} {solver:11s} {lib:9s} acc={r['accuracy']:.4f} "
+                    f"  done {cell:4s} {config:17s} {lib:13s} acc={r['accuracy']:.4f} "
                     f"epoch={epoch_time(r) * 1e3:.0f}ms",
                     flush=True,
                 )
-            rows.append((cell, solver, pair))
+            rows.append((cell, config, runs))
+    print_table(rows)
 
+
+def print_table(rows):
     header = (
-        "| cell | forward solver | library | test acc | fwd iters | bwd iters | fwd rel res "
+        "| cell | configuration | library | test acc | fwd iters | bwd iters | fwd rel res "
         "| bwd rel res | test res mean / max | test conv. | epoch ms | infer ms "
         "| epoch ratio | infer ratio |"
     )
     print()
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    for cell, solver, pair in rows:
-        k, t = pair["keras_deq"], pair["torchdeq"]
-        e_ratio = epoch_time(k) / epoch_time(t)
-        i_ratio = statistics.median(k["infer_times"]) / statistics.median(t["infer_times"])
-        for lib, r in (("TorchDEQ", t), ("keras_deq", k)):
-            ratios = f"{e_ratio:.2f} | {i_ratio:.2f}" if lib == "keras_deq" else "1 | 1"
+    names = {
+        "torchdeq": "TorchDEQ",
+        "keras_deq": "keras_deq (TF)",
+        "keras_deq_jax": "keras_deq (JAX)",
+    }
+    for cell, config, runs in rows:
+        base = runs.get("torchdeq")
+        for lib, r in runs.items():
+            ratios = "- | -"
+            if base is not None:
+                e_ratio = epoch_time(r) / epoch_time(base)
+                i_ratio = statistics.median(r["infer_times"]) / statistics.median(
+                    base["infer_times"]
+                )
+                ratios = f"{e_ratio:.2f} | {i_ratio:.2f}"
             print(
-                f"| {cell} | {solver} | {lib} | {r['accuracy'] * 100:.1f}% "
+                f"| {cell} | {config} | {names[lib]} | {r['accuracy'] * 100:.1f}% "
                 f"| {r['fwd_steps']:.1f} | {r['bwd_steps']:.1f} "
                 f"| {r['fwd_res']:.1e} | {r['bwd_res']:.1e} "
                 f"| {r['test_res_mean']:.1e} / {r['test_res_max']:.1e} "
@@ -515,12 +597,11 @@ def main(argv=None):
                 f"| {ratios} |"
             )
     print()
-    for cell, solver, pair in rows:
+    for cell, config, runs in rows:
         print(
-            f"{cell} {solver}: keras_deq jit_compile={pair['keras_deq'].get('jit_compile')}; "
-            "epoch times (s): "
+            f"{cell} {config}: epoch times (s): "
             + ", ".join(
-                f"{lib}=" + "/".join(f"{x:.2f}" for x in pair[lib]["epoch_times"]) for lib in pair
+                f"{lib}=" + "/".join(f"{x:.2f}" for x in runs[lib]["epoch_times"]) for lib in runs
             )
         )
 
