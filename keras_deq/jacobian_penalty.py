@@ -1,8 +1,9 @@
 """`JacobianPenalty`: the Jacobian regularizer of a DEQ layer, as an object."""
 
 import keras
+from keras import ops
 
-from keras_deq import configurable, jacobian
+from keras_deq import backend, configurable, jacobian
 from keras_deq.solvers import common
 
 
@@ -61,6 +62,26 @@ class JacobianPenalty(configurable.Configurable):
         jittered = keras.ops.maximum(max_iter + delta, 1)
         return keras.ops.where(picked, jittered, keras.ops.convert_to_tensor(max_iter, "int32"))
 
+    def max_steps(self, max_iter):
+        """A Python int bounding every budget `budget(max_iter, ...)` may return (the
+        static bound of a solver loop unrolled with `fori_loop`, see `Equilibrium`)."""
+        return max_iter + self.max_iter_delta
+
+    def plan(self, weight, frequency, max_iter, seed):
+        """`(picked, max_iter)` of a training step: whether it applies the penalty
+        (`picked` of a uniform draw) and its forward budget (`budget`).
+
+        Args:
+            weight: The layer's current weight (a variable).
+            frequency: The layer's current frequency (a variable).
+            max_iter: The forward solver's `max_iter`, an int.
+            seed: A `keras.random.SeedGenerator`: the draw comes first, then the
+                budget's jitter (the order of the TensorFlow path of `DEQ`).
+        """
+        draw = keras.random.uniform((), dtype="float32", seed=seed)
+        picked = self.picked(draw, weight, frequency)
+        return picked, self.budget(max_iter, picked, seed)
+
     def estimate(self, f, z_star, seed):
         """The unweighted estimate of `||df/dz||_F^2 / d` at `z_star`, as float32.
 
@@ -69,8 +90,48 @@ class JacobianPenalty(configurable.Configurable):
             z_star: The equilibrium (a constant).
             seed: A `keras.random.SeedGenerator` for the probes.
         """
+        if backend.name() != "tensorflow":
+            return self.estimate_with(f, z_star, self.draw_probes(z_star, seed))
         est = jacobian.hutchinson_frobenius(f, z_star, num_probes=self.probes, seed=seed)
         return keras.ops.cast(est, "float32")
+
+    def draw_probes(self, z_star, seed):
+        """`probes` Gaussian probe vectors: a list of nests shaped like `z_star`.
+
+        Drawn apart from `estimate_with` so that a compiled step may draw them
+        unconditionally and estimate only on the steps that apply the penalty (on
+        JAX a random draw, which advances `seed`, cannot sit inside a `cond`).
+        """
+        return [
+            keras.tree.map_structure(
+                lambda t: keras.random.normal(ops.shape(t), dtype=t.dtype, seed=seed), z_star
+            )
+            for _ in range(self.probes)
+        ]
+
+    @staticmethod
+    def estimate_with(f, z_star, probes):
+        """Hutchinson's `||df/dz||_F^2 / d` at `z_star` with the given `probes`, as
+        float32, from `keras_deq.backend.vjp` (one linearization, one vector-Jacobian
+        product per probe): the batch mean of `||J_b||_F^2 / d`, differentiable with
+        respect to what `f` reads (a second-order gradient).
+
+        Uses `E_v ||v^T J||^2 = ||J||_F^2` for Gaussian `v`.
+
+        Args:
+            f: The cell as a function of the state alone, `z -> f(z)`.
+            z_star: The state (a constant): a tensor or a nest with a leading batch dim.
+            probes: A list of nests shaped like `z_star` (`draw_probes`).
+        """
+        _, pullback = backend.vjp(f, z_star)
+        total = 0.0
+        for v in probes:
+            (vjp,) = pullback(v)
+            for g in keras.tree.flatten(vjp):
+                total = total + ops.sum(ops.square(ops.cast(g, "float32")))
+        flat = keras.tree.flatten(z_star)
+        count = sum(ops.cast(ops.size(t), "float32") for t in flat)
+        return total / (len(probes) * count)
 
 
 def get(identifier):

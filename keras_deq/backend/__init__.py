@@ -77,6 +77,35 @@ def compiled_solve(solve):
     return compiled
 
 
+def masked_while_loop(cond, body, loop_vars, max_steps):
+    """`keras.ops.while_loop(cond, body, loop_vars)`, so that autodiff can go through it.
+
+    On JAX, which cannot reverse-differentiate a while loop, a `fori_loop` of exactly
+    `max_steps` iterations (a scan) whose iterations after `cond` turns False are
+    no-ops: each runs `body` under `keras.ops.cond`, so an iteration that is skipped
+    computes nothing and passes no gradient, and the gradient is the autodiff of
+    the iterations the while loop would have run. Elsewhere a while loop with
+    `maximum_iterations=max_steps`.
+
+    Args:
+        cond: `(*loop_vars) -> scalar bool`.
+        body: `(*loop_vars) -> next loop_vars` (a tuple like `loop_vars`).
+        loop_vars: A tuple of nests.
+        max_steps: A positive Python int, the most iterations run.
+
+    Returns:
+        The final `loop_vars`, a tuple.
+    """
+    loop_vars = tuple(loop_vars)
+    if name() == "jax":
+
+        def step(i, v):
+            return keras.ops.cond(cond(*v), lambda: tuple(body(*v)), lambda: v)
+
+        return tuple(keras.ops.fori_loop(0, max_steps, step, loop_vars))
+    return tuple(keras.ops.while_loop(cond, body, loop_vars, maximum_iterations=max_steps))
+
+
 def not_recorded():
     """A context in which eager gradient tapes do not record (a no-op where autodiff
     only follows the data: `stop_gradient` on the inputs is enough there)."""

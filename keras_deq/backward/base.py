@@ -35,6 +35,10 @@ class Equilibrium(NamedTuple):
             `(z, x, weights) -> next z`, for backends whose custom gradients cannot
             close over the weights (JAX); None where not needed.
         weights: The current values of `variables`, for `stateless_fn`.
+        max_steps: A Python int bounding the forward solver's iterations when its
+            `max_iter` is a tensor (a budget drawn at run time), for the modes that
+            unroll the solver loop with static bounds (`Unrolled` on JAX); None
+            where the solver's `max_iter` is an int.
     """
 
     fn: Callable
@@ -48,6 +52,7 @@ class Equilibrium(NamedTuple):
     stop_mode: str = "rel"
     stateless_fn: Callable | None = None
     weights: tuple = ()
+    max_steps: int | None = None
 
 
 class Backward(configurable.Configurable):

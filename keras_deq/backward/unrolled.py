@@ -2,7 +2,9 @@
 
 import keras
 
+from keras_deq import backend
 from keras_deq.backward.base import Backward
+from keras_deq.solvers.base import differentiable_loops
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
@@ -11,6 +13,11 @@ class Unrolled(Backward):
 
     The reference gradient of what the solver computed (not of the exact fixed
     point); memory grows with the number of solver steps.
+
+    On JAX, which cannot reverse-differentiate a while loop, the solver loop runs
+    as a `fori_loop` of `max_iter` iterations whose iterations after the solver's
+    stop are skipped (see `keras_deq.solvers.base.differentiable_loops`): the
+    gradient is the same, but memory grows with `max_iter`, not with the steps run.
 
     Example:
         >>> Unrolled()
@@ -21,5 +28,9 @@ class Unrolled(Backward):
     differentiates_forward = True
 
     def __call__(self, problem):
-        result = problem.forward(lambda z: problem.fn(z, problem.x), problem.z0)
+        if backend.name() == "tensorflow":
+            result = problem.forward(lambda z: problem.fn(z, problem.x), problem.z0)
+            return result.state, result
+        with differentiable_loops(problem.max_steps):
+            result = problem.forward(lambda z: problem.fn(z, problem.x), problem.z0)
         return result.state, result

@@ -438,31 +438,59 @@ class DEQ(SolverMonitor, keras.layers.Layer):
         return f
 
     def _call_stateless(self, fn, x, z0, training):
-        """The layer on the backends other than TensorFlow (JAX): the same solvers and
-        backward modes; statistics in non-trainable variables; no Jacobian penalty and
-        no `on_failure="raise"` yet (refused by the constructor)."""
+        """The layer on the backends other than TensorFlow (JAX): the same solvers,
+        backward modes and Jacobian penalty; statistics in non-trainable variables; no
+        `on_failure="raise"` (refused by the constructor, see `check_backend_support`)."""
         weights = (
             tuple(v.value for v in self.cell.trainable_variables),
             tuple(v.value for v in self.cell.non_trainable_variables),
         )
+        regularize = bool(training) and self._jacobian_enabled
+        picked, max_iter = None, self.max_iter
+        if regularize:
+            picked, max_iter = self._penalty.plan(
+                self._jacobian_weight, self._jacobian_frequency, max_iter, self.seed_generator
+            )
+        budget = max_iter if keras.ops.is_tensor(max_iter) else None
+        stateless_fn = self._stateless_cell(training)
         problem = backward_lib.Equilibrium(
             fn,
             x,
             z0,
-            forward=self._solver(self._forward),
+            forward=self._solver(self._forward, budget),
             adjoint=self._solver(self._adjoint),
             variables=tuple(self.cell.trainable_variables),
             tol=self.tol,
             stop_mode=self.stop_mode,
-            stateless_fn=self._stateless_cell(training),
+            stateless_fn=stateless_fn,
             weights=weights,
             on_backward=self._report_on_host if training else None,
+            max_steps=self._penalty.max_steps(self.max_iter),
         )
         explicit = self._explicit_depth is not None
         mode = backward_lib.Explicit(self._explicit_depth) if explicit else self._mode
         z, result = mode(problem)
         self._record_in_variables(result, report=not explicit)
+        if regularize:
+            self._add_jacobian_loss_stateless(
+                lambda z: stateless_fn(z, x, weights), result, x, picked
+            )
         return backward_lib.finite_upstream(z)
+
+    def _add_jacobian_loss_stateless(self, f, result, x, picked):
+        """The penalty on JAX: probes drawn every step, the estimate in a `cond`."""
+        ops = keras.ops
+        z_star = keras.tree.map_structure(ops.stop_gradient, result.state)
+        # Skipped on a step where some sample has no finite iterate (its Jacobian is NaN).
+        apply = picked & ops.all(backward_lib.solved_rows(result, x))
+        probes = self._penalty.draw_probes(z_star, self.seed_generator)
+        est = ops.cond(
+            apply,
+            lambda: self._penalty.estimate_with(f, z_star, probes),
+            lambda: ops.zeros((), "float32"),
+        )
+        self._record_jacobian_in_variable(est, apply)
+        self.add_loss(self._jacobian_weight * est)
 
     # ---------------------------------------------------------------- jacobian
     def _picked(self, draw):

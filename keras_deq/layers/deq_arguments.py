@@ -222,7 +222,13 @@ def supports_jit(layer):
 
 
 def check_backend_support(mode, on_failure, penalty):
-    """Refuses what the current Keras backend cannot do (clearly, at construction)."""
+    """Refuses what the current Keras backend cannot do (clearly, at construction).
+
+    Every backward mode and the Jacobian penalty run on TensorFlow and JAX (`mode` and
+    `penalty` are kept for the backends still to come); JAX refuses
+    `on_failure="raise"`.
+    """
+    del mode, penalty
     name = backend.name()
     if name == "tensorflow":
         return
@@ -231,20 +237,18 @@ def check_backend_support(mode, on_failure, penalty):
             f"keras_deq's DEQ layer runs on the TensorFlow and JAX backends. "
             f"Received: KERAS_BACKEND={name!r}"
         )
-    if isinstance(mode, backward_lib.Unrolled):
-        raise ValueError(
-            "backward='unrolled' differentiates through the solver's while loop, which JAX "
-            "cannot reverse-differentiate: use 'implicit', 'phantom' or 'one_step' on JAX. "
-            f"Received: backward={mode!r}"
-        )
     if on_failure == "raise":
+        # Measured (jax 0.10.2, keras 3.15): an exception raised in a host callback
+        # (`jax.debug.callback`) inside `fit`'s jitted step does surface, as a
+        # `JaxRuntimeError`, but Keras donates the training state to that step, so
+        # the model's weights are deleted ("Array has been deleted") and the model is
+        # lost; `checkify.check` cannot be staged in a step Keras jits itself.
         raise ValueError(
-            "on_failure='raise' stops a training step before any weight moves, which needs "
-            "TensorFlow; on JAX use 'warn' (a warning from the host) or 'ignore'. "
+            "on_failure='raise' must stop a training step before any weight moves. On JAX "
+            "no sound way exists: an error raised from the compiled step (a host callback) "
+            "aborts `fit` only after Keras donated the model's state to that step, which "
+            "deletes the model's weights, and `jax.experimental.checkify` cannot be applied "
+            "to the step Keras compiles. On JAX use 'warn' (a warning from the host) or "
+            "'ignore', and watch `layer.solver_statistics()['converged']`. "
             f"Received: on_failure={on_failure!r}"
-        )
-    if penalty.weight > 0:
-        raise ValueError(
-            "The Jacobian penalty runs on the TensorFlow backend only for now. "
-            f"Received: jacobian_weight={penalty.weight!r} on backend {name!r}"
         )

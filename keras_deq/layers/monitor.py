@@ -199,12 +199,13 @@ class SolverMonitor:
                 dtype="float32",
                 autocast=False,
             )
-            for key in ("fwd_steps", "fwd_residual", "converged")
+            for key in ("fwd_steps", "fwd_residual", "converged", "jac_loss")
         }
 
     def solver_statistics(self):
         """The last forward solve's statistics as floats (the JAX backend), or the
-        metrics' current values (TensorFlow): `fwd_steps`, `fwd_residual`, `converged`."""
+        metrics' current values (TensorFlow): `fwd_steps`, `fwd_residual`, `converged`;
+        on JAX also `jac_loss`, the last Jacobian estimate applied (0 before any)."""
         if getattr(self, "_stats", None):
             return {
                 key: float(keras.ops.convert_to_numpy(v.value)) for key, v in self._stats.items()
@@ -224,6 +225,11 @@ class SolverMonitor:
         self._stats["converged"].assign(ops.mean(ops.cast(result.converged, "float32")))
         if report:
             self._report_on_host(result, "forward")
+
+    def _record_jacobian_in_variable(self, estimate, applied):
+        """Keeps the Jacobian estimate of a step that applied the penalty."""
+        variable = self._stats["jac_loss"]
+        variable.assign(keras.ops.where(applied, estimate, variable.value))
 
     def _report_on_host(self, result, which="backward"):
         """Sends the failure counts of `result` to a host warning (`on_failure="warn"`)."""

@@ -6,15 +6,61 @@ everything else: evaluating `f` once per iteration, the residuals, the per-sampl
 iterate, the non-finite guard, the stopping rule and the `SolverResult`.
 """
 
+import contextlib
+import threading
+
 import keras
 from keras import ops
 
-from keras_deq import configurable
+from keras_deq import backend, configurable
 from keras_deq.solvers import common
 from keras_deq.solvers import result as res
 
 # Short name -> Solver subclass, for the subclasses that set `name` (see `Solver.name`).
 _BY_NAME = {}
+
+
+# The static iteration bounds of the open `differentiable_loops` scopes (innermost last).
+_DIFFERENTIABLE = threading.local()
+
+
+@contextlib.contextmanager
+def differentiable_loops(max_steps=None):
+    """A scope in which every solver loop can be reverse-differentiated on any backend.
+
+    Inside it the shared loop runs as `keras_deq.backend.masked_while_loop`: on JAX
+    (which cannot reverse-differentiate a while loop) a `fori_loop` of a static
+    number of iterations whose iterations after the stop are skipped, so autodiff
+    goes through exactly the iterations the solver ran. Used by
+    `keras_deq.backward.Unrolled`. The static bound is the solver's `max_iter`; a
+    solver whose `max_iter` is a tensor (a budget drawn at run time) needs
+    `max_steps`, a Python int at least as large as that budget.
+
+    Args:
+        max_steps: None, or the static bound for a run-time `max_iter`.
+    """
+    stack = _DIFFERENTIABLE.__dict__.setdefault("bounds", [])
+    stack.append(max_steps)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _differentiable_bound(max_iter):
+    """None outside `differentiable_loops`, else the loop's static bound."""
+    stack = getattr(_DIFFERENTIABLE, "bounds", None)
+    if not stack:
+        return None
+    if not ops.is_tensor(max_iter):
+        return max_iter
+    if stack[-1] is None:
+        raise ValueError(
+            "An unrolled (differentiable) solver loop needs a static bound, but `max_iter` "
+            "is a tensor: pass `differentiable_loops(max_steps=...)` (in `Equilibrium`, "
+            f"`max_steps=`). Received: max_iter={max_iter!r}"
+        )
+    return stack[-1]
 
 
 def named_solvers():
@@ -153,5 +199,11 @@ class Solver(configurable.Configurable):
 
         k0, go = ops.convert_to_tensor(0, "int32"), ops.convert_to_tensor(True)
         loop_vars = (k0, z0, self.init(f, z0), res.initial_best(z0), go)
-        steps, _, _, best, _ = ops.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
+        bound = _differentiable_bound(max_iter)
+        if bound is None:
+            steps, _, _, best, _ = ops.while_loop(
+                cond, body, loop_vars, maximum_iterations=max_iter
+            )
+        else:
+            steps, _, _, best, _ = backend.masked_while_loop(cond, body, loop_vars, bound)
         return res.to_result(best, steps, tol, stop_mode, unpack or (lambda z: z))
