@@ -495,6 +495,10 @@ DEQ_ARGS = {
         (1, np.int64(1), 2, 3, 1.0),
     ),
     "on_failure": choice_arg("warn", "raise", "ignore"),
+    "jit_compile": Arg(
+        lambda v, kw=None: (v == "auto") if isinstance(v, str) else flag(v) is True,
+        ("auto", "AUTO", *FLAGS),
+    ),
     "seed": Arg(keras_seed, (0, 7, -3, 2**40, np.int64(3), "7")),
     # Keras' own argument: only the dtypes (Keras' messages for other values are its own).
     "dtype": Arg(deq_dtype, ("float32", "float64", "float16", "mixed_float16", "int32"), {}, False),

@@ -263,13 +263,13 @@ def test_reference_run_exercises_the_schedule_and_the_random_draw(reference):
     weights = [trace.after_step[s + 1]["jacobian_weight"] for s in range(TOTAL_STEPS)]
     np.testing.assert_allclose(weights, [SCHEDULE(s) for s in range(TOTAL_STEPS)], rtol=1e-6)
     assert len(set(np.round(weights, 6))) == 4
-    # The seed generator advances by 1 per step (the draw) plus 1 when the regularizer
-    # is applied (one Hutchinson probe): with frequency 0.5 some steps apply it and
-    # some do not, so the generator's state is not a function of the step alone.
+    # The seed generator advances by 2 per step: the draw, and the Hutchinson probe
+    # (drawn on every step, also those that do not apply the penalty, because on
+    # JAX a draw cannot sit inside the `cond` that skips the estimate).
     counters = [int(reference["trace"].begin["seed_state"][1])]
     counters += [int(trace.after_step[s]["seed_state"][1]) for s in steps]
     increments = np.diff(counters)
-    assert set(increments) == {1, 2}, increments
+    assert set(increments) == {2}, increments
     assert reference["final"]["jacobian_frequency"] == pytest.approx(FREQUENCY)
     assert all(np.all(np.isfinite(w)) for w in reference["final"]["model"])
 

@@ -106,6 +106,99 @@ def masked_while_loop(cond, body, loop_vars, max_steps):
     return tuple(keras.ops.while_loop(cond, body, loop_vars, maximum_iterations=max_steps))
 
 
+# ------------------------------------------------- layer statistics, failures, saving
+# Used by `keras_deq.layers.monitor` (metrics and `on_failure` on TensorFlow) and `DEQ`.
+
+
+def _tf():
+    from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
+
+    return tf_backend
+
+
+def float32_metrics():
+    """A scope in which metric variables are read in float32 under mixed precision."""
+    return _tf().float32_metrics() if name() == "tensorflow" else contextlib.nullcontext()
+
+
+def in_xla_context():
+    """True inside a TensorFlow XLA cluster, where no host call or assertion can run."""
+    return name() == "tensorflow" and _tf().in_xla_context()
+
+
+def in_save_context():
+    """True while TensorFlow traces functions for `tf.saved_model.save` / `export()`."""
+    return name() == "tensorflow" and _tf().in_save_context()
+
+
+def executing_eagerly():
+    """True where tensors hold values now (eager TensorFlow), so a failure can be
+    reported directly; False while tracing a graph (and on JAX, whose `call` is
+    traced under `fit`)."""
+    return name() == "tensorflow" and _tf().executing_eagerly()
+
+
+def graph_assert(condition, data, name):  # noqa: A002 - TensorFlow's own argument name
+    """A TensorFlow graph assertion: fails the step with `data` if `condition` is False."""
+    return _tf().graph_assert(condition, data, name)
+
+
+def gate_later_ops(checks):
+    """Makes the ops created later in the traced TensorFlow step wait for `checks`."""
+    _tf().gate_later_ops(checks)
+
+
+def after(checks, structure):
+    """`structure`, computed only after the ops `checks` (TensorFlow graphs); as is
+    when `checks` is empty (always, elsewhere)."""
+    if not checks:
+        return structure
+    return _tf().after(checks, structure)
+
+
+def host_call_if(condition, fn, *args):
+    """Calls the Python function `fn` with the values of `args` when the scalar bool
+    tensor `condition` is True, from inside a traced function (the return value of
+    `fn` is ignored)."""
+    if name() == "tensorflow":
+        _tf().host_call_if(condition, fn, *args)
+        return
+
+    def call(ok, *values):
+        if bool(ok):
+            fn(*values)
+
+    host_call(call, condition, *args)
+
+
+def serialize_shareable(cell):
+    """`keras.saving.serialize_keras_object(cell)`, marked so that a cell shared by several DEQ
+    layers is shared again when a `.keras` file is loaded.
+
+    While Keras saves a model it notes every object it serializes and marks the
+    second occurrence of one with `shared_object_id`, and on load returns the
+    object already made for that id. The first occurrence's mark is lost here,
+    because Keras copies the layer's config after `get_config` returns, so the
+    loaded layers would each build their own cell and the weights file (which
+    holds the shared cell once) would not load. Marking every cell while saving
+    keeps the first occurrence findable; an unshared mark is unused on load.
+    """
+    config = keras.saving.serialize_keras_object(cell)
+    try:
+        from keras.src.backend.common import global_state  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - private module moved
+        return config
+    if global_state.get_global_attribute("shared_objects/id_to_config_map") is not None:
+        config["shared_object_id"] = int(id(cell))
+    return config
+
+
+def implicit_gradient_tensorflow(problem, adjoint_solver):
+    """The implicit gradient through `tf.custom_gradient` on TensorFlow (it may close
+    over the cell's variables there); see `keras_deq.backward.implicit`."""
+    return _tf().implicit_gradient(problem, adjoint_solver)
+
+
 def not_recorded():
     """A context in which eager gradient tapes do not record (a no-op where autodiff
     only follows the data: `stop_gradient` on the inputs is enough there)."""

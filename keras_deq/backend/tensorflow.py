@@ -5,7 +5,6 @@ Each function here degrades to a harmless default if the private API it uses mov
 
 import contextlib
 
-import keras
 import tensorflow as tf
 
 
@@ -21,28 +20,6 @@ def float32_metrics():
     except ImportError:  # pragma: no cover
         return contextlib.nullcontext()
     return AutocastScope(None)
-
-
-def serialize_shareable(cell):
-    """`serialize_keras_object(cell)`, marked so that a cell shared by several DEQ
-    layers is shared again when a `.keras` file is loaded.
-
-    While Keras saves a model it notes every object it serializes and marks the
-    second occurrence of one with `shared_object_id`, and on load returns the
-    object already made for that id. The first occurrence's mark is lost here,
-    because Keras copies the layer's config after `get_config` returns, so the
-    loaded layers would each build their own cell and the weights file (which
-    holds the shared cell once) would not load. Marking every cell while saving
-    keeps the first occurrence findable; an unshared mark is unused on load.
-    """
-    config = keras.saving.serialize_keras_object(cell)
-    try:
-        from keras.src.backend.common import global_state  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - private module moved
-        return config
-    if global_state.get_global_attribute("shared_objects/id_to_config_map") is not None:
-        config["shared_object_id"] = int(id(cell))
-    return config
 
 
 def in_save_context():
@@ -79,6 +56,30 @@ def xla_call(fn, *args):
     gradient is defined otherwise).
     """
     return tf.function(fn, jit_compile=True, autograph=False)(*args)
+
+
+def executing_eagerly():
+    return tf.executing_eagerly()
+
+
+def graph_assert(condition, data, name):
+    return tf.debugging.Assert(condition, data, name=name)
+
+
+def after(checks, structure):
+    """`structure` through identities that wait for the ops `checks`."""
+    with tf.control_dependencies(checks):
+        return tf.nest.map_structure(tf.identity, structure)
+
+
+def host_call_if(condition, fn, *args):
+    """`fn(*args)` on the host (`tf.py_function`, eager tensors) when `condition`."""
+
+    def call(*values):
+        fn(*values)
+        return 0
+
+    tf.cond(condition, lambda: tf.py_function(call, list(args), tf.int32), lambda: tf.constant(0))
 
 
 def gate_later_ops(checks):
@@ -163,3 +164,67 @@ def not_recorded():
 
     with record.stop_recording():
         yield
+
+
+def implicit_gradient(problem, adjoint_solver):
+    """`Implicit`'s gradient wired with `tf.custom_gradient` (which hands the cell's
+    variables to the gradient): the forward solve inside, not recorded; the adjoint
+    solve inside the gradient, on a persistent tape of one cell evaluation.
+
+    Returns `(z*, forward SolverResult)`; see `keras_deq.backward.Implicit`.
+    """
+    from keras_deq import backend  # noqa: PLC0415 - the package imports this module
+    from keras_deq.backward import rows  # noqa: PLC0415
+
+    fn, x_struct, z0 = problem.fn, problem.x, problem.z0
+    variables = list(problem.variables)
+    holder = {}
+
+    @tf.custom_gradient
+    def solve(*x_flat):
+        x_in = tf.nest.pack_sequence_as(x_struct, list(x_flat))
+        # Read each variable once where the tape can see it, so that
+        # tf.custom_gradient hands them to `grad` even though the solve
+        # itself is not recorded.
+        for v in variables:
+            tf.convert_to_tensor(v)
+        with backend.not_recorded():
+            result = problem.forward(lambda z: fn(z, x_in), z0)
+        holder["result"] = result
+        z_star = tf.nest.map_structure(tf.identity, result.state)
+        z_flat = tf.nest.flatten(z_star)
+
+        def grad(*upstream, variables=None):
+            variables = list(variables or [])
+            # Samples without a finite iterate are left out of the gradient.
+            ok = rows.solved_rows(result, x_in)
+            upstream = rows.mask_rows(rows.zeros_for_none(upstream, z_flat), ok)
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch(z_flat)
+                tape.watch(list(x_flat))
+                z_in = tf.nest.pack_sequence_as(z_star, rows.mask_rows(z_flat, ok))
+                x_safe = tf.nest.pack_sequence_as(x_struct, rows.mask_rows(list(x_flat), ok))
+                fz_flat = tf.nest.flatten(fn(z_in, x_safe))
+
+            def adjoint_map(u):
+                vjp = tape.gradient(fz_flat, z_flat, output_gradients=tf.nest.flatten(u))
+                vjp = rows.zeros_for_none(vjp, z_flat)
+                return tf.nest.pack_sequence_as(
+                    z_star, [a + b for a, b in zip(vjp, upstream, strict=True)]
+                )
+
+            g = tf.nest.pack_sequence_as(z_star, upstream)
+            adjoint = adjoint_solver(adjoint_map, g)
+            on_backward = problem.on_backward
+            checks = on_backward(adjoint) if on_backward is not None else None
+            with tf.control_dependencies(checks or []):
+                u = [tf.identity(t) for t in tf.nest.flatten(adjoint.state)]
+            grads = tape.gradient(fz_flat, list(x_flat) + variables, output_gradients=u)
+            x_grads = rows.zeros_for_none(grads[: len(x_flat)], x_flat)
+            return x_grads, grads[len(x_flat) :]
+
+        return z_flat, grad
+
+    z_flat = solve(*tf.nest.flatten(x_struct))
+    z = tf.nest.pack_sequence_as(z0, tf.nest.flatten(z_flat))
+    return z, holder["result"]

@@ -1,7 +1,6 @@
 """`Implicit`: the exact gradient of the fixed point, by the implicit function theorem."""
 
 import keras
-import tensorflow as tf
 from keras import ops
 
 from keras_deq import backend, solvers
@@ -46,7 +45,7 @@ class Implicit(Backward):
                 )
             adjoint = self.solver
         if backend.name() == "tensorflow":
-            return _implicit_tensorflow(problem, adjoint)
+            return backend.implicit_gradient_tensorflow(problem, adjoint)
         return implicit_stateless(problem, adjoint)
 
 
@@ -55,61 +54,6 @@ def _get_solver(solver):
         return solvers.get(solver)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{error} Received: solver={solver!r}") from error
-
-
-def _implicit_tensorflow(problem, adjoint_solver):
-    fn, x_struct, z0 = problem.fn, problem.x, problem.z0
-    variables = list(problem.variables)
-    holder = {}
-
-    @tf.custom_gradient
-    def solve(*x_flat):
-        x_in = tf.nest.pack_sequence_as(x_struct, list(x_flat))
-        # Read each variable once where the tape can see it, so that
-        # tf.custom_gradient hands them to `grad` even though the solve
-        # itself is not recorded.
-        for v in variables:
-            tf.convert_to_tensor(v)
-        with backend.not_recorded():
-            result = problem.forward(lambda z: fn(z, x_in), z0)
-        holder["result"] = result
-        z_star = tf.nest.map_structure(tf.identity, result.state)
-        z_flat = tf.nest.flatten(z_star)
-
-        def grad(*upstream, variables=None):
-            variables = list(variables or [])
-            # Samples without a finite iterate are left out of the gradient.
-            ok = rows.solved_rows(result, x_in)
-            upstream = rows.mask_rows(rows.zeros_for_none(upstream, z_flat), ok)
-            with tf.GradientTape(persistent=True) as tape:
-                tape.watch(z_flat)
-                tape.watch(list(x_flat))
-                z_in = tf.nest.pack_sequence_as(z_star, rows.mask_rows(z_flat, ok))
-                x_safe = tf.nest.pack_sequence_as(x_struct, rows.mask_rows(list(x_flat), ok))
-                fz_flat = tf.nest.flatten(fn(z_in, x_safe))
-
-            def adjoint_map(u):
-                vjp = tape.gradient(fz_flat, z_flat, output_gradients=tf.nest.flatten(u))
-                vjp = rows.zeros_for_none(vjp, z_flat)
-                return tf.nest.pack_sequence_as(
-                    z_star, [a + b for a, b in zip(vjp, upstream, strict=True)]
-                )
-
-            g = tf.nest.pack_sequence_as(z_star, upstream)
-            adjoint = adjoint_solver(adjoint_map, g)
-            on_backward = problem.on_backward
-            checks = on_backward(adjoint) if on_backward is not None else None
-            with tf.control_dependencies(checks or []):
-                u = [tf.identity(t) for t in tf.nest.flatten(adjoint.state)]
-            grads = tape.gradient(fz_flat, list(x_flat) + variables, output_gradients=u)
-            x_grads = rows.zeros_for_none(grads[: len(x_flat)], x_flat)
-            return x_grads, grads[len(x_flat) :]
-
-        return z_flat, grad
-
-    z_flat = solve(*tf.nest.flatten(x_struct))
-    z = tf.nest.pack_sequence_as(z0, tf.nest.flatten(z_flat))
-    return z, holder["result"]
 
 
 def implicit_stateless(problem, adjoint_solver):

@@ -1,18 +1,16 @@
 """The `DEQ` layer: the fixed point of any Keras cell `f(z, x)` as a layer."""
 
 import inspect
-import warnings
 
 import keras
-import tensorflow as tf
 
 from keras_deq import backend
 from keras_deq import backward as backward_lib
 from keras_deq import solvers as solvers_lib
-from keras_deq.backend import tensorflow as tf_backend
 from keras_deq.jacobian_penalty import JacobianPenalty
 from keras_deq.layers import deq_arguments as arguments
 from keras_deq.layers import deq_state as state
+from keras_deq.layers.deq_penalty import PenaltyControls
 from keras_deq.layers.monitor import SolverMonitor, check_on_failure
 from keras_deq.solvers import common
 
@@ -26,7 +24,7 @@ def _cast_floats(structure, dtype):
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
-class DEQ(SolverMonitor, keras.layers.Layer):
+class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
     """A deep equilibrium layer: returns the fixed point `z* = cell(z*, x)`.
 
     The cell is any Keras layer called as `cell(z, x)` that returns the next
@@ -222,10 +220,7 @@ class DEQ(SolverMonitor, keras.layers.Layer):
         self._warned = False
         self._explicit_depth = None
         arguments.check_backend_support(self._mode, self.on_failure, self._penalty)
-        if backend.name() == "tensorflow":
-            self._make_metrics()
-        else:
-            self._metrics_by_name = {}
+        self._make_metrics()
 
     # ------------------------------------------------------------------ build
     def build(self, input_shape):
@@ -250,75 +245,13 @@ class DEQ(SolverMonitor, keras.layers.Layer):
             )
         out = self.cell(z_spec, x_spec)
         state.check_cell_output(out, z_spec)
-        self._jacobian_weight = self.add_weight(
-            name="jacobian_weight",
-            shape=(),
-            initializer=keras.initializers.Constant(self._jacobian_weight_init),
-            trainable=False,
-            dtype="float32",
-            autocast=False,
-        )
-        self._jacobian_frequency = self.add_weight(
-            name="jacobian_frequency",
-            shape=(),
-            initializer=keras.initializers.Constant(self._jacobian_frequency_init),
-            trainable=False,
-            dtype="float32",
-            autocast=False,
-        )
-        if backend.name() != "tensorflow":
-            self._make_stat_variables()
+        self._build_penalty_variables()
+        self._build_statistics()
 
     def compute_output_shape(self, input_shape):
         multi = state.is_multi(input_shape)
         batch = state.first_shape(input_shape)[0] if multi else input_shape[0]
         return state.batched(batch, state.state_shapes(self.state_shape, input_shape))
-
-    # ------------------------------------------------------- jacobian controls
-    @property
-    def jacobian_weight(self):
-        """The regularizer's weight (a float32 variable once built)."""
-        return self._jacobian_weight if self.built else self._jacobian_weight_init
-
-    @jacobian_weight.setter
-    def jacobian_weight(self, value):
-        value = common.check_nonnegative_float("jacobian_weight", value)
-        if value > 0 and not self._jacobian_enabled:
-            self._jacobian_enabled = True
-            if self.built:
-                warnings.warn(
-                    f"DEQ layer '{self.name}' was created with jacobian_weight=0, so a "
-                    "training function traced before now has no Jacobian regularizer. It "
-                    "is included once the function is traced again: call "
-                    "`model.make_train_function(force=True)` or `model.compile(...)`. "
-                    "`keras_deq.callbacks.JacobianRegularizationScheduler` does this for you.",
-                    stacklevel=2,
-                )
-        if self.built:
-            self._jacobian_weight.assign(value)
-        self._jacobian_weight_init = value
-
-    @property
-    def jacobian_frequency(self):
-        """Probability that a training step applies the regularizer."""
-        return self._jacobian_frequency if self.built else self._jacobian_frequency_init
-
-    @jacobian_frequency.setter
-    def jacobian_frequency(self, value):
-        value = common.check_fraction("jacobian_frequency", value)
-        if self.built:
-            self._jacobian_frequency.assign(value)
-        self._jacobian_frequency_init = value
-
-    @property
-    def jacobian_probes(self):
-        """Number of Hutchinson probes of the Jacobian penalty."""
-        return self._penalty.probes
-
-    @property
-    def jacobian_max_iter_delta(self):
-        """The penalty's random forward budget `d` (see `JacobianPenalty`)."""
-        return self._penalty.max_iter_delta
 
     @property
     def explicit_depth(self):
@@ -377,28 +310,26 @@ class DEQ(SolverMonitor, keras.layers.Layer):
             out = self.cell(z, x_in, training=training)
             return _cast_floats(out, own_dtype) if cell_dtype != own_dtype else out
 
-        if backend.name() != "tensorflow":
-            return self._call_stateless(fn, x, z0, training)
         regularize = bool(training) and self._jacobian_enabled
-        # The regularizer's per-step draw comes first: on the steps it picks, the
-        # forward budget may be jittered (`jacobian_max_iter_delta`).
-        draw = (
-            keras.random.uniform((), dtype="float32", seed=self.seed_generator)
-            if regularize
-            else None
-        )
-        max_iter = self.max_iter
-        if regularize:
-            max_iter = self._penalty.budget(max_iter, self._picked(draw), self.seed_generator)
+        picked, max_iter = self._plan_penalty() if regularize else (None, self.max_iter)
         explicit = self._explicit_depth is not None
         mode = backward_lib.Explicit(self._explicit_depth) if explicit else self._mode
+        stateless_fn, weights, cell_fn = None, (), fn
+        if backend.name() != "tensorflow":
+            # JAX: custom gradients must receive the weights, not close over them.
+            stateless_fn = self._stateless_cell(training)
+            weights = (
+                tuple(v.value for v in self.cell.trainable_variables),
+                tuple(v.value for v in self.cell.non_trainable_variables),
+            )
+            cell_fn = lambda z, x_in: stateless_fn(z, x_in, weights)  # noqa: E731
         problem = backward_lib.Equilibrium(
             fn,
             x,
             z0,
             forward=self._solver(
                 self._forward,
-                max_iter if tf.is_tensor(max_iter) else None,
+                max_iter if keras.ops.is_tensor(max_iter) else None,
                 differentiated=mode.differentiates_forward,
             ),
             adjoint=self._solver(self._adjoint),
@@ -409,15 +340,15 @@ class DEQ(SolverMonitor, keras.layers.Layer):
             on_backward=self._record_backward if training else None,
             tol=self.tol,
             stop_mode=self.stop_mode,
+            stateless_fn=stateless_fn,
+            weights=weights,
+            max_steps=self._penalty.max_steps(self.max_iter),
         )
         z, result = mode(problem)
-        checks = self._record_forward(
-            result, report=not explicit, host=not tf_backend.in_save_context()
-        )
+        checks = self._record_forward(result, report=not explicit)
         if regularize:
-            self._add_jacobian_loss(fn, result, x, draw)
-        with tf.control_dependencies(checks):
-            return backward_lib.finite_upstream(z)
+            self._add_jacobian_loss(lambda z: cell_fn(z, x), result, x, picked)
+        return backend.after(checks, backward_lib.finite_upstream(z))
 
     def _stateless_cell(self, training):
         """The cell as `(z, x, (trainable, non_trainable)) -> next z`, weights passed in."""
@@ -436,82 +367,6 @@ class DEQ(SolverMonitor, keras.layers.Layer):
             return _cast_floats(out, own_dtype) if cast else out
 
         return f
-
-    def _call_stateless(self, fn, x, z0, training):
-        """The layer on the backends other than TensorFlow (JAX): the same solvers,
-        backward modes and Jacobian penalty; statistics in non-trainable variables; no
-        `on_failure="raise"` (refused by the constructor, see `check_backend_support`)."""
-        weights = (
-            tuple(v.value for v in self.cell.trainable_variables),
-            tuple(v.value for v in self.cell.non_trainable_variables),
-        )
-        regularize = bool(training) and self._jacobian_enabled
-        picked, max_iter = None, self.max_iter
-        if regularize:
-            picked, max_iter = self._penalty.plan(
-                self._jacobian_weight, self._jacobian_frequency, max_iter, self.seed_generator
-            )
-        budget = max_iter if keras.ops.is_tensor(max_iter) else None
-        stateless_fn = self._stateless_cell(training)
-        problem = backward_lib.Equilibrium(
-            fn,
-            x,
-            z0,
-            forward=self._solver(self._forward, budget),
-            adjoint=self._solver(self._adjoint),
-            variables=tuple(self.cell.trainable_variables),
-            tol=self.tol,
-            stop_mode=self.stop_mode,
-            stateless_fn=stateless_fn,
-            weights=weights,
-            on_backward=self._report_on_host if training else None,
-            max_steps=self._penalty.max_steps(self.max_iter),
-        )
-        explicit = self._explicit_depth is not None
-        mode = backward_lib.Explicit(self._explicit_depth) if explicit else self._mode
-        z, result = mode(problem)
-        self._record_in_variables(result, report=not explicit)
-        if regularize:
-            self._add_jacobian_loss_stateless(
-                lambda z: stateless_fn(z, x, weights), result, x, picked
-            )
-        return backward_lib.finite_upstream(z)
-
-    def _add_jacobian_loss_stateless(self, f, result, x, picked):
-        """The penalty on JAX: probes drawn every step, the estimate in a `cond`."""
-        ops = keras.ops
-        z_star = keras.tree.map_structure(ops.stop_gradient, result.state)
-        # Skipped on a step where some sample has no finite iterate (its Jacobian is NaN).
-        apply = picked & ops.all(backward_lib.solved_rows(result, x))
-        probes = self._penalty.draw_probes(z_star, self.seed_generator)
-        est = ops.cond(
-            apply,
-            lambda: self._penalty.estimate_with(f, z_star, probes),
-            lambda: ops.zeros((), "float32"),
-        )
-        self._record_jacobian_in_variable(est, apply)
-        self.add_loss(self._jacobian_weight * est)
-
-    # ---------------------------------------------------------------- jacobian
-    def _picked(self, draw):
-        """Whether this training step is one the penalty picks."""
-        return JacobianPenalty.picked(draw, self._jacobian_weight, self._jacobian_frequency)
-
-    def _add_jacobian_loss(self, fn, result, x, draw):
-        z_star = tf.nest.map_structure(tf.stop_gradient, result.state)
-        # Skipped on a step where some sample has no finite iterate (its Jacobian is NaN).
-        solved = tf.reduce_all(backward_lib.solved_rows(result, x))
-        apply = self._picked(draw) & solved
-
-        def estimate():
-            return self._penalty.estimate(lambda z: fn(z, x), z_star, self.seed_generator)
-
-        est = tf.cond(apply, estimate, lambda: tf.constant(0.0, "float32"))
-        with tf_backend.float32_metrics():
-            self._metrics_by_name["jac_loss"].update_state(
-                est, sample_weight=tf.cast(apply, "float32")
-            )
-        self.add_loss(self._jacobian_weight * est)
 
     # ----------------------------------------------------------------- saving
     def save_own_variables(self, store):
@@ -540,7 +395,7 @@ class DEQ(SolverMonitor, keras.layers.Layer):
         config = super().get_config()
         config.update(
             {
-                "cell": tf_backend.serialize_shareable(self.cell),
+                "cell": backend.serialize_shareable(self.cell),
                 "solver": arguments.object_config(self.solver, solvers_lib.serialize),
                 "max_iter": self.max_iter,
                 "tol": self.tol,
@@ -562,21 +417,6 @@ class DEQ(SolverMonitor, keras.layers.Layer):
             }
         )
         return config
-
-    def _penalty_config(self):
-        """The penalty's arguments with the current weight and frequency (a scheduler
-        may have changed them): as `regularizer` if given so, else the flat ones."""
-        penalty = JacobianPenalty(
-            self._jacobian_weight_init,
-            self._jacobian_frequency_init,
-            self._penalty.probes,
-            self._penalty.max_iter_delta,
-        )
-        flat = {f"jacobian_{k}": v for k, v in arguments.FLAT_PENALTY_DEFAULTS.items()}
-        if self.regularizer is not None:
-            return {**flat, "regularizer": keras.saving.serialize_keras_object(penalty)}
-        flat = {f"jacobian_{k}": v for k, v in penalty.get_config().items()}
-        return {**flat, "regularizer": None}
 
     @classmethod
     def from_config(cls, config):

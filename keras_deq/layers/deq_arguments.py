@@ -10,6 +10,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from keras_deq import backend, jacobian_penalty
 from keras_deq import backward as backward_lib
 from keras_deq import solvers as solvers_lib
@@ -209,7 +211,12 @@ def check_seed(seed):
 
 
 def check_jit_compile(jit_compile):
-    if jit_compile not in ("auto", True, False):
+    """'auto' or a bool (numpy bools too, as Python bools)."""
+    if isinstance(jit_compile, np.bool_):
+        jit_compile = bool(jit_compile)
+    if not (
+        jit_compile == "auto" if isinstance(jit_compile, str) else isinstance(jit_compile, bool)
+    ):
         raise ValueError(
             f"`jit_compile` must be 'auto', True or False. Received: jit_compile={jit_compile!r}"
         )

@@ -7,10 +7,8 @@
 import warnings
 
 import keras
-import tensorflow as tf
 
 from keras_deq import backend
-from keras_deq.backend import tensorflow as tf_backend
 
 ON_FAILURE = ("warn", "raise", "ignore")
 METRICS = ("fwd_steps", "fwd_residual", "converged", "bwd_steps", "bwd_residual", "jac_loss")
@@ -30,9 +28,10 @@ def _finite_values(values):
     Samples whose solve never produced a finite iterate (residual inf or NaN) are
     counted by the `converged` metric and the failure warning instead.
     """
-    values = tf.cast(values, "float32")
-    finite = tf.math.is_finite(values)
-    return tf.where(finite, values, tf.zeros_like(values)), tf.cast(finite, "float32")
+    ops = keras.ops
+    values = ops.cast(values, "float32")
+    finite = ops.isfinite(values)
+    return ops.where(finite, values, ops.zeros_like(values)), ops.cast(finite, "float32")
 
 
 class _FiniteMean(keras.metrics.Mean):
@@ -57,6 +56,11 @@ class SolverMonitor:
     """
 
     def _make_metrics(self):
+        """The layer's metrics, on TensorFlow; elsewhere the statistics are variables
+        (made by `_build_statistics`), see `_make_stat_variables`."""
+        if backend.name() != "tensorflow":
+            self._metrics_by_name = {}
+            return
         self._metrics_by_name = {
             key: (_FiniteMean if key == "fwd_residual" else keras.metrics.Mean)(
                 name=f"{self.name}_{key}", dtype="float32"
@@ -69,28 +73,43 @@ class SolverMonitor:
     def _residual(self, result):
         return result.rel_residual if self.stop_mode == "rel" else result.abs_residual
 
-    def _record_forward(self, result, report=True, host=True):
-        """Updates the forward metrics; returns the checks the output must wait for.
-
-        `host=False` (while a SavedModel is being written) leaves out the Python
-        warning, which needs a `tf.py_function` that an exported model cannot run.
-        """
+    def _record_forward(self, result, report=True):
+        """Records the forward statistics (metrics on TensorFlow, variables elsewhere)
+        and reports a failure; returns the checks the output must wait for."""
+        if not self._metrics_by_name:
+            self._record_in_variables(result, report)
+            return []
         m = self._metrics_by_name
-        with tf_backend.float32_metrics():
-            m["fwd_steps"].update_state(tf.cast(result.steps, "float32"))
+        with backend.float32_metrics():
+            m["fwd_steps"].update_state(keras.ops.cast(result.steps, "float32"))
             m["fwd_residual"].update_state(*_finite_values(self._residual(result)))
-            m["converged"].update_state(tf.cast(result.converged, "float32"))
-        return self._report_failure(result, "forward", host) if report else []
+            m["converged"].update_state(keras.ops.cast(result.converged, "float32"))
+        return self._report_failure(result, "forward") if report else []
 
     def _record_backward(self, result):
+        """The adjoint solve's statistics and failure report, from inside the gradient."""
+        if not self._metrics_by_name:
+            self._report_on_host(result, "backward")
+            return []
         m = self._metrics_by_name
-        with tf_backend.float32_metrics():
-            m["bwd_steps"].update_state(tf.cast(result.steps, "float32"))
+        with backend.float32_metrics():
+            m["bwd_steps"].update_state(keras.ops.cast(result.steps, "float32"))
             m["bwd_residual"].update_state(*_finite_values(self._residual(result)))
         checks = self._report_failure(result, "backward")
         if checks:
-            tf_backend.gate_later_ops(checks)
+            backend.gate_later_ops(checks)
         return checks
+
+    def _record_jacobian(self, estimate, applied):
+        """The Jacobian estimate of a step (counted only if `applied`)."""
+        if not self._metrics_by_name:
+            variable = self._stats["jac_loss"]
+            variable.assign(keras.ops.where(applied, estimate, variable.value))
+            return
+        with backend.float32_metrics():
+            self._metrics_by_name["jac_loss"].update_state(
+                estimate, sample_weight=keras.ops.cast(applied, "float32")
+            )
 
     def _failure_message(self, which, n_failed, n_nonfinite, worst):
         tol = self.tol if which == "forward" else self.backward_tol
@@ -137,7 +156,7 @@ class SolverMonitor:
             worst,
         )
 
-    def _report_failure(self, result, which, host=True):
+    def _report_failure(self, result, which):
         """Warns or raises when samples did not converge.
 
         Returns:
@@ -145,17 +164,17 @@ class SolverMonitor:
             with `on_failure="raise"` in a graph, the assertion that stops the step
             before any update.
         """
-        if self.on_failure == "ignore" or tf_backend.in_xla_context():
+        if self.on_failure == "ignore" or backend.in_xla_context():
             return []
         n_failed, n_nonfinite, worst = self._failure_counts(result)
-        if tf.executing_eagerly():
+        if backend.executing_eagerly():
             if int(n_failed) > 0:
                 self._on_host_failure(which, n_failed, n_nonfinite, worst)
             return []
         if self.on_failure == "raise":
             tol = self.tol if which == "forward" else self.backward_tol
             return [
-                tf.debugging.Assert(
+                backend.graph_assert(
                     n_failed == 0,
                     [
                         f"DEQ layer {self.name} (on_failure=raise): the {which} solver did "
@@ -169,20 +188,24 @@ class SolverMonitor:
                     name="deq_on_failure_raise",
                 )
             ]
-        if self._warned or not host:
+        # No Python warning while a SavedModel is written: an exported model cannot
+        # run the host call.
+        if self._warned or backend.in_save_context():
             return []
-
-        def report():
-            return tf.py_function(
-                lambda a, b, c: self._on_host_failure(which, a, b, c),
-                [n_failed, n_nonfinite, worst],
-                tf.int32,
-            )
-
-        tf.cond(n_failed > 0, report, lambda: tf.constant(0))
+        backend.host_call_if(
+            n_failed > 0,
+            lambda a, b, c: self._on_host_failure(which, a, b, c),
+            n_failed,
+            n_nonfinite,
+            worst,
+        )
         return []
 
     # ------------------------------------------- statistics in variables (not TF)
+    def _build_statistics(self):
+        if not self._metrics_by_name:
+            self._make_stat_variables()
+
     def _make_stat_variables(self):
         """Non-trainable variables holding the last batch's forward statistics.
 
@@ -225,11 +248,6 @@ class SolverMonitor:
         self._stats["converged"].assign(ops.mean(ops.cast(result.converged, "float32")))
         if report:
             self._report_on_host(result, "forward")
-
-    def _record_jacobian_in_variable(self, estimate, applied):
-        """Keeps the Jacobian estimate of a step that applied the penalty."""
-        variable = self._stats["jac_loss"]
-        variable.assign(keras.ops.where(applied, estimate, variable.value))
 
     def _report_on_host(self, result, which="backward"):
         """Sends the failure counts of `result` to a host warning (`on_failure="warn"`)."""
