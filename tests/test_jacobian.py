@@ -471,29 +471,38 @@ def _deq(seed=3, weight=1.0, frequency=0.25, probes=1, units=4, max_iter=3):
     )
 
 
-# A positive `jacobian_weight` is refused on other backends for now.
-penalty_tensorflow_only = pytest.mark.tensorflow_only(
-    "the DEQ layer's Jacobian penalty runs on TensorFlow only for now "
-    "(keras_deq.layers.deq_arguments refuses a positive jacobian_weight elsewhere)"
-)
-
 _X = np.random.default_rng(0).normal(size=(2, 4)).astype("float32")
 
 
 def _added_losses(layer, n, training=True):
-    """The layer's summed `add_loss` term over `n` calls, in one graph (TensorFlow) or
-    eagerly (elsewhere), and the function that runs them."""
+    """The layer's summed `add_loss` term over `n` calls, in one compiled function (a
+    `tf.function` loop, or a `jax.lax.scan` of `stateless_call` that carries the layer's
+    state, its random generator included), and that function (numpy values)."""
     layer(_X)  # build
     if BACKEND != "tensorflow":
+        import jax  # noqa: PLC0415
 
-        def run_eagerly():
-            totals = []
-            for _ in range(n):
-                layer(_X, training=training)
-                totals.append(sum(float(loss) for loss in layer.losses))
-            return np.array(totals, "float32")
+        @jax.jit
+        def scan(trainable, non_trainable):
+            def step(state, _):
+                _, state, losses = layer.stateless_call(
+                    trainable, state, _X, training=training, return_losses=True
+                )
+                total = sum(losses) if losses else ops.zeros(())
+                return state, ops.cast(total, "float32")
 
-        return run_eagerly(), run_eagerly
+            return jax.lax.scan(step, non_trainable, length=n)
+
+        def run():
+            state, totals = scan(
+                [v.value for v in layer.trainable_variables],
+                [v.value for v in layer.non_trainable_variables],
+            )
+            for variable, value in zip(layer.non_trainable_variables, state, strict=True):
+                variable.assign(value)  # the generator moves on, as on TensorFlow
+            return np.asarray(totals)
+
+        return run(), run
     import tensorflow as tf  # noqa: PLC0415
 
     @tf.function
@@ -505,10 +514,9 @@ def _added_losses(layer, n, training=True):
             out = out.write(i, tf.cast(total, tf.float32))
         return out.stack()
 
-    return run().numpy(), run
+    return run().numpy(), lambda: run().numpy()
 
 
-@penalty_tensorflow_only
 def test_regularizer_frequency():
     values, _ = _added_losses(_deq(frequency=0.25), 2000)
     assert (values >= 0).all()
@@ -516,34 +524,34 @@ def test_regularizer_frequency():
     assert abs(fraction - 0.25) < 0.05
 
 
-@penalty_tensorflow_only
 def test_regularizer_frequency_is_read_from_the_variable():
     # Changing the frequency after tracing must take effect (a variable, not a constant).
     layer = _deq(frequency=0.25)
     values, run = _added_losses(layer, 1000)
     assert abs(np.mean(values != 0) - 0.25) < 0.06
     layer.jacobian_frequency = 0.75
-    values = run().numpy()
+    values = run()
     assert abs(np.mean(values != 0) - 0.75) < 0.06
     layer.jacobian_weight = 0.0
-    assert (run().numpy() == 0).all()
+    assert (run() == 0).all()
 
 
-@penalty_tensorflow_only
 def test_regularizer_always_applied_with_frequency_one():
     values, _ = _added_losses(_deq(frequency=1.0), 200)
     assert (values > 0).all()
 
 
-@penalty_tensorflow_only
 def test_regularizer_never_added_in_inference():
     layer = _deq(frequency=1.0)
     values, _ = _added_losses(layer, 50, training=False)
     assert (values == 0).all()
     layer(_X, training=False)
     assert all(float(loss) == 0.0 for loss in layer.losses)
-    # The metric counts no application either.
-    assert float(layer._jac_loss_metric.count) == 0.0
+    # The metric (TensorFlow) or the statistics variable (JAX) records no application.
+    if BACKEND == "tensorflow":
+        assert float(layer._jac_loss_metric.count) == 0.0
+    else:
+        assert layer.solver_statistics()["jac_loss"] == 0.0
     layer(_X)  # training=None
     assert all(float(loss) == 0.0 for loss in layer.losses)
 
@@ -553,7 +561,6 @@ def test_regularizer_zero_weight_adds_nothing():
     assert (values == 0).all()
 
 
-@penalty_tensorflow_only
 def test_regularizer_enabled_by_setting_a_positive_weight_before_tracing():
     layer = _deq(weight=0.0, frequency=1.0)
     layer.jacobian_weight = 1.0
@@ -561,7 +568,6 @@ def test_regularizer_enabled_by_setting_a_positive_weight_before_tracing():
     assert (values > 0).all()
 
 
-@penalty_tensorflow_only
 def test_regularizer_weight_set_between_fits_takes_effect():
     # `jacobian_weight` is documented as changeable during training. A user who
     # trains without the regularizer and then sets a positive weight must get it
@@ -573,6 +579,7 @@ def test_regularizer_weight_set_between_fits_takes_effect():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), deq, keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
     model.fit(x, x[:, :1], epochs=1, verbose=0)
+    before = deq.solver_statistics()
     # The regularizer was not traced into the training function: the setter says
     # so and how to retrace, rather than silently doing nothing.
     with pytest.warns(UserWarning, match="make_train_function"):
@@ -580,10 +587,12 @@ def test_regularizer_weight_set_between_fits_takes_effect():
     model.make_train_function(force=True)
     history = model.fit(x, x[:, :1], epochs=1, verbose=0)
     assert float(deq.jacobian_weight.numpy()) == 1.0
-    assert history.history["deq_jac_loss"][0] > 0.0
+    if BACKEND == "tensorflow":
+        assert history.history["deq_jac_loss"][0] > 0.0
+    else:  # JAX `fit` logs lack the DEQ's metrics: its statistics variables
+        assert before["jac_loss"] == 0.0 < deq.solver_statistics()["jac_loss"]
 
 
-@penalty_tensorflow_only
 def test_regularizer_draw_is_reproducible_with_a_seed():
     a, _ = _added_losses(_deq(seed=3), 100)
     b, _ = _added_losses(_deq(seed=3), 100)
@@ -592,7 +601,6 @@ def test_regularizer_draw_is_reproducible_with_a_seed():
     assert ((a != 0) != (c != 0)).any()
 
 
-@penalty_tensorflow_only
 def test_regularizer_value_is_weighted_frobenius_estimate_at_equilibrium():
     # When applied, the added loss is weight * ||J(z*)||_F^2 / d; averaged over
     # many calls it matches the closed form at the layer's output z*.
@@ -606,25 +614,52 @@ def test_regularizer_value_is_weighted_frobenius_estimate_at_equilibrium():
     exact = _exact_np(w, pre_x.astype(np.float64), z_star)
     m = 300 * 10
     assert abs(values.mean() / weight - exact) / exact < 5 * np.sqrt(2 / m)
-    # The metric holds the unweighted estimate.
-    np.testing.assert_allclose(
-        float(layer._jac_loss_metric.result()), values.mean() / weight, rtol=1e-4
-    )
+    # The metric holds the mean unweighted estimate (TensorFlow); the statistics
+    # variable, the last one applied (JAX).
+    if BACKEND == "tensorflow":
+        np.testing.assert_allclose(
+            float(layer._jac_loss_metric.result()), values.mean() / weight, rtol=1e-4
+        )
+    else:
+        np.testing.assert_allclose(
+            layer.solver_statistics()["jac_loss"], values[-1] / weight, rtol=1e-4
+        )
 
 
-@penalty_tensorflow_only
 def test_regularizer_gradient_reaches_the_cell():
-    import tensorflow as tf  # noqa: PLC0415
-
     layer = _deq(weight=1.0, frequency=1.0)
     layer(_X)
-    with tf.GradientTape() as tape:
-        layer(_X, training=True)
-        loss = tf.add_n(layer.losses)
-    grads = tape.gradient(loss, layer.cell.trainable_variables)
+    variables = layer.cell.trainable_variables
+    if BACKEND == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415
+
+        with tf.GradientTape() as tape:
+            layer(_X, training=True)
+            loss = tf.add_n(layer.losses)
+        grads = tape.gradient(loss, variables)
+    else:
+        import jax  # noqa: PLC0415
+
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def loss(values):
+            _, _, losses = layer.stateless_call(
+                values, non_trainable, _X, training=True, return_losses=True
+            )
+            return sum(losses)
+
+        trainable = layer.trainable_variables
+        by_id = dict(
+            zip(
+                (id(v) for v in trainable),
+                jax.grad(loss)([v.value for v in trainable]),
+                strict=True,
+            )
+        )
+        grads = [by_id[id(v)] for v in variables]
     kernel_grad = grads[0]
     assert kernel_grad is not None
-    assert float(tf.reduce_max(tf.abs(kernel_grad))) > 0
+    assert float(np.max(np.abs(numpy(kernel_grad)))) > 0
 
 
 # ------------------------------------------------------------------- effect
@@ -633,8 +668,6 @@ def _h(x):
 
 
 def _train_regression(weight, seed=0, epochs=19):
-    import tensorflow as tf  # noqa: PLC0415
-
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     x = rng.uniform(-2, 2, size=(1024, 1)).astype("float32")
@@ -657,22 +690,20 @@ def _train_regression(weight, seed=0, epochs=19):
     x_val = np.linspace(-2, 2, 256, dtype="float32")[:, None]
     injection = model.layers[0](x_val)
     z_star = deq(injection)
-    with tf.GradientTape() as tape:
-        tape.watch(z_star)
-        fz = deq.cell(z_star, injection)
-    jac = tape.batch_jacobian(fz, z_star)
-    frobenius = float(tf.reduce_mean(tf.sqrt(tf.reduce_sum(tf.square(jac), axis=[1, 2]))))
+    jac = _batch_jacobian(lambda z: deq.cell(z, injection), z_star)
+    frobenius = float(np.mean(np.sqrt(np.sum(jac.astype("float64") ** 2, axis=(1, 2)))))
     rho = float(
-        tf.reduce_mean(
-            jacobian.spectral_radius(lambda z: deq.cell(z, injection), z_star, 200, seed=0)
+        np.mean(
+            numpy(jacobian.spectral_radius(lambda z: deq.cell(z, injection), z_star, 200, seed=0))
         )
     )
-    logs = model.evaluate(x_val, _h(x_val), batch_size=256, verbose=0, return_dict=True)
-    return frobenius, rho, logs["deq_fwd_steps"]
+    # One evaluation batch: the statistics are its solve's (the metrics on TensorFlow,
+    # the variables on JAX, whose `evaluate` logs lack them).
+    model.evaluate(x_val, _h(x_val), batch_size=256, verbose=0)
+    return frobenius, rho, deq.solver_statistics()["fwd_steps"]
 
 
 @pytest.mark.slow
-@penalty_tensorflow_only
 def test_regularizer_makes_the_equilibrium_better_conditioned():
     fro0, rho0, steps0 = _train_regression(0.0)
     fro1, rho1, steps1 = _train_regression(1.0)

@@ -3,12 +3,18 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from feature_references import finite_difference_gradient, numpy_decorrelation
+from feature_references import (
+    FLOAT_DTYPES,
+    finite_difference_gradient,
+    gradient,
+    numpy_decorrelation,
+)
+from keras import ops
 
 from keras_deq import regularizers
 
-F64 = tf.float64
+# (value rtol, gradient rtol, gradient atol) per dtype: float64 rounding, float32's.
+TOLERANCES = {"float64": (1e-10, 1e-6, 1e-8), "float32": (1e-5, 1e-3, 1e-4)}
 
 
 @pytest.fixture(autouse=True)
@@ -17,16 +23,21 @@ def _seed():
     keras.utils.set_random_seed(0)
 
 
-def test_decorrelation_regularizer_value_gradient_and_descent():
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_decorrelation_regularizer_value_gradient_and_descent(dtype):
+    value_rtol, grad_rtol, grad_atol = TOLERANCES[dtype]
     z = np.random.default_rng(4).normal(size=(8, 3)) + 0.5
     regularizer = regularizers.DecorrelationRegularizer(strength=0.3)
-    variable = tf.Variable(z, dtype=F64)
-    with tf.GradientTape() as tape:
-        value = regularizer(variable)
-    grad = tape.gradient(value, variable).numpy()
-    assert float(value) == pytest.approx(0.3 * numpy_decorrelation(z), rel=1e-10)
+    tensor = ops.convert_to_tensor(z, dtype)
+    value = regularizer(tensor)
+    assert keras.backend.standardize_dtype(value.dtype) == dtype
+    grad = ops.convert_to_numpy(gradient(regularizer, tensor)[0]).astype("float64")
+    assert float(value) == pytest.approx(0.3 * numpy_decorrelation(z), rel=value_rtol)
     np.testing.assert_allclose(
-        grad, 0.3 * finite_difference_gradient(numpy_decorrelation, z), rtol=1e-6, atol=1e-8
+        grad,
+        0.3 * finite_difference_gradient(numpy_decorrelation, z),
+        rtol=grad_rtol,
+        atol=grad_atol,
     )
     assert numpy_decorrelation(z - 0.05 * grad) < numpy_decorrelation(z)
 

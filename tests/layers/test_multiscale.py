@@ -41,15 +41,10 @@ def load_example():
     return module
 
 
-LIPSCHITZ_ON_TF = pytest.mark.tensorflow_only(
-    "the caps are keras_deq.constraints, TensorFlow code until its port to keras.ops"
-)
-
-
 @pytest.mark.parametrize(
     "model",
     [
-        pytest.param("lipschitz", marks=LIPSCHITZ_ON_TF),
+        "lipschitz",
         pytest.param("mdeq", marks=pytest.mark.slow),
     ],
 )

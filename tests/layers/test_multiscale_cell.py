@@ -59,9 +59,6 @@ def test_multiscale_cell_follows_the_mdeq_equations():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.tensorflow_only(
-    "lipschitz_bound uses keras_deq.linalg, TensorFlow code until its port"
-)
 def test_plain_multiscale_cell_has_no_finite_bound():
     assert math.isinf(float(built_cell(MultiscaleCell).lipschitz_bound()))
     standard = built_cell(normalization="standard", conv_norm_cap=None, gamma_cap=None)

@@ -25,9 +25,6 @@ def classifier(deq_layer, stem_channels):
     return keras.Model(inputs, logits)
 
 
-@pytest.mark.tensorflow_only(
-    "the caps are keras_deq.constraints, TensorFlow code until its port to keras.ops"
-)
 # ------------------------------------------------------------------ caps survive training
 def test_caps_hold_after_training_with_a_large_learning_rate():
     keras.utils.set_random_seed(0)
@@ -57,7 +54,10 @@ def test_caps_hold_after_training_with_a_large_learning_rate():
 
 
 @pytest.mark.float64
-@pytest.mark.tensorflow_only("DEQ on JAX refuses on_failure='raise' (for now); a GradientTape")
+@pytest.mark.tensorflow_only(
+    "on_failure='raise', which DEQ refuses on JAX (no sound way to stop a compiled step), "
+    "and a tf.GradientTape through eager cell calls"
+)
 # ------------------------------------------------------------------ implicit gradient = unrolled
 def test_implicit_gradient_equals_autodiff_through_a_long_unrolled_iteration():
     import tensorflow as tf  # noqa: PLC0415

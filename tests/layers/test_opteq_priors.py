@@ -109,9 +109,6 @@ def test_feature_prior_round_trips_and_refuses_bad_arguments():
         FeaturePrior("incay", epsilon=0.0)
 
 
-@pytest.mark.tensorflow_only(
-    "the HSIC prior uses keras_deq.features, TensorFlow code until its port"
-)
 def test_hsic_prior_config_round_trips_and_saves(tmp_path):
     prior = FeaturePrior("hsic", strength=0.3, sigma=0.7)
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(prior))

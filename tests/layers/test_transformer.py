@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from opteq_references import layer_gradients
 
 import keras_deq
 from keras_deq.layers.transformer import DEQTransformerCell, sinusoidal_positions
@@ -97,14 +98,11 @@ def _float64_deq(backward, solver, max_iter, tol, norm):
 
 
 @pytest.mark.float64
-@pytest.mark.tensorflow_only("DEQ on JAX refuses backward='unrolled' (for now)")
 @pytest.mark.parametrize("norm", ["pre", pytest.param("post", marks=pytest.mark.slow)])
 def test_implicit_gradient_equals_autodiff_through_a_long_unrolled_iteration(norm):
-    import tensorflow as tf  # noqa: PLC0415
-
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.normal(size=(2, 5, 8)), "float64")
-    w = tf.constant(rng.normal(size=(2, 5, 8)), "float64")
+    x = ops.convert_to_tensor(rng.normal(size=(2, 5, 8)), "float64")
+    w = ops.convert_to_tensor(rng.normal(size=(2, 5, 8)), "float64")
     implicit = _float64_deq("implicit", "anderson", 100, 1e-13, norm)
     unrolled = _float64_deq("unrolled", "fixed_point", 80, 1e-300, norm)
     one_step = _float64_deq("one_step", "anderson", 100, 1e-13, norm)
@@ -113,18 +111,15 @@ def test_implicit_gradient_equals_autodiff_through_a_long_unrolled_iteration(nor
         layer.cell.set_weights(implicit.cell.get_weights())
 
     def grads(layer):
-        @tf.function  # graph mode: the eager solver loops are slow
-        def run():
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                loss = tf.reduce_sum(tf.sin(layer(x)) * w)
-            return tape.gradient(loss, [x, *layer.cell.trainable_variables])
-
-        return run()
+        # Compiled (`tf.function`, `jax.jit`): the eager solver loops are slow.
+        loss = lambda out: ops.sum(ops.sin(out) * w)  # noqa: E731
+        return layer_gradients(layer, x, loss, layer.cell.trainable_variables)
 
     g_imp, g_unr = grads(implicit), grads(unrolled)
     # The map is a genuine contraction with a non-trivial Jacobian.
-    assert 5 < float(implicit._metrics_by_name["fwd_steps"].result()) < 100
+    if keras.backend.backend() != "tensorflow":
+        implicit(x)  # the statistics of the compiled stateless call were not kept
+    assert 5 < implicit.solver_statistics()["fwd_steps"] < 100
     assert len(g_imp) == 1 + len(implicit.cell.trainable_variables) == 1 + 16
     for a, b in zip(g_imp, g_unr, strict=True):
         assert a is not None and b is not None
@@ -139,7 +134,6 @@ def test_implicit_gradient_equals_autodiff_through_a_long_unrolled_iteration(nor
     )
 
 
-@pytest.mark.tensorflow_only("DEQ on JAX refuses on_failure='raise' (for now)")
 def test_variational_dropout_keeps_one_mask_per_solve():
     keras.utils.set_random_seed(0)
     cell = DEQTransformerCell(2, dropout=0.5)
@@ -153,12 +147,11 @@ def test_variational_dropout_keeps_one_mask_per_solve():
     assert np.abs(a - cell(z, x, training=True)).max() > 1e-3
     np.testing.assert_array_equal(cell(z, x), cell(z, x, training=False))
     # Same mask at every iteration: the training solve still converges.
-    deq = keras_deq.DEQ(cell, solver="anderson", max_iter=40, tol=1e-5, on_failure="raise")
+    deq = keras_deq.DEQ(cell, solver="anderson", max_iter=40, tol=1e-5, on_failure="ignore")
     deq(x, training=True)
-    assert float(deq._metrics_by_name["converged"].result()) == 1.0
+    assert deq.solver_statistics()["converged"] == 1.0
 
 
-@pytest.mark.tensorflow_only("DEQ on JAX refuses a Jacobian penalty (for now)")
 def test_model_trains_with_fit_and_reports_bits_and_solver_steps():
     model = _lm(dropout=0.1, embedding_dropout=0.1, max_iter=8, jacobian_weight=0.5)
     model.compile(
@@ -171,8 +164,13 @@ def test_model_trains_with_fit_and_reports_bits_and_solver_steps():
     logs = history.history
     np.testing.assert_allclose(logs["bpc"][-1], logs["loss"][-1] / np.log(2), rtol=0.05)
     np.testing.assert_allclose(logs["perplexity"][-1], np.exp(logs["loss"][-1]), rtol=0.05)
-    assert logs["deq_fwd_steps"][-1] >= 1 and logs["deq_bwd_steps"][-1] >= 1
-    assert logs["deq_jac_loss"][-1] > 0
+    stats = model.deq.solver_statistics()
+    assert stats["fwd_steps"] >= 1
+    if keras.backend.backend() == "tensorflow":
+        assert logs["deq_fwd_steps"][-1] >= 1 and logs["deq_bwd_steps"][-1] >= 1
+        assert logs["deq_jac_loss"][-1] > 0
+    else:  # JAX `fit` logs lack the DEQ's metrics; its variables hold the last step's
+        assert stats["jac_loss"] > 0
     assert logs["loss"][-1] < logs["loss"][0]
 
 
