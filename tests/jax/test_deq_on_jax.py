@@ -350,3 +350,25 @@ def test_penalty_in_fit_lowers_the_jacobian_norm():
     penalized, stats = train(2.0)
     assert penalized < 0.7 * free, (penalized, free)
     assert stats["jac_loss"] > 0
+
+
+def test_solver_logger_shows_the_layers_last_statistics():
+    """JAX `fit` logs hold no layer metrics: `SolverLogger` prints the layer's last ones."""
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 2, size=(32,))
+    deq = keras_deq.DEQ(keras_deq.DenseCell(6), solver="anderson", max_iter=20, name="deq")
+    model = keras.Sequential([keras.Input((6,)), deq, keras.layers.Dense(2)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    lines = []
+    logger = keras_deq.callbacks.SolverLogger(
+        metrics=("loss",), stats=("fwd_steps", "bwd_steps"), print_fn=lines.append
+    )
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[logger])
+    assert "deq_fwd_steps" not in history.history
+    header, row = lines
+    cells = row.split()
+    steps = deq.solver_statistics()["fwd_steps"]
+    assert steps >= 2
+    assert float(cells[2]) == pytest.approx(steps, abs=0.01)
+    assert cells[3] == "-"  # the adjoint's statistics are not kept on JAX
