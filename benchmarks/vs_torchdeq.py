@@ -311,30 +311,14 @@ def run_torch(cell, config, epochs, threads, repeats, seed):
     x_train, y_train, x_test, y_test = load_digits_split(seed)
     w = initial_weights(cell, seed)
     c = CONFIGS[config]
-    if c["b_solver"] is None:  # TorchDEQ's defaults but the cell: f_solver etc. as listed
-        deq = get_deq(f_solver=c["f_solver"], f_max_iter=c["f_iter"], f_tol=c["tol"])
-    elif c["stop"] == "abs":  # solvers, budgets and tolerances set; stop modes default
-        deq = get_deq(
-            f_solver=c["f_solver"],
-            b_solver=c["b_solver"],
-            f_max_iter=c["f_iter"],
-            b_max_iter=MAX_ITER,
-            f_tol=c["tol"],
-            b_tol=c["tol"],
-            ift=True,
-        )
-    else:
-        deq = get_deq(
-            f_solver=c["f_solver"],
-            b_solver=c["b_solver"],
-            f_max_iter=c["f_iter"],
-            b_max_iter=MAX_ITER,
-            f_tol=c["tol"],
-            b_tol=c["tol"],
-            f_stop_mode="rel",
-            b_stop_mode="rel",
-            ift=True,
-        )
+    # Only what the configuration lists is set; the rest stays TorchDEQ's default (its
+    # stop modes are absolute, its default gradient the one-step gradient).
+    settings = dict(f_solver=c["f_solver"], f_max_iter=c["f_iter"], f_tol=c["tol"])
+    if c["b_solver"] is not None:
+        settings.update(b_solver=c["b_solver"], b_max_iter=MAX_ITER, b_tol=c["tol"], ift=True)
+    if c["stop"] == "rel":
+        settings.update(f_stop_mode="rel", b_stop_mode="rel")
+    deq = get_deq(**settings)
     counts = {"fwd": [], "bwd": [], "fwd_res": [], "bwd_res": []}
 
     def counted(solve, key, extra=None):

@@ -219,7 +219,7 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         self.jit_compile = arguments.check_jit_compile(jit_compile)
         self._warned = False
         self._explicit_depth = None
-        arguments.check_backend_support(self._mode, self.on_failure, self._penalty)
+        arguments.check_backend_support(self.on_failure)
         self._make_metrics()
 
     # ------------------------------------------------------------------ build

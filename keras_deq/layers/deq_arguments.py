@@ -228,14 +228,12 @@ def supports_jit(layer):
     return all(getattr(sub, "supports_jit", True) for sub in layer._flatten_layers())
 
 
-def check_backend_support(mode, on_failure, penalty):
+def check_backend_support(on_failure):
     """Refuses what the current Keras backend cannot do (clearly, at construction).
 
-    Every backward mode and the Jacobian penalty run on TensorFlow and JAX (`mode` and
-    `penalty` are kept for the backends still to come); JAX refuses
+    Every backward mode and the Jacobian penalty run on TensorFlow and JAX; JAX refuses
     `on_failure="raise"`.
     """
-    del mode, penalty
     name = backend.name()
     if name == "tensorflow":
         return

@@ -89,8 +89,7 @@ class SolverMonitor:
     def _record_backward(self, result):
         """The adjoint solve's statistics and failure report, from inside the gradient."""
         if not self._metrics_by_name:
-            self._report_on_host(result, "backward")
-            return []
+            return self._report_failure(result, "backward")
         m = self._metrics_by_name
         with backend.float32_metrics():
             m["bwd_steps"].update_state(keras.ops.cast(result.steps, "float32"))
@@ -157,7 +156,8 @@ class SolverMonitor:
         )
 
     def _report_failure(self, result, which):
-        """Warns or raises when samples did not converge.
+        """Warns or raises when samples did not converge (on every backend: on JAX,
+        whose `call` is traced, through a host call; `"raise"` is refused there).
 
         Returns:
             A list of ops that the layer's output (or the gradient) must depend on:
@@ -238,24 +238,11 @@ class SolverMonitor:
 
     def _record_in_variables(self, result, report=True):
         ops = keras.ops
-        residual = ops.cast(self._residual(result), "float32")
-        finite = ops.isfinite(residual)
-        count = ops.sum(ops.cast(finite, "float32"))
-        total = ops.sum(ops.where(finite, residual, ops.zeros_like(residual)))
-        mean = ops.where(count > 0, total / ops.maximum(count, 1.0), float("nan"))
+        values, finite = _finite_values(self._residual(result))
+        count = ops.sum(finite)
+        mean = ops.where(count > 0, ops.sum(values) / ops.maximum(count, 1.0), float("nan"))
         self._stats["fwd_steps"].assign(ops.cast(result.steps, "float32"))
         self._stats["fwd_residual"].assign(mean)
         self._stats["converged"].assign(ops.mean(ops.cast(result.converged, "float32")))
         if report:
-            self._report_on_host(result, "forward")
-
-    def _report_on_host(self, result, which="backward"):
-        """Sends the failure counts of `result` to a host warning (`on_failure="warn"`)."""
-        if self.on_failure != "warn":
-            return
-
-        def warn(n_failed, n_nonfinite, worst):
-            if int(n_failed) > 0:
-                self._on_host_failure(which, n_failed, n_nonfinite, worst)
-
-        backend.host_call(warn, *self._failure_counts(result))
+            self._report_failure(result, "forward")
