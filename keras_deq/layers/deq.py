@@ -1,5 +1,6 @@
 """The `DEQ` layer: the fixed point of any Keras cell `f(z, x)` as a layer."""
 
+import functools
 import inspect
 
 import keras
@@ -10,6 +11,7 @@ from keras_deq import solvers as solvers_lib
 from keras_deq.jacobian_penalty import JacobianPenalty
 from keras_deq.layers import deq_arguments as arguments
 from keras_deq.layers import deq_state as state
+from keras_deq.layers.cell_state import FrozenCellState
 from keras_deq.layers.deq_penalty import PenaltyControls
 from keras_deq.layers.monitor import SolverMonitor, check_on_failure
 from keras_deq.solvers import common
@@ -30,7 +32,10 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
     The cell is any Keras layer called as `cell(z, x)` that returns the next
     state `z`, with the same shape as `z`. The layer input `x` is the injection,
     passed unchanged to every call of the cell. The state has the shape of `x`
-    unless `state_shape` says otherwise; it starts at zeros.
+    unless `state_shape` says otherwise; it starts at zeros. Every evaluation of the
+    cell in one call sees the cell's non-trainable state (a `Dropout` seed, batch
+    statistics) as the call found it: one dropout mask per solve, as in Keras'
+    recurrent layers; a training call then advances that state once.
 
     The forward pass runs `solver` without recording gradients. The backward pass
     is chosen by `backward` (see `keras_deq.backward`): by default the implicit
@@ -303,12 +308,15 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         cell_dtype = self.cell.compute_dtype
         own_dtype = self.compute_dtype
 
-        def fn(z, x_in):
+        def evaluate(z, x_in):
             # The cell runs in its own dtype, the layer's state in the layer's.
             if cell_dtype != own_dtype:
                 z, x_in = _cast_floats(z, cell_dtype), _cast_floats(x_in, cell_dtype)
             out = self.cell(z, x_in, training=training)
             return _cast_floats(out, own_dtype) if cell_dtype != own_dtype else out
+
+        frozen = FrozenCellState(self.cell)
+        fn = functools.partial(frozen.call, evaluate)
 
         regularize = bool(training) and self._jacobian_enabled
         picked, max_iter = self._plan_penalty() if regularize else (None, self.max_iter)
@@ -345,6 +353,8 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             max_steps=self._penalty.max_steps(self.max_iter),
         )
         z, result = mode(problem)
+        if training:
+            frozen.advance(evaluate, keras.tree.map_structure(keras.ops.stop_gradient, z), x)
         checks = self._record_forward(result, report=not explicit)
         if regularize:
             self._add_jacobian_loss(lambda z: cell_fn(z, x), result, x, picked)
