@@ -177,7 +177,7 @@ def keras_settings(config):
     }
 
 
-def run_keras(cell, config, epochs, threads, repeats, seed):
+def run_keras(cell, config, epochs, threads, repeats, seed, steps_per_execution=1):
     import keras
 
     if keras.backend.backend() == "tensorflow":
@@ -224,6 +224,7 @@ def run_keras(cell, config, epochs, threads, repeats, seed):
         optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-8),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
     )
 
     class Timer(keras.callbacks.Callback):
@@ -450,8 +451,11 @@ def run_torch(cell, config, epochs, threads, repeats, seed):
 
 # ---------------------------------------------------------------------- driver
 def worker(args):
-    run = run_torch if args.worker == "torchdeq" else run_keras
-    out = run(args.cell, args.config, args.epochs, args.threads, args.repeats, args.seed)
+    common = (args.cell, args.config, args.epochs, args.threads, args.repeats, args.seed)
+    if args.worker == "torchdeq":
+        out = run_torch(*common)
+    else:
+        out = run_keras(*common, steps_per_execution=args.steps_per_execution)
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -482,6 +486,8 @@ def spawn(lib, cell, config, args):
         str(args.repeats),
         "--seed",
         str(args.seed),
+        "--steps-per-execution",
+        str(args.steps_per_execution),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
@@ -513,6 +519,12 @@ def main(argv=None):
         choices=list(CONFIGS),
         help="configurations (the *_defaults ones run on the mlp cell only)",
     )
+    parser.add_argument(
+        "--steps-per-execution",
+        type=int,
+        default=1,
+        help="Keras' compile(steps_per_execution=...) for keras_deq (Keras' default 1)",
+    )
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
     parser.add_argument("--cell", default="mlp", help=argparse.SUPPRESS)
@@ -525,7 +537,8 @@ def main(argv=None):
 
     print(
         f"epochs={args.epochs} threads={args.threads} repeats={args.repeats} batch=64 "
-        f"Adam(1e-3); configurations: {CONFIGS}",
+        f"Adam(1e-3) steps_per_execution={args.steps_per_execution} (keras_deq); "
+        f"configurations: {CONFIGS}",
         flush=True,
     )
     rows = []
