@@ -244,11 +244,9 @@ def _run_page(page, workdir):
     )
 
 
-@pytest.fixture(scope="module")
-def page_runs(tmp_path_factory):
+def run_pages(tmp_path):
     """`{page: finished process}`: every page's code, pages in parallel (one process each), the
     slowest pages first."""
-    tmp_path = tmp_path_factory.mktemp("pages")
     pages = sorted(PAGES, key=lambda p: -p.read_text().count(".fit("))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = min(len(pages), max(2, cores or 2))
@@ -266,27 +264,23 @@ def test_every_page_has_runnable_code():
         assert blocks, f"{page.relative_to(ROOT)} has no runnable ```python block"
 
 
-def test_page_code_runs(page_runs):
-    failures = [
-        f"{page.relative_to(ROOT)} failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}"
-        for page, proc in page_runs.items()
-        if proc.returncode != 0
-    ]
-    assert not failures, "\n\n".join(failures)
+def test_page_code_runs(tmp_path):
+    """Every page's code runs, and each output block shows what its ```python block prints.
 
-
-def test_page_outputs_match(page_runs):
-    """Each output block shows what its ```python block prints today (a page whose code fails
-    is left to `test_page_code_runs`)."""
+    One test, so that the pages run once even when pytest-xdist spreads this module's tests
+    over several workers.
+    """
     failures = []
-    for page, proc in page_runs.items():
+    for page, proc in run_pages(tmp_path).items():
+        name = page.relative_to(ROOT)
         if proc.returncode != 0:
+            failures.append(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
             continue
         printed = printed_by_block(proc.stdout)
         for line, index, shown in output_blocks(page.read_text()):
             why = output_mismatch(shown, printed.get(index, ""))
             if why:
-                failures.append(f"{page.relative_to(ROOT)}:{line}: the output block {why}")
+                failures.append(f"{name}:{line}: the output block {why}")
     assert not failures, "\n\n".join(failures)
 
 
