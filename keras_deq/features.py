@@ -39,11 +39,10 @@ def soft_threshold(z, threshold):
     Returns:
         A tensor like `z`.
 
-    Example:
-
-    >>> from keras import ops
-    >>> ops.convert_to_numpy(soft_threshold(ops.convert_to_tensor([-2.0, 0.5, 3.0]), 1.0)).tolist()
-    [-1.0, 0.0, 2.0]
+    Examples:
+        >>> from keras import ops
+        >>> ops.convert_to_numpy(soft_threshold(ops.convert_to_tensor([-2.0, 0.5, 3.0]), 1.0)).tolist()
+        [-1.0, 0.0, 2.0]
     """
     return ops.sign(z) * ops.relu(ops.abs(z) - threshold)
 
@@ -97,11 +96,10 @@ def decorrelation(z, epsilon=1e-12):
     Returns:
         A scalar tensor.
 
-    Example:
-
-    >>> from keras import ops
-    >>> float(decorrelation(ops.convert_to_tensor([[1.0, 0.0], [0.0, 2.0]])))
-    0.0
+    Examples:
+        >>> from keras import ops
+        >>> float(decorrelation(ops.convert_to_tensor([[1.0, 0.0], [0.0, 2.0]])))
+        0.0
     """
     _, _, cos = _cosines(z, epsilon)
     return 0.5 * ops.sum(ops.square(_off_diagonal(cos)))

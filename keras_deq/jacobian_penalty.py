@@ -31,7 +31,7 @@ class JacobianPenalty(configurable.Configurable):
             least 1 iteration), as in the DEQ recipes (`RAND_F_THRES_DELTA`, 2
             there); 0 keeps `max_iter`. Drawn at run time: no retracing.
 
-    Example:
+    Examples:
         >>> JacobianPenalty(weight=2.0, frequency=0.5)
         JacobianPenalty(weight=2.0, frequency=0.5, probes=1, max_iter_delta=0)
     """

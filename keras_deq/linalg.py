@@ -112,11 +112,10 @@ def dense_spectral_norm_exact(kernel):
     Returns:
         A scalar tensor in the kernel's dtype.
 
-    Example:
-
-    >>> from keras import ops
-    >>> round(float(dense_spectral_norm_exact(ops.convert_to_tensor([[3.0, 0.0], [0.0, 1.0]]))), 4)
-    3.0
+    Examples:
+        >>> from keras import ops
+        >>> round(float(dense_spectral_norm_exact(ops.convert_to_tensor([[3.0, 0.0], [0.0, 1.0]]))), 4)
+        3.0
     """
     kernel = ops.convert_to_tensor(kernel)
     if len(kernel.shape) != 2:
@@ -148,12 +147,11 @@ def circular_conv_norm_exact(kernel, grid_shape, strides=1):
     Returns:
         A scalar tensor in the kernel's (real) dtype.
 
-    Example:
-
-    >>> from keras import ops
-    >>> kernel = ops.ones((1, 1, 1, 1)) * 3.0
-    >>> round(float(circular_conv_norm_exact(kernel, (4, 4))), 4)
-    3.0
+    Examples:
+        >>> from keras import ops
+        >>> kernel = ops.ones((1, 1, 1, 1)) * 3.0
+        >>> round(float(circular_conv_norm_exact(kernel, (4, 4))), 4)
+        3.0
     """
     kernel = ops.convert_to_tensor(kernel)
     kh, kw, c_in, c_out = kernel.shape

@@ -84,10 +84,9 @@ def feature_regularizer(name, strength=0.01, **kwargs):
     Returns:
         A `keras.regularizers.Regularizer`.
 
-    Example:
-
-    >>> feature_regularizer("l1", 0.5).get_config()
-    {'l1': 0.5}
+    Examples:
+        >>> feature_regularizer("l1", 0.5).get_config()
+        {'l1': 0.5}
     """
     if name not in FEATURE_REGULARIZERS:
         raise ValueError(f"`name` must be one of {FEATURE_REGULARIZERS}. Received: name={name!r}")

@@ -120,7 +120,7 @@ def get(identifier, **overrides):
             as is when there are no `overrides`).
         **overrides: Settings (`steps=8` for `"phantom"`), checked by the constructor.
 
-    Example:
+    Examples:
         >>> get("phantom", steps=8)
         Phantom(steps=8, damping=0.5)
     """

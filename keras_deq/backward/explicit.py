@@ -23,7 +23,7 @@ class Explicit(Backward):
     Args:
         depth: Number of cell applications, >= 1.
 
-    Example:
+    Examples:
         >>> Explicit(depth=6)
         Explicit(depth=6)
     """

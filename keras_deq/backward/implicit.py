@@ -22,7 +22,7 @@ class Implicit(Backward):
             solver with `backward_max_iter` and `backward_tol`), a name, a config dict
             or a `keras_deq.solvers.Solver`.
 
-    Example:
+    Examples:
         >>> Implicit(solver="fixed_point")
         Implicit(solver=FixedPoint(max_iter=50, tol=0.0001, stop_mode='rel', damping=1.0))
     """

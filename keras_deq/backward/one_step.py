@@ -12,7 +12,7 @@ class OneStep(JacobianFree):
     The cheapest gradient: one extra cell application, no adjoint solve. An
     approximation that is good when the cell is strongly contractive.
 
-    Example:
+    Examples:
         >>> OneStep()
         OneStep()
     """

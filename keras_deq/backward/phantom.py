@@ -21,7 +21,7 @@ class Phantom(JacobianFree):
         steps: Number of damped steps, >= 1.
         damping: The damping `tau` in (0, 1].
 
-    Example:
+    Examples:
         >>> Phantom(steps=8)
         Phantom(steps=8, damping=0.5)
     """

@@ -19,7 +19,7 @@ class Unrolled(Backward):
     stop are skipped (see `keras_deq.solvers.base.differentiable_loops`): the
     gradient is the same, but memory grows with `max_iter`, not with the steps run.
 
-    Example:
+    Examples:
         >>> Unrolled()
         Unrolled()
     """

@@ -73,12 +73,11 @@ class FeaturePrior:
         epsilon: `eps > 0` of the incay prior (ignored by the others).
         sigma: The RBF bandwidth `> 0` of the HSIC prior (ignored by the others).
 
-    Example:
-
-    >>> import keras
-    >>> prior = FeaturePrior("l2", strength=1.0)
-    >>> keras.ops.convert_to_numpy(prior.step(keras.ops.array([[2.0, 4.0]]))).tolist()
-    [[1.0, 2.0]]
+    Examples:
+        >>> import keras
+        >>> prior = FeaturePrior("l2", strength=1.0)
+        >>> keras.ops.convert_to_numpy(prior.step(keras.ops.array([[2.0, 4.0]]))).tolist()
+        [[1.0, 2.0]]
     """
 
     def __init__(self, name, strength=0.1, epsilon=1.0, sigma=1.0):

@@ -51,12 +51,11 @@ def sam_iteration(fn, z0, steps, grad_r=None, rho=0.5, c=0.2, gamma=0.1):
     Returns:
         `z^K`, a tensor like `z0`.
 
-    Example:
-
-    >>> import keras
-    >>> z = sam_iteration(lambda z: 0.5 * z + 1.0, keras.ops.zeros((1, 2)), steps=60)
-    >>> [round(v, 4) for v in keras.ops.convert_to_numpy(z)[0].tolist()]
-    [2.0, 2.0]
+    Examples:
+        >>> import keras
+        >>> z = sam_iteration(lambda z: 0.5 * z + 1.0, keras.ops.zeros((1, 2)), steps=60)
+        >>> [round(v, 4) for v in keras.ops.convert_to_numpy(z)[0].tolist()]
+        [2.0, 2.0]
     """
     steps = check_positive_int("steps", steps)
     z0 = ops.convert_to_tensor(z0)

@@ -184,11 +184,10 @@ class OptEqConvUnit(_OptEqUnit):
     Args:
         units: `n`, the channels of `W z`.
         kernel_size: Odd kernel size (3 in the paper).
-        alpha, learnable_alpha, activation, max_norm, injection_initializer:
-            As for `OptEqDenseUnit`.
-        kernel_initializer: Initializer of `W`; small by default (variance
-            scaling 0.1, fan-in).
-        **kwargs: Base layer arguments.
+        **kwargs: `alpha`, `learnable_alpha`, `activation`, `max_norm` and
+            `injection_initializer` as for `OptEqDenseUnit`; `kernel_initializer`,
+            the initializer of `W`, small by default (variance scaling 0.1,
+            fan-in); and the base layer arguments.
 
     Example:
 
