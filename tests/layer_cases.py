@@ -263,13 +263,13 @@ CASES = {
 LAYERS = sorted(name for name, case in CASES.items() if case.kind in ("layer", "cell", "model"))
 
 
-def make(name, **overrides):
+def make(name, /, **overrides):
     """A small valid instance of `name` (a key of `CASES`), with `overrides`."""
     case = CASES[name]
     return case.build(**{**case.kwargs, **overrides})
 
 
-def make_inputs(name, batch=3, seed=0, **overrides):
+def make_inputs(name, /, batch=3, seed=0, **overrides):
     case = CASES[name]
     return case.inputs({**case.kwargs, **overrides}, batch, seed)
 
@@ -298,7 +298,7 @@ def layer_model(name, layer, inputs):
     return keras.Model(x_in, layer(x_in))
 
 
-def build_model(name, seed=0, **overrides):
+def build_model(name, /, seed=0, **overrides):
     """(model, layer, data): `make(name, **overrides)` in a model, and its data."""
     keras.utils.set_random_seed(seed)
     layer = make(name, **overrides)
@@ -424,8 +424,9 @@ def assert_serves_keras_predictions(model, make_data, path, tfsm=True):
                 np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6)
 
 
-def check_export(name, model, data, path, **overrides):
-    export(model, path, signature_of(model, data))
+def check_export(name, model, data, path, write=export, **overrides):
+    """`write(model, path, signature)` exports a model that serves the Keras predictions."""
+    write(model, path, signature_of(model, data))
 
     def make_data(batch, seed):
         return flat_inputs(name, make_inputs(name, batch, seed, **overrides))
