@@ -95,10 +95,10 @@ def _cell_inputs(z_shapes, x_shape):
     return inputs
 
 
-def _deq(cell=None, **kw):
+def _deq(**kw):
     """A DEQ of a `DenseCell(4)` (on 4 input features) in the layer's dtype."""
     dtype = kw.get("dtype") if kw.get("dtype") in FLOAT_DTYPES else None
-    return DEQ(DenseCell(4, dtype=dtype) if cell is None else cell, **kw)
+    return DEQ(kw.pop("cell") if "cell" in kw else DenseCell(4, dtype=dtype), **kw)
 
 
 def _dense_cell_inputs(kw, batch, seed):
@@ -136,7 +136,7 @@ CASES = {
     "DenseCell": Case(
         DenseCell, {"units": 4, "activation": "softsign"}, _dense_cell_inputs, "cell"
     ),
-    "PcDEQ": Case(PcDEQ, {"units": 4, "variant": 2, "weight_norm": True}, _pcdeq_inputs),
+    "PcDEQ": Case(PcDEQ, {"units": 4, "weight_norm": True}, _pcdeq_inputs),
     "PositiveConcaveCell": Case(
         PositiveConcaveCell,
         {"activation": "softsign", "kernel_size": 3, "weight_norm": True},
