@@ -73,7 +73,7 @@ class Case(NamedTuple):
     kind: str = "layer"
     mixed_output: str | None = "float16"  # output dtype under mixed_float16; None: unsupported
     slow_export: bool = False  # tracing it for `model.export` takes 10 s or more
-    jax_bug: str | None = None  # xfail reason of a known bug on JAX
+    jax_bugs: dict = {}  # part of `run_layer_test` (a flag of it) -> known bug on JAX
 
 
 def _vector(width):
@@ -210,6 +210,10 @@ CASES = {
         lambda kw, batch, seed: tokens(batch, 5, kw["vocab_size"], seed),
         "model",
         mixed_output="float32",  # float32 logits, as documented
+        jax_bugs={
+            "mixed_precision": "in the solver's compiled loop the float16 attention is a "
+            "dot_general of precision F16_F16_F32, which XLA on CPU refuses"
+        },
     ),
     # -------------------------------------------------- objects that models hold
     "FixedPoint": Case(solvers.FixedPoint, {"max_iter": 20, "damping": 0.7}, _vector(4), "solver"),
