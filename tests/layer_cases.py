@@ -8,9 +8,9 @@ round-trips and exports these, `test_fuzz.py` starts its argument sweeps from th
 `kwargs`, and `tests/layers/test_layer_cases.py` runs `run_layer_test` on each layer.
 
 `run_layer_test(name, tmp_path)`, after Keras' own `TestCase.run_layer_test`: the layer in
-a model, its output shape against `compute_output_shape`, `get_config`/`from_config`, a
-`fit` step, the `.keras` file of the trained model, the layer under `mixed_float16`, and on
-TensorFlow `model.export` served by `tf.saved_model.load` and `keras.layers.TFSMLayer`.
+a model, its output shape against `compute_output_shape`, `get_config`/`from_config`, an
+eager `fit` epoch, the `.keras` file of the trained model, the layer under `mixed_float16`,
+and on TensorFlow `model.export` served by `tf.saved_model.load` and `keras.layers.TFSMLayer`.
 """
 
 import json
