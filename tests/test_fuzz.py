@@ -6,10 +6,11 @@ names the offending argument. Never a hang, never an error from deep inside Tens
 (`InvalidArgumentError`, ...), never a silent NaN or a silently ignored invalid value.
 
 - Constructor arguments: `TARGETS` specifies, independently of the library, which values
-  of each argument are valid. `test_invalid_constructor_arguments` and
-  `test_valid_constructor_arguments` sweep a pool of values (wrong types, zero, negative,
-  NaN, inf, bool, numpy scalars, ...) one argument at a time; the hypothesis test
-  `test_constructor_argument_combinations` draws several at once.
+  of each argument are valid; objects and inputs come from the shared table
+  `layer_cases.CASES` (its small kwargs are the base of each sweep).
+  `test_invalid_constructor_arguments` and `test_valid_constructor_arguments` sweep a
+  pool of values (wrong types, zero, negative, NaN, inf, bool, numpy scalars, ...) one
+  argument at a time; `test_constructor_argument_combinations` draws several at once.
 - Call paths: hypothesis draws state shapes (vector, image, lists), batch sizes (1, odd,
   257), dtypes (float16/32/64, int inputs) and solver settings, and compares the results with
   independent numpy computations (fixed-point residuals, the implicit gradient from the
@@ -35,6 +36,7 @@ import pytest
 import tensorflow as tf
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+from layer_cases import CASES, FLOAT_DTYPES, floats, make, make_inputs
 
 from keras_deq import (
     DEQ,
@@ -43,13 +45,11 @@ from keras_deq import (
     LipschitzMultiscale,
     OptEqBlock,
     PcDEQ,
-    constraints_opteq,
     solvers,
 )
 from keras_deq import backward as backward_lib
 from keras_deq import constraints as constraints_lib
 from keras_deq.layers import opteq
-from keras_deq.layers.transformer import DEQTransformerCell
 from keras_deq.models import DEQTransformerLM
 
 INT32_MAX = 2**31 - 1
@@ -264,9 +264,7 @@ def regularizer_valid(v, kw=None):
 
 
 def deq_dtype(v, kw=None):
-    if v in ("float32", "float64", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16"):
-        return True
-    return False
+    return v in FLOAT_DTYPES
 
 
 ACTIVATIONS = ("tanh", "relu", None, keras.activations.sigmoid)
@@ -383,10 +381,6 @@ def activation_arg():
 
 
 # ============================================================================ targets
-def floats(shape, seed=0, dtype="float32"):
-    return np.random.default_rng(seed).normal(size=shape).astype(dtype)
-
-
 def metric_values(layer):
     return {m.name[len(layer.name) + 1 :]: float(m.result()) for m in layer.metrics}
 
@@ -445,11 +439,17 @@ class Target(NamedTuple):
     run: Callable  # (object, kwargs) -> None; asserts the "works" properties
     args: dict  # name -> Arg
     base: dict = {}  # kwargs every case starts from
+    case: str | None = None  # its name in the shared table `layer_cases.CASES`
+
+
+def table_target(name, run, args):
+    """A target built as the shared table builds `name`, starting from its small kwargs."""
+    return Target(lambda kw: make(name, **kw), run, args, CASES[name].kwargs, name)
 
 
 def _deq_run(layer, kw):
     shape = kw.get("state_shape") or (4,)
-    run_deq_layer(layer, kw, floats((3, 4)), [(3, *shape)], kw.get("max_iter"))
+    run_deq_layer(layer, kw, make_inputs("DEQ"), [(3, *shape)], kw.get("max_iter"))
 
 
 DEQ_ARGS = {
@@ -505,39 +505,25 @@ DEQ_ARGS = {
 }
 
 
-def _make_deq(kw):
-    kw = dict(kw)
-    # The cell computes in the layer's dtype (a mismatch is a known bug, tested below).
-    dtype = kw.get("dtype") if deq_dtype(kw.get("dtype")) else None
-    cell = kw.pop("cell") if "cell" in kw else DenseCell(4, dtype=dtype)
-    return DEQ(cell, **kw)
-
-
 def _through_deq(argument, **options):
     """Runs an object built for `argument` of `DEQ` inside a DEQ layer."""
 
     def run(obj, kw):
-        layer = DEQ(DenseCell(4), **{argument: obj}, **options)
-        run_deq_layer(layer, {}, floats((3, 4)), [(3, 4)], None)
+        layer = make("DEQ", **{argument: obj}, **options)
+        run_deq_layer(layer, {}, make_inputs("DEQ"), [(3, 4)], None)
 
     return run
 
 
 def _dense_cell_run(cell, kw):
-    units = kw.get("units", 4)
-    z, x = tf.constant(floats((3, units))), tf.constant(floats((3, 5), 1))
-    if not kw.get("use_injection", True):  # the cell adds x as is
-        x = tf.constant(floats((3, units), 1))
-    out = cell(z, x)
-    check_finite(out, shapes=[(3, units)])
+    z, x = make_inputs("DenseCell", **kw)
+    out = cell(tf.constant(z), tf.constant(x))
+    check_finite(out, shapes=[z.shape])
     check_finite(*cell.losses)
 
 
 def _pcdeq_run(layer, kw):
-    if kw.get("filters") is not None:
-        x = floats((2, 4, 4, kw["filters"]))
-    else:
-        x = floats((3, kw.get("units", 4)))
+    x = make_inputs("PcDEQ", **kw)
     run_deq_layer(layer, kw, x, [x.shape], kw.get("max_iter"))
     assert np.all(np.asarray(layer(x)) >= 0), "pcDEQ states are nonnegative"
 
@@ -559,13 +545,12 @@ def lms_groups(v, kw):
 
 
 def _lms_run(layer, kw):
-    channels = _channels(kw.get("channels", (4,)))
-    x = floats((2, 4, 4, channels[0]))
+    channels = _channels(kw["channels"])
+    x = make_inputs("LipschitzMultiscale", batch=2, **kw)
     shapes = [(2, 4 // 2**i, 4 // 2**i, c) for i, c in enumerate(channels)]
     run_deq_layer(layer, kw, x, shapes, kw.get("max_iter"))
 
 
-LMS_BASE = {"channels": (4,), "groups": 2, "norm_iterations": 4, "max_iter": 4}
 LMS_BOUND_ARGS = {  # the arguments of the bound at the caps: default and validity alone
     "channels": ((4,), lms_channels),
     "slope": (0.4, fraction),
@@ -661,7 +646,7 @@ DEQ_OPTIONS_POOL = (
 
 
 def _opteq_run(block, kw):
-    x = floats((2, 4, 4, 3)) if kw.get("kind") == "conv" else floats((3, 4))
+    x = make_inputs("OptEqBlock", batch=2 if kw.get("kind") == "conv" else 3, **kw)
     if kw.get("training_mode") == "implicit":
         run_deq_layer(block, kw, x, [x.shape], kw.get("max_iter"), stats_layer=block.deq)
     else:
@@ -675,9 +660,9 @@ def odd_size(v, kw=None):
 
 
 def _transformer_cell_run(cell, kw):
-    z, x = tf.constant(floats((2, 3, 8))), tf.constant(floats((2, 3, 8), 1))
+    z, x = make_inputs("DEQTransformerCell", batch=2, **kw)
     for training in (False, True):
-        check_finite(cell(z, x, training=training), shapes=[(2, 3, 8)])
+        check_finite(cell(tf.constant(z), tf.constant(x), training=training), shapes=[z.shape])
 
 
 def dropout_rate(v, kw=None):
@@ -685,8 +670,8 @@ def dropout_rate(v, kw=None):
 
 
 def _lm_run(model, kw):
-    tokens = np.random.default_rng(0).integers(0, model.vocab_size, size=(2, 3)).astype("int32")
-    out_shape = (2, 3, model.vocab_size)
+    tokens = make_inputs("DEQTransformerLM", batch=2, vocab_size=model.vocab_size)
+    out_shape = (*tokens.shape, model.vocab_size)
     check_finite(model(tokens, training=False), shapes=[out_shape])
     run_deq_layer_in_model(model, tokens, out_shape, kw)
 
@@ -706,14 +691,11 @@ def run_deq_layer_in_model(model, tokens, out_shape, kw):
     check_deq_statistics(model.deq, kw.get("max_iter"))
 
 
-LM_BASE = {"vocab_size": 7, "d_model": 8, "num_heads": 2, "max_iter": 4}
-
-
-def _constraint_run(shape, measure=None):
+def _constraint_run(name, measure=None):
     def run(constraint, kw):
-        w = tf.constant(3.0 * floats(shape, 2))
+        w = tf.constant(make_inputs(name, seed=2))
         out = constraint(w)
-        check_finite(out, shapes=[shape])
+        check_finite(out, shapes=[w.shape])
         if measure is not None:  # independent check of the cap, in float64
             value, limit = measure(np.asarray(out, "float64"), kw)
             assert value <= limit * (1 + 1e-5) + 1e-30, (value, limit)
@@ -721,15 +703,18 @@ def _constraint_run(shape, measure=None):
     return run
 
 
-def _regularizer_run(reg, kw):
-    value = reg(tf.constant(floats((6, 3))))
-    check_finite(value)
-    assert float(value) >= 0
+def _regularizer_run(name):
+    def run(reg, kw):
+        value = reg(tf.constant(make_inputs(name, batch=6)))
+        check_finite(value)
+        assert float(value) >= 0
+
+    return run
 
 
 def _prior_run(prior, kw):
-    z = tf.constant(floats((3, 4)))
-    check_finite(prior.step(z), shapes=[(3, 4)])
+    z = tf.constant(make_inputs("FeaturePrior"))
+    check_finite(prior.step(z), shapes=[z.shape])
     check_finite(prior.value(z))
 
 
@@ -787,9 +772,9 @@ def _max_abs(out, kw):
 
 
 TARGETS = {
-    "DEQ": Target(_make_deq, _deq_run, DEQ_ARGS),
-    "DenseCell": Target(
-        lambda kw: DenseCell(**kw),
+    "DEQ": table_target("DEQ", _deq_run, DEQ_ARGS),
+    "DenseCell": table_target(
+        "DenseCell",
         _dense_cell_run,
         {
             "units": size_arg(),
@@ -806,10 +791,9 @@ TARGETS = {
                 (keras.regularizers.L2(0.1), "bogus"),
             ),
         },
-        {"units": 4},
     ),
-    "PcDEQ": Target(
-        lambda kw: PcDEQ(**kw),
+    "PcDEQ": table_target(
+        "PcDEQ",
         _pcdeq_run,
         {
             "units": size_arg(),
@@ -827,10 +811,9 @@ TARGETS = {
             "max_iter": count_arg(),
             "tol": positive_arg(),
         },
-        {"units": 4},
     ),
-    "LipschitzMultiscale": Target(
-        lambda kw: LipschitzMultiscale(**{**kw, "on_failure": "ignore"}),
+    "LipschitzMultiscale": table_target(
+        "LipschitzMultiscale",
         _lms_run,
         {
             # The arguments of the bound at the caps: a value that makes the capped cell
@@ -850,10 +833,9 @@ TARGETS = {
             "groups": Arg(lms_groups, (1, 2, 4, 3, np.int64(2), 2.0)),
             "kernel_initializer": initializer_arg(),
         },
-        LMS_BASE,
     ),
-    "OptEqBlock": Target(
-        lambda kw: OptEqBlock(**kw),
+    "OptEqBlock": table_target(
+        "OptEqBlock",
         _opteq_run,
         {
             "units": Arg(
@@ -885,10 +867,9 @@ TARGETS = {
             "kernel_initializer": initializer_arg(),
             "injection_initializer": initializer_arg(),
         },
-        {"units": [4]},
     ),
-    "DEQTransformerCell": Target(
-        lambda kw: DEQTransformerCell(**kw),
+    "DEQTransformerCell": table_target(
+        "DEQTransformerCell",
         _transformer_cell_run,
         {
             "num_heads": size_arg(),
@@ -899,10 +880,9 @@ TARGETS = {
             "key_dim": Arg(optional(size), SIZES),
             "kernel_initializer": initializer_arg(),
         },
-        {"num_heads": 2},
     ),
-    "DEQTransformerLM": Target(
-        lambda kw: DEQTransformerLM(**kw),
+    "DEQTransformerLM": table_target(
+        "DEQTransformerLM",
         _lm_run,
         {
             "vocab_size": size_arg(),
@@ -922,11 +902,10 @@ TARGETS = {
             "on_failure": choice_arg("warn", "raise", "ignore"),
             "deq_options": Arg(lm_deq_options, DEQ_OPTIONS_POOL),
         },
-        LM_BASE,
     ),
-    "ConvOperatorNorm": Target(
-        lambda kw: constraints_lib.ConvOperatorNorm(**kw),
-        _constraint_run((3, 3, 2, 2)),
+    "ConvOperatorNorm": table_target(
+        "ConvOperatorNorm",
+        _constraint_run("ConvOperatorNorm"),
         {
             "max_norm": Arg(cap, POSITIVES),
             "input_shape": Arg(
@@ -948,21 +927,18 @@ TARGETS = {
             "padding": choice_arg("same", "valid"),
             "iterations": size_arg(),
         },
-        {"max_norm": 1.0, "input_shape": (4, 4)},
     ),
-    "MaxAbs": Target(
-        lambda kw: constraints_lib.MaxAbs(**kw),
-        _constraint_run((4, 3), _max_abs),
-        {"max_value": Arg(cap, POSITIVES)},
+    "MaxAbs": table_target(
+        "MaxAbs", _constraint_run("MaxAbs", _max_abs), {"max_value": Arg(cap, POSITIVES)}
     ),
-    "SpectralNorm": Target(
-        lambda kw: constraints_opteq.SpectralNorm(**kw),
-        _constraint_run((4, 3), _spectral),
+    "SpectralNorm": table_target(
+        "SpectralNorm",
+        _constraint_run("SpectralNorm", _spectral),
         {"max_norm": Arg(cap, POSITIVES)},
     ),
-    "ConvSpectralNorm": Target(
-        lambda kw: constraints_opteq.ConvSpectralNorm(**kw),
-        _constraint_run((3, 3, 2, 2)),
+    "ConvSpectralNorm": table_target(
+        "ConvSpectralNorm",
+        _constraint_run("ConvSpectralNorm"),
         {
             "max_norm": Arg(cap, POSITIVES),
             "spatial_shape": Arg(
@@ -973,18 +949,18 @@ TARGETS = {
             ),
         },
     ),
-    "DecorrelationRegularizer": Target(
-        lambda kw: opteq.DecorrelationRegularizer(**kw),
-        _regularizer_run,
+    "DecorrelationRegularizer": table_target(
+        "DecorrelationRegularizer",
+        _regularizer_run("DecorrelationRegularizer"),
         {"strength": nonnegative_arg()},
     ),
-    "HSICRegularizer": Target(
-        lambda kw: opteq.HSICRegularizer(**kw),
-        _regularizer_run,
+    "HSICRegularizer": table_target(
+        "HSICRegularizer",
+        _regularizer_run("HSICRegularizer"),
         {"strength": nonnegative_arg(), "sigma": Arg(cap, (*POSITIVES, 1e-30))},
     ),
-    "FeaturePrior": Target(
-        lambda kw: opteq.FeaturePrior(**kw),
+    "FeaturePrior": table_target(
+        "FeaturePrior",
         _prior_run,
         {
             "name": choice_arg(*opteq.PRIORS),
@@ -992,27 +968,25 @@ TARGETS = {
             "epsilon": positive_arg(),
             "sigma": Arg(cap, (*POSITIVES, 1e-30), {"name": "hsic"}),
         },
-        {"name": "incay"},
     ),
     **{f"solvers.{name}": _solver_target(name) for name in SOLVER_NAMES},
-    "backward.Phantom": Target(
-        lambda kw: backward_lib.Phantom(**kw),
+    "backward.Phantom": table_target(
+        "Phantom",
         _through_deq("backward"),
         {"steps": Arg(count, FIXED_COUNTS), "damping": fraction_arg()},
     ),
-    "backward.Implicit": Target(
-        lambda kw: backward_lib.Implicit(**kw),
+    "backward.Implicit": table_target(
+        "Implicit",
         _through_deq("backward"),
         {"solver": Arg(optional(one_of(*SOLVER_NAMES)), SOLVER_NAMES + ("newton", 3))},
     ),
-    "backward.Explicit": Target(
-        lambda kw: backward_lib.Explicit(**kw),
+    "backward.Explicit": table_target(
+        "Explicit",
         _through_deq("backward", on_failure="ignore"),
         {"depth": Arg(count, FIXED_COUNTS)},
-        {"depth": 3},
     ),
-    "JacobianPenalty": Target(
-        lambda kw: JacobianPenalty(**kw),
+    "JacobianPenalty": table_target(
+        "JacobianPenalty",
         _through_deq("regularizer"),
         {
             "weight": nonnegative_arg(),
@@ -1195,26 +1169,10 @@ def test_every_constructor_argument_is_specified():
     import inspect
 
     missing = []
-    for name, cls in {
-        "DEQ": DEQ,
-        "DenseCell": DenseCell,
-        "PcDEQ": PcDEQ,
-        "LipschitzMultiscale": LipschitzMultiscale,
-        "OptEqBlock": OptEqBlock,
-        "DEQTransformerCell": DEQTransformerCell,
-        "DEQTransformerLM": DEQTransformerLM,
-        "MaxAbs": constraints_lib.MaxAbs,
-        "ConvOperatorNorm": constraints_lib.ConvOperatorNorm,
-        "SpectralNorm": constraints_opteq.SpectralNorm,
-        "ConvSpectralNorm": constraints_opteq.ConvSpectralNorm,
-        "HSICRegularizer": opteq.HSICRegularizer,
-        "DecorrelationRegularizer": opteq.DecorrelationRegularizer,
-        "FeaturePrior": opteq.FeaturePrior,
-        "backward.Phantom": backward_lib.Phantom,
-        "backward.Implicit": backward_lib.Implicit,
-        "backward.Explicit": backward_lib.Explicit,
-        "JacobianPenalty": JacobianPenalty,
-    }.items():
+    for name, target in TARGETS.items():
+        if target.case is None:  # the solver functions: below
+            continue
+        cls = type(make(target.case))
         params = [
             p
             for p, info in inspect.signature(cls.__init__).parameters.items()
