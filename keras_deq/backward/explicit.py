@@ -28,6 +28,9 @@ class Explicit(Backward):
         Explicit(depth=6)
     """
 
+    # It differentiates the whole forward computation (a cell's own start included).
+    differentiates_forward = True
+
     def __init__(self, depth):
         self.depth = common.check_positive_int("depth", depth)
 

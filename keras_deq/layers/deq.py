@@ -30,7 +30,8 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
     The cell is any Keras layer called as `cell(z, x)` that returns the next
     state `z`, with the same shape as `z`. The layer input `x` is the injection,
     passed unchanged to every call of the cell. The state has the shape of `x`
-    unless `state_shape` says otherwise; it starts at zeros.
+    unless `state_shape` (or the cell, see `keras_deq.layers.Cell`) says
+    otherwise; it starts at zeros unless the cell says otherwise.
 
     The forward pass runs `solver` without recording gradients. The backward pass
     is chosen by `backward` (see `keras_deq.backward`): by default the implicit
@@ -108,7 +109,8 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             all of the above; then the `jacobian_*` arguments must be left at
             their defaults.
         state_shape: Shape of the state without the batch dimension (a tuple, or
-            a list of tuples for a multi-tensor state). Defaults to the input's.
+            a list of tuples for a multi-tensor state). Defaults to the cell's
+            `state_shape(input_shape)` if it has that method, else the input's.
         solver_batch_dims: Leading axes of the state that the solvers treat as
             independent samples (mixing weights, residual, tolerance, returned
             iterate). 1 (default): each sample is one vector. 2 with a
@@ -233,7 +235,8 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             input_shape = [tuple(s) for s in input_shape] if multi else tuple(input_shape)
         batch = state.first_shape(input_shape)[0] if multi else input_shape[0]
         z_spec = state.spec(
-            state.batched(batch, state.state_shapes(self.state_shape, input_shape)), dtype
+            state.batched(batch, state.state_shapes(self.state_shape, input_shape, self.cell)),
+            dtype,
         )
         x_spec = state.spec(input_shape, dtype)
         state.check_solver_batch_dims(self.solver_batch_dims, z_spec)
@@ -251,7 +254,7 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         multi = state.is_multi(input_shape)
         batch = state.first_shape(input_shape)[0] if multi else input_shape[0]
-        return state.batched(batch, state.state_shapes(self.state_shape, input_shape))
+        return state.batched(batch, state.state_shapes(self.state_shape, input_shape, self.cell))
 
     @property
     def explicit_depth(self):
@@ -290,14 +293,16 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         Args:
             inputs: The injection `x`: a tensor or a list of tensors.
             initial_state: Optional starting state (the structure and shape of the
-                state). Defaults to zeros. It receives no gradient.
+                state). It receives no gradient. Defaults to the cell's
+                `initial_state(x, state_shape)` if it has that method, else zeros.
             training: Passed to the cell.
 
         Returns:
             The equilibrium state.
         """
         x = inputs
-        z0 = state.zeros(x, self.state_shape, self.compute_dtype)
+        shape = state.own_shape(self.state_shape, state.shape_of(x), self.cell)
+        z0 = state.start(self.cell, x, shape, self.compute_dtype)
         if initial_state is not None:
             z0 = state.check_initial_state(initial_state, z0, self.compute_dtype)
         cell_dtype = self.cell.compute_dtype
@@ -314,6 +319,8 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         picked, max_iter = self._plan_penalty() if regularize else (None, self.max_iter)
         explicit = self._explicit_depth is not None
         mode = backward_lib.Explicit(self._explicit_depth) if explicit else self._mode
+        if not mode.differentiates_forward:  # a cell's own start is a constant here
+            z0 = keras.tree.map_structure(keras.ops.stop_gradient, z0)
         stateless_fn, weights, cell_fn = None, (), fn
         if backend.name() != "tensorflow":
             # JAX: custom gradients must receive the weights, not close over them.
