@@ -1,5 +1,6 @@
 """The `DEQ` layer: the fixed point of any Keras cell `f(z, x)` as a layer."""
 
+import functools
 import inspect
 
 import keras
@@ -276,12 +277,16 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         self._explicit_depth = value
 
     # ------------------------------------------------------------------- call
-    def _solver(self, solver, max_iter=None, differentiated=False):
+    def _solver(self, solver, max_iter=None, differentiated=False, maps=None):
         """`solver` as a function `(f, z0) -> SolverResult` over the solver batch dims,
-        with `max_iter` (an int or a run-time tensor) replacing its own when given,
+        with `max_iter` (an int or a run-time tensor) replacing its own when given and
+        `maps` (the cell's maps it asks for, `Solver.extra_maps`) passed to it,
         compiled apart as `jit_compile` says unless it is `differentiated`."""
         overrides = {} if max_iter is None else {"max_iter": max_iter}
-        solve = common.per_entry(lambda f, z0: solver(f, z0, **overrides), self.solver_batch_dims)
+        solve = common.per_entry(
+            lambda f, z0, **m: solver(f, z0, **m, **overrides), self.solver_batch_dims
+        )
+        solve = functools.partial(solve, **(maps or {}))
         jit = self.jit_compile == "auto" and arguments.supports_jit(self.cell)
         if differentiated or not (jit or self.jit_compile is True):
             return solve
@@ -301,8 +306,7 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             The equilibrium state.
         """
         x = inputs
-        shape = state.own_shape(self.state_shape, state.shape_of(x), self.cell)
-        z0 = state.start(self.cell, x, shape, self.compute_dtype)
+        z0 = state.start(self.cell, x, self.state_shape, self.compute_dtype)
         if initial_state is not None:
             z0 = state.check_initial_state(initial_state, z0, self.compute_dtype)
         cell_dtype = self.cell.compute_dtype
@@ -338,6 +342,7 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
                 self._forward,
                 max_iter if keras.ops.is_tensor(max_iter) else None,
                 differentiated=mode.differentiates_forward,
+                maps=state.solver_maps(self.cell, self._forward),
             ),
             adjoint=self._solver(self._adjoint),
             variables=tuple(self.cell.trainable_variables),

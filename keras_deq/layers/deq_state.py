@@ -139,9 +139,19 @@ def zeros(x, state_shape, dtype):
     return out if isinstance(state_shape, list) else out[0]
 
 
+def solver_maps(cell, solver):
+    """`{name: cell.name}` for the maps `solver` asks for besides `f` (its `extra_maps`,
+    e.g. SAM's `prior_gradient`) that the cell has as methods; the solver goes without
+    the others."""
+    methods = {name: getattr(cell, name, None) for name in getattr(solver, "extra_maps", ())}
+    return {name: method for name, method in methods.items() if callable(method)}
+
+
 def start(cell, x, state_shape, dtype):
-    """The solver's starting state: the cell's `initial_state(x, state_shape)` when it has
-    that method (checked against the state, differentiable), else zeros."""
+    """The solver's starting state for the injection `x` and the layer's `state_shape`:
+    the cell's `initial_state(x, shape)` when it has that method (checked against the
+    state, differentiable), else zeros."""
+    state_shape = own_shape(state_shape, shape_of(x), cell)
     method = getattr(cell, "initial_state", None)
     if not callable(method):
         return zeros(x, state_shape, dtype)
