@@ -384,6 +384,7 @@ for _name, _settings in [
     ("FixedPoint", {"max_iter": 20, "damping": 0.7}),
     ("Anderson", {"window": 3, "ridge": 0.0, "stop_mode": "abs"}),
     ("Broyden", {"memory": 4, "tol": 1e-6}),
+    ("SAM", {"max_iter": 9, "rho": 0.4, "c": 0.1, "gamma": 0.2, "fixed_steps": False}),
 ]:
     case(f"keras_deq>{_name}")(_solver_case(_name, _settings))
 
@@ -413,6 +414,34 @@ def _jacobian_penalty():
     layer = DEQ(DenseCell(6), regularizer=penalty, tol=1e-5, name="deq")
     model = keras.Sequential([keras.Input((6,)), layer])
     return RoundTrip(model, floats((3, 6)), lambda m: m.get_layer("deq").regularizer)
+
+
+@keras.saving.register_keras_serializable(package="keras_deq_tests")
+class CellHolder(keras.layers.Layer):
+    """A layer holding a cell that it keeps in its config (the base `Cell` has no `call`)."""
+
+    def __init__(self, cell, **kwargs):
+        super().__init__(**kwargs)
+        self.cell = keras.saving.deserialize_keras_object(cell) if isinstance(cell, dict) else cell
+
+    def build(self, input_shape):
+        pass
+
+    def call(self, x):
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "cell": keras.saving.serialize_keras_object(self.cell)}
+
+
+@case("keras_deq>Cell")
+def _cell():
+    model = keras.Sequential([keras.Input((4,)), CellHolder(keras_deq.Cell(name="cell"), name="h")])
+
+    def check(original, restored):
+        assert restored.state_shape((None, 4)) is None and restored.name == "cell"
+
+    return RoundTrip(model, floats((3, 4)), lambda m: m.get_layer("h").cell, check=check)
 
 
 @case("keras_deq>DenseCell")

@@ -391,6 +391,10 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
     def load_own_variables(self, store):
         variables = self._trainable_variables + self._non_trainable_variables
         keys = [str(i) for i in range(len(variables))]
+        if not list(store.keys()):
+            # None of them: a file of an `OptEqBlock` saved when its unrolled modes had
+            # no DEQ. They are the penalty's controls and statistics, not learned.
+            return
         missing = [k for k in keys if k not in store.keys()]
         if missing:
             raise ValueError(
