@@ -78,7 +78,7 @@ class SAM(Solver):
             return the last iterate; if False, stop at `tol` and return the best
             iterate, as the other solvers do (see `Solver`).
 
-    Example:
+    Examples:
         >>> from keras import ops
         >>> # f projects onto the line z_0 = z_1, so every (t, t) is a fixed point and
         >>> # plain iteration stays at the start (0, 0). The prior 1/2 ||z - (2, 0)||^2
