@@ -37,7 +37,7 @@ import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "vision"))
 import data  # noqa: E402
-from opteq_cifar10 import build_explicit_model, build_opteq_model  # noqa: E402
+from opteq_cifar10 import build_explicit_model, build_opteq_model, trainable_params  # noqa: E402
 
 ROWS = (
     ("Unroll K=5", {"training_mode": "unrolled", "unroll_steps": 5}),
@@ -222,7 +222,7 @@ def must_show(args, split):
         results[name] = accuracies
         per_seed = ", ".join(f"{100 * a:.2f}" for a in accuracies)
         print(
-            f"| {name} | {model.count_params():,} | {per_seed} "
+            f"| {name} | {trainable_params(model):,} | {per_seed} "
             f"| {100 * np.mean(accuracies):.2f} ± {100 * np.std(accuracies):.2f}% |",
             flush=True,
         )
@@ -231,7 +231,7 @@ def must_show(args, split):
 
 def _explicit(args, seed):
     keras.utils.set_random_seed(seed)
-    target = build_opteq_model("digits", args.kind).count_params()
+    target = trainable_params(build_opteq_model("digits", args.kind))
     return build_explicit_model("digits", args.kind, target_params=target)
 
 

@@ -32,6 +32,7 @@ from keras_deq import distribute as distribute  # noqa: E402
 from keras_deq.jacobian_penalty import JacobianPenalty  # noqa: E402
 from keras_deq.layers import (  # noqa: E402
     DEQ,
+    Cell,
     DenseCell,
     LipschitzMultiscale,
     MultiscaleDEQ,
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEQ",
+    "Cell",
     "DenseCell",
     "JacobianPenalty",
     "LipschitzMultiscale",

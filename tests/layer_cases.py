@@ -23,6 +23,7 @@ import numpy as np
 
 from keras_deq import (
     DEQ,
+    Cell,
     DenseCell,
     JacobianPenalty,
     LipschitzMultiscale,
@@ -69,7 +70,8 @@ class Case(NamedTuple):
     # a constraint's kernel, a regularizer's or prior's features, a solver's injection.
     inputs: Callable | None = None
     # "layer", "cell" (called as `cell(z, x)`), "model", or what a holder model keeps:
-    # "solver", "backward", "penalty", "constraint", "regularizer", "prior", "metric".
+    # "solver", "backward", "penalty", "constraint", "regularizer", "prior", "metric",
+    # "cell_base".
     kind: str = "layer"
     mixed_output: str | None = "float16"  # output dtype under mixed_float16; None: unsupported
     slow_export: bool = False  # tracing it for `model.export` takes 10 s or more
@@ -221,6 +223,13 @@ CASES = {
         solvers.Anderson, {"window": 3, "ridge": 0.0, "stop_mode": "abs"}, _vector(4), "solver"
     ),
     "Broyden": Case(solvers.Broyden, {"memory": 4, "tol": 1e-6}, _vector(4), "solver"),
+    "SAM": Case(
+        solvers.SAM,
+        {"max_iter": 9, "rho": 0.4, "c": 0.1, "gamma": 0.2, "fixed_steps": False},
+        _vector(4),
+        "solver",
+    ),
+    "Cell": Case(Cell, kind="cell_base"),  # the base class: no `call`, kept by a holder
     "Implicit": Case(
         backward_lib.Implicit,
         {"solver": solvers.Broyden(memory=4, max_iter=25)},

@@ -192,7 +192,7 @@ def flag(v, kw=None):
 
 
 SOLVER_OPTIONS = {  # independent of keras_deq.solvers.registry
-    "fixed_point": {"damping": fraction},
+    "fixed_point": {"damping": fraction, "fixed_steps": flag},
     "anderson": {"window": size, "beta": fraction, "ridge": lambda v, kw=None: _real(v) and v >= 0},
     "broyden": {"memory": size},
 }
@@ -759,6 +759,7 @@ def _solver_target(name):
 POOL_FOR = {
     fraction: FRACTIONS,
     size: SIZES,
+    flag: FLAGS,
     SOLVER_OPTIONS["anderson"]["ridge"]: NONNEGATIVES + (math.inf,),
 }
 

@@ -229,6 +229,31 @@ class PriorStep(keras.layers.Layer):
         return {**super().get_config(), "prior": keras.saving.serialize_keras_object(self.prior)}
 
 
+@keras.saving.register_keras_serializable(package="keras_deq_tests")
+class CellHolder(keras.layers.Layer):
+    """A layer keeping a cell in its config (the base `Cell` has no `call`)."""
+
+    def __init__(self, cell, **kwargs):
+        super().__init__(**kwargs)
+        self.cell = keras.saving.deserialize_keras_object(cell) if isinstance(cell, dict) else cell
+
+    def call(self, x):
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "cell": keras.saving.serialize_keras_object(self.cell)}
+
+
+def _cell_base_trip(name):
+    model = keras.Sequential([keras.Input((4,)), CellHolder(make(name, name="cell"), name="h")])
+
+    def check(original, restored):
+        assert restored.name == "cell"
+        assert restored.state_shape((None, 4)) == original.state_shape((None, 4))
+
+    return RoundTrip(model, floats((3, 4)), lambda m: m.get_layer("h").cell, check=check)
+
+
 def _solver_trip(name):
     x = make_inputs(name)
     model = keras.Sequential([keras.Input(x.shape[1:]), SolverHolder(make(name), name="holder")])
@@ -335,6 +360,7 @@ HOLDERS = {
     "regularizer": _regularizer_trip,
     "prior": _prior_trip,
     "metric": _metric_trip,
+    "cell_base": _cell_base_trip,
 }
 OBJECTS = sorted(name for name, case in CASES.items() if case.kind in HOLDERS)
 

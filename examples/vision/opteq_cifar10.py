@@ -103,6 +103,12 @@ def build_opteq_model(dataset="digits", kind="conv", classes=10, **block_kwargs)
     return keras.Model(inputs, _head(z, head, classes), name=f"opteq_{dataset}_{kind}")
 
 
+def trainable_params(model):
+    """The number of trainable parameters (the paper's counts; the block's DEQ also holds
+    a few non-trainable scalars, its regularizer's controls)."""
+    return sum(int(keras.ops.size(w)) for w in model.trainable_weights)
+
+
 def _explicit_count(dataset, kind, hidden, classes):
     """Parameters of `build_explicit_model` with `hidden` channels, in closed form."""
     width, _, head = _architecture(dataset, kind)
@@ -132,7 +138,7 @@ def build_explicit_model(dataset="digits", kind="conv", classes=10, target_param
     """
     width, _, head = _architecture(dataset, kind)
     if target_params is None:
-        target_params = build_opteq_model(dataset, kind, classes).count_params()
+        target_params = trainable_params(build_opteq_model(dataset, kind, classes))
     hidden = min(
         range(1, 1025),
         key=lambda h: abs(_explicit_count(dataset, kind, h, classes) - target_params),
@@ -225,11 +231,14 @@ def train(args):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    # The solver columns need a DEQ layer: OptEqBlock has one in the implicit mode only.
-    implicit = args.model == "opteq" and args.training_mode == "implicit"
+    # The solver columns need a DEQ layer (OptEqBlock has one in every mode); only the
+    # implicit mode has a backward solve.
+    opteq = args.model == "opteq"
+    implicit = opteq and args.training_mode == "implicit"
+    stats = ("fwd_steps", "bwd_steps", "converged") if implicit else ("fwd_steps", "converged")
     report = keras_deq.callbacks.SolverLogger(
         metrics={"accuracy": "train acc", "val_accuracy": "test acc"},
-        stats=("fwd_steps", "bwd_steps", "converged") if implicit else (),
+        stats=stats if opteq else (),
     )
     start = time.perf_counter()
     history = model.fit(
@@ -247,7 +256,7 @@ def train(args):
     return {
         "model": model,
         "accuracy": float(accuracy),
-        "params": model.count_params(),
+        "params": trainable_params(model),
         "seconds": seconds,
         "history": history.history,
     }

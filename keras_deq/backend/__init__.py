@@ -23,32 +23,6 @@ def is_float(t):
     return "float" in keras.backend.standardize_dtype(t.dtype)
 
 
-def differentiable_loop(step, state, steps):
-    """`step` applied `steps` times from `state`, so that autodiff can go through it.
-
-    JAX cannot reverse-differentiate a while loop, so there the loop is a `fori_loop`
-    with static bounds (a scan); TensorFlow's while loop needs `maximum_iterations`
-    to be differentiated under XLA.
-
-    Args:
-        step: A function `state -> next state` on nests.
-        state: The starting nest.
-        steps: A positive Python int.
-
-    Returns:
-        The nest after `steps` applications of `step`.
-    """
-    if name() == "jax":
-        return keras.ops.fori_loop(0, steps, lambda i, s: step(s), state)
-    _, out = keras.ops.while_loop(
-        lambda i, s: i < steps,
-        lambda i, s: (i + 1, step(s)),
-        (0, state),
-        maximum_iterations=steps,
-    )
-    return out
-
-
 def compiled_solve(solve):
     """`solve(f, z0)` run as one compiled program where the backend would otherwise
     run its loop op by op: TensorFlow graphs outside XLA (Keras' default on CPU),

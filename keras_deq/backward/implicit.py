@@ -24,7 +24,7 @@ class Implicit(Backward):
 
     Examples:
         >>> Implicit(solver="fixed_point")
-        Implicit(solver=FixedPoint(max_iter=50, tol=0.0001, stop_mode='rel', damping=1.0))
+        Implicit(solver=FixedPoint(max_iter=50, tol=0.0001, stop_mode='rel', damping=1.0, ...))
     """
 
     name = "implicit"

@@ -2,10 +2,10 @@
 
 import keras
 
-from keras_deq import backend
-from keras_deq.backward import rows
 from keras_deq.backward.base import JacobianFree
 from keras_deq.solvers import common
+from keras_deq.solvers.base import differentiable_loops
+from keras_deq.solvers.fixed_point import FixedPoint
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
@@ -14,8 +14,10 @@ class Phantom(JacobianFree):
 
     A phantom gradient: an approximation whose cost and memory grow with `steps`,
     not with the solver's iterations. With `damping=1` and many steps it tends to
-    the exact (implicit) gradient of a contractive cell. A sample whose step is not
-    finite keeps its last finite state.
+    the exact (implicit) gradient of a contractive cell. The steps are the shared
+    solver loop, `FixedPoint(max_iter=steps, damping=damping, fixed_steps=True)`,
+    differentiated through (`differentiable_loops`): a sample for which the cell
+    gives NaN or Inf keeps its last iterate where the cell was finite.
 
     Args:
         steps: Number of damped steps, >= 1.
@@ -33,11 +35,6 @@ class Phantom(JacobianFree):
         self.damping = common.check_fraction("damping", damping)
 
     def refine(self, fn, x, z):
-        tau = self.damping
-
-        def damped_step(z):
-            fz = fn(z, x)
-            z_next = keras.tree.map_structure(lambda a, b: (1.0 - tau) * a + tau * b, z, fz)
-            return rows.select_rows(rows.finite_rows(z_next), z_next, z)
-
-        return backend.differentiable_loop(damped_step, z, self.steps)
+        steps = FixedPoint(self.steps, damping=self.damping, fixed_steps=True)
+        with differentiable_loops():
+            return steps(lambda v: fn(v, x), z).state

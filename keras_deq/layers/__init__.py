@@ -4,6 +4,7 @@
 # their pieces under the old import paths (`keras_deq.layers.opteq.OptEqBlock`, ...).
 from keras_deq.layers import multiscale as multiscale
 from keras_deq.layers import opteq as opteq
+from keras_deq.layers.cell import Cell
 from keras_deq.layers.cells import DenseCell
 from keras_deq.layers.deq import DEQ
 from keras_deq.layers.lipschitz_multiscale_cell import LipschitzMultiscaleCell
@@ -16,6 +17,7 @@ from keras_deq.layers.transformer import DEQTransformerCell
 
 __all__ = [
     "DEQ",
+    "Cell",
     "DEQTransformerCell",
     "DenseCell",
     "LipschitzMultiscale",

@@ -2,11 +2,12 @@
 
 import keras
 
+from keras_deq.layers.cell import Cell
 from keras_deq.solvers.common import check_bool, check_positive_int, get_keras_object
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
-class DenseCell(keras.layers.Layer):
+class DenseCell(Cell):
     """The cell `z_next = activation(z W + x U + b)`.
 
     Args:
@@ -88,9 +89,6 @@ class DenseCell(keras.layers.Layer):
     def call(self, z, x):
         injection = keras.ops.matmul(x, self.injection_kernel) if self.use_injection else x
         return self.activation(keras.ops.matmul(z, self.kernel) + injection + self.bias)
-
-    def compute_output_shape(self, z_shape, x_shape):
-        return z_shape
 
     def get_config(self):
         config = super().get_config()

@@ -32,9 +32,10 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
     The cell is any Keras layer called as `cell(z, x)` that returns the next
     state `z`, with the same shape as `z`. The layer input `x` is the injection,
     passed unchanged to every call of the cell. The state has the shape of `x`
-    unless `state_shape` says otherwise; it starts at zeros. Every evaluation of the
-    cell in one call sees the cell's non-trainable state (a `Dropout` seed, batch
-    statistics) as the call found it: one dropout mask per solve, as in Keras'
+    unless `state_shape` (or the cell, see `keras_deq.layers.Cell`) says
+    otherwise; it starts at zeros unless the cell says otherwise. Every evaluation
+    of the cell in one call sees the cell's non-trainable state (a `Dropout` seed,
+    batch statistics) as the call found it: one dropout mask per solve, as in Keras'
     recurrent layers; a training call then advances that state once.
 
     The forward pass runs `solver` without recording gradients. The backward pass
@@ -113,7 +114,8 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             all of the above; then the `jacobian_*` arguments must be left at
             their defaults.
         state_shape: Shape of the state without the batch dimension (a tuple, or
-            a list of tuples for a multi-tensor state). Defaults to the input's.
+            a list of tuples for a multi-tensor state). Defaults to the cell's
+            `state_shape(input_shape)` if it has that method, else the input's.
         solver_batch_dims: Leading axes of the state that the solvers treat as
             independent samples (mixing weights, residual, tolerance, returned
             iterate). 1 (default): each sample is one vector. 2 with a
@@ -238,7 +240,8 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             input_shape = [tuple(s) for s in input_shape] if multi else tuple(input_shape)
         batch = state.first_shape(input_shape)[0] if multi else input_shape[0]
         z_spec = state.spec(
-            state.batched(batch, state.state_shapes(self.state_shape, input_shape)), dtype
+            state.batched(batch, state.state_shapes(self.state_shape, input_shape, self.cell)),
+            dtype,
         )
         x_spec = state.spec(input_shape, dtype)
         state.check_solver_batch_dims(self.solver_batch_dims, z_spec)
@@ -256,7 +259,7 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         multi = state.is_multi(input_shape)
         batch = state.first_shape(input_shape)[0] if multi else input_shape[0]
-        return state.batched(batch, state.state_shapes(self.state_shape, input_shape))
+        return state.batched(batch, state.state_shapes(self.state_shape, input_shape, self.cell))
 
     @property
     def explicit_depth(self):
@@ -278,12 +281,16 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         self._explicit_depth = value
 
     # ------------------------------------------------------------------- call
-    def _solver(self, solver, max_iter=None, differentiated=False):
+    def _solver(self, solver, max_iter=None, differentiated=False, maps=None):
         """`solver` as a function `(f, z0) -> SolverResult` over the solver batch dims,
-        with `max_iter` (an int or a run-time tensor) replacing its own when given,
+        with `max_iter` (an int or a run-time tensor) replacing its own when given and
+        `maps` (the cell's maps it asks for, `Solver.extra_maps`) passed to it,
         compiled apart as `jit_compile` says unless it is `differentiated`."""
         overrides = {} if max_iter is None else {"max_iter": max_iter}
-        solve = common.per_entry(lambda f, z0: solver(f, z0, **overrides), self.solver_batch_dims)
+        solve = common.per_entry(
+            lambda f, z0, **m: solver(f, z0, **m, **overrides), self.solver_batch_dims
+        )
+        solve = functools.partial(solve, **(maps or {}))
         jit = self.jit_compile == "auto" and arguments.supports_jit(self.cell)
         if differentiated or not (jit or self.jit_compile is True):
             return solve
@@ -295,14 +302,15 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         Args:
             inputs: The injection `x`: a tensor or a list of tensors.
             initial_state: Optional starting state (the structure and shape of the
-                state). Defaults to zeros. It receives no gradient.
+                state). It receives no gradient. Defaults to the cell's
+                `initial_state(x, state_shape)` if it has that method, else zeros.
             training: Passed to the cell.
 
         Returns:
             The equilibrium state.
         """
         x = inputs
-        z0 = state.zeros(x, self.state_shape, self.compute_dtype)
+        z0 = state.start(self.cell, x, self.state_shape, self.compute_dtype)
         if initial_state is not None:
             z0 = state.check_initial_state(initial_state, z0, self.compute_dtype)
         cell_dtype = self.cell.compute_dtype
@@ -322,6 +330,8 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         picked, max_iter = self._plan_penalty() if regularize else (None, self.max_iter)
         explicit = self._explicit_depth is not None
         mode = backward_lib.Explicit(self._explicit_depth) if explicit else self._mode
+        if not mode.differentiates_forward:  # a cell's own start is a constant here
+            z0 = keras.tree.map_structure(keras.ops.stop_gradient, z0)
         stateless_fn, weights, cell_fn = None, (), fn
         if backend.name() != "tensorflow":
             # JAX: custom gradients must receive the weights, not close over them.
@@ -339,6 +349,7 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
                 self._forward,
                 max_iter if keras.ops.is_tensor(max_iter) else None,
                 differentiated=mode.differentiates_forward,
+                maps=state.solver_maps(self.cell, self._forward),
             ),
             adjoint=self._solver(self._adjoint),
             variables=tuple(self.cell.trainable_variables),
@@ -389,6 +400,10 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
     def load_own_variables(self, store):
         variables = self._trainable_variables + self._non_trainable_variables
         keys = [str(i) for i in range(len(variables))]
+        if not list(store.keys()):
+            # None of them: a file of an `OptEqBlock` saved when its unrolled modes had
+            # no DEQ. They are the penalty's controls and statistics, not learned.
+            return
         missing = [k for k in keys if k not in store.keys()]
         if missing:
             raise ValueError(

@@ -1,4 +1,11 @@
-"""The state of a `DEQ` layer: its shapes, its symbolic specs and its starting value."""
+"""The state of a `DEQ` layer: its shapes, its symbolic specs and its starting value.
+
+A cell may carry its own state shape and start (`keras_deq.layers.Cell`): `DEQ`
+consults its `state_shape(input_shape)` and `initial_state(x, state_shape)` methods
+when it has them (any layer that has them; the base class is optional).
+"""
+
+import numbers
 
 import keras
 
@@ -20,16 +27,64 @@ def first_shape(input_shape):
     return input_shape[0]
 
 
-def state_shapes(state_shape, input_shape):
-    """Sample shape(s) of the state: `state_shape`, or the input's (a single tensor)."""
-    if state_shape is not None:
+def own_shape(state_shape, input_shape, cell):
+    """`state_shape`, else the cell's `state_shape(input_shape)` when the cell has that
+    method; None means the input's shape."""
+    method = getattr(cell, "state_shape", None)
+    if state_shape is not None or not callable(method):
         return state_shape
+    return _check_cell_shape(method(input_shape), cell)
+
+
+def state_shapes(state_shape, input_shape, cell=None):
+    """Sample shape(s) of the state: `state_shape`, the cell's, or the input's (a single
+    tensor)."""
+    shape = own_shape(state_shape, input_shape, cell)
+    if shape is not None:
+        return shape
     if is_multi(input_shape):
         raise ValueError(
             "The input is a list or dict of tensors, so the state shape cannot be "
-            f"inferred: pass `state_shape=`. Received: input_shape={input_shape}"
+            "inferred: pass `state_shape=` (or give the cell a `state_shape(input_shape)` "
+            f"method). Received: input_shape={input_shape}"
         )
     return tuple(input_shape[1:])
+
+
+def shape_of(x):
+    """The static shape(s) of the injection `x`, structured like `x` (tuples as leaves)."""
+    if isinstance(x, dict):
+        return {k: tuple(t.shape) for k, t in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [tuple(t.shape) for t in x]
+    return tuple(x.shape)
+
+
+def _check_cell_shape(shape, cell):
+    """A cell's `state_shape(...)`: None, a tuple of dims (positive ints, or None for a
+    size known only at run time), or a list of such tuples."""
+
+    def is_dims(s):
+        return (
+            isinstance(s, (tuple, list))
+            and len(s) > 0
+            and all(
+                d is None or (isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0)
+                for d in s
+            )
+        )
+
+    if shape is None:
+        return None
+    if is_dims(shape):
+        return tuple(shape)
+    if isinstance(shape, (tuple, list)) and shape and all(is_dims(s) for s in shape):
+        return [tuple(s) for s in shape]
+    raise ValueError(
+        f"The cell's `state_shape(input_shape)` must return None, a tuple of positive ints "
+        "(the state's shape without the batch dimension) or a list of such tuples. "
+        f"Received: {type(cell).__name__}.state_shape(...) = {shape!r}"
+    )
 
 
 def batched(batch, shapes):
@@ -84,27 +139,49 @@ def zeros(x, state_shape, dtype):
     return out if isinstance(state_shape, list) else out[0]
 
 
-def check_initial_state(initial_state, zeros, dtype):
-    """`initial_state` cast to `dtype` (no gradient), after checking it against the state."""
+def solver_maps(cell, solver):
+    """`{name: cell.name}` for the maps `solver` asks for besides `f` (its `extra_maps`,
+    e.g. SAM's `prior_gradient`) that the cell has as methods; the solver goes without
+    the others."""
+    methods = {name: getattr(cell, name, None) for name in getattr(solver, "extra_maps", ())}
+    return {name: method for name, method in methods.items() if callable(method)}
+
+
+def start(cell, x, state_shape, dtype):
+    """The solver's starting state for the injection `x` and the layer's `state_shape`:
+    the cell's `initial_state(x, shape)` when it has that method (checked against the
+    state, differentiable), else zeros."""
+    state_shape = own_shape(state_shape, shape_of(x), cell)
+    method = getattr(cell, "initial_state", None)
+    if not callable(method):
+        return zeros(x, state_shape, dtype)
+    want = x if state_shape is None else spec(batched(None, state_shape), dtype)
+    name = f"{type(cell).__name__}.initial_state(x, state_shape)"
+    return check_initial_state(method(x, state_shape), want, dtype, name, constant=False)
+
+
+def check_initial_state(initial_state, want, dtype, argument="initial_state", constant=True):
+    """`initial_state` cast to `dtype`, after checking it against the state `want` (tensors
+    or specs); without gradient if `constant`."""
     try:
-        keras.tree.assert_same_structure(initial_state, zeros)
+        keras.tree.assert_same_structure(initial_state, want)
     except (TypeError, ValueError) as error:
         raise ValueError(
-            "`initial_state` must have the structure of the state "
-            f"({keras.tree.map_structure(lambda t: t.shape, zeros)}). "
-            f"Received: initial_state={initial_state!r}"
+            f"`{argument}` must have the structure of the state "
+            f"({keras.tree.map_structure(lambda t: t.shape, want)}). "
+            f"Received: {argument}={initial_state!r}"
         ) from error
     out = []
-    flat = zip(keras.tree.flatten(initial_state), keras.tree.flatten(zeros), strict=True)
-    for given, want in flat:
-        given = keras.ops.convert_to_tensor(given)
-        if not _compatible(given.shape, want.shape):
+    flat = zip(keras.tree.flatten(initial_state), keras.tree.flatten(want), strict=True)
+    for given, wanted in flat:
+        given = keras.ops.cast(keras.ops.convert_to_tensor(given), dtype)
+        if not _compatible(given.shape, wanted.shape):
             raise ValueError(
-                f"`initial_state` must have the state's shape {tuple(want.shape)}. "
-                f"Received: initial_state with shape {tuple(given.shape)}"
+                f"`{argument}` must have the state's shape {tuple(wanted.shape)}. "
+                f"Received: {argument} with shape {tuple(given.shape)}"
             )
-        out.append(keras.ops.stop_gradient(keras.ops.cast(given, dtype)))
-    return keras.tree.pack_sequence_as(zeros, out)
+        out.append(keras.ops.stop_gradient(given) if constant else given)
+    return keras.tree.pack_sequence_as(want, out)
 
 
 def _compatible(a, b):

@@ -121,12 +121,20 @@ class SolverMonitor:
             )
         else:
             cause = f"worst {kind} residual {worst:.3g}"
+        advice = (
+            "If the residual was still falling, increase max_iter or change the solver; if it "
+            "grows (an expansive cell: the iterate with the lowest residual is returned), more "
+            "iterations do not help: regularize the cell (jacobian_weight) or bound its weights."
+        )
+        if which == "forward" and getattr(self._forward, "fixed_steps", False):
+            advice = (
+                f"The solver runs exactly max_iter={self.max_iter} steps (fixed_steps, e.g. "
+                "OptEqBlock's unroll_steps) and returns the last: more steps bring it closer "
+                "to a fixed point; if these steps are the model, pass on_failure='ignore'."
+            )
         return (
             f"DEQ layer '{self.name}': the {which} solver did not reach tol={tol} for "
-            f"{n_failed} sample(s); {cause}. If the residual was still falling, increase "
-            "max_iter or change the solver; if it grows (an expansive cell: the iterate with "
-            "the lowest residual is returned), more iterations do not help: regularize the "
-            "cell (jacobian_weight) or bound its weights. This warning is shown once per "
+            f"{n_failed} sample(s); {cause}. {advice} This warning is shown once per "
             f"layer; the metric '{self.name}_converged' tracks convergence."
         )
 

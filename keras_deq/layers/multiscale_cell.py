@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 from keras_deq import backend, constraints, linalg
+from keras_deq.layers.cell import Cell
 from keras_deq.layers.multiscale_blocks import (
     MeanGroupNormalization,
     ScaledReLU,
@@ -51,7 +52,7 @@ def _check_channels(channels):
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
-class MultiscaleCell(keras.layers.Layer):
+class MultiscaleCell(Cell):
     """The multiscale DEQ (MDEQ) cell: residual blocks per resolution, then fusion.
 
     The state `z` is a list of `len(channels)` maps, `z[i]` of shape
@@ -124,8 +125,10 @@ class MultiscaleCell(keras.layers.Layer):
         return len(self.channels)
 
     # ------------------------------------------------------------------ shapes
-    def state_shapes(self, input_shape):
+    def state_shape(self, input_shape):
         """The branch shapes (without batch) for an injection of `input_shape`.
+
+        A `keras_deq.DEQ` of this cell infers its state's shape from it.
 
         Args:
             input_shape: The injection's shape `(batch, H, W, channels[0])`.
@@ -147,6 +150,10 @@ class MultiscaleCell(keras.layers.Layer):
             )
         height, width = input_shape[1:3]
         return [(height // 2**i, width // 2**i, c) for i, c in enumerate(self.channels)]
+
+    def state_shapes(self, input_shape):
+        """The former name of `state_shape`."""
+        return self.state_shape(input_shape)
 
     # ------------------------------------------------------------------- build
     def _conv(self, filters, kernel_size, strides, input_size):
@@ -186,7 +193,7 @@ class MultiscaleCell(keras.layers.Layer):
         return chain
 
     def build(self, z_shape, x_shape):
-        shapes = self.state_shapes(x_shape)
+        shapes = self.state_shape(x_shape)
         given = [tuple(s[1:]) for s in z_shape] if isinstance(z_shape, (list, tuple)) else None
         if given != shapes:
             raise ValueError(
@@ -292,9 +299,6 @@ class MultiscaleCell(keras.layers.Layer):
             }
             fused.append(self._mix_fusion(i, blocks[i], others))
         return [post(y) for post, y in zip(self.post_fusion, fused, strict=True)]
-
-    def compute_output_shape(self, z_shape, x_shape):
-        return z_shape
 
     # ---------------------------------------------------------------- lipschitz
     def _chain_lipschitz(self, layers, size):

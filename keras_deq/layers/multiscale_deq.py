@@ -24,12 +24,9 @@ class _MultiscaleDEQBase(DEQ):
         super().__init__(cell, **kwargs)
 
     def build(self, input_shape):
-        if self.state_shape is None:
-            self.state_shape = self.cell.state_shapes(input_shape)
+        if self.state_shape is None:  # the cell's (`MultiscaleCell.state_shape`), recorded
+            self.state_shape = self.cell.state_shape(input_shape)
         super().build(input_shape)
-
-    def compute_output_shape(self, input_shape):
-        return [(input_shape[0], *s) for s in self.cell.state_shapes(input_shape)]
 
     def get_config(self):
         config = super().get_config()

@@ -1,44 +1,56 @@
 """`OptEqBlock`: the deep OptEq layer, the equilibrium `z* = T(z*, x)` started at `z0 = x`.
 
-Training follows Xie et al., TPAMI 2023, Algorithm 1: `K` unrolled iterations (plain
-or SAM's, `opteq_sam`) differentiated by autodiff, or an implicit `keras_deq.DEQ`
-solve. The map `T` is an `OptEqCell`; priors come from `opteq_priors`.
+Training follows Xie et al., TPAMI 2023, Algorithm 1, every mode through one
+`keras_deq.DEQ`: `K` unrolled iterations (plain, or SAM's: `keras_deq.solvers.SAM`)
+differentiated by autodiff, or an implicit solve. The map `T` is an `OptEqCell`;
+priors come from `opteq_priors`.
 """
 
 import keras
 from keras import ops
 
 from keras_deq.layers._opteq_checks import check_choice
+from keras_deq.layers.cell import Cell
 from keras_deq.layers.deq import DEQ
 from keras_deq.layers.opteq_cell import OptEqCell
 from keras_deq.layers.opteq_priors import PRIORS, FeaturePrior
-from keras_deq.layers.opteq_sam import check_sam_schedule, sam_iteration
+from keras_deq.layers.opteq_sam import check_sam_schedule
+from keras_deq.solvers import SAM, FixedPoint
 from keras_deq.solvers.common import check_mapping, check_positive_int
 
 PRIOR_MODES = ("structural", "sam")
 TRAINING_MODES = ("unrolled", "implicit")
 
 
-class _InjectedCell(keras.layers.Layer):
-    """`(z, [U_l x + b_l]) -> T(z)`: an `OptEqCell` with its injections hoisted.
+class _InjectedCell(Cell):
+    """`(z, [x, U_1 x + b_1, ...]) -> T(z)`: an `OptEqCell` with its injections hoisted.
 
-    `OptEqBlock` passes the injections, computed once, as the DEQ's input, so
-    the solver's iterations do not recompute `U_l x`. The gradient reaches
-    `U_l` and `b_l` through that input.
+    `OptEqBlock` passes its input and the injections, computed once, as the DEQ's
+    input, so that the solver's iterations do not recompute `U_l x`; the gradient
+    reaches `U_l` and `b_l` through that input. The state has the input's shape
+    and starts at `z0 = x` (Algorithm 1); the SAM solver gets `grad R` from
+    `prior_gradient`.
     """
 
-    def __init__(self, cell, **kwargs):
+    def __init__(self, cell, prior=None, **kwargs):
         super().__init__(**kwargs)
-        self.cell = cell
+        self.cell, self.prior = cell, prior
 
     def build(self, z_shape, x_shape):
         pass
 
-    def call(self, z, x):
-        return self.cell.transition(z, list(x))
+    def state_shape(self, input_shape):
+        return tuple(input_shape[0][1:])
 
-    def compute_output_shape(self, z_shape, x_shape):
-        return z_shape
+    def initial_state(self, x, state_shape):
+        return x[0]
+
+    def call(self, z, x):
+        return self.cell.transition(z, list(x[1:]))
+
+    def prior_gradient(self, z):
+        """`grad R(z)` of the SAM prior (zeros without one)."""
+        return ops.zeros_like(z) if self.prior is None else self.prior.gradient(z)
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
@@ -46,15 +58,27 @@ class OptEqBlock(keras.layers.Layer):
     """A deep OptEq layer: the equilibrium of `OptEqCell`, started at `z0 = x`.
 
     Returns `z*` with `z* = T(z*, x)` (the input and the state share a shape,
-    as in the paper, where `x` is the feature extractor's output). Training
+    as in the paper, where `x` is the feature extractor's output). Every mode
+    runs one `keras_deq.DEQ` (`layer.deq`) of the cell from `z0 = x`; training
     follows Algorithm 1, chosen by `training_mode`:
 
-    - `"unrolled"` (the paper's default): `unroll_steps` (`K`) iterations from
-      `z0 = x`, differentiated by autodiff; inference runs the same `K` steps.
-      With `prior_mode="sam"` the iterations are SAM's (Eq. 11).
-    - `"implicit"`: a `keras_deq.DEQ` solves `z = T(z, x)` from `z0 = x` with
-      `solver` up to `tol` and differentiates by the implicit function theorem
-      (the DEQ's metrics, `{name}_deq_fwd_steps` etc., are reported).
+    - `"unrolled"` (the paper's default): exactly `unroll_steps` (`K`)
+      iterations, returning `z_K`, differentiated by autodiff
+      (`keras_deq.solvers.FixedPoint(max_iter=K, fixed_steps=True)` with
+      `keras_deq.backward.Unrolled()`); inference runs the same `K` steps.
+      With `prior_mode="sam"` the iterations are SAM's (Eq. 11,
+      `keras_deq.solvers.SAM`).
+    - `"implicit"`: solves `z = T(z, x)` with `solver` up to `tol` and
+      differentiates by the implicit function theorem.
+
+    In every mode the DEQ reports its metrics under the block's name plus
+    `_deq` (`{name}_deq_fwd_steps`, `{name}_deq_fwd_residual`,
+    `{name}_deq_converged`; `layer.deq.solver_statistics()` on JAX) and applies
+    its `on_failure` (`deq_options`). In the unrolled modes a sample has
+    converged when the residual of its step `K` (`z_{K-1}` against `T`) is
+    within `tol`, so `on_failure="warn"` (the default) warns once when `K`
+    steps do not reach `tol`; pass `deq_options={"on_failure": "ignore"}` to
+    silence it.
 
     Priors (`prior` one of `PRIORS`):
 
@@ -85,9 +109,11 @@ class OptEqBlock(keras.layers.Layer):
         unroll_steps: `K >= 1` (20 in the paper on CIFAR-10).
         solver: Forward solver of the implicit mode (Broyden in the paper).
         max_iter: Its maximum iterations.
-        tol: Its relative-residual threshold (1e-3 or 1e-2 in Table 8).
-        deq_options: Other `keras_deq.DEQ` arguments for the implicit mode
-            (e.g. `{"backward_tol": 1e-4, "on_failure": "ignore"}`).
+        tol: Its relative-residual threshold (1e-3 or 1e-2 in Table 8); in the
+            unrolled modes, the threshold of the `converged` statistic.
+        deq_options: Other `keras_deq.DEQ` arguments, in every mode (e.g.
+            `{"on_failure": "ignore"}`, `{"jacobian_weight": 0.1}`, or
+            `{"backward_tol": 1e-4}` for the implicit mode).
         kernel_initializer: Initializer of the `W_l` (None: small defaults).
         injection_initializer: Initializer of the `U_l`.
         **kwargs: Base layer arguments (`name`, `dtype`, `activity_regularizer`, ...).
@@ -172,27 +198,45 @@ class OptEqBlock(keras.layers.Layer):
             if prior is not None and prior_mode == "sam"
             else None
         )
-        self.deq = None
+        # Built here (not in `build`) so that bad solver arguments fail at construction.
+        self.deq = DEQ(
+            _InjectedCell(self.cell, self.sam_prior, dtype=self.dtype_policy, name="injected_cell"),
+            **self._solve_settings(solver, max_iter, tol),
+            dtype=self.dtype_policy,
+            name=f"{self.name}_deq",
+        )
+
+    def _solve_settings(self, solver, max_iter, tol):
+        """The DEQ's solver and backward arguments for the training mode (Algorithm 1),
+        with `deq_options`."""
+        options = dict(self.deq_options)
         if self.training_mode == "implicit":
-            # Built here (not in `build`) so bad solver arguments fail at construction.
-            self.deq = DEQ(
-                _InjectedCell(self.cell, dtype=self.dtype_policy, name="injected_cell"),
-                solver=solver,
-                max_iter=max_iter,
-                tol=tol,
-                backward="implicit",
-                dtype=self.dtype_policy,
-                name=f"{self.name}_deq",
-                **self.deq_options,
+            ours = {"solver": solver, "max_iter": max_iter, "tol": tol, "backward": "implicit"}
+        else:
+            # K steps exactly, z_K returned, autodiff through them. A solver object
+            # carries its stop mode (the statistics' residual): it comes from the options.
+            settings = {"max_iter": self.unroll_steps, "tol": tol}
+            settings["stop_mode"] = options.pop("stop_mode", "rel")
+            if self.sam_prior is None:
+                forward = FixedPoint(**settings, fixed_steps=True)
+            else:
+                gamma = self.sam_prior.strength
+                forward = SAM(**settings, rho=self.sam_rho, c=self.sam_c, gamma=gamma)
+            ours = {"solver": forward, "backward": "unrolled"}
+        clash = sorted(set(options) & {*ours, "max_iter", "tol"})
+        if clash:
+            raise ValueError(
+                f"`deq_options` may not set {clash}: the block sets them from its own "
+                f"arguments (`solver`, `max_iter`, `tol`, `unroll_steps`, `training_mode`). "
+                f"Received: deq_options={self.deq_options!r}"
             )
+        return {**ours, **options}
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
         self.cell.build(input_shape, input_shape)
-        if self.deq is not None:
-            self.deq.state_shape = input_shape[1:]
-            injection_shapes = [input_shape[:-1] + (n,) for n in self.cell.units]
-            self.deq.build(injection_shapes)
+        injection_shapes = [input_shape[:-1] + (n,) for n in self.cell.units]
+        self.deq.build([input_shape, *injection_shapes])
 
     def map(self, x):
         """The map `z -> T(z, x)` for a fixed input `x` (injections computed once)."""
@@ -200,20 +244,7 @@ class OptEqBlock(keras.layers.Layer):
         return lambda z: self.cell.transition(z, injections)
 
     def call(self, inputs, training=None):
-        x = inputs
-        injections = self.cell.injections(x)
-        if self.deq is not None:
-            return self.deq(injections, initial_state=x, training=training)
-        grad_r = None if self.sam_prior is None else self.sam_prior.gradient
-        return sam_iteration(
-            lambda z: self.cell.transition(z, injections),
-            x,
-            self.unroll_steps,
-            grad_r=grad_r,
-            rho=self.sam_rho,
-            c=self.sam_c,
-            gamma=self.sam_prior.strength if self.sam_prior is not None else 0.0,
-        )
+        return self.deq([inputs, *self.cell.injections(inputs)], training=training)
 
     def relative_residual(self, x, z=None):
         """Per-sample `||z - T(z, x)|| / ||z||` at the layer's output (Table 8).

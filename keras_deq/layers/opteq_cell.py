@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from keras_deq.layers._opteq_checks import check_alpha, check_choice, check_max_norm, check_units
+from keras_deq.layers.cell import Cell
 from keras_deq.layers.opteq_priors import PRIORS, FeaturePrior
 from keras_deq.layers.opteq_units import OptEqConvUnit, OptEqDenseUnit
 from keras_deq.solvers.common import (
@@ -21,14 +22,15 @@ KINDS = ("dense", "conv")
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
-class OptEqCell(keras.layers.Layer):
+class OptEqCell(Cell):
     """The deep OptEq map `T(z, x) = f_L o ... o f_1 (T_R(z), x)` (Eq. 5-6).
 
     Each `f_l` is a relaxed OptEq unit with its own `W_l`, `U_l`, `b_l`
     (`OptEqDenseUnit` or `OptEqConvUnit`); `T_R` is the structural prior's
     operator (Theorem 4), the identity when `prior` is None. Use it as a
     `keras_deq.DEQ` cell, `cell(z, x)`, or through `OptEqBlock`. The state and
-    the injection share a shape (the paper starts the iteration at `z0 = x`).
+    the injection share a shape, and a `DEQ` starts the iteration at `z0 = x`, as
+    the paper does (`initial_state`).
 
     With every `||W_l||_2 <= 1` and ReLU, `T` (without prior) is Lipschitz with
     constant at most `prod_l (alpha_l ||W_l||^2 + 1 - alpha_l)`, below 1 when
@@ -54,7 +56,7 @@ class OptEqCell(keras.layers.Layer):
 
     ```python
     cell = OptEqCell([64, 64], alpha=0.8, prior="l2", prior_strength=0.1)
-    z_star = keras_deq.DEQ(cell)(x)  # zeros start; OptEqBlock starts at x
+    z_star = keras_deq.DEQ(cell)(x)  # started at z0 = x
     ```
     """
 
@@ -137,8 +139,9 @@ class OptEqCell(keras.layers.Layer):
     def call(self, z, x):
         return self.transition(z, self.injections(x))
 
-    def compute_output_shape(self, z_shape, x_shape):
-        return z_shape
+    def initial_state(self, x, state_shape):
+        """`z0 = x`, the paper's start (Algorithm 1): the state has the input's shape."""
+        return x
 
     def alphas(self):
         """The current `alpha_l` of each unit (floats, or tensors when learnable)."""

@@ -1,29 +1,20 @@
 """The sequential averaging method (SAM, Xie et al., TPAMI 2023, Eq. 11) of OptEq.
 
-`sam_iteration` runs `z^k = beta_k S(z^{k-1}) + (1 - beta_k) T(z^{k-1}, x)` with
-`S(z) = (1 - gamma beta_k) z - gamma grad R(z)` and `beta_k = rho / k^c`: among the
-fixed points of a nonexpansive `T` it selects the one with the least prior `R`
-(Theorem 5, checked by `check_sam_schedule`). Without a prior it is plain iteration,
-which `OptEqBlock` unrolls in training.
+The iteration is the solver `keras_deq.solvers.SAM`, on the loop every solver shares;
+`OptEqBlock` runs it through its `DEQ`. `sam_iteration` is its function form on a
+map and a start (`K` steps, differentiable), and `check_sam_schedule` checks the
+schedule under the names of the OptEq layers' arguments (`sam_rho`, `sam_c`).
 """
 
-from keras import ops
-
-from keras_deq import backend
-from keras_deq.layers._opteq_checks import scalar
-from keras_deq.solvers.common import check_positive_float, check_positive_int
+from keras_deq.solvers.base import differentiable_loops
+from keras_deq.solvers.common import check_positive_int
+from keras_deq.solvers.fixed_point import FixedPoint
+from keras_deq.solvers.sam import SAM, check_schedule
 
 
 def check_sam_schedule(rho, c):
     """Refuses `(rho, c)` outside Theorem 5's `rho, c > 0`, `rho + 2c < 1`."""
-    rho = check_positive_float("sam_rho", rho, finite=False)
-    c = check_positive_float("sam_c", c, finite=False)
-    if not rho + 2.0 * c < 1.0:
-        raise ValueError(
-            "The SAM schedule beta_k = rho / k^c needs rho + 2c < 1 (Theorem 5). "
-            f"Received: sam_rho={rho}, sam_c={c}"
-        )
-    return rho, c
+    return check_schedule(rho, c, names=("sam_rho", "sam_c"))
 
 
 def sam_iteration(fn, z0, steps, grad_r=None, rho=0.5, c=0.2, gamma=0.1):
@@ -34,10 +25,12 @@ def sam_iteration(fn, z0, steps, grad_r=None, rho=0.5, c=0.2, gamma=0.1):
     For a nonexpansive `fn` with many fixed points it tends to the fixed point
     with the least `R` (Theorem 5, for `rho + 2c < 1` and `gamma = 1 / (2 L)`
     where `L` is the Lipschitz constant of `grad_r`). With `grad_r=None` it is
-    plain iteration `z^k = fn(z^{k-1})` (Remark 2). A loop with a static trip
-    count (`keras_deq.backend.differentiable_loop`): differentiable by autodiff
-    (the unrolled gradient of Eq. 12) on every backend, usable in graph mode and
-    under XLA.
+    plain iteration `z^k = fn(z^{k-1})` (Remark 2). The function form of
+    `keras_deq.solvers.SAM(max_iter=steps, rho=rho, c=c, gamma=gamma)` (of
+    `FixedPoint(max_iter=steps, fixed_steps=True)` without `grad_r`), run in
+    `differentiable_loops`: differentiable by autodiff (the unrolled gradient
+    of Eq. 12) on every backend, usable in graph mode and under XLA. A sample
+    for which `fn` gives NaN or Inf is frozen at its last finite iterate.
 
     Args:
         fn: The map `T`, a function of a tensor returning a tensor of its shape.
@@ -58,20 +51,10 @@ def sam_iteration(fn, z0, steps, grad_r=None, rho=0.5, c=0.2, gamma=0.1):
         [2.0, 2.0]
     """
     steps = check_positive_int("steps", steps)
-    z0 = ops.convert_to_tensor(z0)
-    dtype = z0.dtype
-
-    def plain(state):
-        k, z = state
-        return k + 1, fn(z)
-
-    def averaged(state):
-        k, z = state
-        beta = scalar(rho, dtype) / ops.power(ops.cast(k, dtype), scalar(c, dtype))
-        step = scalar(gamma, dtype)
-        s = (1.0 - step * beta) * z - step * grad_r(z)
-        return k + 1, beta * s + (1.0 - beta) * fn(z)
-
-    start = (ops.convert_to_tensor(1, "int32"), z0)
-    _, z = backend.differentiable_loop(plain if grad_r is None else averaged, start, steps)
-    return z
+    if grad_r is None:
+        solver, maps = FixedPoint(max_iter=steps, fixed_steps=True), {}
+    else:
+        solver = SAM(max_iter=steps, rho=rho, c=c, gamma=gamma)
+        maps = {"prior_gradient": grad_r}
+    with differentiable_loops():
+        return solver(fn, z0, **maps).state

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from keras_deq import solvers
+from keras_deq.layers.cell import Cell
 from keras_deq.layers.deq import DEQ
 from keras_deq.solvers.common import check_bool, check_positive_float
 
@@ -58,7 +59,7 @@ def positive_injection(h, variant, beta=5.0):
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
-class PositiveConcaveCell(keras.layers.Layer):
+class PositiveConcaveCell(Cell):
     """The cell `sigma(W z + x)` with a nonnegative `W`, dense or convolutional.
 
     `x` must already be the positive injection (see `PcDEQ`, which computes it).
@@ -135,9 +136,6 @@ class PositiveConcaveCell(keras.layers.Layer):
         else:
             linear = keras.ops.conv(z, kernel, padding="same")
         return self.activation(linear + x)
-
-    def compute_output_shape(self, z_shape, x_shape):
-        return z_shape
 
     def get_config(self):
         config = super().get_config()

@@ -7,6 +7,7 @@ import keras
 from keras import ops
 
 from keras_deq import backend
+from keras_deq.layers.cell import Cell
 from keras_deq.solvers.common import check_optional_positive_int, check_rate, get_keras_object
 
 NORMS = ("pre", "post")
@@ -43,7 +44,7 @@ def sinusoidal_positions(length, d_model, dtype="float32"):
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
-class DEQTransformerCell(keras.layers.Layer):
+class DEQTransformerCell(Cell):
     """A causal Transformer block `z_next = f(z, x)` for `keras_deq.DEQ`.
 
     The state `z` and the injection `x` both have shape `(batch, T, d_model)`.
@@ -218,9 +219,6 @@ class DEQTransformerCell(keras.layers.Layer):
             return h + masks[1] * self.ff_out(self.ff_in(self.norm2(h)))
         h = self.norm1(x + masks[0] * self._attend(u, training))
         return self.norm2(h + masks[1] * self.ff_out(self.ff_in(h)))
-
-    def compute_output_shape(self, z_shape, x_shape):
-        return z_shape
 
     def get_config(self):
         config = super().get_config()

@@ -2,7 +2,8 @@
 
 `FixedPoint`, `Anderson` and `Broyden` subclass `Solver`; `get` turns a name, a config
 dict or an instance into a solver, like `keras.optimizers.get`. The function forms
-(`anderson(f, z0, max_iter=..., ...)`) call the objects.
+(`anderson(f, z0, max_iter=..., ...)`) call the objects. `SAM`, OptEq's sequential
+averaging method, is reachable as an object only (it takes a prior's gradient).
 """
 
 from keras_deq import configurable
@@ -17,11 +18,13 @@ from keras_deq.solvers.broyden import Broyden, broyden
 # isort: on
 from keras_deq.solvers.registry import names
 from keras_deq.solvers.result import SolverResult
+from keras_deq.solvers.sam import SAM
 
 __all__ = [
     "Anderson",
     "Broyden",
     "FixedPoint",
+    "SAM",
     "Solver",
     "SolverResult",
     "anderson",

@@ -85,6 +85,19 @@ class Solver(configurable.Configurable):
     stops when every sample has converged or failed, or after `max_iter`
     iterations. See `SolverResult` for what is returned.
 
+    A solver whose attribute `fixed_steps` is True (a setting of `FixedPoint` and
+    `SAM`) runs exactly `max_iter` iterations instead, whatever the residuals, and
+    returns its last iterate, not the best one: `k` steps of plain iteration
+    return `z_k = f(...f(z0))`, `f` applied `k` times (the unrolled iterations of
+    OptEq, Algorithm 1). Its residuals are those of the last iterate measured,
+    `z_{k-1}` (for plain iteration, `||z_k - z_{k-1}||`), and `tol` only decides
+    `converged`; a sample that met a non-finite value is frozen at its last
+    iterate whose residual was finite.
+
+    A solver that needs maps of the state besides `f` names them in `extra_maps`
+    (SAM's `prior_gradient`); they are keyword arguments of its call, packed like
+    `f`, and `keras_deq.DEQ` hands each from its cell's method of that name.
+
     Args:
         max_iter: Maximum number of iterations, each evaluating `f` once: a positive
             integer, or a scalar integer tensor (a budget drawn at run time; values
@@ -104,6 +117,10 @@ class Solver(configurable.Configurable):
 
     family = "solver"
     _registry = _BY_NAME
+    # Run exactly `max_iter` iterations and return the last iterate (see above).
+    fixed_steps = False
+    # Names of the maps of the state, besides `f`, that `__call__` takes (see above).
+    extra_maps = ()
 
     def __init__(self, max_iter=50, tol=1e-4, stop_mode="rel"):
         self.max_iter = common.check_max_iter(max_iter)
@@ -161,19 +178,25 @@ class Solver(configurable.Configurable):
             f: The map, taking and returning a structure like `z0`.
             z0: The initial state: a `(batch, ...)` tensor or a nest of such tensors.
             **overrides: Settings that replace this solver's for this call (checked
-                like the constructor's), e.g. `solver(f, z0, max_iter=10)`.
+                like the constructor's), e.g. `solver(f, z0, max_iter=10)`; and the
+                maps named in `extra_maps` (structure to structure, like `f`).
 
         Returns:
             A `SolverResult`.
         """
         common.check_callable("f", f)
+        maps = {name: overrides.pop(name) for name in self.extra_maps if name in overrides}
+        maps = {name: common.check_callable(name, g) for name, g in maps.items() if g is not None}
         solver = self
         if overrides:
             solver = type(self).from_config({**self.get_config(), **overrides})
-        return common.solve_structure(solver.solve_flat, f, z0)
+        return common.solve_structure(solver.solve_flat, f, z0, maps=maps)
 
     def solve_flat(self, f, z0, unpack=None):
         """The shared loop, on `(batch, n)` matrices.
+
+        A solver with `extra_maps` overrides it to take them (packed maps, as `f`)
+        and hands them to its `step`.
 
         Args:
             f: The map on `(batch, n)` matrices.
@@ -183,16 +206,20 @@ class Solver(configurable.Configurable):
         Returns:
             A `SolverResult`.
         """
-        tol, stop_mode = self.tol, self.stop_mode
+        tol, stop_mode, fixed = self.tol, self.stop_mode, self.fixed_steps
         max_iter = common.loop_bound(self.max_iter)
 
         def body(k, z, state, best, _):
             fz = f(z)
             abs_res, rel_res = res.residuals(fz, z)
-            best = res.update_best(best, z, abs_res, rel_res, stop_mode, tol)
+            if fixed:
+                best = res.update_last(best, z, abs_res, rel_res, stop_mode)
+            else:
+                best = res.update_best(best, z, abs_res, rel_res, stop_mode, tol)
             z_next, state = self.step(f, z, fz, state, k)
             z_next, best = res.guard(best, z_next)
-            return k + 1, z_next, state, best, res.keep_going(best, tol, stop_mode)
+            go = ops.any(~best.failed) if fixed else res.keep_going(best, tol, stop_mode)
+            return k + 1, z_next, state, best, go
 
         def cond(k, z, state, best, go):
             return ops.logical_and(go, k < max_iter)
@@ -201,9 +228,11 @@ class Solver(configurable.Configurable):
         loop_vars = (k0, z0, self.init(f, z0), res.initial_best(z0), go)
         bound = _differentiable_bound(max_iter)
         if bound is None:
-            steps, _, _, best, _ = ops.while_loop(
+            steps, z, _, best, _ = ops.while_loop(
                 cond, body, loop_vars, maximum_iterations=max_iter
             )
         else:
-            steps, _, _, best, _ = backend.masked_while_loop(cond, body, loop_vars, bound)
+            steps, z, _, best, _ = backend.masked_while_loop(cond, body, loop_vars, bound)
+        if fixed:  # the last iterate (a frozen sample's is its last finite one)
+            best = best._replace(z=z)
         return res.to_result(best, steps, tol, stop_mode, unpack or (lambda z: z))

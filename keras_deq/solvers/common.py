@@ -113,7 +113,7 @@ def check_callable(name, value):
     return value
 
 
-def solve_structure(flat_solver, f, z0, **kwargs):
+def solve_structure(flat_solver, f, z0, maps=None, **kwargs):
     """Runs `flat_solver` on the packed form of `z0` and unpacks its result.
 
     Args:
@@ -121,6 +121,8 @@ def solve_structure(flat_solver, f, z0, **kwargs):
             working on `(batch, n)` matrices.
         f: The map, taking and returning the structure of `z0`.
         z0: The initial state: a tensor or a nest of tensors sharing the batch dim.
+        maps: Optional `{name: map}` of further maps like `f`, passed to `flat_solver`
+            packed like `f`, as keyword arguments.
         **kwargs: Passed to `flat_solver`.
     """
     z0 = keras.tree.map_structure(ops.convert_to_tensor, z0)
@@ -130,7 +132,8 @@ def solve_structure(flat_solver, f, z0, **kwargs):
         raise ValueError(
             f"`z0` must be a floating-point tensor or a nest of them. Received: z0 with dtype={packer.dtype}"
         )
-    return flat_solver(packer.flat_fn(f), packer.pack(z0), packer.unpack, **kwargs)
+    flat_maps = {name: packer.flat_fn(g) for name, g in (maps or {}).items()}
+    return flat_solver(packer.flat_fn(f), packer.pack(z0), packer.unpack, **flat_maps, **kwargs)
 
 
 def per_entry(solve, batch_dims):
@@ -142,17 +145,18 @@ def per_entry(solve, batch_dims):
     A cell that is causal along `T` then stays exactly causal whatever the solver.
 
     Args:
-        solve: A function `(f, z0) -> SolverResult` on single-tensor states.
+        solve: A function `(f, z0, **maps) -> SolverResult` on single-tensor states
+            (`maps`: further maps like `f`, see `Solver.extra_maps`).
         batch_dims: Number of leading axes to treat as batch axes, >= 1.
 
     Returns:
-        A function `(f, z0) -> SolverResult` whose state has `z0`'s shape and whose
-        residuals and `converged` have shape `(prod(z0.shape[:batch_dims]),)`.
+        A function `(f, z0, **maps) -> SolverResult` whose state has `z0`'s shape and
+        whose residuals and `converged` have shape `(prod(z0.shape[:batch_dims]),)`.
     """
     if batch_dims == 1:
         return solve
 
-    def solve_entries(f, z0):
+    def solve_entries(f, z0, **maps):
         lead = ops.shape(z0)[:batch_dims]
 
         def merge(z):
@@ -161,7 +165,11 @@ def per_entry(solve, batch_dims):
         def split(z):
             return ops.reshape(z, (*lead, *ops.shape(z)[1:]))
 
-        result = solve(lambda z: merge(f(split(z))), merge(z0))
+        def entries(g):
+            return lambda z: merge(g(split(z)))
+
+        maps = {name: entries(g) for name, g in maps.items()}
+        result = solve(entries(f), merge(z0), **maps)
         return result._replace(state=split(result.state))
 
     return solve_entries

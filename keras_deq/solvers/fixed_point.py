@@ -15,6 +15,10 @@ class FixedPoint(Solver):
         tol: Tolerance on the per-sample residual named by `stop_mode`.
         stop_mode: `"rel"` for `||f(z) - z|| / ||f(z)||`, `"abs"` for `||f(z) - z||`.
         damping: Step size in (0, 1]; 1 is plain Picard iteration.
+        fixed_steps: If True, run exactly `max_iter` iterations and return the
+            last iterate, `f` applied `max_iter` times for `damping=1` (the
+            unrolled iterations of OptEq); `tol` then only decides `converged`.
+            See `Solver`.
 
     Examples:
         >>> from keras import ops
@@ -26,9 +30,10 @@ class FixedPoint(Solver):
 
     name = "fixed_point"
 
-    def __init__(self, max_iter=50, tol=1e-4, stop_mode="rel", damping=1.0):
+    def __init__(self, max_iter=50, tol=1e-4, stop_mode="rel", damping=1.0, fixed_steps=False):
         super().__init__(max_iter, tol, stop_mode)
         self.damping = common.check_fraction("damping", damping)
+        self.fixed_steps = common.check_bool("fixed_steps", fixed_steps)
 
     def step(self, f, z, fz, state, k):
         if self.damping == 1.0:
@@ -38,10 +43,10 @@ class FixedPoint(Solver):
         return z + self.damping * (fz - z), state
 
 
-def fixed_point(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", damping=1.0):
+def fixed_point(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", damping=1.0, fixed_steps=False):
     """Iterates `z <- (1 - damping) * z + damping * f(z)` to a fixed point.
 
-    The function form of `FixedPoint(max_iter, tol, stop_mode, damping)(f, z0)`.
+    The function form of `FixedPoint(max_iter, tol, stop_mode, damping, fixed_steps)(f, z0)`.
 
     Args:
         f: The map, taking and returning a structure like `z0`.
@@ -50,6 +55,8 @@ def fixed_point(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", damping=1.0):
         tol: Tolerance on the per-sample residual named by `stop_mode`.
         stop_mode: `"rel"` for `||f(z) - z|| / ||f(z)||`, `"abs"` for `||f(z) - z||`.
         damping: Step size in (0, 1]; 1 is plain Picard iteration.
+        fixed_steps: If True, run exactly `max_iter` iterations and return the last
+            iterate (see `FixedPoint`).
 
     Returns:
         A `SolverResult`.
@@ -61,4 +68,4 @@ def fixed_point(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", damping=1.0):
         True
     """
     common.check_callable("f", f)
-    return FixedPoint(max_iter, tol, stop_mode, damping)(f, z0)
+    return FixedPoint(max_iter, tol, stop_mode, damping, fixed_steps)(f, z0)

@@ -24,7 +24,9 @@ class SolverResult(NamedTuple):
             relative residual can be small, is never preferred to the start).
             Only iterates whose residual was measured count, so after `k`
             fixed-point iterations the state is at most `z_{k-1}` (`f` applied
-            `k - 1` times): the last evaluation measured its residual.
+            `k - 1` times): the last evaluation measured its residual. A solver
+            with `fixed_steps` returns its last iterate instead (`z_k`), with the
+            residuals of `z_{k-1}`, the last ones measured.
         steps: Scalar int32, the number of iterations run. Every iteration evaluates
             `f` exactly once, so this is also the number of evaluations of `f`.
         abs_residual: Per-sample `||f(z) - z||_2` of the returned state, shape
@@ -138,6 +140,20 @@ def update_best(best, z, abs_res, rel_res, stop_mode, tol):
         ops.where(better, abs_res, best.abs_residual),
         ops.where(better, rel_res, best.rel_residual),
         best.failed | ~ops.isfinite(residual),
+    )
+
+
+def update_last(best, z, abs_res, rel_res, stop_mode):
+    """Keeps, per sample, the latest iterate whose residual is finite (for solvers that
+    run a fixed number of steps); as in `update_best`, a sample that met a non-finite
+    value is marked failed, and keeps that iterate (where `f` was last finite)."""
+    finite = ops.isfinite(criterion(abs_res, rel_res, stop_mode))
+    take = finite & ~best.failed
+    return Best(
+        ops.where(take[:, None], z, best.z),
+        ops.where(take, abs_res, best.abs_residual),
+        ops.where(take, rel_res, best.rel_residual),
+        best.failed | ~finite,
     )
 
 

@@ -1,10 +1,14 @@
-"""OptEq units in plain numpy and small helpers, shared by the OptEq layer tests (not tests)."""
+"""OptEq units in plain numpy and small helpers, shared by the OptEq layer tests (not tests).
+
+The references share no code with the library's loops: `iterate` is a bare
+`keras.ops.fori_loop`, and `numpy_unrolled` (Algorithm 1's `K` plain or SAM
+iterations) with `numpy_gradient` (its central finite differences) are plain numpy.
+"""
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_deq.layers.opteq_sam import sam_iteration
 from keras_deq.layers.opteq_units import OptEqDenseUnit
 
 
@@ -91,5 +95,59 @@ def layer_gradients(layer, x, loss_fn, variables):
 
 
 def iterate(fn, z0, steps):
-    """`steps` applications of `fn` from `z0`, compiled (plain iteration, no prior)."""
-    return np.asarray(compiled(lambda z: sam_iteration(fn, z, steps))(ops.convert_to_tensor(z0)))
+    """`steps` applications of `fn` from `z0`: a bare `keras.ops.fori_loop`, compiled."""
+    loop = compiled(lambda z: ops.fori_loop(0, steps, lambda i, v: fn(v), z))
+    return np.asarray(loop(ops.convert_to_tensor(z0)))
+
+
+def numpy_map(x, units, alpha, prior_step=None):
+    """`T(z) = f_L o ... o f_1 (T_R(z), x)` of a dense `OptEqCell` in numpy.
+
+    Args:
+        x: The input, `(batch, m)`.
+        units: `(kernel, injection_kernel, bias)` of each unit, in order.
+        alpha: The relaxation of every unit.
+        prior_step: The structural prior's `T_R` (numpy), or None.
+    """
+
+    def t(z):
+        if prior_step is not None:
+            z = prior_step(z)
+        for kernel, injection_kernel, bias in units:
+            z = numpy_unit(z, x, kernel, injection_kernel, bias, alpha=alpha)
+        return z
+
+    return t
+
+
+def numpy_unrolled(t, z0, steps, grad_r=None, rho=0.5, c=0.2, gamma=0.1):
+    """Algorithm 1's `K = steps` iterations from `z0`: `z_k = T(z_{k-1})`, or with `grad_r`
+    SAM's Eq. 11, `z_k = beta_k ((1 - gamma beta_k) z - gamma grad R(z)) + (1 - beta_k) T(z)`,
+    `beta_k = rho / k^c`. Returns `z_K`."""
+    z = np.asarray(z0, np.float64)
+    for k in range(1, steps + 1):
+        if grad_r is None:
+            z = t(z)
+        else:
+            beta = rho / k**c
+            z = beta * ((1 - gamma * beta) * z - gamma * grad_r(z)) + (1 - beta) * t(z)
+    return z
+
+
+def numpy_gradient(loss, arrays, eps=1e-6):
+    """Central finite differences of the scalar `loss(*arrays)` (float64 numpy) with respect
+    to every entry of every array, concatenated in order."""
+    arrays = [np.array(a, np.float64) for a in arrays]
+    grads = []
+    for a in arrays:
+        g = np.zeros_like(a)
+        for index in np.ndindex(a.shape):
+            saved = a[index]
+            a[index] = saved + eps
+            up = loss(*arrays)
+            a[index] = saved - eps
+            down = loss(*arrays)
+            a[index] = saved
+            g[index] = (up - down) / (2 * eps)
+        grads.append(g.ravel())
+    return np.concatenate(grads)

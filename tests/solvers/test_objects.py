@@ -35,7 +35,13 @@ CLASSES = {
     "broyden": solvers.Broyden,
 }
 NON_DEFAULT = {
-    "fixed_point": {"max_iter": 7, "tol": 1e-5, "stop_mode": "abs", "damping": 0.5},
+    "fixed_point": {
+        "max_iter": 7,
+        "tol": 1e-5,
+        "stop_mode": "abs",
+        "damping": 0.5,
+        "fixed_steps": True,
+    },
     "anderson": {
         "max_iter": 9,
         "tol": 1e-6,

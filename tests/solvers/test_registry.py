@@ -55,7 +55,7 @@ def test_unknown_name_message_lists_valid_names():
 
 
 def test_options_of():
-    assert registry.options_of("fixed_point") == {"damping": 1.0}
+    assert registry.options_of("fixed_point") == {"damping": 1.0, "fixed_steps": False}
     assert registry.options_of("anderson") == {"window": 5, "beta": 1.0, "ridge": 1e-4}
     assert registry.options_of("broyden") == {"memory": 20}
 
