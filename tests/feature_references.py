@@ -38,10 +38,12 @@ def gradient(fn, *args):
     return tuple(jax.grad(fn, argnums=tuple(range(len(args))))(*args))
 
 
-def layer_gradients(layer, x, loss_fn, variables):
-    """The gradients of `loss_fn(layer(x, training=True))` with respect to `x` and to
-    `variables` (some of `layer`'s trainable variables), compiled, as a list."""
-    x = ops.convert_to_tensor(x)
+def layer_gradients(layer, x, loss_fn, variables, with_losses=False):
+    """The gradients of `loss_fn(layer(x, training=True))` with respect to `x` (a tensor
+    or a nest of them; its gradient has the same structure) and to `variables` (some of
+    `layer`'s trainable variables), compiled, as a list. With `with_losses`, the loss is
+    `loss_fn(outputs, losses)`, `losses` the layer's own (`layer.losses`) of that call."""
+    x = keras.tree.map_structure(ops.convert_to_tensor, x)
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf  # noqa: PLC0415
 
@@ -49,7 +51,8 @@ def layer_gradients(layer, x, loss_fn, variables):
         def gradients(x):
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                loss = loss_fn(layer(x, training=True))
+                out = layer(x, training=True)
+                loss = loss_fn(out, layer.losses) if with_losses else loss_fn(out)
             return tape.gradient(loss, [x, *variables])
 
         return gradients(x)
@@ -59,8 +62,10 @@ def layer_gradients(layer, x, loss_fn, variables):
     non_trainable = [v.value for v in layer.non_trainable_variables]
 
     def loss(x, values):
-        out, _ = layer.stateless_call(values, non_trainable, x, training=True)
-        return loss_fn(out)
+        out, _, losses = layer.stateless_call(
+            values, non_trainable, x, training=True, return_losses=True
+        )
+        return loss_fn(out, losses) if with_losses else loss_fn(out)
 
     grad_x, grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, [v.value for v in trainable])
     by_id = {id(v): g for v, g in zip(trainable, grads, strict=True)}
