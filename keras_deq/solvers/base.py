@@ -132,7 +132,8 @@ class Solver(configurable.Configurable):
         Args:
             f: The map on `(batch, n)` matrices; do not evaluate it (see `init`).
             z: The current iterate, `(batch, n)`.
-            fz: `f(z)`, evaluated by the loop.
+            fz: `f(z)`, evaluated by the loop; for a sample where it is not finite,
+                `z` (that sample's step is discarded, see below).
             state: The solver's loop state (from `init` or the previous `step`).
             k: Scalar int32 tensor, the iteration's index (0 for `z0`).
 
@@ -190,7 +191,7 @@ class Solver(configurable.Configurable):
             fz = f(z)
             abs_res, rel_res = res.residuals(fz, z)
             best = res.update_best(best, z, abs_res, rel_res, stop_mode, tol)
-            z_next, state = self.step(f, z, fz, state, k)
+            z_next, state = self.step(f, z, res.finite_image(fz, z), state, k)
             z_next, best = res.guard(best, z_next)
             return k + 1, z_next, state, best, res.keep_going(best, tol, stop_mode)
 
