@@ -338,13 +338,14 @@ def _format_value(value, spec):
     return format(value, spec)
 
 
-def _logged_or_last(logs, key, layer_stat):
+def _logged_or_last(logs, key, layer_stat, last):
     """`logs[key]`; else, for a training statistic that the logs lack (on JAX, whose
-    `fit` logs hold no layer metrics), the layer's last value (`solver_statistics()`)."""
+    `fit` logs hold no layer metrics), the layer's value after its last training batch
+    (`last`: each layer's `solver_statistics()` then, by `id`)."""
     if logs.get(key) is not None or layer_stat is None or keras.backend.backend() == "tensorflow":
         return logs.get(key)
     layer, name = layer_stat
-    return layer.solver_statistics().get(name) if layer.built else None
+    return last[id(layer)].get(name)
 
 
 class SolverLogger(keras.callbacks.Callback):
@@ -359,7 +360,8 @@ class SolverLogger(keras.callbacks.Callback):
     - for each DEQ layer, the statistics named by `stats`, read from the logs
       at `{layer.name}_{stat}` (`val_{layer.name}_{stat}` for `val_` ones; on JAX,
       whose logs hold no layer metrics, the training ones are the layer's last
-      batch, `layer.solver_statistics()`, and `-` where it has none):
+      training batch, `layer.solver_statistics()` before the epoch's
+      validation, and `-` where it has none):
       steps with 2 decimals, residuals and `jac_loss` in scientific notation,
       `converged` with 3 decimals. With one DEQ layer the columns are titled
       by the statistic (`fwd steps`); with several, by the layer too
@@ -427,6 +429,8 @@ class SolverLogger(keras.callbacks.Callback):
         self.every = check_positive_int("every", every)
         self._columns, self._widths = [], []
         self._start = None
+        self._fitting = False
+        self._before_validation = None
 
     def _print(self, line):
         if self.print_fn is None:
@@ -463,9 +467,27 @@ class SolverLogger(keras.callbacks.Callback):
         titles = ["epoch", *(column[0] for column in self._columns), "epoch s"]
         self._widths = [5, *(max(len(c[0]), _MIN_WIDTH) for c in self._columns), 7]
         self._print(self._line(titles))
+        self._fitting = True
+
+    def _last_statistics(self):
+        """Each reported layer's `solver_statistics()` now (empty if not built), by `id`."""
+        layers = {id(stat[0]): stat[0] for *_, stat in self._columns if stat is not None}
+        return {
+            key: layer.solver_statistics() if layer.built else {} for key, layer in layers.items()
+        }
+
+    def on_train_end(self, logs=None):
+        self._fitting = False
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
+        self._before_validation = None
+
+    def on_test_begin(self, logs=None):
+        # On JAX the layers keep the statistics of their last call, so the epoch's
+        # validation would overwrite the last training batch's: keep those first.
+        if self._fitting and keras.backend.backend() != "tensorflow":
+            self._before_validation = self._last_statistics()
 
     def on_epoch_end(self, epoch, logs=None):
         last = epoch + 1 == (self.params or {}).get("epochs")
@@ -474,7 +496,10 @@ class SolverLogger(keras.callbacks.Callback):
         logs = logs or {}
         seconds = time.perf_counter() - self._start if self._start is not None else None
         cells = [str(epoch + 1)]
-        values = [_logged_or_last(logs, key, layer) for _, key, _, layer in self._columns]
+        latest = {}
+        if keras.backend.backend() != "tensorflow":
+            latest = self._before_validation or self._last_statistics()
+        values = [_logged_or_last(logs, key, layer, latest) for _, key, _, layer in self._columns]
         cells += [
             "-" if value is None else _format_value(value, column[2])
             for value, column in zip(values, self._columns, strict=True)

@@ -2,13 +2,15 @@
 backend's own autodiff (not tests).
 
 Shared by the tests of `keras_deq.features`, `keras_deq.regularizers`, the OptEq priors
-and `keras_deq.jacobian`. `gradient` is the one backend-specific reference here: the
-backend's autodiff (`tf.GradientTape`, `jax.grad`), independent of `keras_deq`.
+and `keras_deq.jacobian`; `layer_gradients` by the layer tests too. `gradient` and
+`layer_gradients` are the backend-specific references here: the backend's autodiff
+(`tf.GradientTape`, `jax.grad`), independent of `keras_deq`.
 """
 
 import keras
 import numpy as np
 import pytest
+from keras import ops
 
 # Parameters for tests that hold in both precisions, with a tolerance per dtype: the
 # float64 case (skipped where the backend has no float64, see tests/conftest.py) keeps
@@ -34,6 +36,40 @@ def gradient(fn, *args):
     import jax  # noqa: PLC0415
 
     return tuple(jax.grad(fn, argnums=tuple(range(len(args))))(*args))
+
+
+def layer_gradients(layer, x, loss_fn, variables, with_losses=False):
+    """The gradients of `loss_fn(layer(x, training=True))` with respect to `x` (a tensor
+    or a nest of them; its gradient has the same structure) and to `variables` (some of
+    `layer`'s trainable variables), compiled, as a list. With `with_losses`, the loss is
+    `loss_fn(outputs, losses)`, `losses` the layer's own (`layer.losses`) of that call."""
+    x = keras.tree.map_structure(ops.convert_to_tensor, x)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415
+
+        @tf.function
+        def gradients(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                out = layer(x, training=True)
+                loss = loss_fn(out, layer.losses) if with_losses else loss_fn(out)
+            return tape.gradient(loss, [x, *variables])
+
+        return gradients(x)
+    import jax  # noqa: PLC0415
+
+    trainable = layer.trainable_variables
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def loss(x, values):
+        out, _, losses = layer.stateless_call(
+            values, non_trainable, x, training=True, return_losses=True
+        )
+        return loss_fn(out, losses) if with_losses else loss_fn(out)
+
+    grad_x, grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, [v.value for v in trainable])
+    by_id = {id(v): g for v, g in zip(trainable, grads, strict=True)}
+    return [grad_x, *(by_id[id(v)] for v in variables)]
 
 
 def numpy_decorrelation(z):

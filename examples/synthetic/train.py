@@ -175,7 +175,10 @@ def run(
         verbose=verbose,
     )
     train_time = time.perf_counter() - start
-    logs = model.evaluate(x_test, y_test, batch_size=n_test, verbose=0, return_dict=True)
+    model.evaluate(x_test, y_test, batch_size=n_test, verbose=0)
+    # The test set's solver statistics (one batch): read from the layer, since JAX's
+    # `evaluate` logs hold no layer metrics.
+    stats = model.get_layer("deq").solver_statistics() if model_type == "deq" else {}
     pred = keras.ops.convert_to_numpy(model.predict(x_test, batch_size=n_test, verbose=0))
     err = pred.astype("float64") - y_test.astype("float64")
     train_logs = model.evaluate(
@@ -196,8 +199,8 @@ def run(
         "linf": float(np.max(np.abs(err))),
         "gotu": float(np.mean(err**2)) if tasks_lib.is_boolean(task) else None,
         "max_weight": max_abs_weight(model),
-        "fwd_steps": float(logs.get("deq_fwd_steps", np.nan)) if model_type == "deq" else None,
-        "converged": float(logs.get("deq_converged", np.nan)) if model_type == "deq" else None,
+        "fwd_steps": stats.get("fwd_steps"),
+        "converged": stats.get("converged"),
         "train_time_s": train_time,
     }
     return result

@@ -149,7 +149,8 @@ class Solver(configurable.Configurable):
         Args:
             f: The map on `(batch, n)` matrices; do not evaluate it (see `init`).
             z: The current iterate, `(batch, n)`.
-            fz: `f(z)`, evaluated by the loop.
+            fz: `f(z)`, evaluated by the loop; for a sample where it is not finite,
+                `z` (that sample's step is discarded, see below).
             state: The solver's loop state (from `init` or the previous `step`).
             k: Scalar int32 tensor, the iteration's index (0 for `z0`).
 
@@ -216,7 +217,7 @@ class Solver(configurable.Configurable):
                 best = res.update_last(best, z, abs_res, rel_res, stop_mode)
             else:
                 best = res.update_best(best, z, abs_res, rel_res, stop_mode, tol)
-            z_next, state = self.step(f, z, fz, state, k)
+            z_next, state = self.step(f, z, res.finite_image(fz, z), state, k)
             z_next, best = res.guard(best, z_next)
             go = ops.any(~best.failed) if fixed else res.keep_going(best, tol, stop_mode)
             return k + 1, z_next, state, best, go

@@ -157,6 +157,20 @@ def update_last(best, z, abs_res, rel_res, stop_mode):
     )
 
 
+def finite_image(fz, z):
+    """`fz` for the samples whose image is finite, `z` (finite) for the others.
+
+    What `step` receives: the step of a sample whose `f(z)` is NaN or Inf is
+    discarded (`guard` freezes the sample at its best iterate) but still computed,
+    and autodiff through an unrolled solve goes through it; a `where` passes it a
+    zero cotangent, and zero times a NaN or Inf value is NaN, which reached the
+    gradient (Broyden on JAX). With `z` in its place the step computes on finite
+    values only; the other samples are unchanged.
+    """
+    finite = ops.all(ops.isfinite(fz), axis=1, keepdims=True)
+    return ops.where(finite, fz, z)
+
+
 def guard(best, z_next):
     """Freezes the samples that met a non-finite value at their best iterate.
 

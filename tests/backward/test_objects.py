@@ -7,21 +7,26 @@ import warnings
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from feature_references import FLOAT_DTYPES, layer_gradients
+from keras import ops
 
 import keras_deq
 from keras_deq import backward
 from keras_deq.backward import Implicit, OneStep, Phantom, Unrolled
 
 UNITS, FEATURES, BATCH = 4, 3, 5
-TIGHT = {"tol": 1e-12, "max_iter": 300, "on_failure": "raise"}
+# A tolerance the solves reach in each dtype; convergence is checked in `grads`.
+TOL = {"float64": 1e-12, "float32": 1e-6}
+# (rtol, atol) of gradients that agree up to rounding.
+ROUNDING = {"float64": (1e-12, 1e-13), "float32": (1e-5, 1e-6)}
 
 
-def tanh_deq(mode, seed=0, **kwargs):
-    """A float64 DEQ with a tanh DenseCell whose kernel has spectral norm 0.6."""
-    cell = keras_deq.DenseCell(UNITS, dtype="float64")
+def tanh_deq(mode, seed=0, dtype="float32", **kwargs):
+    """A DEQ with a tanh DenseCell whose kernel has spectral norm 0.6."""
+    cell = keras_deq.DenseCell(UNITS, dtype=dtype)
+    tight = {"tol": TOL[dtype], "max_iter": 300, "on_failure": "ignore"}
     layer = keras_deq.DEQ(
-        cell, backward=mode, state_shape=(UNITS,), dtype="float64", **{**TIGHT, **kwargs}
+        cell, backward=mode, state_shape=(UNITS,), dtype=dtype, **{**tight, **kwargs}
     )
     layer.build((None, FEATURES))
     rng = np.random.default_rng(seed)
@@ -33,13 +38,16 @@ def tanh_deq(mode, seed=0, **kwargs):
 
 
 def grads(layer, seed=1):
+    """The gradients of a squared error with respect to the input and the cell's
+    weights, after checking that the layer's solve converges."""
     rng = np.random.default_rng(seed)
-    x = tf.constant(rng.normal(size=(BATCH, FEATURES)))
-    t = tf.constant(rng.normal(size=(BATCH, UNITS)))
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        loss = tf.reduce_sum(tf.square(layer(x, training=True) - t))
-    return [np.asarray(g) for g in tape.gradient(loss, [x, *layer.cell.trainable_variables])]
+    x = ops.convert_to_tensor(rng.normal(size=(BATCH, FEATURES)), layer.dtype)
+    t = ops.convert_to_tensor(rng.normal(size=(BATCH, UNITS)), layer.dtype)
+    loss = lambda out: ops.sum(ops.square(out - t))  # noqa: E731
+    gradients = layer_gradients(layer, x, loss, layer.cell.trainable_variables)
+    layer(x, training=True)  # the compiled call keeps no statistics on JAX
+    assert layer.solver_statistics()["converged"] == 1.0
+    return [np.asarray(g) for g in gradients]
 
 
 # ---------------------------------------------------------------- look-up and config
@@ -119,7 +127,8 @@ def test_implicit_holds_a_solver_object():
 
 
 # ---------------------------------------------------------------- a user-defined mode
-def test_a_new_mode_is_one_class_reachable_by_name(monkeypatch):
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_a_new_mode_is_one_class_reachable_by_name(monkeypatch, dtype):
     monkeypatch.setattr(backward.Backward, "_registry", dict(backward.Backward._registry))
 
     class TwoSteps(backward.JacobianFree):
@@ -132,12 +141,13 @@ def test_a_new_mode_is_one_class_reachable_by_name(monkeypatch):
 
     assert backward.names()[-1] == "two_steps"
     assert isinstance(backward.get("two_steps"), TwoSteps)
-    layer = tanh_deq("two_steps")
-    reference = tanh_deq(Phantom(steps=2, damping=1.0))
+    layer = tanh_deq("two_steps", dtype=dtype)
+    reference = tanh_deq(Phantom(steps=2, damping=1.0), dtype=dtype)
+    rtol, atol = ROUNDING[dtype]
     for got, want in zip(grads(layer), grads(reference), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
     # ... and differs from one step, so the comparison can fail.
-    one = grads(tanh_deq("one_step"))
+    one = grads(tanh_deq("one_step", dtype=dtype))
     assert max(np.max(np.abs(a - b)) for a, b in zip(grads(layer), one, strict=True)) > 1e-3
 
 
@@ -153,25 +163,27 @@ def test_an_unfinished_mode_says_what_is_missing():
         pass
 
     with pytest.raises(NotImplementedError, match="refine"):
-        tanh_deq(NoRefine())(tf.zeros((2, FEATURES), "float64"), training=True)
+        tanh_deq(NoRefine())(ops.zeros((2, FEATURES)), training=True)
 
 
 # ---------------------------------------------------------------- DEQ and the objects
-def test_name_and_object_give_the_same_gradient():
-    by_name = grads(tanh_deq("phantom"))
-    by_object = grads(tanh_deq(Phantom(steps=5, damping=0.5)))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_name_and_object_give_the_same_gradient(dtype):
+    by_name = grads(tanh_deq("phantom", dtype=dtype))
+    by_object = grads(tanh_deq(Phantom(steps=5, damping=0.5), dtype=dtype))
     for a, b in zip(by_name, by_object, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
-def test_deprecated_phantom_arguments_build_the_phantom_object():
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_deprecated_phantom_arguments_build_the_phantom_object(dtype):
     with pytest.warns(DeprecationWarning, match="Phantom"):
-        layer = tanh_deq("phantom", phantom_steps=3, phantom_damping=0.9)
+        layer = tanh_deq("phantom", dtype=dtype, phantom_steps=3, phantom_damping=0.9)
     assert isinstance(layer._mode, Phantom)
     assert layer._mode.get_config() == {"steps": 3, "damping": 0.9}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        reference = tanh_deq(Phantom(steps=3, damping=0.9))
+        reference = tanh_deq(Phantom(steps=3, damping=0.9), dtype=dtype)
     for a, b in zip(grads(layer), grads(reference), strict=True):
         np.testing.assert_array_equal(a, b)
     # The config holds the object, not the deprecated arguments.
@@ -192,12 +204,15 @@ def test_a_config_saved_before_backward_objects_still_loads():
     assert isinstance(keras_deq.DEQ.from_config(implicit)._mode, Implicit)
 
 
-def test_implicit_solver_sets_the_adjoint_solver():
-    own = tanh_deq(Implicit(solver=keras_deq.solvers.FixedPoint(max_iter=300, tol=1e-12)))
-    flat = tanh_deq("implicit", backward_solver="fixed_point")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_implicit_solver_sets_the_adjoint_solver(dtype):
+    fixed_point = keras_deq.solvers.FixedPoint(max_iter=300, tol=TOL[dtype])
+    own = tanh_deq(Implicit(solver=fixed_point), dtype=dtype)
+    flat = tanh_deq("implicit", dtype=dtype, backward_solver="fixed_point")
     assert isinstance(own._adjoint, keras_deq.solvers.FixedPoint)
+    rtol = ROUNDING[dtype][0]
     for a, b in zip(grads(own), grads(flat), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * 1e-2)
     clone = keras_deq.DEQ.from_config(json.loads(json.dumps(own.get_config())))
     assert clone._adjoint.get_config() == own._adjoint.get_config()
 
@@ -218,13 +233,15 @@ def test_deq_refuses_a_bad_backward(bad):
         keras_deq.DEQ(keras_deq.DenseCell(4), backward=bad)
 
 
-def test_explicit_as_a_mode_is_the_cell_applied_depth_times():
-    layer = tanh_deq(backward.Explicit(depth=3), on_failure="ignore")
-    x = tf.constant(np.random.default_rng(2).normal(size=(BATCH, FEATURES)))
-    z = tf.zeros((BATCH, UNITS), "float64")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_explicit_as_a_mode_is_the_cell_applied_depth_times(dtype):
+    layer = tanh_deq(backward.Explicit(depth=3), dtype=dtype)
+    x = ops.convert_to_tensor(np.random.default_rng(2).normal(size=(BATCH, FEATURES)), dtype)
+    z = ops.zeros((BATCH, UNITS), dtype)
     for _ in range(3):
         z = layer.cell(z, x)
-    np.testing.assert_allclose(layer(x).numpy(), z.numpy(), rtol=0, atol=1e-15)
+    atol = {"float64": 1e-15, "float32": 1e-6}[dtype]
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(z), rtol=0, atol=atol)
 
 
 def test_every_mode_works_in_a_compiled_fit():

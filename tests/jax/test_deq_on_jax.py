@@ -372,3 +372,40 @@ def test_solver_logger_shows_the_layers_last_statistics():
     assert steps >= 2
     assert float(cells[2]) == pytest.approx(steps, abs=0.01)
     assert cells[3] == "-"  # the adjoint's statistics are not kept on JAX
+
+
+def test_solver_logger_with_validation_shows_the_last_training_batch():
+    """The epoch's validation calls the layer after its last training batch: the
+    training columns still show that batch (they showed the last validation batch)."""
+    keras.utils.set_random_seed(0)
+    x = 3 * np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 2, size=(32,))
+    deq = keras_deq.DEQ(
+        keras_deq.DenseCell(6), solver="fixed_point", max_iter=40, tol=1e-5, name="deq"
+    )
+    model = keras.Sequential([keras.Input((6,)), deq, keras.layers.Dense(2)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    trained = []
+
+    class LastTrainingBatch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.model.jax_state_sync()  # the layer's variables are the step's
+            trained.append(deq.solver_statistics()["fwd_steps"])
+
+    lines = []
+    logger = keras_deq.callbacks.SolverLogger(
+        metrics=("loss",), stats=("fwd_steps",), print_fn=lines.append
+    )
+    validation = (np.zeros_like(x), y)  # zero inputs: a different number of steps
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=1,
+        verbose=0,
+        validation_data=validation,
+        callbacks=[LastTrainingBatch(), logger],
+    )
+    validated = deq.solver_statistics()["fwd_steps"]
+    assert validated != trained[-1]  # the test can tell the two apart
+    assert float(lines[1].split()[2]) == pytest.approx(trained[-1], abs=0.01)

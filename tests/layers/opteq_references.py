@@ -65,35 +65,6 @@ def gradient(fn, x):
     return jax.grad(fn)(x)
 
 
-def layer_gradients(layer, x, loss_fn, variables):
-    """The gradients of `loss_fn(layer(x, training=True))` with respect to `x` and to
-    `variables` (some of `layer`'s trainable variables), compiled, as a list."""
-    x = ops.convert_to_tensor(x)
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf  # noqa: PLC0415
-
-        @tf.function
-        def gradients(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                loss = loss_fn(layer(x, training=True))
-            return tape.gradient(loss, [x, *variables])
-
-        return gradients(x)
-    import jax  # noqa: PLC0415
-
-    trainable = layer.trainable_variables
-    non_trainable = [v.value for v in layer.non_trainable_variables]
-
-    def loss(x, values):
-        out, _ = layer.stateless_call(values, non_trainable, x, training=True)
-        return loss_fn(out)
-
-    grad_x, grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, [v.value for v in trainable])
-    by_id = {id(v): g for v, g in zip(trainable, grads, strict=True)}
-    return [grad_x, *(by_id[id(v)] for v in variables)]
-
-
 def iterate(fn, z0, steps):
     """`steps` applications of `fn` from `z0`: a bare `keras.ops.fori_loop`, compiled."""
     loop = compiled(lambda z: ops.fori_loop(0, steps, lambda i, v: fn(v), z))

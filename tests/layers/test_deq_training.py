@@ -54,8 +54,17 @@ def compile_model(model, mode, learning_rate=0.05, optimizer=None):
     return model
 
 
-def check_metric_logs(logs, name, backward_tol=1e-4, training=True):
-    """Checks the layer's metrics in fit logs (first epoch) or evaluate logs."""
+def check_metric_logs(logs, name, backward_tol=1e-4, training=True, model=None):
+    """Checks the layer's metrics in fit logs (first epoch) or evaluate logs; on JAX,
+    whose logs hold no layer metrics, the forward statistics of the layer's last batch
+    (`solver_statistics()` of `model`'s layer `name`)."""
+    if keras.backend.backend() != "tensorflow":
+        stats = find_layer(model, name).solver_statistics()
+        assert stats["fwd_steps"] > 0 and 0 <= stats["fwd_residual"]
+        # The last batch's after training: a trained cell, as in evaluation.
+        assert stats["converged"] >= 0.9
+        assert stats["jac_loss"] == 0
+        return
     for key in METRIC_KEYS:
         assert f"{name}_{key}" in logs, (name, key, sorted(logs))
     first = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
@@ -71,6 +80,18 @@ def check_metric_logs(logs, name, backward_tol=1e-4, training=True):
         assert first(logs[f"{name}_bwd_steps"]) == 0
 
 
+def find_layer(model, name):
+    """The layer called `name` anywhere in `model` (nested layers too)."""
+    (layer,) = [layer for layer in model._flatten_layers() if layer.name == name]
+    return layer
+
+
+TENSORFLOW_METRICS = (
+    "the DEQ's metrics, and the adjoint solve's statistics, exist only on TensorFlow "
+    "(on JAX the layer keeps its last forward statistics: solver_statistics())"
+)
+
+
 # ---------------------------------------------------------- 6. fit / evaluate / predict
 @pytest.mark.parametrize(
     ("build", "mode"),
@@ -84,16 +105,17 @@ def test_fit_evaluate_predict(build, mode):
     assert history["loss"][-1] < 0.7 * history["loss"][0], history["loss"]
     names = ["deq"] if build is sequential else ["deq_a", "deq_b"]
     for name in names:
-        check_metric_logs(history, name)
+        check_metric_logs(history, name, model=model)
     evaluated = model.evaluate(x, y, verbose=0, return_dict=True)
     assert evaluated["accuracy"] > 0.8
     for name in names:
-        check_metric_logs(evaluated, name, training=False)
+        check_metric_logs(evaluated, name, training=False, model=model)
     predictions = model.predict(x, verbose=0, batch_size=16)
     assert predictions.shape == (64, 2)
     assert np.mean(np.argmax(predictions, axis=1) == y) == pytest.approx(evaluated["accuracy"])
 
 
+@pytest.mark.tensorflow_only(TENSORFLOW_METRICS)
 @pytest.mark.parametrize("mode", ["eager", "graph"])
 def test_backward_statistics_after_one_step(mode):
     x, y = classification_data(n=16)
@@ -110,7 +132,8 @@ def test_other_modes_train_without_adjoint_statistics(backward):
     x, y = classification_data(n=16)
     model = compile_model(sequential(backward=backward), "graph")
     first = model.train_on_batch(x, y, return_dict=True)
-    assert first["deq_bwd_steps"] == 0
+    if keras.backend.backend() == "tensorflow":  # JAX keeps no adjoint statistics
+        assert first["deq_bwd_steps"] == 0
     for _ in range(4):
         last = model.train_on_batch(x, y, return_dict=True)
     assert last["loss"] < first["loss"]
@@ -186,6 +209,7 @@ def test_every_solver_trains_in_every_mode(solver):
         np.testing.assert_allclose(results[mode][1], results["eager"][1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.tensorflow_only(TENSORFLOW_METRICS)
 def test_layer_metrics_are_exposed_on_the_model():
     model = functional()
     names = {m.name for m in model.metrics}
@@ -211,8 +235,8 @@ def test_metrics_of_nested_deq_layers_reach_the_logs():
     inner_model = keras.Sequential([keras.Input((8,)), deq_layer("model_deq")])
     model = keras.Sequential([keras.Input((4,)), Block(), inner_model, keras.layers.Dense(2)])
     history = compile_model(model, "graph").fit(x, y, epochs=1, verbose=0).history
-    check_metric_logs(history, "inner_deq")
-    check_metric_logs(history, "model_deq")
+    check_metric_logs(history, "inner_deq", model=model)
+    check_metric_logs(history, "model_deq", model=model)
 
 
 def test_deq_can_be_called_on_several_inputs_of_different_batch_sizes():
@@ -227,22 +251,42 @@ def test_deq_can_be_called_on_several_inputs_of_different_batch_sizes():
 
 # ------------------------------------- issue 12: the recipes' random forward budget
 def _budgets(layer, x, calls):
-    """The forward steps of `calls` training calls of `layer`, one compiled function."""
-    import tensorflow as tf
-
+    """The forward steps of `calls` training calls of `layer`, one compiled function
+    (`tf.function`; on JAX a `jax.jit` of `stateless_call` that carries the layer's
+    non-trainable state, its seed generator's included), and its number of traces."""
     layer(x)  # built outside the function: variables made while tracing retrace it
-    step_metric = layer._metrics_by_name["fwd_steps"]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
 
-    @tf.function
-    def train_call(x):
-        return layer(x, training=True)
+        step_metric = layer._metrics_by_name["fwd_steps"]
 
-    steps = []
+        @tf.function
+        def train_call(x):
+            return layer(x, training=True)
+
+        steps = []
+        for _ in range(calls):
+            step_metric.reset_state()
+            train_call(x)
+            steps.append(int(step_metric.result()))
+        return steps, train_call.experimental_get_tracing_count()
+    import jax
+
+    trainable = [v.value for v in layer.trainable_variables]
+    index = [id(v) for v in layer.non_trainable_variables].index(id(layer._stats["fwd_steps"]))
+    traces = []
+
+    @jax.jit
+    def train_call(non_trainable, x):
+        traces.append(1)
+        _, non_trainable = layer.stateless_call(trainable, non_trainable, x, training=True)
+        return non_trainable
+
+    state, steps = [v.value for v in layer.non_trainable_variables], []
     for _ in range(calls):
-        step_metric.reset_state()
-        train_call(x)
-        steps.append(int(step_metric.result()))
-    return steps, train_call.experimental_get_tracing_count()
+        state = train_call(state, x)
+        steps.append(int(state[index]))
+    return steps, len(traces)
 
 
 def _budget_layer(**kwargs):
@@ -267,9 +311,10 @@ def test_regularized_steps_draw_a_forward_budget_without_retracing():
     for k in (4, 5, 7):
         assert 8 <= counts[k] <= 45, counts
     # Without the regularizer in the step (evaluation), the budget is max_iter.
-    layer._metrics_by_name["fwd_steps"].reset_state()
+    for metric in layer.metrics:  # (on JAX each call replaces the statistics)
+        metric.reset_state()
     layer(BUDGET_INPUT, training=False)
-    assert int(layer._metrics_by_name["fwd_steps"].result()) == 6
+    assert layer.solver_statistics()["fwd_steps"] == 6
 
 
 def test_forward_budget_is_fixed_without_delta():

@@ -3,10 +3,10 @@
 import keras
 import numpy as np
 import pytest
-from feature_references import finite_difference_gradient, numpy_hsic_sum
+from feature_references import finite_difference_gradient, layer_gradients, numpy_hsic_sum
 from keras import ops
 from opteq_references import compiled as backend_compiled
-from opteq_references import layer_gradients, numpy_unit
+from opteq_references import numpy_unit
 
 from keras_deq.features import decorrelation, hsic
 from keras_deq.layers.opteq_block import OptEqBlock

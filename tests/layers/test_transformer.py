@@ -3,8 +3,8 @@
 import keras
 import numpy as np
 import pytest
+from feature_references import layer_gradients
 from keras import ops
-from opteq_references import layer_gradients
 
 import keras_deq
 from keras_deq.layers.transformer import DEQTransformerCell, sinusoidal_positions
