@@ -1286,6 +1286,8 @@ def deq_configs(draw):
                 if check is size
                 else st.floats(0.1, 1.0)
                 if check is fraction
+                else st.booleans()
+                if check is flag
                 else st.sampled_from([0.0, 1e-4, 1e-2])
             )
     kind = draw(st.sampled_from(["vector", "image"]))
@@ -1504,6 +1506,8 @@ def solver_configs(draw):
                 if check is size
                 else st.floats(0.05, 1.0)
                 if check is fraction
+                else st.booleans()
+                if check is flag
                 else st.sampled_from([0.0, 1e-8, 1e-3])
             )
     return {

@@ -9,8 +9,9 @@ import h5py
 import keras
 import numpy as np
 import pytest
+from feature_references import layer_gradients
 from keras import ops
-from opteq_references import layer_gradients, numpy_gradient, numpy_map, numpy_unrolled
+from opteq_references import numpy_gradient, numpy_map, numpy_unrolled
 
 from keras_deq.layers.opteq_block import OptEqBlock
 
