@@ -7,6 +7,7 @@ import math
 import keras
 import numpy as np
 import pytest
+from deq_statistics import EpochStatistic
 from feature_references import layer_gradients
 from keras import ops
 
@@ -101,23 +102,6 @@ class _Recorder(keras.callbacks.Callback):
         )
 
 
-class _EpochJacobianLoss(keras.callbacks.Callback):
-    """The layer's Jacobian estimate at each epoch's end: the epoch's mean from the logs
-    on TensorFlow; on JAX, whose `fit` logs hold no layer metrics, the last estimate
-    applied (`solver_statistics()`, 0 before any)."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-        self.values = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        if keras.backend.backend() == "tensorflow":
-            self.values.append(logs[f"{self.layer.name}_jac_loss"])
-        else:
-            self.values.append(self.layer.solver_statistics()["jac_loss"])
-
-
 def _fit(model, callbacks, epochs=2):
     return model.fit(
         _X, _Y, batch_size=8, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks
@@ -160,7 +144,7 @@ def test_scheduled_weight_is_used_by_the_compiled_train_step():
     # first epoch and positive in the second -- the compiled step reads the variable.
     deq = _deq("deq", weight=0.0)
     model = _model(deq)
-    jac = _EpochJacobianLoss(deq)
+    jac = EpochStatistic(deq, "jac_loss")
     history = _fit(
         model,
         [
@@ -274,7 +258,7 @@ def test_scheduler_on_unbuilt_layer_before_fit():
     model = keras.Sequential([keras.layers.Dense(4), deq, keras.layers.Dense(1)])
     assert not deq.built
     model.compile(optimizer=keras.optimizers.SGD(1e-2), loss="mse")
-    jac = _EpochJacobianLoss(deq)
+    jac = EpochStatistic(deq, "jac_loss")
     _fit(model, [JacobianRegularizationScheduler(lambda s: 0.3), jac], epochs=1)
     assert float(deq.jacobian_weight.numpy()) == pytest.approx(0.3)
     assert jac.values[0] > 0.0

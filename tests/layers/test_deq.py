@@ -11,6 +11,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from deq_statistics import logged, reset_statistics, statistic
 from feature_references import FLOAT_DTYPES, layer_gradients
 from keras import ops
 
@@ -25,36 +26,6 @@ def runtime_warnings(caught):
 
 def data(batch=4, features=5, seed=0):
     return np.random.default_rng(seed).normal(size=(batch, features)).astype("float32")
-
-
-def layer_metric(layer, key):
-    """The layer's metric `{name}_{key}`, found through `layer.metrics`."""
-    found = [m for m in layer.metrics if m.name == f"{layer.name}_{key}"]
-    assert len(found) == 1, [m.name for m in layer.metrics]
-    return found[0]
-
-
-def metric(layer, key):
-    """The layer's statistic `key`: on TensorFlow its metric's value (the mean since the
-    last reset); on JAX, where the DEQ keeps no metrics, the last call's
-    (`solver_statistics()`)."""
-    if keras.backend.backend() != "tensorflow":
-        return layer.solver_statistics()[key]
-    return float(layer_metric(layer, key).result())
-
-
-def reset_metrics(layer):
-    """Starts the layer's metrics afresh (on JAX each call replaces its statistics)."""
-    for m in layer.metrics:
-        m.reset_state()
-
-
-def logged(layer, logs, key):
-    """The statistic `key` in the logs of `train_on_batch`, `evaluate` or a `fit` epoch;
-    on JAX, whose logs hold no layer metrics, the layer's last batch's."""
-    if keras.backend.backend() != "tensorflow":
-        return layer.solver_statistics()[key]
-    return logs[f"{layer.name}_{key}"]
 
 
 ON_JAX_RAISE_IS_REFUSED = (
@@ -186,10 +157,10 @@ def test_known_solver_options_are_accepted_and_used():
     layer(x)
     undamped(x)
     undamped.set_weights(layer.get_weights())
-    reset_metrics(undamped)
+    reset_statistics(undamped)
     np.testing.assert_allclose(layer(x), undamped(x), atol=1e-4)
     # Damping 0.5 on a contraction with rate <= 0.5 slows the iteration down.
-    assert metric(layer, "fwd_steps") > metric(undamped, "fwd_steps")
+    assert statistic(layer, "fwd_steps") > statistic(undamped, "fwd_steps")
 
 
 @pytest.mark.parametrize(
@@ -238,7 +209,7 @@ def test_state_shape_different_from_input():
     x = data(batch=3, features=5)
     layer = DEQ(DenseCell(7), state_shape=(7,), tol=1e-6, max_iter=100, on_failure="ignore")
     z = layer(x)
-    assert metric(layer, "converged") == 1
+    assert statistic(layer, "converged") == 1
     assert tuple(z.shape) == (3, 7)
     assert layer.compute_output_shape((None, 5)) == (None, 7)
     assert layer.compute_output_shape((3, 5)) == (3, 7)
@@ -282,19 +253,19 @@ def test_image_state_shape():
     assert layer.compute_output_shape((None, 4, 4, 2)) == (None, 4, 4, 3)
     z = layer(np.random.default_rng(1).normal(size=(2, 4, 4, 2)).astype("float32"))
     assert tuple(z.shape) == (2, 4, 4, 3)
-    assert metric(layer, "converged") == 1
+    assert statistic(layer, "converged") == 1
 
 
 def test_initial_state_gives_the_same_fixed_point_without_gradient():
     x = ops.convert_to_tensor(data())
     layer = DEQ(DenseCell(5), tol=1e-6, max_iter=100, on_failure="ignore")
     z_star = layer(x)
-    assert metric(layer, "converged") == 1
-    steps_from_zero = metric(layer, "fwd_steps")
-    reset_metrics(layer)
+    assert statistic(layer, "converged") == 1
+    steps_from_zero = statistic(layer, "fwd_steps")
+    reset_statistics(layer)
     z = layer(x, initial_state=z_star)
     np.testing.assert_allclose(z, z_star, atol=1e-5)
-    assert metric(layer, "fwd_steps") < steps_from_zero
+    assert statistic(layer, "fwd_steps") < steps_from_zero
     assert initial_state_gradient(layer, x, z_star) is None
 
 
@@ -347,8 +318,8 @@ def test_non_convergence_warns_once_eagerly():
     assert len(found) == 1, [str(w.message) for w in found]
     message = str(found[0].message)
     assert "slow" in message and "forward" in message and "tol=0.0001" in message
-    assert metric(layer, "converged") < 1
-    assert metric(layer, "fwd_steps") == 3
+    assert statistic(layer, "converged") < 1
+    assert statistic(layer, "fwd_steps") == 3
 
 
 def test_non_convergence_warns_once_in_fit():
@@ -391,7 +362,7 @@ def test_failure_message_reports_the_residual_compared_with_tol():
         layer(x)
     found = runtime_warnings(caught)
     assert len(found) == 1
-    assert metric(layer, "converged") == 0
+    assert statistic(layer, "converged") == 0
     message = str(found[0].message)
     quoted = float(re.search(r"residual ([0-9.e+-]+?)\.? ", message).group(1))
     assert quoted > 1.0, message
@@ -445,7 +416,7 @@ def test_on_failure_ignore_is_silent_but_measured():
         warnings.simplefilter("always")
         layer(data(features=8))
     assert not runtime_warnings(caught)
-    assert metric(layer, "converged") < 1
+    assert statistic(layer, "converged") < 1
 
 
 def test_converged_layer_does_not_warn():
@@ -454,7 +425,7 @@ def test_converged_layer_does_not_warn():
         warnings.simplefilter("always")
         layer(data(features=8))
     assert not runtime_warnings(caught)
-    assert metric(layer, "converged") == 1
+    assert statistic(layer, "converged") == 1
 
 
 @pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
@@ -467,16 +438,18 @@ def test_nan_input_is_reported_not_silent(solver):
     layer = DEQ(DenseCell(5), solver=solver, name="bad")
     layer(x_bad[1:])
     layer.set_weights(good.get_weights())
-    reset_metrics(layer)
+    reset_statistics(layer)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         z = layer(x_bad)
     found = runtime_warnings(caught)
     assert len(found) == 1
     assert "1 sample" in str(found[0].message)
-    assert metric(layer, "converged") == 0.5
+    assert statistic(layer, "converged") == 0.5
     # The residual metric averages the finite samples only.
-    assert metric(layer, "fwd_residual") == pytest.approx(metric(good, "fwd_residual"), rel=1e-3)
+    assert statistic(layer, "fwd_residual") == pytest.approx(
+        statistic(good, "fwd_residual"), rel=1e-3
+    )
     # The good sample is unaffected by the bad one.
     np.testing.assert_allclose(np.asarray(z)[1:], z_good, atol=1e-6)
 
@@ -492,7 +465,7 @@ def test_nan_input_whole_batch():
         warnings.simplefilter("always")
         layer(x)
     assert len(runtime_warnings(caught)) == 1
-    assert metric(layer, "converged") == 0
+    assert statistic(layer, "converged") == 0
 
 
 # ------------------------------------------------------ 11. Jacobian regularization
@@ -510,7 +483,7 @@ def test_jacobian_loss_only_in_training():
     assert len(layer.losses) == 1
     # ||W||_F^2 / d = 0.25 for W = 0.5 * orthogonal; Hutchinson with 64 probes.
     assert abs(float(layer.losses[0]) - 0.25) < 0.04
-    assert abs(metric(layer, "jac_loss") - float(layer.losses[0])) < 1e-6
+    assert abs(statistic(layer, "jac_loss") - float(layer.losses[0])) < 1e-6
     layer(x, training=False)
     assert layer.losses == []
     layer(x)
@@ -573,7 +546,7 @@ def test_jacobian_weight_zero_adds_nothing():
     layer = orthogonal_linear_layer()
     layer(data(features=8), training=True)
     assert sum(float(v) for v in layer.losses) == 0
-    assert metric(layer, "jac_loss") == 0
+    assert statistic(layer, "jac_loss") == 0
 
 
 def jacobian_model(weight):
@@ -839,7 +812,7 @@ def test_solver_batch_dims_solves_each_position_like_a_batch_of_positions():
     ref = np.asarray(flat(x.reshape(15, 4))).reshape(3, 5, 4)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
     # Statistics are per position: 15 entries, all converged.
-    assert metric(per_position, "converged") == 1.0
+    assert statistic(per_position, "converged") == 1.0
     config = per_position.get_config()
     assert config["solver_batch_dims"] == 2
     assert keras_deq.DEQ.from_config(config).solver_batch_dims == 2
