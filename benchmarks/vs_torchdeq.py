@@ -177,7 +177,9 @@ def keras_settings(config):
     }
 
 
-def run_keras(cell, config, epochs, threads, repeats, seed, steps_per_execution=1):
+def run_keras(
+    cell, config, epochs, threads, repeats, seed, steps_per_execution=1, input_pipeline="numpy"
+):
     import keras
 
     if keras.backend.backend() == "tensorflow":
@@ -244,9 +246,20 @@ def run_keras(cell, config, epochs, threads, repeats, seed, steps_per_execution=
             self.times.append(time.perf_counter() - self.start)
 
     timer = Timer()
-    history = model.fit(
-        x_train, y_train, batch_size=64, epochs=epochs, verbose=0, shuffle=True, callbacks=[timer]
-    )
+    if input_pipeline == "tf_data" and keras.backend.backend() == "tensorflow":
+        history = model.fit(
+            tf_data_pipeline(x_train, y_train, seed), epochs=epochs, verbose=0, callbacks=[timer]
+        )
+    else:
+        history = model.fit(
+            x_train,
+            y_train,
+            batch_size=64,
+            epochs=epochs,
+            verbose=0,
+            shuffle=True,
+            callbacks=[timer],
+        )
     last = {k: v[-1] for k, v in history.history.items()}
     accuracy = float(np.mean(np.argmax(model.predict(x_test, verbose=0), -1) == y_test))
     model.predict_on_batch(x_test)
@@ -274,6 +287,20 @@ def run_keras(cell, config, epochs, threads, repeats, seed, steps_per_execution=
         "jit_compile": bool(model.jit_compile),
         **_summary(rel, CONFIGS[config]["tol"]),
     }
+
+
+def tf_data_pipeline(x, y, seed):
+    """The training set as TensorFlow's input-pipeline guide builds it: cached,
+    reshuffled every epoch, batched by 64, prefetched."""
+    import tensorflow as tf
+
+    return (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .cache()
+        .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        .batch(64)
+        .prefetch(tf.data.AUTOTUNE)
+    )
 
 
 def _conv_cell_class():
@@ -455,7 +482,9 @@ def worker(args):
     if args.worker == "torchdeq":
         out = run_torch(*common)
     else:
-        out = run_keras(*common, steps_per_execution=args.steps_per_execution)
+        out = run_keras(
+            *common, steps_per_execution=args.steps_per_execution, input_pipeline=args.input
+        )
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -488,6 +517,8 @@ def spawn(lib, cell, config, args):
         str(args.seed),
         "--steps-per-execution",
         str(args.steps_per_execution),
+        "--input",
+        args.input,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
@@ -525,6 +556,13 @@ def main(argv=None):
         default=1,
         help="Keras' compile(steps_per_execution=...) for keras_deq (Keras' default 1)",
     )
+    parser.add_argument(
+        "--input",
+        default="numpy",
+        choices=["numpy", "tf_data"],
+        help="keras_deq on TensorFlow: fit on the NumPy arrays (Keras' array adapter) or "
+        "on a tf.data pipeline (cache, shuffle, batch, prefetch); JAX always takes the arrays",
+    )
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
     parser.add_argument("--cell", default="mlp", help=argparse.SUPPRESS)
@@ -537,7 +575,8 @@ def main(argv=None):
 
     print(
         f"epochs={args.epochs} threads={args.threads} repeats={args.repeats} batch=64 "
-        f"Adam(1e-3) steps_per_execution={args.steps_per_execution} (keras_deq); "
+        f"Adam(1e-3) steps_per_execution={args.steps_per_execution} input={args.input} "
+        "(keras_deq); "
         f"configurations: {CONFIGS}",
         flush=True,
     )
