@@ -749,7 +749,7 @@ def test_solver_logger_bad_arguments(kwargs, argument):
 
 
 def test_solver_logger_knows_every_deq_metric():
-    from keras_deq.callbacks import _STAT_COLUMNS
+    from keras_deq.callbacks.solver_logger import _STAT_COLUMNS
     from keras_deq.layers.monitor import METRICS
 
     assert set(_STAT_COLUMNS) == set(METRICS)
