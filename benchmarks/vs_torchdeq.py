@@ -178,7 +178,15 @@ def keras_settings(config):
 
 
 def run_keras(
-    cell, config, epochs, threads, repeats, seed, steps_per_execution=1, input_pipeline="numpy"
+    cell,
+    config,
+    epochs,
+    threads,
+    repeats,
+    seed,
+    steps_per_execution=1,
+    input_pipeline="numpy",
+    deq_jit_compile="auto",
 ):
     import keras
 
@@ -194,7 +202,7 @@ def run_keras(
     keras.utils.set_random_seed(seed)
     x_train, y_train, x_test, y_test = load_digits_split(seed)
     w = initial_weights(cell, seed)
-    deq_kwargs = dict(keras_settings(config), name="deq")
+    deq_kwargs = dict(keras_settings(config), name="deq", jit_compile=deq_jit_compile)
     if cell == "mlp":
         deq_cell = keras_deq.DenseCell(WIDTH)
         model = keras.Sequential(
@@ -483,7 +491,10 @@ def worker(args):
         out = run_torch(*common)
     else:
         out = run_keras(
-            *common, steps_per_execution=args.steps_per_execution, input_pipeline=args.input
+            *common,
+            steps_per_execution=args.steps_per_execution,
+            input_pipeline=args.input,
+            deq_jit_compile={"auto": "auto", "true": True, "false": False}[args.deq_jit_compile],
         )
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -519,6 +530,8 @@ def spawn(lib, cell, config, args):
         str(args.steps_per_execution),
         "--input",
         args.input,
+        "--deq-jit-compile",
+        args.deq_jit_compile,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
@@ -563,6 +576,12 @@ def main(argv=None):
         help="keras_deq on TensorFlow: fit on the NumPy arrays (Keras' array adapter) or "
         "on a tf.data pipeline (cache, shuffle, batch, prefetch); JAX always takes the arrays",
     )
+    parser.add_argument(
+        "--deq-jit-compile",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="keras_deq's DEQ(jit_compile=...): its solves compiled apart by XLA",
+    )
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
     parser.add_argument("--cell", default="mlp", help=argparse.SUPPRESS)
@@ -576,6 +595,7 @@ def main(argv=None):
     print(
         f"epochs={args.epochs} threads={args.threads} repeats={args.repeats} batch=64 "
         f"Adam(1e-3) steps_per_execution={args.steps_per_execution} input={args.input} "
+        f"DEQ(jit_compile={args.deq_jit_compile}) "
         "(keras_deq); "
         f"configurations: {CONFIGS}",
         flush=True,

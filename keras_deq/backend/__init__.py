@@ -105,6 +105,12 @@ def in_save_context():
     return name() == "tensorflow" and _tf().in_save_context()
 
 
+def has_accelerator():
+    """True where TensorFlow sees a GPU or TPU (False on other backends, which do not
+    compile solves apart)."""
+    return name() == "tensorflow" and _tf().has_accelerator()
+
+
 def executing_eagerly():
     """True where tensors hold values now (eager TensorFlow), so a failure can be
     reported directly; False while tracing a graph (and on JAX, whose `call` is

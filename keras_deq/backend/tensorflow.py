@@ -58,6 +58,10 @@ def xla_call(fn, *args):
     return tf.function(fn, jit_compile=True, autograph=False)(*args)
 
 
+def has_accelerator():
+    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
 def executing_eagerly():
     return tf.executing_eagerly()
 

@@ -131,7 +131,9 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             evaluations cost instead of paying per-op dispatch (about 2x faster
             training of small cells; each new batch shape compiles once, a few
             seconds). `"auto"` (default): when every layer of the cell has
-            `supports_jit`; `True`: always; `False`: never. A solve that is
+            `supports_jit`, except cells with a Keras convolution layer on a
+            machine without GPU or TPU (XLA's CPU convolutions ran about 2x
+            slower than TensorFlow's); `True`: always; `False`: never. A solve that is
             differentiated through (`backward="unrolled"`) is never compiled
             apart. No effect on JAX or under `model.compile(jit_compile=True)`,
             where the whole step is compiled anyway.
@@ -291,7 +293,7 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             lambda f, z0, **m: solver(f, z0, **m, **overrides), self.solver_batch_dims
         )
         solve = functools.partial(solve, **(maps or {}))
-        jit = self.jit_compile == "auto" and arguments.supports_jit(self.cell)
+        jit = self.jit_compile == "auto" and arguments.auto_jit(self.cell)
         if differentiated or not (jit or self.jit_compile is True):
             return solve
         return backend.compiled_solve(solve)

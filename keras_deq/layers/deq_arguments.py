@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import keras
 import numpy as np
 
 from keras_deq import backend, jacobian_penalty
@@ -226,6 +227,36 @@ def check_jit_compile(jit_compile):
 def supports_jit(layer):
     """Whether `layer` and every layer inside it say they compile with XLA."""
     return all(getattr(sub, "supports_jit", True) for sub in layer._flatten_layers())
+
+
+# Keras' convolution layers. On CPU, XLA compiles them to its own kernels, which ran
+# slower than the oneDNN kernels TensorFlow's graph calls: a conv cell's training
+# epoch took 1.9x as long with its solves compiled apart (benchmarks/vs_torchdeq.py,
+# conv cell; the adjoint's transposed convolutions most), while a dense cell's took
+# half as long.
+_CONVOLUTIONS = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+    keras.layers.DepthwiseConv1D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv1D,
+    keras.layers.SeparableConv2D,
+)
+
+
+def auto_jit(cell):
+    """What `jit_compile="auto"` decides: compile the solves apart when every layer of
+    the cell supports XLA, except for a cell with a convolution layer on a machine
+    without GPU or TPU (see `_CONVOLUTIONS`)."""
+    if not supports_jit(cell):
+        return False
+    if backend.has_accelerator():
+        return True
+    return not any(isinstance(sub, _CONVOLUTIONS) for sub in cell._flatten_layers())
 
 
 def check_backend_support(on_failure):

@@ -122,6 +122,42 @@ def test_auto_leaves_cells_that_do_not_support_xla_alone():
         model.predict(x, verbose=0)
 
 
+class ConvCell(keras.layers.Layer):
+    """z <- tanh(conv3x3(z) + x)."""
+
+    def build(self, z_shape, x_shape):
+        self.conv = keras.layers.Conv2D(z_shape[-1], 3, padding="same")
+        self.conv.build(z_shape)
+
+    def call(self, z, x):
+        return tf.tanh(self.conv(z) + x)
+
+    def compute_output_shape(self, z_shape, x_shape):
+        return z_shape
+
+
+@pytest.mark.parametrize("jit_compile", ["auto", True])
+def test_auto_compiles_conv_cells_apart_only_with_an_accelerator(jit_compile, monkeypatch):
+    calls = _count_xla_calls(monkeypatch)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 6, 6, 1)).astype("float32"), rng.integers(0, 3, size=(16,))
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 1)),
+            keras.layers.Conv2D(4, 3, padding="same"),
+            keras_deq.DEQ(ConvCell(), max_iter=10, jit_compile=jit_compile, name="deq"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    # Forward and adjoint solves compiled apart, or neither: XLA's CPU convolutions
+    # are slower than TensorFlow's own.
+    compiled = jit_compile is True or tf_backend.has_accelerator()
+    assert len(calls) == (2 if compiled else 0)
+
+
 def test_jit_compile_is_checked_and_saved():
     with pytest.raises(ValueError, match="`jit_compile` must be 'auto', True or False"):
         keras_deq.DEQ(keras_deq.DenseCell(4), jit_compile="yes")
