@@ -11,7 +11,7 @@ Two models on scikit-learn's digits (standardized, 80/20 stratified split, seed 
 - `conv`: the 8x8x1 image, conv3x3 (8 channels) injection, DEQ of the cell
   z <- tanh(conv3x3(z) + x_inj), flatten, Dense(512->10). (Until 2026-11-25 the
   head was a global average pool to 8 features, which capped both libraries below
-  40% accuracy; see docs/benchmarks.md.)
+  40% accuracy; see the benchmark history in CHANGELOG.md.)
 
 Three libraries: TorchDEQ, keras_deq on TensorFlow and keras_deq on JAX (the same
 script, `KERAS_BACKEND=jax`). All start from the same initial weights (drawn once with
