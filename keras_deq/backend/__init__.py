@@ -51,6 +51,22 @@ def compiled_solve(solve):
     return compiled
 
 
+def compiled_step(fn):
+    """`fn` run as one compiled program where `compiled_solve` would compile (a
+    TensorFlow graph outside XLA), else `fn` itself: for the bookkeeping of one solver
+    iteration when the map it follows is left to the graph."""
+    if name() != "tensorflow":
+        return fn
+    from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
+
+    def compiled(*args):
+        if not tf_backend.outside_xla_graph():
+            return fn(*args)
+        return tf_backend.xla_call(fn, *args)
+
+    return compiled
+
+
 def masked_while_loop(cond, body, loop_vars, max_steps):
     """`keras.ops.while_loop(cond, body, loop_vars)`, so that autodiff can go through it.
 

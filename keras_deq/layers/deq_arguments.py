@@ -231,9 +231,9 @@ def supports_jit(layer):
 
 # Keras' convolution layers. On CPU, XLA compiles them to its own kernels, which ran
 # slower than the oneDNN kernels TensorFlow's graph calls: a conv cell's training
-# epoch took 1.9x as long with its solves compiled apart (benchmarks/vs_torchdeq.py,
+# epoch took 1.9x as long with its solves compiled whole (benchmarks/vs_torchdeq.py,
 # conv cell; the adjoint's transposed convolutions most), while a dense cell's took
-# half as long.
+# half as long; compiling only the steps was 0.75x-0.95x the time of compiling nothing.
 _CONVOLUTIONS = (
     keras.layers.Conv1D,
     keras.layers.Conv2D,
@@ -248,15 +248,25 @@ _CONVOLUTIONS = (
 )
 
 
-def auto_jit(cell):
-    """What `jit_compile="auto"` decides: compile the solves apart when every layer of
-    the cell supports XLA, except for a cell with a convolution layer on a machine
-    without GPU or TPU (see `_CONVOLUTIONS`)."""
-    if not supports_jit(cell):
-        return False
+def compile_plan(jit_compile, cell):
+    """What `DEQ(jit_compile=...)` compiles of each solve inside a TensorFlow graph:
+    `"solve"` (the whole solve, one XLA program), `"steps"` (each iteration's
+    bookkeeping, the cell left to the graph: `keras_deq.solvers.with_compiled_steps`)
+    or None (nothing).
+
+    `"auto"` compiles the solve when every layer of the cell supports XLA, only the
+    steps for a cell with a convolution layer on a machine without GPU or TPU (see
+    `_CONVOLUTIONS`), nothing for a cell that does not support XLA.
+    """
+    if jit_compile is True:
+        return "solve"
+    if jit_compile is False or not supports_jit(cell):
+        return None
     if backend.has_accelerator():
-        return True
-    return not any(isinstance(sub, _CONVOLUTIONS) for sub in cell._flatten_layers())
+        return "solve"
+    if any(isinstance(sub, _CONVOLUTIONS) for sub in cell._flatten_layers()):
+        return "steps"
+    return "solve"
 
 
 def check_backend_support(on_failure):

@@ -136,26 +136,52 @@ class ConvCell(keras.layers.Layer):
         return z_shape
 
 
-@pytest.mark.parametrize("jit_compile", ["auto", True])
-def test_auto_compiles_conv_cells_apart_only_with_an_accelerator(jit_compile, monkeypatch):
-    calls = _count_xla_calls(monkeypatch)
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(16, 6, 6, 1)).astype("float32"), rng.integers(0, 3, size=(16,))
+def _conv_model(jit_compile):
+    keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [
             keras.Input((6, 6, 1)),
             keras.layers.Conv2D(4, 3, padding="same"),
-            keras_deq.DEQ(ConvCell(), max_iter=10, jit_compile=jit_compile, name="deq"),
+            keras_deq.DEQ(
+                ConvCell(),
+                solver="anderson",
+                max_iter=30,
+                backward_solver="anderson",
+                jit_compile=jit_compile,
+                name="deq",
+            ),
             keras.layers.Flatten(),
             keras.layers.Dense(3),
         ]
     )
-    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    # Forward and adjoint solves compiled apart, or neither: XLA's CPU convolutions
-    # are slower than TensorFlow's own.
-    compiled = jit_compile is True or tf_backend.has_accelerator()
-    assert len(calls) == (2 if compiled else 0)
+    model.compile(
+        keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    return model
+
+
+def test_auto_compiles_only_the_steps_of_conv_cells_on_cpu(monkeypatch):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 6, 6, 1)).astype("float32"), rng.integers(0, 3, size=(16,))
+    weights, steps = {}, {}
+    for jit in (False, "auto", True):
+        calls = _count_xla_calls(monkeypatch)
+        model = _conv_model(jit)
+        logs = model.fit(x, y, batch_size=8, epochs=2, verbose=0).history
+        weights[jit] = [w.numpy() for w in model.trainable_weights]
+        steps[jit] = logs["deq_fwd_steps"]
+        # The forward and the adjoint loop, each compiled whole or step by step.
+        names = sorted(getattr(fn, "__name__", "") for fn in calls)
+        if jit is False:
+            assert names == []
+        elif jit is True or tf_backend.has_accelerator():
+            assert names == ["<lambda>", "<lambda>"]  # the whole solves
+        else:  # CPU: XLA's convolutions are slower than TensorFlow's own
+            assert names == ["advance", "advance"]  # each iteration's bookkeeping
+    for jit in ("auto", True):
+        np.testing.assert_allclose(steps[jit], steps[False], atol=0.51)
+        for plain, compiled in zip(weights[False], weights[jit], strict=True):
+            np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-5)
 
 
 def test_jit_compile_is_checked_and_saved():

@@ -81,6 +81,25 @@ def test_xla_matches_eager(dtype):
         assert_same(eager, xla, atol=10 * tol, res_atol=5 * tol, step_slack=1)
 
 
+@pytest.mark.tensorflow_only("steps are compiled apart only inside TensorFlow graphs")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_compiled_steps_match_the_graph(dtype):
+    # Each iteration's bookkeeping compiled by XLA, the map run by the graph.
+    from keras_deq.solvers.base import with_compiled_steps
+
+    tol = TOL[dtype]
+    state = initial_state(dtype)
+
+    def all_solvers(s):
+        return [solve(name, s, tol) for name in SOLVER_NAMES]
+
+    graph = compiled(all_solvers)(state)
+    stepped = compiled(with_compiled_steps(all_solvers))(state)
+    for name, a, b in zip(SOLVER_NAMES, graph, stepped, strict=True):
+        assert np.all(np.asarray(b.converged)), name
+        assert_same(a, b, atol=10 * tol, res_atol=5 * tol, step_slack=1)
+
+
 @pytest.mark.tensorflow_only("tf.distribute.MirroredStrategy")
 @pytest.mark.float64
 @pytest.mark.parametrize("name", SOLVER_NAMES)
