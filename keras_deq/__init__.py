@@ -29,6 +29,7 @@ from keras_deq import (  # noqa: E402
 # `constraints_opteq`: the former module of `SpectralNorm` and `ConvSpectralNorm`.
 from keras_deq import constraints_opteq as constraints_opteq  # noqa: E402
 from keras_deq import distribute as distribute  # noqa: E402
+from keras_deq._version import __version__ as __version__  # noqa: E402
 from keras_deq.jacobian_penalty import JacobianPenalty  # noqa: E402
 from keras_deq.layers import (  # noqa: E402
     DEQ,
@@ -39,8 +40,6 @@ from keras_deq.layers import (  # noqa: E402
     OptEqBlock,
     PcDEQ,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEQ",
