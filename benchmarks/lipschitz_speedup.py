@@ -19,10 +19,13 @@ and the time ratio is measured in one run. Prints one row per model:
   predict one batch of 64 test images.
 - test acc and the cell's Lipschitz bound (`inf` for plain MDEQ).
 
-The speed-ups are the MDEQ / Lipschitz ratios of the medians.
+The speed-ups are the MDEQ / Lipschitz ratios of the medians. `--json PATH` also
+evaluates both models on the test set after every epoch (outside the timed steps) and
+writes the per-epoch statistics and the table's rows to PATH (docs/figures uses it).
 """
 
 import argparse
+import json
 import os
 import pathlib
 import statistics
@@ -69,8 +72,9 @@ def batches(n, batch_size, rng):
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def train(models, x, y, args):
-    """Interleaved training; returns per-model lists of step records."""
+def train(models, x, y, args, on_epoch_end=None):
+    """Interleaved training; returns per-model lists of step records. Calls
+    `on_epoch_end(epoch, records)` after each epoch if given."""
     rng = np.random.default_rng(args.seed)
     records = {name: [] for name in models}
     for epoch in range(args.epochs):
@@ -88,6 +92,8 @@ def train(models, x, y, args):
             + ", ".join(f"{name} loss {records[name][-1]['loss']:.3f}" for name in models),
             flush=True,
         )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, records)
     return records
 
 
@@ -177,6 +183,7 @@ def main(argv=None):
     )
     parser.add_argument("--repeats", type=int, default=5, help="passes over the test set")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write per-epoch statistics and the rows here")
     args = parser.parse_args(argv)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
@@ -190,7 +197,25 @@ def main(argv=None):
         f"{args.threads} thread(s)",
         flush=True,
     )
-    records = train(models, x_train, y_train, args)
+    per_epoch = {name: [] for name in models}
+
+    def evaluate_epoch(epoch, records):
+        for name, model in models.items():
+            steps = [r for r in records[name] if r["epoch"] == epoch]
+            test = model.evaluate(x_test, y_test, verbose=0, return_dict=True)
+            per_epoch[name].append(
+                {
+                    "fwd_steps": weighted_mean(steps, "deq_fwd_steps"),
+                    "bwd_steps": weighted_mean(steps, "deq_bwd_steps"),
+                    "converged": weighted_mean(steps, "deq_converged"),
+                    "loss": weighted_mean(steps, "loss"),
+                    "train_accuracy": weighted_mean(steps, "accuracy"),
+                    "test_accuracy": test["accuracy"],
+                    "test_fwd_steps": test["deq_fwd_steps"],
+                }
+            )
+
+    records = train(models, x_train, y_train, args, evaluate_epoch if args.json else None)
     rows = summarize(models, records, x_test, y_test, args)
     print()
     print_table(rows)
@@ -206,6 +231,19 @@ def main(argv=None):
     )
     constraints_ms = 1000 * constraint_time(models["lipschitz"])
     print(f"Lipschitz weight constraints alone: {constraints_ms:.1f} ms per step (median)")
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        pathlib.Path(args.json).write_text(
+            json.dumps(
+                {
+                    "args": settings,
+                    "rows": rows,
+                    "epochs": per_epoch,
+                    "constraints_ms": constraints_ms,
+                },
+                indent=1,
+            )
+        )
     return rows
 
 

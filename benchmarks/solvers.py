@@ -253,24 +253,33 @@ def problems_table(args):
 
 
 # ----------------------------------------------------------------------- --trained
-def trained(args, baseline=None):
-    """Forward solvers on the trained digits DEQ's map (examples/digits.py)."""
+def trained_digits_map(epochs=15, seed=0):
+    """`(cell, x)`: the map `z -> f(z, x)` of the digits DEQ (examples/digits.py, trained
+    `epochs` epochs from `seed`) on the injected test samples `x` (360 x 128)."""
     import tensorflow as tf
 
     sys.path.insert(0, str(ROOT / "examples"))
     from digits import build_model, load_digits_split
 
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(seed)
     x_train, y_train, x_test, _ = load_digits_split()
     model = build_model()
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x_train, y_train, batch_size=64, epochs=args.epochs, verbose=0)
+    model.fit(x_train, y_train, batch_size=64, epochs=epochs, verbose=0)
     deq = model.get_layer("deq")
     x = model.get_layer("injection")(tf.constant(x_test))
 
     def cell(z):
         return deq.cell(z, x)
 
+    return cell, x
+
+
+def trained(args, baseline=None):
+    """Forward solvers on the trained digits DEQ's map (examples/digits.py)."""
+    import tensorflow as tf
+
+    cell, x = trained_digits_map(args.epochs)
     configs = [
         ("fixed_point", {}),
         ("anderson", {}),

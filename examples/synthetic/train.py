@@ -146,8 +146,10 @@ def run(
     n_test=1024,
     jit_compile=False,
     verbose=0,
+    return_model=False,
 ):
-    """Trains one model on one task and returns a dict of its test statistics."""
+    """Trains one model on one task and returns a dict of its test statistics (and the
+    trained model, `(result, model)`, with `return_model=True`)."""
     keras.utils.set_random_seed(seed)
     x_train, y_train, x_test, y_test = tasks_lib.load(task, seed, n_train, n_test)
     d = x_train.shape[1]
@@ -203,7 +205,7 @@ def run(
         "converged": stats.get("converged"),
         "train_time_s": train_time,
     }
-    return result
+    return (result, model) if return_model else result
 
 
 def format_result(r):

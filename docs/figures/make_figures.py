@@ -1,0 +1,302 @@
+"""Runs the experiments behind the documentation's figures, then draws them.
+
+    python docs/figures/make_figures.py                        # every figure, ~20 min on 2 cores
+    python docs/figures/make_figures.py --only memory_dense    # one (or several) figures
+    python docs/figures/render.py                              # only redraw PNGs from the JSON
+
+Run from the repository root. Each figure `NAME` is computed in a fresh process (TensorFlow's
+thread settings and allocator statistics need one) by the function `NAME` below, which reuses
+the benchmarks' and examples' code. Its numbers go to `docs/images/NAME.json`, with the
+command, date, library versions and machine; `render.py` then draws `docs/images/NAME.png`
+from that file alone. `tests/test_figures.py` checks that every PNG is what its JSON draws.
+"""
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+IMAGES = ROOT / "docs" / "images"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import render  # noqa: E402
+
+
+def _load(relative, name):
+    """The module at `ROOT / relative`, imported under `name` (the scripts are not packages)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str((ROOT / relative).parent))
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------- figures
+def solver_residuals():
+    """Relative residual of every iterate of each solver on the trained digits DEQ's map
+    (benchmarks/solvers.py --trained: examples/digits.py trained 15 epochs, seed 0; the 360
+    test samples solved from zeros, max_iter 100), recorded as the solver evaluates f."""
+    import numpy as np
+    from keras import ops
+
+    from keras_deq import solvers
+
+    bench = _load("benchmarks/solvers.py", "bench_solvers")
+    cell, x = bench.trained_digits_map(epochs=15, seed=0)
+    configs = {
+        "fixed_point": ("fixed_point", {}),
+        "anderson (window 3)": ("anderson", {"window": 3}),
+        "anderson (window 5)": ("anderson", {"window": 5}),
+        "anderson (window 8)": ("anderson", {"window": 8}),
+        "broyden (memory 20)": ("broyden", {"memory": 20}),
+    }
+    tols, traces = [1e-4, 1e-6], {}
+    for label, (name, options) in configs.items():
+        seen = []
+
+        def f(z, seen=seen):
+            fz = cell(z)
+            seen.append(ops.convert_to_numpy(ops.norm(fz - z, axis=-1) / ops.norm(fz, axis=-1)))
+            return fz
+
+        # Eager, tol out of reach: all 100 iterations run and f sees every iterate.
+        solvers.get(name, max_iter=100, tol=1e-30, **options)(f, ops.zeros_like(x))
+        rel = np.stack(seen).astype("float64")
+        worst = rel.max(axis=1)
+        traces[label] = {
+            "max": worst.tolist(),
+            "median": np.median(rel, axis=1).tolist(),
+            "iterations_to_tol": {
+                f"{t:g}": int(np.argmax(worst <= t)) + 1 if (worst <= t).any() else None
+                for t in tols
+            },
+        }
+    command = "python docs/figures/make_figures.py --only solver_residuals"
+    return command, {"samples": int(x.shape[0]), "tols": tols, "traces": traces}
+
+
+def jacobian_regularization(epochs=15):
+    """examples/digits.py's model at width 64 (the Jacobian-regularization tutorial's:
+    Anderson, max_iter 30, tol 1e-4, Adam 1e-2, batch 64, seed 0), trained without and with
+    the penalty (weight 2, every step); after each epoch ||J||_F^2 / d is estimated at the
+    test set's fixed points (10 Hutchinson probes, seed 0)."""
+    import keras
+
+    from keras_deq import jacobian
+
+    digits = _load("examples/digits.py", "digits_example")
+    x_train, y_train, x_test, y_test = digits.load_digits_split(seed=0)
+    runs = {}
+    for key, weight, label in (
+        ("plain", 0.0, "no penalty"),
+        ("regularized", 2.0, "penalty, weight 2"),
+    ):
+        keras.utils.set_random_seed(0)
+        model = digits.build_model(width=64, jacobian_weight=weight)
+        model.compile(
+            keras.optimizers.Adam(1e-2),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        frobenius = []
+
+        def measure(epoch, logs, model=model, frobenius=frobenius):
+            deq = model.get_layer("deq")
+            injection = model.get_layer("injection")(x_test)
+            z_star = deq(injection)
+            value = jacobian.hutchinson_frobenius(
+                lambda z: deq.cell(z, injection), z_star, num_probes=10, seed=0
+            )
+            frobenius.append(float(value))
+
+        history = model.fit(
+            x_train,
+            y_train,
+            batch_size=64,
+            epochs=epochs,
+            validation_data=(x_test, y_test),
+            verbose=0,
+            callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=measure)],
+        ).history
+        runs[key] = {
+            "label": label,
+            "jacobian_weight": weight,
+            "fwd_steps": history["deq_fwd_steps"],
+            "bwd_steps": history["deq_bwd_steps"],
+            "train_jac_loss": history.get("deq_jac_loss"),
+            "test_fwd_steps": history.get("val_deq_fwd_steps"),
+            "test_accuracy": history["val_accuracy"],
+            "jacobian_frobenius": frobenius,
+        }
+    command = "python docs/figures/make_figures.py --only jacobian_regularization"
+    return command, {"epochs": epochs, "runs": runs}
+
+
+def _memory(argv):
+    memory = _load("benchmarks/memory.py", "bench_memory")
+    results = memory.main(argv)
+    rows = [
+        {"solver": solver, "mode": mode, "iters": iters, **summary}
+        for (solver, mode, iters), summary in results.items()
+    ]
+    return "python benchmarks/memory.py " + " ".join(argv), rows
+
+
+def memory_dense():
+    """benchmarks/memory.py (Dense -> DEQ(DenseCell(512)) -> Dense, batch 256, fixed point,
+    1 thread): peak allocator MiB of one train step at N = 10, 20, 40, 60 iterations,
+    implicit vs unrolled; 2 processes x 3 measured steps per point."""
+    command, rows = _memory(["--iters", "10", "20", "40", "60", "--repeats", "2", "--steps", "3"])
+    return command, {"batch": 256, "width": 512, "solver": "fixed_point", "results": rows}
+
+
+def memory_transformer():
+    """benchmarks/memory.py --model transformer (DEQTransformerLM, d_model 128, 4 heads, 16
+    windows of 64 tokens, fixed point, 1 thread) at depth N = 2, 4, 8, 16: the DEQ-Transformer
+    (implicit) vs unrolled, i.e. an explicit weight-tied Transformer of depth N; 1 process x 3
+    measured steps per point."""
+    argv = ["--model", "transformer", "--batch", "16", "--width", "128"]
+    argv += ["--iters", "2", "4", "8", "16", "--repeats", "1", "--steps", "3"]
+    command, rows = _memory(argv)
+    data = {"batch": 16, "seq_len": 64, "width": 128, "solver": "fixed_point", "results": rows}
+    return command, data
+
+
+def multiscale_lipschitz(epochs=15):
+    """benchmarks/lipschitz_speedup.py --json: plain MDEQ vs Lipschitz multiscale DEQ on
+    digits, same budget (Anderson, 18 forward / 20 adjoint iterations, tol 1e-3, Adam 1e-3,
+    batch 64, seed 0, 1 thread), both evaluated on the test set after every epoch."""
+    bench = _load("benchmarks/lipschitz_speedup.py", "bench_lipschitz")
+    argv = ["--epochs", str(epochs), "--threads", "1"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "out.json"
+        bench.main([*argv, "--json", str(path)])
+        out = json.loads(path.read_text())
+    data = {
+        "epochs": out["epochs"],
+        "rows": out["rows"],
+        "max_iter": out["args"]["max_iter"],
+        "backward_max_iter": out["args"]["backward_max_iter"],
+        "tol": out["args"]["tol"],
+    }
+    return "python benchmarks/lipschitz_speedup.py " + " ".join(argv) + " --json PATH", data
+
+
+def synthetic_fits():
+    """benchmarks/expressivity.py's budget (Adam 1e-2, batch 256, 600 steps, seed 0) on the
+    1-D tasks, for the width-10 DEQ and the depth-4 FNN matched to its parameter count; the
+    learned functions are read on a grid (linear in x, log-spaced for the steep tasks)."""
+    import numpy as np
+
+    bench = _load("benchmarks/expressivity.py", "bench_expressivity")
+    train_lib, tasks_lib = bench.train_lib, bench.train_lib.tasks_lib
+    targets = {
+        "sawtooth5": (lambda x: tasks_lib.sawtooth_fn(x, 5), "linear"),
+        "steep5": (lambda x: 2.0**-5 * tasks_lib.steep_fn(x, 2.0**-5), "log"),
+        "steep10": (lambda x: 2.0**-10 * tasks_lib.steep_fn(x, 2.0**-10), "log"),
+    }
+    models = {
+        "DEQ width 10": {"model_type": "deq", "width": 10},
+        "FNN depth 4": {"model_type": "fnn", "depth": 4, "match": "params", "deq_width": 10},
+    }
+    tasks = {}
+    for task, (target, scale) in targets.items():
+        grid = np.linspace(0, 1, 401) if scale == "linear" else np.geomspace(1e-4, 1, 401)
+        fits = {"xscale": scale, "x": grid.tolist(), "target": target(grid).tolist(), "models": {}}
+        epochs = bench.epochs_for(task, 600, 256, 4096)
+        for label, config in models.items():
+            result, model = train_lib.run(
+                task=task, epochs=epochs, learning_rate=1e-2, seed=0, return_model=True, **config
+            )
+            grid_x = grid[:, None].astype("float32")
+            prediction = model.predict(grid_x, batch_size=len(grid), verbose=0)
+            fits["models"][f"{label}, {result['params']} params"] = {
+                "prediction": [float(f"{v:.7g}") for v in prediction[:, 0]],
+                **{k: result[k] for k in ("test_mse", "linf", "fwd_steps", "width", "params")},
+                "epochs": epochs,
+            }
+        tasks[task] = fits
+    return "python docs/figures/make_figures.py --only synthetic_fits", {"tasks": tasks}
+
+
+# ----------------------------------------------------------------------- driver
+def _versions():
+    import keras
+    import matplotlib
+    import numpy
+
+    import keras_deq
+
+    versions = {
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "keras_deq": keras_deq.__version__,
+        "numpy": numpy.__version__,
+        "matplotlib": matplotlib.__version__,
+        "backend": keras.backend.backend(),
+    }
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow
+
+        versions["tensorflow"] = tensorflow.__version__
+    return versions
+
+
+def _machine():
+    model = platform.processor()
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return {"processor": model, "cpu_count": os.cpu_count(), "platform": platform.platform()}
+
+
+def child(name):
+    """Computes figure `name`'s data in this process, writes its JSON and draws its PNG."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    function = globals()[name]
+    start = time.perf_counter()
+    command, data = function()
+    record = {
+        "figure": name,
+        "what": " ".join(function.__doc__.split()),
+        "command": command,
+        "figure_command": f"python docs/figures/make_figures.py --only {name}",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "versions": _versions(),
+        "machine": _machine(),
+        "data": data,
+    }
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    (IMAGES / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"{name}: data in {record['wall_s']} s, drawn to {render.render(name)}", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="+", choices=list(render.FIGURES), default=None)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args.child)
+    for name in args.only or render.FIGURES:
+        subprocess.run([sys.executable, __file__, "--child", name], cwd=ROOT, check=True)
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Draws the documentation's figures from their data files (matplotlib, Agg).
+
+Each figure `NAME` has its data in `docs/images/NAME.json` (written by `make_figures.py`,
+which runs the experiments) and its picture in `docs/images/NAME.png`, drawn here from that
+file alone. Drawing is deterministic (fixed size, dpi, fonts and style, no timestamp), so
+`tests/test_figures.py` can redraw every PNG from its JSON and compare: a committed PNG never
+shows other numbers than its data file.
+
+    python docs/figures/render.py            # redraw every PNG from its JSON (a second)
+"""
+
+import json
+import pathlib
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+IMAGES = pathlib.Path(__file__).resolve().parents[1] / "images"
+DPI = 100
+# One style for every figure, independent of the user's matplotlibrc.
+STYLE = {
+    "font.family": "DejaVu Sans",
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "legend.fontsize": 8,
+    "legend.framealpha": 0.9,
+    "savefig.dpi": DPI,
+    "figure.dpi": DPI,
+    "path.simplify": False,
+}
+COLORS = {
+    "fixed_point": "C0",
+    "anderson (window 3)": "C1",
+    "anderson (window 5)": "C2",
+    "anderson (window 8)": "C4",
+    "broyden (memory 20)": "C3",
+    "plain": "C0",
+    "regularized": "C3",
+    "implicit": "C2",
+    "unrolled": "C3",
+    "mdeq": "C0",
+    "lipschitz": "C2",
+}
+
+
+def _save(fig, path):
+    fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+    plt.close(fig)
+
+
+def solver_residuals(record, path):
+    """Relative residual of each iterate, per solver, on the trained digits map."""
+    data = record["data"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    for ax, stat, title in zip(
+        axes, ("max", "median"), ("worst of the test samples", "median test sample"), strict=True
+    ):
+        for name, trace in data["traces"].items():
+            steps = range(1, len(trace[stat]) + 1)
+            ax.semilogy(steps, trace[stat], label=name, color=COLORS.get(name), lw=1.4)
+        for tol in data["tols"]:
+            ax.axhline(tol, color="0.4", ls="--", lw=0.8)
+            ax.text(len(trace[stat]), tol, f" tol {tol:g}", va="bottom", ha="right", fontsize=7)
+        ax.set_title(f"relative residual, {title}")
+        ax.set_xlabel("iteration (evaluations of f)")
+    axes[0].set_ylabel(r"$\|f(z_k) - z_k\| \,/\, \|f(z_k)\|$")
+    axes[1].legend(loc="upper right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def jacobian_regularization(record, path):
+    """Forward and backward steps, ||J||_F^2 / d and test accuracy per epoch, with and
+    without the Jacobian penalty."""
+    data = record["data"]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
+    for name, run in data["runs"].items():
+        epochs = range(1, len(run["fwd_steps"]) + 1)
+        style = {"color": COLORS.get(name), "marker": "o", "ms": 3, "lw": 1.4}
+        axes[0].plot(epochs, run["fwd_steps"], label=f"{run['label']}: forward", **style)
+        axes[0].plot(epochs, run["bwd_steps"], label=f"{run['label']}: backward", ls=":", **style)
+        axes[1].semilogy(epochs, run["jacobian_frobenius"], label=run["label"], **style)
+        axes[2].plot(epochs, [100 * a for a in run["test_accuracy"]], label=run["label"], **style)
+    axes[0].set_title("solver steps per train batch (mean)")
+    axes[0].set_ylim(bottom=0)
+    axes[1].set_title(r"$\|J\|_F^2 / d$ at $z^\star$, test set")
+    axes[2].set_title("test accuracy (%)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="lower left" if ax is axes[0] else "best")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _memory_axes(ax, results, xlabel, labels):
+    for mode, label in labels.items():
+        rows = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["iters"])
+        x = [r["iters"] for r in rows]
+        peak = [r["peak"] for r in rows]
+        low = [r["peak"] - r["low"] for r in rows]
+        high = [r["high"] - r["peak"] for r in rows]
+        ax.errorbar(
+            x, peak, yerr=[low, high], label=label, color=COLORS[mode], marker="o", ms=4, capsize=3
+        )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("peak MiB of one training step")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+
+
+def memory_dense(record, path):
+    """Peak training memory against solver iterations, implicit vs unrolled backward."""
+    data = record["data"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    _memory_axes(
+        ax,
+        data["results"],
+        "solver iterations N (forward; and adjoint, implicit)",
+        {"implicit": "DEQ (implicit backward)", "unrolled": "unrolled backprop"},
+    )
+    ax.set_title(f"Dense DEQ, width {data['width']}, batch {data['batch']}, fixed point")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def memory_transformer(record, path):
+    """Peak training memory against depth: DEQ-Transformer vs explicit Transformer."""
+    data = record["data"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    _memory_axes(
+        ax,
+        data["results"],
+        "depth / solver iterations N",
+        {"implicit": "DEQ-Transformer (implicit)", "unrolled": "explicit weight-tied Transformer"},
+    )
+    ax.set_title(
+        f"DEQTransformerLM, d_model {data['width']}, {data['batch']} x {data['seq_len']} tokens"
+    )
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def multiscale_lipschitz(record, path):
+    """Solver steps and test accuracy per epoch: plain MDEQ vs Lipschitz multiscale DEQ."""
+    data = record["data"]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
+    for name, records in data["epochs"].items():
+        run = {key: [epoch[key] for epoch in records] for key in records[0]}
+        epochs = range(1, len(records) + 1)
+        style = {"color": COLORS.get(name), "marker": "o", "ms": 3, "lw": 1.4}
+        label = {"mdeq": "MDEQ", "lipschitz": "Lipschitz MDEQ"}[name]
+        axes[0].plot(epochs, run["fwd_steps"], label=label, **style)
+        axes[1].plot(epochs, run["bwd_steps"], label=label, **style)
+        axes[2].plot(epochs, [100 * a for a in run["test_accuracy"]], label=label, **style)
+    axes[0].axhline(data["max_iter"], color="0.4", ls="--", lw=0.8)
+    axes[1].axhline(data["backward_max_iter"], color="0.4", ls="--", lw=0.8)
+    axes[0].set_title(f"forward steps per batch (cap {data['max_iter']})")
+    axes[1].set_title(f"adjoint steps per batch (cap {data['backward_max_iter']})")
+    axes[2].set_title("test accuracy (%)")
+    for ax in axes[:2]:
+        ax.set_ylim(bottom=0)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def synthetic_fits(record, path):
+    """Target and learned functions on the 1-D synthetic tasks: DEQ vs FNN."""
+    data = record["data"]
+    tasks = data["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.2))
+    for ax, (task, fits) in zip(axes, tasks.items(), strict=True):
+        ax.plot(fits["x"], fits["target"], color="0.6", lw=2.5, label="target")
+        for name, fit in fits["models"].items():
+            ax.plot(
+                fits["x"], fit["prediction"], lw=1.2, label=f"{name} (MSE {fit['test_mse']:.2g})"
+            )
+        ax.set_xscale(fits["xscale"])
+        ax.set_title(task)
+        ax.set_xlabel("x" + (" (log scale)" if fits["xscale"] == "log" else ""))
+        ax.legend(loc="upper right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+FIGURES = {
+    "solver_residuals": solver_residuals,
+    "jacobian_regularization": jacobian_regularization,
+    "memory_dense": memory_dense,
+    "memory_transformer": memory_transformer,
+    "multiscale_lipschitz": multiscale_lipschitz,
+    "synthetic_fits": synthetic_fits,
+}
+
+
+def render(name, images=IMAGES, out=None):
+    """Draws figure `name` from `images/name.json` into `out` (default `images/name.png`)."""
+    record = json.loads((pathlib.Path(images) / f"{name}.json").read_text())
+    out = pathlib.Path(out) if out else pathlib.Path(images) / f"{name}.png"
+    with matplotlib.rc_context():
+        matplotlib.rcdefaults()
+        matplotlib.rcParams.update(STYLE)
+        FIGURES[name](record, out)
+    return out
+
+
+if __name__ == "__main__":
+    for figure in sys.argv[1:] or FIGURES:
+        print(render(figure))
