@@ -241,6 +241,9 @@ def download(fname, origin, sha256, cache_dir=None, extract=False):
     """
     import keras  # noqa: PLC0415
 
+    if cache_dir is not None:
+        # get_file falls back to /tmp/.keras for a cache_dir that does not exist yet.
+        os.makedirs(cache_dir, exist_ok=True)
     try:
         return keras.utils.get_file(
             fname,

@@ -75,6 +75,7 @@ def test_wikitext_download_is_checked_against_the_pinned_sha256(tmp_path):
     archive = _wikitext_archive(tmp_path / "published.zip")
     sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
     root = data.wikitext103_dir(url=archive.as_uri(), sha256=sha256, cache_dir=tmp_path / "ok")
+    assert root.is_relative_to(tmp_path / "ok" / "datasets")
     assert (root / "wiki.train.tokens").read_text("utf-8") == "".join(WIKITEXT_LINES * 3)
     # A truncated archive (an interrupted download), then one with other content.
     truncated = tmp_path / "truncated.zip"
