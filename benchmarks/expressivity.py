@@ -33,7 +33,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "synthetic"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train as train_lib  # noqa: E402
+from progress import Progress  # noqa: E402
 
 TASKS = ("sawtooth5", "sawtooth10", "steep5", "steep10", "gotu")
 DEPTHS = (2, 3, 4)
@@ -117,32 +119,35 @@ def main(argv=None):
     )
     rows, raw = [], []
     start = time.perf_counter()
-    for task in args.tasks:
-        epochs = epochs_for(task, args.steps, args.batch_size, args.n_train)
-        for config in configurations(args.deq_width):
-            results = [
-                train_lib.run(
-                    task=task,
-                    epochs=epochs,
-                    batch_size=args.batch_size,
-                    learning_rate=args.learning_rate,
-                    max_iter=args.max_iter,
-                    seed=seed,
-                    n_train=args.n_train,
-                    **config,
+    runs = len(args.tasks) * len(list(configurations(args.deq_width))) * len(args.seeds)
+    with Progress(runs, unit_name="run") as progress:
+        for task in args.tasks:
+            epochs = epochs_for(task, args.steps, args.batch_size, args.n_train)
+            for config in configurations(args.deq_width):
+                results = []
+                for seed in args.seeds:
+                    results.append(
+                        train_lib.run(
+                            task=task,
+                            epochs=epochs,
+                            batch_size=args.batch_size,
+                            learning_rate=args.learning_rate,
+                            max_iter=args.max_iter,
+                            seed=seed,
+                            n_train=args.n_train,
+                            **config,
+                        )
+                    )
+                    progress.advance()
+                raw.extend(results)
+                row = median_result(results)
+                rows.append(row)
+                progress.print(
+                    f"  {task:10s} {row['model']:7s} {row['match']:6s} w={row['width']:<3d} "
+                    f"test MSE {row['test_mse']:.4g}  L∞ {row['linf']:.4g}  "
+                    f"max|w| {row['max_weight']:.3g}  steps {fmt(row['fwd_steps'], '.1f')}  "
+                    f"({time.perf_counter() - start:.0f} s)"
                 )
-                for seed in args.seeds
-            ]
-            raw.extend(results)
-            row = median_result(results)
-            rows.append(row)
-            print(
-                f"  {task:10s} {row['model']:7s} {row['match']:6s} w={row['width']:<3d} "
-                f"test MSE {row['test_mse']:.4g}  L∞ {row['linf']:.4g}  "
-                f"max|w| {row['max_weight']:.3g}  steps {fmt(row['fwd_steps'], '.1f')}  "
-                f"({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
     print()
     print(table(rows))
     print(f"\ntotal time {time.perf_counter() - start:.0f} s")

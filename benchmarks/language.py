@@ -34,7 +34,9 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "language"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import text_data as data  # noqa: E402
+from progress import Progress  # noqa: E402
 
 from keras_deq.models import BitsPerCharacter, DEQTransformerLM  # noqa: E402
 
@@ -89,7 +91,7 @@ def variants(args):
     }
 
 
-def run(name, options, corpus, valid, args):
+def run(name, options, corpus, valid, args, progress=None):
     keras.utils.set_random_seed(args.seed)
     model = DEQTransformerLM(len(corpus.vocab), **options)
     model.build((None, None))  # same seed, same architecture: same initial weights
@@ -108,7 +110,7 @@ def run(name, options, corpus, valid, args):
         epochs=1,
         shuffle=False,
         validation_data=valid,
-        callbacks=[timer],
+        callbacks=[timer] + ([progress.callback()] if progress is not None else []),
         verbose=0,
     )
     logs = {k: v[-1] for k, v in history.history.items()}
@@ -164,12 +166,13 @@ def main(argv=None):
         f"{args.batch_size} x {args.seq_len} chars; validation {n_valid} windows"
     )
     rows = []
-    for name, options in variants(args).items():
-        if args.only and name not in args.only:
-            continue
-        _, row = run(name, options, corpus, valid, args)
-        rows.append(row)
-        print(f"  {name}: done in {row['wall_s']:.0f} s", flush=True)
+    chosen = {k: v for k, v in variants(args).items() if not args.only or k in args.only}
+    n_steps = -(-len(corpus.train_x[: args.steps * args.batch_size]) // args.batch_size)
+    with Progress(len(chosen) * n_steps, unit_name="step") as progress:
+        for name, options in chosen.items():
+            _, row = run(name, options, corpus, valid, args, progress)
+            rows.append(row)
+            progress.print(f"  {name}: done in {row['wall_s']:.0f} s")
     base = next((r["step_s"] for r in rows if r["name"] == "explicit"), rows[0]["step_s"])
     print(
         "\n| model | params | val bpc | train bpc | step (ms) | step ratio | peak MiB | "

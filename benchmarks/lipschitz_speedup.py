@@ -40,8 +40,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "vision"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import data  # noqa: E402
 from multiscale import build_model, parse_channels  # noqa: E402
+from progress import Progress  # noqa: E402
 
 MODELS = ("mdeq", "lipschitz")
 
@@ -72,7 +74,7 @@ def batches(n, batch_size, rng):
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def train(models, x, y, args, on_epoch_end=None):
+def train(models, x, y, args, progress, on_epoch_end=None):
     """Interleaved training; returns per-model lists of step records. Calls
     `on_epoch_end(epoch, records)` after each epoch if given."""
     rng = np.random.default_rng(args.seed)
@@ -87,25 +89,30 @@ def train(models, x, y, args, on_epoch_end=None):
                 records[name].append(
                     {"epoch": epoch, "seconds": seconds, "size": len(index), **logs}
                 )
-        print(
+            progress.advance()
+        progress.print(
             f"epoch {epoch + 1}/{args.epochs}: "
             + ", ".join(f"{name} loss {records[name][-1]['loss']:.3f}" for name in models),
-            flush=True,
         )
         if on_epoch_end is not None:
             on_epoch_end(epoch, records)
     return records
 
 
-def inference_times(models, x, args):
+def inference_batches(x, args):
+    return range(0, len(x) - args.batch_size + 1, args.batch_size)
+
+
+def inference_times(models, x, args, progress):
     """Median seconds to predict one batch, interleaved across models."""
     times = {name: [] for name in models}
     for _ in range(args.repeats):
-        for i in range(0, len(x) - args.batch_size + 1, args.batch_size):
+        for i in inference_batches(x, args):
             for name, model in models.items():
                 start = time.perf_counter()
                 model.predict_on_batch(x[i : i + args.batch_size])
                 times[name].append(time.perf_counter() - start)
+            progress.advance()
     return {name: statistics.median(t[len(t) // 10 :]) for name, t in times.items()}
 
 
@@ -125,9 +132,9 @@ def weighted_mean(records, key):
     return sum(r[key] * r["size"] for r in records) / sum(r["size"] for r in records)
 
 
-def summarize(models, records, x_test, y_test, args):
+def summarize(models, records, x_test, y_test, args, progress):
     rows = {}
-    infer = inference_times(models, x_test, args)
+    infer = inference_times(models, x_test, args, progress)
     for name, model in models.items():
         steps = records[name]
         timed = [r["seconds"] for r in steps if r["epoch"] > 0] or [r["seconds"] for r in steps]
@@ -215,8 +222,14 @@ def main(argv=None):
                 }
             )
 
-    records = train(models, x_train, y_train, args, evaluate_epoch if args.json else None)
-    rows = summarize(models, records, x_test, y_test, args)
+    # Batch steps (each model in turn): the training's, then the inference timing's.
+    steps = args.epochs * -(-len(x_train) // args.batch_size)
+    steps += args.repeats * len(inference_batches(x_test, args))
+    with Progress(steps, unit_name="step") as progress:
+        records = train(
+            models, x_train, y_train, args, progress, evaluate_epoch if args.json else None
+        )
+        rows = summarize(models, records, x_test, y_test, args, progress)
     print()
     print_table(rows)
     mdeq, lipschitz = rows["mdeq"], rows["lipschitz"]

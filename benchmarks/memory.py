@@ -325,25 +325,32 @@ def main(argv=None):
             "Raise --batch or --width.",
             flush=True,
         )
+    # Here, not at the top: the measuring child processes do not draw the bar (nor import
+    # Keras before setting their threads).
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from progress import Progress  # noqa: PLC0415
+
     start = time.perf_counter()
     runs = {}
     versions = None
-    for solver in args.solver:
-        for mode in args.modes:
-            for iters in args.iters:
-                key = (solver, mode, iters)
-                runs[key] = []
-                for repeat in range(args.repeats):
-                    run = run_child(args, solver, mode, iters)
-                    versions = versions or (run["tf"], run["keras"])
-                    runs[key].append(run)
-                    peaks = " ".join(f"{s['peak'] / MIB:.1f}" for s in run["steps"])
-                    print(
-                        f"  {solver} {mode} {iters} #{repeat + 1}: peaks MiB {peaks} "
-                        f"(warm-up {run['warmup_s']:.1f} s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+    total = len(args.solver) * len(args.modes) * len(args.iters) * args.repeats
+    with Progress(total, unit_name="process") as progress:
+        for solver in args.solver:
+            for mode in args.modes:
+                for iters in args.iters:
+                    key = (solver, mode, iters)
+                    runs[key] = []
+                    for repeat in range(args.repeats):
+                        run = run_child(args, solver, mode, iters)
+                        versions = versions or (run["tf"], run["keras"])
+                        runs[key].append(run)
+                        progress.advance()
+                        peaks = " ".join(f"{s['peak'] / MIB:.1f}" for s in run["steps"])
+                        progress.print(
+                            f"  {solver} {mode} {iters} #{repeat + 1}: peaks MiB {peaks} "
+                            f"(warm-up {run['warmup_s']:.1f} s)",
+                            file=sys.stderr,
+                        )
     results = {key: summarize(value) for key, value in runs.items()}
     print(f"tensorflow {versions[0]}, keras {versions[1]}\n")
     ratios = print_table(args, results)

