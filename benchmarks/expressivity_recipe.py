@@ -29,13 +29,19 @@ DEQ recipes (all `keras_deq.DEQ(DenseCell(10, "relu"))` with a `Dense(1)` readou
   most 11 steps, forward and adjoint. He-style init on the allowed entries.
 - `block`: W restricted to the construction's pattern: 5 levels of 2 neurons,
   level j reads only level j - 1, only level 1 reads x. The 2x2 blocks and the
-  biases are free.
+  biases are free; each block starts at the identity plus N(0, 0.1^2) noise, so
+  that every level starts alive (a random block often leaves a level dead on all
+  of [0, 1], and everything above it constant).
 - `tied`: `block` with every level's 2x2 block and bias kept equal by a
   constraint (projection onto the tied subspace after each step): one 2-neuron
   map g applied 5 times, the weight tying a DEQ has by nature.
 - `*-curriculum`: the same model trained on t^{∘1}, t^{∘2}, ..., t^{∘k} in turn
   (the final k gets half the steps, the earlier ones share the rest), one
   schedule over all phases.
+- `*-levelwise`: the curriculum with the readout restricted, in phase j, to level
+  j (a mask constraint switched between phases; level j starts with level j - 1's
+  readout weights): level j is taught t^{∘j}. With tied levels, once g = t on the
+  first levels every higher level already computes the next composition.
 
 FNN comparators (`--fnn-depths`, ReLU, equal hidden widths, linear readout), trained
 by the recipe `fnn` (or `fnn-curriculum`): width matched to the DEQ's 131
@@ -78,6 +84,8 @@ DEQ_RECIPES = (
     "block-curriculum",
     "tied",
     "tied-curriculum",
+    "block-levelwise",
+    "tied-levelwise",
 )
 FNN_RECIPES = ("fnn", "fnn-curriculum")
 WIDTH = 10
@@ -90,13 +98,15 @@ class Mask(keras.constraints.Constraint):
     """Zeroes the entries of a weight outside a fixed 0/1 mask."""
 
     def __init__(self, mask):
-        self.mask = np.asarray(mask, "float32")
+        # A `keras.Variable` mask is read when the constraint runs (it may change
+        # between phases of training); anything else is a constant.
+        self.mask = mask if isinstance(mask, keras.Variable) else np.asarray(mask, "float32")
 
     def __call__(self, w):
-        return w * keras.ops.convert_to_tensor(self.mask, w.dtype)
+        return w * keras.ops.cast(self.mask, w.dtype)
 
     def get_config(self):
-        return {"mask": self.mask.tolist()}
+        return {"mask": keras.ops.convert_to_numpy(self.mask).tolist()}
 
 
 @keras.saving.register_keras_serializable(package="expressivity_recipe")
@@ -161,7 +171,15 @@ def build_deq(recipe, seed, width=WIDTH, max_iter=None):
         # incoming z-entries plus x's.
         fan_in = kernel_mask.sum(axis=0) + (1.0 if injection_mask is None else injection_mask[0])
         std = np.sqrt(2.0 / np.maximum(fan_in, 1.0))
-        cell.kernel.assign(rng.normal(size=(width, width)) * std * kernel_mask)
+        kernel = rng.normal(size=(width, width)) * std * kernel_mask
+        if injection_mask is not None:
+            # Chain of 2x2 blocks: each block starts near the identity, so every
+            # level starts as a copy of the one below (ReLU keeps nonnegative
+            # inputs), not as a random map that may be dead on all of [0, 1].
+            levels = width // PER_LEVEL
+            eye = np.kron(np.eye(levels, k=1), np.eye(PER_LEVEL))
+            kernel = eye + 0.1 * rng.normal(size=(width, width)) * kernel_mask
+        cell.kernel.assign(kernel)
         u = rng.normal(size=(1, width)) * std
         cell.injection_kernel.assign(u if injection_mask is None else u * injection_mask)
         cell.kernel.constraint = Mask(kernel_mask)
@@ -228,7 +246,17 @@ def relative_mse(model, x, k, batch):
     return float(np.mean((pred - y) ** 2) / np.var(y))
 
 
-def train(model, k, curriculum, seed, args):
+def readout_masks(k, width=WIDTH, per_level=PER_LEVEL):
+    """Per level j = 1..k, the 0/1 mask of the readout rows that read level j."""
+    masks = []
+    for j in range(k):
+        mask = np.zeros((width, 1), "float32")
+        mask[j * per_level : (j + 1) * per_level] = 1.0
+        masks.append(mask)
+    return masks
+
+
+def train(model, k, curriculum, seed, args, levelwise=False):
     x_train, x_val, x_test = split(k, seed, args.n_train, args.n_val, args.n_test)
     per_epoch = -(-len(x_train) // args.batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -238,18 +266,36 @@ def train(model, k, curriculum, seed, args):
         warmup_target=args.learning_rate,
         warmup_steps=args.warmup,
     )
+    if levelwise:
+        # Phase j reads out level j only: the readout's mask is a variable that the
+        # compiled train step reads, switched between phases; the next level starts
+        # with the previous level's readout weights.
+        readout = model.get_layer("readout")
+        masks = readout_masks(k)
+        mask = keras.Variable(masks[0], trainable=False, name="readout_mask")
+        readout.kernel.constraint = Mask(mask)
+        readout.kernel.assign(readout.kernel * masks[0])
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss="mse")
-    start = time.perf_counter()
-    for j, steps in phases(k, curriculum, args.steps):
+    start, phase_scores = time.perf_counter(), []
+    for j, steps in phases(k, curriculum or levelwise, args.steps):
         y_train = target(x_train, j)
+        if levelwise:
+            w = keras.ops.convert_to_numpy(readout.kernel)
+            prev = w[masks[j - 2][:, 0] > 0] if j > 1 else w[masks[0][:, 0] > 0]
+            new = np.zeros_like(w)
+            new[masks[j - 1][:, 0] > 0] = prev
+            mask.assign(masks[j - 1])
+            readout.kernel.assign(new)
         epochs = max(1, round(steps / per_epoch))
         model.fit(x_train, y_train, batch_size=args.batch_size, epochs=epochs, verbose=0)
+        phase_scores.append(relative_mse(model, x_train, j, len(x_train)))
     train_time = time.perf_counter() - start
     return {
         "train": relative_mse(model, x_train, k, len(x_train)),
         "val": relative_mse(model, x_val, k, len(x_val)),
         "test": relative_mse(model, x_test, k, len(x_test)),
         "train_time_s": train_time,
+        "phases": phase_scores,
         "x_test": x_test,
     }
 
@@ -257,7 +303,14 @@ def train(model, k, curriculum, seed, args):
 def run_deq(recipe, seed, args):
     keras.utils.set_random_seed(seed)
     model = build_deq(recipe, seed)
-    out = train(model, args.k, recipe.endswith("curriculum"), seed, args)
+    out = train(
+        model,
+        args.k,
+        recipe.endswith("curriculum"),
+        seed,
+        args,
+        levelwise=recipe.endswith("levelwise"),
+    )
     # `evaluate` resets the metrics first: the statistics are the test set's (one batch).
     x_test = out["x_test"]
     model.evaluate(x_test, target(x_test, args.k), batch_size=len(x_test), verbose=0)
@@ -273,7 +326,7 @@ def run_deq(recipe, seed, args):
         "flops": round(steps * deq_cell_flops()),
         "fwd_steps": steps,
         "converged": stats["converged"],
-        **{key: out[key] for key in ("train", "val", "test", "train_time_s")},
+        **{key: out[key] for key in ("train", "val", "test", "train_time_s", "phases")},
     }
 
 
@@ -291,7 +344,7 @@ def run_fnn(recipe, seed, width, depth, match, args):
         "flops": train_lib.fnn_flops(1, width, depth),
         "fwd_steps": None,
         "converged": None,
-        **{key: out[key] for key in ("train", "val", "test", "train_time_s")},
+        **{key: out[key] for key in ("train", "val", "test", "train_time_s", "phases")},
     }
 
 
@@ -392,6 +445,7 @@ def main(argv=None):
         print(
             f"  {row['model']:7s} {row['recipe']:24s} seed {row['seed']}  "
             f"val {row['val']:.3g}  test {row['test']:.3g}  steps {fmt(row['fwd_steps'], '.0f')}  "
+            f"train MSE/var after each phase {' '.join(f'{v:.2g}' for v in row['phases'])}  "
             f"({time.perf_counter() - start:.0f} s)",
             flush=True,
         )

@@ -196,8 +196,8 @@ def run(model_type, kind, seed, args):
 
 def summary(rows):
     header = (
-        "| teacher | model | seeds | train MSE | test MSE / E[y^2] | ||θ||_1 / min-l1 "
-        "| ||θ||_2 / min-l2 | participation (min-l1, min-l2) | ratio of test MSE to DEQ |"
+        "| teacher | model | seeds | train MSE | test MSE / E[y^2] | ‖θ‖₁ / min-l1 "
+        "| ‖θ‖₂ / min-l2 | participation (min-l1, min-l2) | ratio of test MSE to DEQ |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     groups = {}
