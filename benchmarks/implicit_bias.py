@@ -1,6 +1,6 @@
 """Implicit bias of a diagonal linear DEQ against a diagonal linear network (paper 004).
 
-    python benchmarks/implicit_bias.py            # about 2-4 minutes on 2 CPU cores
+    python benchmarks/implicit_bias.py            # about 4.5 minutes on 2 shared CPU cores
     python benchmarks/implicit_bias.py --quick    # smoke run
 
 Paper 004 characterizes the implicit regularization of gradient flow on a diagonal
