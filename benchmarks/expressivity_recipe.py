@@ -3,6 +3,8 @@
     python benchmarks/expressivity_recipe.py             # full run, about 20 minutes
     python benchmarks/expressivity_recipe.py --quick     # smoke run, about 2 minutes
     python benchmarks/expressivity_recipe.py --recipes tied tied-curriculum --seeds 0 1 2
+    python benchmarks/expressivity_recipe.py --deq-width 40 --recipes nilpotent-curriculum \
+        --reference nilpotent-curriculum --seeds 0 --steps 6000   # a wider DEQ, longer
 
 Issue 17: in `benchmarks/expressivity.py` the width-10 DEQ ends at the constant
 predictor on the sawtooth t^{∘5} (test MSE = the target's variance, 1/12), although
@@ -294,7 +296,7 @@ def train(model, k, curriculum, seed, args, levelwise=False):
         # compiled train step reads, switched between phases; the next level starts
         # with the previous level's readout weights.
         readout = model.get_layer("readout")
-        masks = readout_masks(k)
+        masks = readout_masks(k, model.get_layer("readout").kernel.shape[0])
         mask = keras.Variable(masks[0], trainable=False, name="readout_mask")
         readout.kernel.constraint = Mask(mask)
         readout.kernel.assign(readout.kernel * masks[0])
@@ -325,7 +327,7 @@ def train(model, k, curriculum, seed, args, levelwise=False):
 
 def run_deq(recipe, seed, args):
     keras.utils.set_random_seed(seed)
-    model = build_deq(recipe, seed)
+    model = build_deq(recipe, seed, width=args.deq_width)
     out = train(
         model,
         args.k,
@@ -343,10 +345,10 @@ def run_deq(recipe, seed, args):
         "model": "deq",
         "recipe": recipe,
         "seed": seed,
-        "width": WIDTH,
+        "width": args.deq_width,
         "depth": None,
-        "params": deq_params(),
-        "flops": round(steps * deq_cell_flops()),
+        "params": deq_params(args.deq_width),
+        "flops": round(steps * deq_cell_flops(args.deq_width)),
         "fwd_steps": steps,
         "converged": stats["converged"],
         **{key: out[key] for key in ("train", "val", "test", "train_time_s", "phases")},
@@ -440,6 +442,12 @@ def main(argv=None):
     parser.add_argument("--n-val", type=int, default=512)
     parser.add_argument("--n-test", type=int, default=1024)
     parser.add_argument("--no-fnn", action="store_true", help="DEQ recipes only")
+    parser.add_argument(
+        "--deq-width",
+        type=int,
+        default=WIDTH,
+        help="DEQ width (even: the block and tied recipes use levels of 2 neurons)",
+    )
     parser.add_argument("--json", help="also write the rows and the best fits to this JSON file")
     parser.add_argument(
         "--figure",
@@ -482,10 +490,10 @@ def main(argv=None):
     if not args.no_fnn:
         ref_rows = [r for r in rows if r["recipe"] == reference] or rows
         ref_steps = float(np.median([r["fwd_steps"] for r in ref_rows]))
-        flop_target = ref_steps * deq_cell_flops()
+        flop_target = ref_steps * deq_cell_flops(args.deq_width)
         for depth in args.fnn_depths:
             for match, tgt, count in (
-                ("params", deq_params(), train_lib.fnn_params),
+                ("params", deq_params(args.deq_width), train_lib.fnn_params),
                 ("flops", flop_target, train_lib.fnn_flops),
             ):
                 width = fnn_width_matching(depth, tgt, count)
@@ -494,7 +502,7 @@ def main(argv=None):
         for seed in args.seeds:
             record(*run_fnn(args.fnn_recipe, seed, 2, args.k + 1, "narrow", args))
 
-    ref_key = ("deq", reference, WIDTH)
+    ref_key = ("deq", reference, args.deq_width)
     print()
     print(per_seed_table(rows))
     print()
