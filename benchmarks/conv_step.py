@@ -122,10 +122,13 @@ def main(argv=None):
     parser.add_argument("--bwd", type=int, default=25, help="adjoint iterations")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--calls", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="TensorFlow threads (0: leave TensorFlow's)"
+    )
     args = parser.parse_args(argv)
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     keras.utils.set_random_seed(0)
     x = tf.random.normal((BATCH, SIDE, SIDE, CHANNELS))
     cell = ConvCell()

@@ -20,7 +20,7 @@ MODULES = [
     "keras_deq.backward.unrolled",
     "keras_deq.backward.explicit",
     "keras_deq.jacobian",
-    "keras_deq.callbacks",
+    "keras_deq.callbacks.jacobian_regularization_scheduler",
     "keras_deq.linalg",
     "keras_deq.features",
     "keras_deq.regularizers",

@@ -14,7 +14,7 @@ def test_conv_step_prints_every_plan(capsys):
     spec = importlib.util.spec_from_file_location("conv_step", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(["--fwd", "3", "--bwd", "2", "--repeats", "1", "--calls", "1"])
+    module.main(["--fwd", "3", "--bwd", "2", "--repeats", "1", "--calls", "1", "--threads", "0"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 2 + 3 * 2  # header, two bare loops, two rows per plan
     for plan in ("False", "'auto'", "True"):
