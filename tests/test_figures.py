@@ -5,12 +5,12 @@ The data come from `docs/figures/make_figures.py` (slow: it runs the experiments
 drawn from the data alone by `docs/figures/render.py` (fast), which this test re-runs.
 """
 
-import importlib.util
 import json
 import pathlib
 import re
 
 import pytest
+from scripts import load_script
 
 matplotlib = pytest.importorskip("matplotlib")
 
@@ -20,14 +20,7 @@ IMAGES = DOCS / "images"
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+\.png)\)")
 
 
-def _render_module():
-    spec = importlib.util.spec_from_file_location("docs_render", DOCS / "figures" / "render.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-render = _render_module()
+render = load_script("docs/figures/render.py", "docs_render")
 FIGURES = sorted(render.FIGURES)
 
 

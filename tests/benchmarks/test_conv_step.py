@@ -1,19 +1,13 @@
 """benchmarks/conv_step.py runs and prints its table (a smoke run; the timings are its own)."""
 
-import importlib.util
-import pathlib
-
 import pytest
+from scripts import load_script
 
 pytestmark = pytest.mark.tensorflow_only("the benchmark times TensorFlow graphs")
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "conv_step.py"
-
 
 def test_conv_step_prints_every_plan(capsys):
-    spec = importlib.util.spec_from_file_location("conv_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/conv_step.py")
     module.main(["--fwd", "3", "--bwd", "2", "--repeats", "1", "--calls", "1", "--threads", "0"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 2 + 3 * 2  # header, two bare loops, two rows per plan

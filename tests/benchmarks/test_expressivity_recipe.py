@@ -1,28 +1,14 @@
 """benchmarks/expressivity_recipe.py: the structured DEQs stay nilpotent (and tied) while
-training, and the PNG writer is deterministic."""
+training, and the figure is drawn deterministically."""
 
 import hashlib
-import importlib.util
-import pathlib
-import sys
 
 import keras
 import numpy as np
 import pytest
+from scripts import load_script
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name):
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-recipe = _load("expressivity_recipe")
+recipe = load_script("benchmarks/expressivity_recipe.py")
 
 
 def nilpotent(w):

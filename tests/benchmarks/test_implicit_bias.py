@@ -1,26 +1,11 @@
 """benchmarks/implicit_bias.py: the diagonal linear DEQ computes theta = beta / (1 - lambda),
 and the reference interpolators interpolate."""
 
-import importlib.util
-import pathlib
-import sys
-
 import keras
 import numpy as np
+from scripts import load_script
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name):
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bias = _load("implicit_bias")
+bias = load_script("benchmarks/implicit_bias.py")
 
 
 def test_diagonal_deq_is_the_linear_predictor_beta_over_one_minus_lambda():

@@ -6,27 +6,12 @@ hand-set `keras_deq.DEQ(DenseCell(2k, "relu"))` (nilpotent W, plain fixed-point 
 matches an independent numpy tent-map composition on a dense grid, in k + 1 solver steps.
 """
 
-import importlib.util
-import pathlib
-import sys
-
 import keras
 import numpy as np
 import pytest
+from scripts import load_script
 
-SYNTHETIC = pathlib.Path(__file__).resolve().parents[2] / "examples" / "synthetic"
-
-
-def _load(name):
-    if str(SYNTHETIC) not in sys.path:
-        sys.path.insert(0, str(SYNTHETIC))
-    spec = importlib.util.spec_from_file_location(name, SYNTHETIC / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-construction = _load("construction")
+construction = load_script("examples/synthetic/construction.py")
 
 
 def numpy_sawtooth(x, k):

@@ -1,25 +1,10 @@
 """examples/synthetic: the paper-004 stand-in generators and the training script."""
 
-import importlib.util
-import pathlib
-import sys
-
 import numpy as np
 import pytest
+from scripts import load_script
 
-SYNTHETIC = pathlib.Path(__file__).resolve().parents[2] / "examples" / "synthetic"
-
-
-def _load(name):
-    if str(SYNTHETIC) not in sys.path:
-        sys.path.insert(0, str(SYNTHETIC))
-    spec = importlib.util.spec_from_file_location(name, SYNTHETIC / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tasks = _load("tasks")
+tasks = load_script("examples/synthetic/tasks.py")
 
 
 def count_linear_pieces(fn, resolution_bits):
@@ -93,7 +78,7 @@ def test_unknown_task_is_refused():
 
 
 def test_flop_and_parameter_counts():
-    train = _load("train")
+    train = load_script("examples/synthetic/train.py")
     assert train.deq_params(1, 10) == 131
     assert train.deq_flops_per_iteration(1, 10) == 240
     assert train.fnn_params(1, 10, 3) == 141
@@ -121,7 +106,7 @@ def test_flop_and_parameter_counts():
     ],
 )
 def test_train_main_smoke(argv, capsys):
-    train = _load("train")
+    train = load_script("examples/synthetic/train.py")
     tiny = ["--epochs", "1", "--n-train", "256", "--n-test", "64", "--batch-size", "128"]
     result = train.main(argv + tiny)
     out = capsys.readouterr().out
