@@ -41,20 +41,18 @@ def compiled_solve(solve):
     """
     if name() != "tensorflow":
         return solve
-    from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
 
     def compiled(f, z0):
-        if not tf_backend.outside_xla_graph():
-            return solve(f, z0)
-        return tf_backend.xla_call(lambda z: solve(f, z), z0)
+        return compiled_step(lambda z: solve(f, z))(z0)
 
     return compiled
 
 
 def compiled_step(fn):
     """`fn` run as one compiled program where `compiled_solve` would compile (a
-    TensorFlow graph outside XLA), else `fn` itself: for the bookkeeping of one solver
-    iteration when the map it follows is left to the graph."""
+    TensorFlow graph outside XLA), else `fn` itself: a whole solve (`compiled_solve`),
+    or the bookkeeping of one solver iteration when the map it follows is left to the
+    graph (`keras_deq.solvers.base.compiled_steps`)."""
     if name() != "tensorflow":
         return fn
     from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
