@@ -51,8 +51,8 @@ def compiled_solve(solve):
 def compiled_step(fn):
     """`fn` run as one compiled program where `compiled_solve` would compile (a
     TensorFlow graph outside XLA), else `fn` itself: a whole solve (`compiled_solve`),
-    or the bookkeeping of one solver iteration when the map it follows is left to the
-    graph (`keras_deq.solvers.base.compiled_steps`)."""
+    or a solver's own small computation that holds no layer (Anderson's coefficients),
+    whose few dozen tiny ops would each pay a graph's per-op dispatch."""
     if name() != "tensorflow":
         return fn
     from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
@@ -117,6 +117,14 @@ def in_xla_context():
 def in_save_context():
     """True while TensorFlow traces functions for `tf.saved_model.save` / `export()`."""
     return name() == "tensorflow" and _tf().in_save_context()
+
+
+def runs_op_by_op():
+    """True where TensorFlow runs each op apart (eager, or a graph outside XLA): there
+    each op costs its own dispatch and memory pass, so a computation written as a few
+    fused-by-hand elementwise ops beats one that XLA would fuse (a batched product of
+    a stacked copy). False inside XLA and on JAX, whose steps are compiled."""
+    return name() == "tensorflow" and not _tf().in_xla_context()
 
 
 def has_accelerator():

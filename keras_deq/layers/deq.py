@@ -15,7 +15,6 @@ from keras_deq.layers.cell_state import FrozenCellState
 from keras_deq.layers.deq_penalty import PenaltyControls
 from keras_deq.layers.monitor import SolverMonitor, check_on_failure
 from keras_deq.solvers import common
-from keras_deq.solvers.base import with_compiled_steps
 
 _SEED_STATE_KEY = "seed_generator_state"
 
@@ -132,11 +131,11 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             evaluations cost instead of paying per-op dispatch (about 2x faster
             training of small cells; each new batch shape compiles once, a few
             seconds). `"auto"` (default): when every layer of the cell has
-            `supports_jit`; for a cell with a Keras convolution layer on a
-            machine without GPU or TPU, only each iteration's bookkeeping is
-            compiled and the cell runs in the graph (XLA's CPU convolutions ran
-            about 2x slower than TensorFlow's); `True`: always the whole solve;
-            `False`: never. A solve that is
+            `supports_jit`, except a cell with a Keras convolution layer on a
+            machine without GPU or TPU (XLA's CPU convolutions ran about 2x
+            slower than TensorFlow's); `True`: always; `False`: never (the
+            solvers' own small linear systems, which hold no layer of the
+            cell, are compiled apart either way). A solve that is
             differentiated through (`backward="unrolled"`) is never compiled
             apart. No effect on JAX or under `model.compile(jit_compile=True)`,
             where the whole step is compiled anyway.
@@ -290,18 +289,15 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         """`solver` as a function `(f, z0) -> SolverResult` over the solver batch dims,
         with `max_iter` (an int or a run-time tensor) replacing its own when given and
         `maps` (the cell's maps it asks for, `Solver.extra_maps`) passed to it,
-        compiled as `jit_compile` says (`arguments.compile_plan`) unless it is
+        compiled apart as `jit_compile` says (`arguments.compiles_solves`) unless it is
         `differentiated`."""
         overrides = {} if max_iter is None else {"max_iter": max_iter}
         solve = common.per_entry(
             lambda f, z0, **m: solver(f, z0, **m, **overrides), self.solver_batch_dims
         )
         solve = functools.partial(solve, **(maps or {}))
-        plan = None if differentiated else arguments.compile_plan(self.jit_compile, self.cell)
-        if plan == "solve":
+        if not differentiated and arguments.compiles_solves(self.jit_compile, self.cell):
             return backend.compiled_solve(solve)
-        if plan == "steps":
-            return with_compiled_steps(solve)
         return solve
 
     def call(self, inputs, initial_state=None, training=None):

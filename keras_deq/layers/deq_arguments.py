@@ -233,7 +233,9 @@ def supports_jit(layer):
 # slower than the oneDNN kernels TensorFlow's graph calls: a conv cell's training
 # epoch took 1.9x as long with its solves compiled whole (benchmarks/vs_torchdeq.py,
 # conv cell; the adjoint's transposed convolutions most), while a dense cell's took
-# half as long; compiling only the steps was 0.75x-0.95x the time of compiling nothing.
+# half as long. Compiling each iteration's bookkeeping apart and leaving the cell to
+# the graph was tried (until 2026-12-03) and lost to the plain graph once Anderson's
+# graph-mode step was made lean (benchmarks/conv_step.py).
 _CONVOLUTIONS = (
     keras.layers.Conv1D,
     keras.layers.Conv2D,
@@ -248,25 +250,20 @@ _CONVOLUTIONS = (
 )
 
 
-def compile_plan(jit_compile, cell):
-    """What `DEQ(jit_compile=...)` compiles of each solve inside a TensorFlow graph:
-    `"solve"` (the whole solve, one XLA program), `"steps"` (each iteration's
-    bookkeeping, the cell left to the graph: `keras_deq.solvers.with_compiled_steps`)
-    or None (nothing).
+def compiles_solves(jit_compile, cell):
+    """Whether `DEQ(jit_compile=...)` compiles each solve apart, as one XLA program,
+    inside a TensorFlow graph that runs op by op (`keras_deq.backend.compiled_solve`).
 
-    `"auto"` compiles the solve when every layer of the cell supports XLA, only the
-    steps for a cell with a convolution layer on a machine without GPU or TPU (see
-    `_CONVOLUTIONS`), nothing for a cell that does not support XLA.
+    `"auto"` compiles when every layer of the cell supports XLA, except a cell with a
+    convolution layer on a machine without GPU or TPU (see `_CONVOLUTIONS`).
     """
     if jit_compile is True:
-        return "solve"
+        return True
     if jit_compile is False or not supports_jit(cell):
-        return None
+        return False
     if backend.has_accelerator():
-        return "solve"
-    if any(isinstance(sub, _CONVOLUTIONS) for sub in cell._flatten_layers()):
-        return "steps"
-    return "solve"
+        return True
+    return not any(isinstance(sub, _CONVOLUTIONS) for sub in cell._flatten_layers())
 
 
 def check_backend_support(on_failure):

@@ -63,41 +63,6 @@ def _differentiable_bound(max_iter):
     return stack[-1]
 
 
-_STEPS = threading.local()
-
-
-@contextlib.contextmanager
-def compiled_steps():
-    """A scope in which each solver loop compiles its iteration's own work apart.
-
-    The bookkeeping of an iteration (residuals, best iterate, the solver's step, the
-    guard and the stopping rule) runs as one compiled program while `f` is evaluated
-    as the surrounding graph runs it (see `keras_deq.backend.compiled_step`): for
-    cells that the backend's compiler runs slower than its graph does.
-    """
-    previous = getattr(_STEPS, "on", False)
-    _STEPS.on = True
-    try:
-        yield
-    finally:
-        _STEPS.on = previous
-
-
-def _steps_compiled():
-    return getattr(_STEPS, "on", False)
-
-
-def with_compiled_steps(solve):
-    """`solve` (any function that runs solvers) with its loops traced inside
-    `compiled_steps()`."""
-
-    def wrapped(*args, **kwargs):
-        with compiled_steps():
-            return solve(*args, **kwargs)
-
-    return wrapped
-
-
 def named_solvers():
     """The solver classes reachable by name, `{name: class}`, in registration order."""
     return dict(Solver._registry)
@@ -255,8 +220,6 @@ class Solver(configurable.Configurable):
             z_next, best = res.guard(best, z_next)
             go = ops.any(~best.failed) if fixed else res.keep_going(best, tol, stop_mode)
             return k + 1, z_next, state, best, go
-
-        advance = backend.compiled_step(advance) if _steps_compiled() else advance
 
         def body(k, z, state, best, _):
             return advance(k, z, f(z), state, best)

@@ -49,7 +49,9 @@ def _count_xla_calls(monkeypatch):
     original = tf_backend.xla_call
 
     def counting(fn, *args):
-        calls.append(fn)
+        # Anderson's small systems are compiled apart whatever `jit_compile` says.
+        if getattr(fn, "__name__", "") != "_coefficients":
+            calls.append(fn)
         return original(fn, *args)
 
     monkeypatch.setattr(tf_backend, "xla_call", counting)
@@ -160,7 +162,7 @@ def _conv_model(jit_compile):
     return model
 
 
-def test_auto_compiles_only_the_steps_of_conv_cells_on_cpu(monkeypatch):
+def test_auto_leaves_conv_cells_to_the_graph_on_cpu(monkeypatch):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(16, 6, 6, 1)).astype("float32"), rng.integers(0, 3, size=(16,))
     weights, steps = {}, {}
@@ -170,14 +172,10 @@ def test_auto_compiles_only_the_steps_of_conv_cells_on_cpu(monkeypatch):
         logs = model.fit(x, y, batch_size=8, epochs=2, verbose=0).history
         weights[jit] = [w.numpy() for w in model.trainable_weights]
         steps[jit] = logs["deq_fwd_steps"]
-        # The forward and the adjoint loop, each compiled whole or step by step.
-        names = sorted(getattr(fn, "__name__", "") for fn in calls)
-        if jit is False:
-            assert names == []
-        elif jit is True or tf_backend.has_accelerator():
-            assert names == ["<lambda>", "<lambda>"]  # the whole solves
-        else:  # CPU: XLA's convolutions are slower than TensorFlow's own
-            assert names == ["advance", "advance"]  # each iteration's bookkeeping
+        # The forward and the adjoint solve compiled whole, or nothing.
+        whole = jit is True or (jit == "auto" and tf_backend.has_accelerator())
+        # (On CPU, XLA's convolutions are slower than TensorFlow's own.)
+        assert len(calls) == (2 if whole else 0)
     for jit in ("auto", True):
         np.testing.assert_allclose(steps[jit], steps[False], atol=0.51)
         for plain, compiled in zip(weights[False], weights[jit], strict=True):
