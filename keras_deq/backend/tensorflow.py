@@ -203,15 +203,21 @@ def implicit_gradient(problem, adjoint_solver):
             # Samples without a finite iterate are left out of the gradient.
             ok = rows.solved_rows(result, x_in)
             upstream = rows.mask_rows(rows.zeros_for_none(upstream, z_flat), ok)
+            # The cell at z* with the failed samples' rows zeroed. The adjoint map
+            # differentiates with respect to that masked state itself, not through the
+            # mask (whose gradient would cost two selects per iteration): a failed
+            # sample's row of u stays 0 (its upstream is 0), and u is masked once more
+            # before the final pullback.
+            z_safe = rows.mask_rows(z_flat, ok)
             with tf.GradientTape(persistent=True) as tape:
-                tape.watch(z_flat)
+                tape.watch(z_safe)
                 tape.watch(list(x_flat))
-                z_in = tf.nest.pack_sequence_as(z_star, rows.mask_rows(z_flat, ok))
+                z_in = tf.nest.pack_sequence_as(z_star, z_safe)
                 x_safe = tf.nest.pack_sequence_as(x_struct, rows.mask_rows(list(x_flat), ok))
                 fz_flat = tf.nest.flatten(fn(z_in, x_safe))
 
             def adjoint_map(u):
-                vjp = tape.gradient(fz_flat, z_flat, output_gradients=tf.nest.flatten(u))
+                vjp = tape.gradient(fz_flat, z_safe, output_gradients=tf.nest.flatten(u))
                 vjp = rows.zeros_for_none(vjp, z_flat)
                 return tf.nest.pack_sequence_as(
                     z_star, [a + b for a, b in zip(vjp, upstream, strict=True)]
@@ -222,7 +228,7 @@ def implicit_gradient(problem, adjoint_solver):
             on_backward = problem.on_backward
             checks = on_backward(adjoint) if on_backward is not None else None
             with tf.control_dependencies(checks or []):
-                u = [tf.identity(t) for t in tf.nest.flatten(adjoint.state)]
+                u = rows.mask_rows(tf.nest.flatten(adjoint.state), ok)
             grads = tape.gradient(fz_flat, list(x_flat) + variables, output_gradients=u)
             x_grads = rows.zeros_for_none(grads[: len(x_flat)], x_flat)
             return x_grads, grads[len(x_flat) :]

@@ -93,9 +93,7 @@ class Anderson(Solver):
         acc = _acc_dtype(z.dtype)
         # ||g_k||^2 computed as the loop's residual is (a graph computes it once); it only
         # scales the ridge, so no gradient flows through it.
-        current = ops.stop_gradient(
-            ops.sum(ops.square(ops.cast(fz, acc) - ops.cast(z, acc)), axis=1)
-        )
+        current = ops.stop_gradient(ops.sum(ops.square(ops.cast(g, acc)), axis=1))
         # A sample whose residual is not finite keeps g = 0 and y = z in its history, so
         # that no NaN enters it (nor the gradient of an unrolled solve); the loop freezes
         # it. Iteration 0 pushes zero differences, which the solve drops.
@@ -116,7 +114,8 @@ class Anderson(Solver):
         # one by one (`backend.compiled_step`): 0.05 ms less per iteration there.
         gamma = backend.compiled_step(_coefficients)(gram, rhs, current, self.ridge)
         gamma = ops.cast(gamma, z.dtype)
-        z_next = y - sum(gamma[:, i : i + 1] * dy for i, dy in enumerate(dys))
+        terms = [c * dy for c, dy in zip(ops.split(gamma, len(dys), axis=1), dys, strict=True)]
+        z_next = y - sum(terms[1:], terms[0])
         return z_next, (y, g, dys, dgs, gram)
 
 

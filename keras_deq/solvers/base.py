@@ -216,7 +216,7 @@ class Solver(configurable.Configurable):
                 best = res.update_last(best, z, abs_res, rel_res, stop_mode)
             else:
                 best = res.update_best(best, z, abs_res, rel_res, stop_mode, tol)
-            z_next, state = self.step(f, z, res.finite_image(fz, z), state, k)
+            z_next, state = self.step(f, z, res.finite_image(fz, z, abs_res), state, k)
             z_next, best = res.guard(best, z_next)
             go = ops.any(~best.failed) if fixed else res.keep_going(best, tol, stop_mode)
             return k + 1, z_next, state, best, go

@@ -157,8 +157,12 @@ def update_last(best, z, abs_res, rel_res, stop_mode):
     )
 
 
-def finite_image(fz, z):
+def finite_image(fz, z, abs_res):
     """`fz` for the samples whose image is finite, `z` (finite) for the others.
+
+    A sample's image counts as finite when its residual `abs_res = ||fz - z||` is
+    (`z` is finite): the same test, without a pass over the state; a finite image
+    so far from `z` that the norm overflows is a failed sample too (`update_best`).
 
     What `step` receives: the step of a sample whose `f(z)` is NaN or Inf is
     discarded (`guard` freezes the sample at its best iterate) but still computed,
@@ -167,8 +171,7 @@ def finite_image(fz, z):
     gradient (Broyden on JAX). With `z` in its place the step computes on finite
     values only; the other samples are unchanged.
     """
-    finite = ops.all(ops.isfinite(fz), axis=1, keepdims=True)
-    return ops.where(finite, fz, z)
+    return ops.where(ops.isfinite(abs_res)[:, None], fz, z)
 
 
 def guard(best, z_next):
