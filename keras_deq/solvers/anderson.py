@@ -73,7 +73,8 @@ class Anderson(Solver):
         # The last `window - 1` differences of the residuals g_i and of the mixed iterates
         # y_i = z_i + beta g_i, newest first, as tuples of (batch, n) tensors (a new
         # difference shifts the tuple, which copies nothing), their Gram matrix
-        # (batch, window - 1, window - 1), and the previous y and g.
+        # (batch, window - 1, window - 1), their inner products with the last g, which
+        # of them are real differences (window - 1,), and the previous y and g.
         del f
         if self.window == 1:
             return ()
@@ -82,7 +83,8 @@ class Anderson(Solver):
         batch_zeros = ops.zeros_like(ops.sum(ops.cast(zeros, _acc_dtype(z0.dtype)), axis=1))
         gram = ops.tile(batch_zeros[:, None, None], (1, size, size))
         rhs = ops.tile(batch_zeros[:, None], (1, size))
-        return zeros, zeros, (zeros,) * size, (zeros,) * size, gram, rhs
+        valid = ops.zeros((size,), dtype="bool")
+        return zeros, zeros, (zeros,) * size, (zeros,) * size, gram, rhs, valid
 
     def step(self, f, z, fz, state, k):
         del f
@@ -90,23 +92,25 @@ class Anderson(Solver):
         y = fz if self.beta == 1.0 else z + self.beta * g
         if self.window == 1:
             return y, state
-        y_prev, g_prev, dys, dgs, gram, rhs_prev = state
+        y_prev, g_prev, dys, dgs, gram, rhs_prev, valid = state
         acc = _acc_dtype(z.dtype)
-        # ||g_k||^2 computed as the loop's residual is (a graph computes it once); it only
-        # scales the ridge, so no gradient flows through it.
+        # ||g_k||^2 only scales the ridge, so no gradient flows through it.
         current = ops.stop_gradient(ops.sum(ops.square(ops.cast(g, acc)), axis=1))
         # A sample whose residual is not finite keeps g = 0 and y = z in its history, so
         # that no NaN enters it (nor the gradient of an unrolled solve); the loop freezes
-        # it. Iteration 0 pushes zero differences, which the solve drops.
+        # it.
         finite = ops.isfinite(current)
         current = ops.where(finite, current, 0.0)
-        g = ops.where(finite[:, None], g, 0.0)
-        y = ops.where(finite[:, None], y, z)
-        first = ops.cast(k > 0, z.dtype)
-        dg = (g - g_prev) * first
+        g = res.replace_rows(~finite, ops.zeros_like(g), g)
+        y = res.replace_rows(~finite, z, y)
+        # Iteration 0's differences (from the zero history) are not real ones: marked
+        # invalid, their inner products are zeroed, so the solve drops them.
+        valid = ops.concatenate([ops.reshape(k > 0, (1,)), valid[:-1]], axis=0)
+        dg = g - g_prev
         dgs = (dg, *dgs[:-1])
-        dys = ((y - y_prev) * first, *dys[:-1])
+        dys = (y - y_prev, *dys[:-1])
         row, rhs = _inner_products(dgs, dg, g, rhs_prev, acc)
+        row, rhs = (ops.where(valid[None, :], t, ops.zeros_like(t)) for t in (row, rhs))
         gram = ops.concatenate(
             [row[:, None, :], ops.concatenate([row[:, 1:, None], gram[:, :-1, :-1]], axis=2)],
             axis=1,
@@ -117,7 +121,7 @@ class Anderson(Solver):
         gamma = ops.cast(gamma, z.dtype)
         terms = [c * dy for c, dy in zip(ops.split(gamma, len(dys), axis=1), dys, strict=True)]
         z_next = y - sum(terms[1:], terms[0])
-        return z_next, (y, g, dys, dgs, gram, rhs)
+        return z_next, (y, g, dys, dgs, gram, rhs, valid)
 
 
 def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, ridge=1e-4):

@@ -10,6 +10,8 @@ import keras
 import ml_dtypes
 from keras import ops
 
+from keras_deq import backend
+
 STOP_MODES = ("rel", "abs")
 
 
@@ -171,7 +173,7 @@ def finite_image(fz, z, abs_res):
     gradient (Broyden on JAX). With `z` in its place the step computes on finite
     values only; the other samples are unchanged.
     """
-    return ops.where(ops.isfinite(abs_res)[:, None], fz, z)
+    return replace_rows(~ops.isfinite(abs_res), z, fz)
 
 
 def guard(best, z_next):
@@ -185,8 +187,22 @@ def guard(best, z_next):
     Returns:
         `(z_next, best)` with the failed samples' `z_next` replaced and marked.
     """
-    failed = best.failed | ~ops.all(ops.isfinite(z_next), axis=1)
-    return ops.where(failed[:, None], best.z, z_next), best._replace(failed=failed)
+    # A row's sum is not finite when one of its entries is not (or when the entries
+    # are so large that it overflows, where the residual would overflow next anyway).
+    failed = best.failed | ~ops.isfinite(ops.sum(z_next, axis=1))
+    return replace_rows(failed, best.z, z_next), best._replace(failed=failed)
+
+
+def replace_rows(rows, new, old):
+    """`old` with the rows (samples) where `rows` is True taken from `new`.
+
+    Where ops run one by one, the pass over the state is skipped when no row is
+    replaced (the common case: every sample finite); compiled, the select fuses with
+    its neighbours and costs nothing.
+    """
+    if not backend.runs_op_by_op():
+        return ops.where(rows[:, None], new, old)
+    return ops.cond(ops.any(rows), lambda: ops.where(rows[:, None], new, old), lambda: old)
 
 
 def converged(best, tol, stop_mode):
