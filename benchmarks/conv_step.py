@@ -11,11 +11,10 @@ time of one call of a `tf.function`:
 - `DEQ forward + backward`: the same and the implicit backward with Anderson, exactly
   `--bwd` adjoint iterations, gradients of the input and the weights;
 
-the DEQ rows for each `DEQ(jit_compile=...)` plan on this machine: `False` (the graph runs
-every op), `"auto"` (here, without GPU: each iteration's bookkeeping compiled by XLA, the
-convolutions left to the graph) and `True` (each solve compiled whole, convolutions
-included). The ratios are to the bare loops of the same calls, so they show the solver's
-own cost per plan.
+the DEQ rows for `DEQ(jit_compile=False)` (the graph runs every op; what `"auto"` does for a
+conv cell on a machine without GPU or TPU) and `True` (each solve compiled whole by XLA,
+convolutions included), with each forward solver of `--solvers` (the adjoint: Anderson). The ratios are to the
+bare loops of the same calls, so they show the solver's own cost.
 
     python benchmarks/conv_step.py            # 30 forward, 25 adjoint iterations
 """
@@ -83,17 +82,18 @@ def bare_loops(cell, x, fwd, bwd):
     return cell_loop, vjp_loop
 
 
-def deq_calls(cell, x, fwd, bwd, jit_compile):
+def deq_calls(cell, x, fwd, bwd, jit_compile, solver):
     # tol out of reach: every solve runs exactly its budget.
     deq = keras_deq.DEQ(
         cell,
-        solver="fixed_point",
+        solver=solver,
         max_iter=fwd,
         tol=1e-30,
         backward="implicit",
         backward_solver="anderson",
         backward_max_iter=bwd,
         backward_tol=1e-30,
+        solver_options={"window": 6} if solver == "anderson" else None,
         backward_solver_options={"window": 6},
         jit_compile=jit_compile,
         on_failure="ignore",
@@ -120,6 +120,9 @@ def main(argv=None):
     )
     parser.add_argument("--fwd", type=int, default=30, help="forward iterations")
     parser.add_argument("--bwd", type=int, default=25, help="adjoint iterations")
+    parser.add_argument(
+        "--solvers", nargs="+", default=["fixed_point", "anderson"], help="forward solvers"
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument(
@@ -138,20 +141,21 @@ def main(argv=None):
     bare_bwd = median_ms(vjp_loop, args.repeats, args.calls)
     print(f"conv cell, batch {BATCH}, state {SIDE}x{SIDE}x{CHANNELS}, threads {args.threads}")
     print()
-    print("| call | jit_compile | ms | ratio to the bare loops |")
-    print("|---|---|---|---|")
-    print(f"| bare cell loop ({args.fwd}) | - | {bare_fwd:.2f} | 1.00 |")
-    print(f"| bare vjp loop ({args.bwd}) | - | {bare_bwd:.2f} | 1.00 |")
-    for jit_compile in (False, "auto", True):
-        forward, forward_backward = deq_calls(cell, x, args.fwd, args.bwd, jit_compile)
-        fwd_ms = median_ms(forward, args.repeats, args.calls)
-        both_ms = median_ms(forward_backward, args.repeats, args.calls)
-        label = repr(jit_compile)
-        print(f"| DEQ forward | {label} | {fwd_ms:.2f} | {fwd_ms / bare_fwd:.2f} |")
-        print(
-            f"| DEQ forward + backward | {label} | {both_ms:.2f} "
-            f"| {both_ms / (bare_fwd + bare_bwd):.2f} |"
-        )
+    print("| call | forward solver | jit_compile | ms | ratio to the bare loops |")
+    print("|---|---|---|---|---|")
+    print(f"| bare cell loop ({args.fwd}) | - | - | {bare_fwd:.2f} | 1.00 |")
+    print(f"| bare vjp loop ({args.bwd}) | - | - | {bare_bwd:.2f} | 1.00 |")
+    for solver in args.solvers:
+        for jit_compile in (False, True):
+            forward, forward_backward = deq_calls(cell, x, args.fwd, args.bwd, jit_compile, solver)
+            fwd_ms = median_ms(forward, args.repeats, args.calls)
+            both_ms = median_ms(forward_backward, args.repeats, args.calls)
+            row = f"{solver} | {jit_compile}"
+            print(f"| DEQ forward | {row} | {fwd_ms:.2f} | {fwd_ms / bare_fwd:.2f} |")
+            print(
+                f"| DEQ forward + backward | {row} | {both_ms:.2f} "
+                f"| {both_ms / (bare_fwd + bare_bwd):.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -71,10 +71,10 @@ class Anderson(Solver):
 
     def init(self, f, z0):
         # The last `window - 1` differences of the residuals g_i and of the mixed iterates
-        # y_i = z_i + beta g_i, newest first, as tuples of (batch, n) tensors (a new
-        # difference shifts the tuple, which copies nothing), their Gram matrix
-        # (batch, window - 1, window - 1), their inner products with the last g, which
-        # of them are real differences (window - 1,), and the previous y and g.
+        # y_i = z_i + beta g_i (see `_history`), their Gram matrix and their inner
+        # products with the last g, newest first, (batch, window - 1, window - 1) and
+        # (batch, window - 1), which of them are real differences (window - 1,), and
+        # the previous y and g.
         del f
         if self.window == 1:
             return ()
@@ -84,7 +84,8 @@ class Anderson(Solver):
         gram = ops.tile(batch_zeros[:, None, None], (1, size, size))
         rhs = ops.tile(batch_zeros[:, None], (1, size))
         valid = ops.zeros((size,), dtype="bool")
-        return zeros, zeros, (zeros,) * size, (zeros,) * size, gram, rhs, valid
+        history = _history(zeros, size)
+        return zeros, zeros, history, history, gram, rhs, valid
 
     def step(self, f, z, fz, state, k):
         del f
@@ -107,9 +108,17 @@ class Anderson(Solver):
         # invalid, their inner products are zeroed, so the solve drops them.
         valid = ops.concatenate([ops.reshape(k > 0, (1,)), valid[:-1]], axis=0)
         dg = g - g_prev
-        dgs = (dg, *dgs[:-1])
-        dys = (y - y_prev, *dys[:-1])
-        row, rhs = _inner_products(dgs, dg, g, rhs_prev, acc)
+        if isinstance(dgs, tuple):
+            dgs, dys = (dg, *dgs[:-1]), (y - y_prev, *dys[:-1])
+            row, rhs = _inner_products(dgs, dg, g, rhs_prev, acc)
+        else:
+            order = _newest_first(k, self.window - 1)
+            dgs, dys = _write(dgs, k, dg), _write(dys, k, y - y_prev)
+            stacked = ops.cast(dgs, acc)
+            row, rhs = (
+                ops.take(ops.einsum("bpn,bn->bp", stacked, ops.cast(v, acc)), order, axis=1)
+                for v in (dg, g)
+            )
         row, rhs = (ops.where(valid[None, :], t, ops.zeros_like(t)) for t in (row, rhs))
         gram = ops.concatenate(
             [row[:, None, :], ops.concatenate([row[:, 1:, None], gram[:, :-1, :-1]], axis=2)],
@@ -119,8 +128,11 @@ class Anderson(Solver):
         # one by one (`backend.compiled_step`): 0.05 ms less per iteration there.
         gamma = backend.compiled_step(_coefficients)(gram, rhs, current, self.ridge)
         gamma = ops.cast(gamma, z.dtype)
-        terms = [c * dy for c, dy in zip(ops.split(gamma, len(dys), axis=1), dys, strict=True)]
-        z_next = y - sum(terms[1:], terms[0])
+        if isinstance(dys, tuple):
+            terms = [c * d for c, d in zip(ops.split(gamma, len(dys), axis=1), dys, strict=True)]
+            z_next = y - sum(terms[1:], terms[0])
+        else:  # `order` maps slots to ages and back
+            z_next = y - ops.einsum("bp,bpn->bn", ops.take(gamma, order, axis=1), dys)
         return z_next, (y, g, dys, dgs, gram, rhs, valid)
 
 
@@ -161,26 +173,46 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
     return Anderson(max_iter, tol, stop_mode, window, beta, ridge)(f, z0)
 
 
-def _inner_products(dgs, dg, g, rhs_prev, acc):
-    """`(<dg_i, dg>, <dg_i, g>)` over the differences `dgs` (`dg` the newest, `dgs[0]`),
-    `(batch, p)` each, in `acc`; `rhs_prev` is the previous iteration's `<dg_i, g>`.
+def _history(zeros, size):
+    """An empty history of `size` differences shaped like `zeros` `(batch, n)`.
 
-    Where ops run one by one (a TensorFlow graph outside XLA), each op costs a pass and
-    a dispatch: `<dg_i, g>` one difference at a time (no stacked copy), and, for the
-    older differences, `<dg_i, dg> = <dg_i, g> - <dg_i, g_prev>`, the second term being
-    last iteration's `rhs` (`dg = g - g_prev`): p + 1 products instead of 2p. Its
-    rounding error, about `eps ||g|| / ||dg||` relative, matters only when
-    the residual stalls, where the ridge dominates. Compiled (XLA, JAX), as batched
-    matrix products of a stacked copy, which XLA computes well.
+    Where ops run one by one (a TensorFlow graph outside XLA), a tuple of `(batch, n)`
+    tensors, newest first: a new difference shifts the tuple, which copies nothing.
+    Compiled (XLA, JAX), a ring buffer `(batch, size, n)` written in place at slot
+    `k % size` (a shifted tuple would be copied there at every iteration).
+    """
+    if backend.runs_op_by_op():
+        return (zeros,) * size
+    return ops.zeros((ops.shape(zeros)[0], size, ops.shape(zeros)[1]), dtype=zeros.dtype)
+
+
+def _write(ring, k, value):
+    """`ring` with iteration `k`'s difference `value` `(batch, n)` in slot `k % size`."""
+    slot = ops.mod(ops.cast(k, "int32"), ring.shape[1])
+    return ops.slice_update(ring, (0, slot, 0), value[:, None, :])
+
+
+def _newest_first(k, size):
+    """The ring's slots from the newest difference (iteration `k`'s) to the oldest; the
+    same map takes a slot back to its age."""
+    return ops.mod(ops.cast(k, "int32") - ops.arange(size, dtype="int32"), size)
+
+
+def _inner_products(dgs, dg, g, rhs_prev, acc):
+    """`(<dg_i, dg>, <dg_i, g>)` over the differences `dgs` (a tuple, newest first: `dg`
+    is `dgs[0]`), `(batch, p)` each, in `acc`; `rhs_prev` is the previous iteration's
+    `<dg_i, g>`. For graphs that run op by op, where each op costs a pass and a
+    dispatch: `<dg_i, g>` one difference at a time (no stacked copy), and, for the
+    older differences, `<dg_i, dg> = <dg_i, g> - <dg_i, g_prev>`, the second term
+    being last iteration's `rhs` (`dg = g - g_prev`): p + 1 products instead of 2p.
+    Its rounding error, about `eps ||g|| / ||dg||` relative, matters only when the
+    residual stalls, where the ridge dominates.
     """
     dg, g = ops.cast(dg, acc), ops.cast(g, acc)
-    if backend.runs_op_by_op():
-        dgs = [dg, *(ops.cast(d, acc) for d in dgs[1:])]
-        rhs = ops.stack([ops.sum(d * g, axis=1) for d in dgs], axis=1)
-        newest = ops.sum(dg * dg, axis=1, keepdims=True)
-        return ops.concatenate([newest, rhs[:, 1:] - rhs_prev[:, :-1]], axis=1), rhs
-    stacked = ops.cast(ops.stack(dgs, axis=1), acc)
-    return ops.einsum("bpn,bn->bp", stacked, dg), ops.einsum("bpn,bn->bp", stacked, g)
+    dgs = [dg, *(ops.cast(d, acc) for d in dgs[1:])]
+    rhs = ops.stack([ops.sum(d * g, axis=1) for d in dgs], axis=1)
+    newest = ops.sum(dg * dg, axis=1, keepdims=True)
+    return ops.concatenate([newest, rhs[:, 1:] - rhs_prev[:, :-1]], axis=1), rhs
 
 
 def _acc_dtype(dtype):
