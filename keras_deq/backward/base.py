@@ -107,8 +107,8 @@ class JacobianFree(Backward):
             result = problem.forward(lambda z: fn(z, x_const), problem.z0)
         z_star = keras.tree.map_structure(keras.ops.stop_gradient, result.state)
         ok = rows.solved_rows(result, x)
-        z = self.refine(fn, rows.mask_rows(x, ok), rows.mask_rows(z_star, ok))
-        return rows.select_rows(ok, z, z_star), result
+        z = self.refine(fn, rows.mask_rows(x, ok, lazy=True), rows.mask_rows(z_star, ok, lazy=True))
+        return rows.select_rows(ok, z, z_star, lazy=True), result
 
 
 def get(identifier, **overrides):

@@ -26,22 +26,32 @@ def finite_rows(structure):
     return ops.all(ops.stack(rows), axis=0)
 
 
-def mask_rows(structure, ok):
+def mask_rows(structure, ok, lazy=False):
     """Zeros the rows (first axis) of every float tensor in `structure` where `ok` is
     False, so that differentiating through a failed sample gives exact zeros, not
-    `NaN * 0`."""
+    `NaN * 0`. `lazy`: see `select_rows`."""
 
-    def mask(t):
-        if not backend.is_float(t):
-            return t
-        return ops.where(_rows(ok, t), t, ops.zeros_like(t))
+    def zeros(t):
+        return ops.zeros_like(t) if backend.is_float(t) else t
 
-    return keras.tree.map_structure(mask, structure)
+    return select_rows(ok, structure, keras.tree.map_structure(zeros, structure), lazy)
 
 
-def select_rows(ok, a, b):
-    """Rows of nest `a` where `ok`, else rows of nest `b`."""
-    return keras.tree.map_structure(lambda t, u: ops.where(_rows(ok, t), t, u), a, b)
+def select_rows(ok, a, b, lazy=False):
+    """Rows of nest `a` where `ok`, else rows of nest `b`.
+
+    With `lazy`, in a graph that runs op by op (TensorFlow outside XLA), the selects
+    and their gradients are skipped under a `cond` when every row is `ok` (the common
+    case). Not for values that a gradient compiled by XLA differentiates through
+    (the adjoint solve's tape): XLA cannot compile a `cond`'s gradient state.
+    """
+
+    def select():
+        return keras.tree.map_structure(lambda t, u: ops.where(_rows(ok, t), t, u), a, b)
+
+    if not lazy or not backend.runs_op_by_op() or backend.executing_eagerly():
+        return select()
+    return ops.cond(ops.all(ok), lambda: a, select)
 
 
 def _rows(ok, t):
@@ -65,6 +75,6 @@ def finite_upstream(z):
 
     def clean(upstream):
         upstream = zeros_for_none(upstream, flat)
-        return [ops.where(_rows(finite_rows(g), g), g, ops.zeros_like(g)) for g in upstream]
+        return [mask_rows(g, finite_rows(g), lazy=True) for g in upstream]
 
     return keras.tree.pack_sequence_as(z, backend.identity_with_gradient(flat, clean))
