@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_deq import backend
+from keras_deq.solvers import result as res
 
 
 def solved_rows(result, x):
@@ -31,32 +32,19 @@ def mask_rows(structure, ok, lazy=False):
     False, so that differentiating through a failed sample gives exact zeros, not
     `NaN * 0`. `lazy`: see `select_rows`."""
 
-    def zeros(t):
-        return ops.zeros_like(t) if backend.is_float(t) else t
+    def zeros():
+        return keras.tree.map_structure(
+            lambda t: ops.zeros_like(t) if backend.is_float(t) else t, structure
+        )
 
-    return select_rows(ok, structure, keras.tree.map_structure(zeros, structure), lazy)
+    return select_rows(ok, structure, zeros, lazy)
 
 
 def select_rows(ok, a, b, lazy=False):
-    """Rows of nest `a` where `ok`, else rows of nest `b`.
-
-    With `lazy`, in a graph that runs op by op (TensorFlow outside XLA), the selects
-    and their gradients are skipped under a `cond` when every row is `ok` (the common
-    case). Not for values that a gradient compiled by XLA differentiates through
-    (the adjoint solve's tape): XLA cannot compile a `cond`'s gradient state.
-    """
-
-    def select():
-        return keras.tree.map_structure(lambda t, u: ops.where(_rows(ok, t), t, u), a, b)
-
-    if not lazy or not backend.runs_op_by_op() or backend.executing_eagerly():
-        return select()
-    return ops.cond(ops.all(ok), lambda: a, select)
-
-
-def _rows(ok, t):
-    """`ok` `(batch,)` shaped to broadcast over the rows of `t`."""
-    return ops.reshape(ok, (-1,) + (1,) * (len(t.shape) - 1))
+    """Rows of nest `a` where `ok`, else rows of nest `b` (or of the nest a function `b`
+    returns). With `lazy`, skipped when every row is `ok`
+    (`keras_deq.solvers.result.replace_rows`)."""
+    return (res.replace_rows if lazy else res.where_rows)(ops.logical_not(ok), b, a)
 
 
 def zeros_for_none(grads, like):

@@ -102,8 +102,7 @@ class Anderson(Solver):
         # it.
         finite = ops.isfinite(current)
         current = ops.where(finite, current, 0.0)
-        g = res.replace_rows(~finite, ops.zeros_like(g), g)
-        y = res.replace_rows(~finite, z, y)
+        g, y = res.replace_rows(~finite, lambda: (ops.zeros_like(g), z), (g, y))
         # Iteration 0's differences (from the zero history) are not real ones: marked
         # invalid, their inner products are zeroed, so the solve drops them.
         valid = ops.concatenate([ops.reshape(k > 0, (1,)), valid[:-1]], axis=0)

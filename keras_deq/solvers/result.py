@@ -193,16 +193,28 @@ def guard(best, z_next):
     return replace_rows(failed, best.z, z_next), best._replace(failed=failed)
 
 
-def replace_rows(rows, new, old):
-    """`old` with the rows (samples) where `rows` is True taken from `new`.
+def where_rows(rows, new, old):
+    """`old` (a nest of `(batch, ...)` tensors) with the rows (samples) where `rows`
+    `(batch,)` is True taken from `new`: a nest like `old`, or a function returning one.
+    """
+    new = new() if callable(new) else new
 
-    Where ops run one by one, the pass over the state is skipped when no row is
-    replaced (the common case: every sample finite); compiled, the select fuses with
-    its neighbours and costs nothing.
+    def select(n, o):
+        return ops.where(ops.reshape(rows, (-1,) + (1,) * (len(o.shape) - 1)), n, o)
+
+    return keras.tree.map_structure(select, new, old)
+
+
+def replace_rows(rows, new, old):
+    """`where_rows(rows, new, old)`, skipped where ops run one by one when no row is
+    replaced (the common case: every sample finite), under a `cond` that also builds
+    `new` only when needed (pass a function); compiled, the select fuses with its
+    neighbours and costs nothing. Not for values that a gradient compiled by XLA
+    differentiates through: XLA cannot compile a `cond`'s gradient state.
     """
     if not backend.runs_op_by_op():
-        return ops.where(rows[:, None], new, old)
-    return ops.cond(ops.any(rows), lambda: ops.where(rows[:, None], new, old), lambda: old)
+        return where_rows(rows, new, old)
+    return ops.cond(ops.any(rows), lambda: where_rows(rows, new, old), lambda: old)
 
 
 def converged(best, tol, stop_mode):
