@@ -47,6 +47,11 @@ def outside_xla_graph():
     return not tf.executing_eagerly() and not in_xla_context() and not in_save_context()
 
 
+def select_rows(rows, new, old):
+    """The rows of `new` where `rows` `(batch,)` is True, else of `old` (same shapes)."""
+    return tf.raw_ops.Select(condition=rows, x=new, y=old)
+
+
 def xla_call(fn, *args):
     """`fn(*args)` compiled by XLA as one cluster inside the graph being traced.
 

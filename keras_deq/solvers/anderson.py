@@ -62,6 +62,7 @@ class Anderson(Solver):
     """
 
     name = "anderson"
+    uses_residual = True
 
     def __init__(self, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, ridge=1e-4):
         super().__init__(max_iter, tol, stop_mode)
@@ -87,25 +88,15 @@ class Anderson(Solver):
         history = _history(zeros, size)
         return zeros, zeros, history, history, gram, rhs, valid
 
-    def step(self, f, z, fz, state, k):
+    def step(self, f, z, fz, state, k, residual):
         del f
-        g = fz - z
+        # `current` = ||g_k||^2 only scales the ridge; the loop's carries no gradient.
+        g, current = residual
         y = fz if self.beta == 1.0 else z + self.beta * g
         if self.window == 1:
             return y, state
         y_prev, g_prev, dys, dgs, gram, rhs_prev, valid = state
         acc = _acc_dtype(z.dtype)
-        # ||g_k||^2 only scales the ridge, so no gradient flows through it.
-        current = ops.stop_gradient(ops.sum(ops.square(ops.cast(g, acc)), axis=1))
-        # A sample whose residual is not finite keeps g = 0 and y = z in its history, so
-        # that no NaN enters it (nor the gradient of an unrolled solve); the loop freezes
-        # it.
-        finite = ops.isfinite(current)
-        current = ops.where(finite, current, 0.0)
-        g, y = res.replace_rows(~finite, lambda: (ops.zeros_like(g), z), (g, y))
-        # Iteration 0's differences (from the zero history) are not real ones: marked
-        # invalid, their inner products are zeroed, so the solve drops them.
-        valid = ops.concatenate([ops.reshape(k > 0, (1,)), valid[:-1]], axis=0)
         dg = g - g_prev
         if isinstance(dgs, tuple):
             dgs, dys = (dg, *dgs[:-1]), (y - y_prev, *dys[:-1])
@@ -118,14 +109,11 @@ class Anderson(Solver):
                 ops.take(ops.einsum("bpn,bn->bp", stacked, ops.cast(v, acc)), order, axis=1)
                 for v in (dg, g)
             )
-        row, rhs = (ops.where(valid[None, :], t, ops.zeros_like(t)) for t in (row, rhs))
-        gram = ops.concatenate(
-            [row[:, None, :], ops.concatenate([row[:, 1:, None], gram[:, :-1, :-1]], axis=2)],
-            axis=1,
-        )
         # The small systems: a few dozen tiny ops, one compiled program where ops run
         # one by one (`backend.compiled_step`): 0.05 ms less per iteration there.
-        gamma = backend.compiled_step(_coefficients)(gram, rhs, current, self.ridge)
+        gamma, gram, rhs, valid = backend.compiled_step(_small_system)(
+            row, rhs, gram, valid, k, current, self.ridge
+        )
         gamma = ops.cast(gamma, z.dtype)
         if isinstance(dys, tuple):
             terms = [c * d for c, d in zip(ops.split(gamma, len(dys), axis=1), dys, strict=True)]
@@ -216,6 +204,24 @@ def _inner_products(dgs, dg, g, rhs_prev, acc):
 
 def _acc_dtype(dtype):
     return keras.backend.standardize_dtype(res.accumulation_dtype(dtype))
+
+
+def _small_system(row, rhs, gram, valid, k, current, ridge):
+    """The coefficients `gamma` and the updated `(gram, rhs, valid)` of iteration `k`.
+
+    `row` and `rhs` are the new difference's inner products with the differences
+    (itself first) and the newest residual's, newest first; `gram` and `valid` the
+    previous iteration's. Iteration 0's differences (from the zero history) are not
+    real ones: marked invalid, their inner products are zeroed, so the solve drops
+    them.
+    """
+    valid = ops.concatenate([ops.reshape(k > 0, (1,)), valid[:-1]], axis=0)
+    row, rhs = (ops.where(valid[None, :], t, ops.zeros_like(t)) for t in (row, rhs))
+    gram = ops.concatenate(
+        [row[:, None, :], ops.concatenate([row[:, 1:, None], gram[:, :-1, :-1]], axis=2)],
+        axis=1,
+    )
+    return _coefficients(gram, rhs, current, ridge), gram, rhs, valid
 
 
 def _coefficients(gram, rhs, current, ridge):

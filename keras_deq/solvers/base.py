@@ -121,6 +121,8 @@ class Solver(configurable.Configurable):
     fixed_steps = False
     # Names of the maps of the state, besides `f`, that `__call__` takes (see above).
     extra_maps = ()
+    # Whether `step` takes the residual the loop computed, `residual=(g, square)`.
+    uses_residual = False
 
     def __init__(self, max_iter=50, tol=1e-4, stop_mode="rel"):
         self.max_iter = common.check_max_iter(max_iter)
@@ -149,10 +151,16 @@ class Solver(configurable.Configurable):
         Args:
             f: The map on `(batch, n)` matrices; do not evaluate it (see `init`).
             z: The current iterate, `(batch, n)`.
-            fz: `f(z)`, evaluated by the loop; for a sample where it is not finite,
-                `z` (that sample's step is discarded, see below).
+            fz: `f(z)`, evaluated by the loop. For a sample whose residual is not
+                finite, `z` and `fz` are both its best iterate (that sample's step is
+                discarded, see below).
             state: The solver's loop state (from `init` or the previous `step`).
             k: Scalar int32 tensor, the iteration's index (0 for `z0`).
+
+        A solver whose class attribute `uses_residual` is True takes one more
+        argument, `residual`: `(g, square)`, the residual `g = fz - z` `(batch, n)`
+        the loop computed (0 for the samples above) and its squared norm `(batch,)`
+        without gradient, so that it does not compute them again (`Anderson`).
 
         Returns:
             `(z_next, state)`. The loop replaces `z_next` by the best finite
@@ -210,14 +218,28 @@ class Solver(configurable.Configurable):
         tol, stop_mode, fixed = self.tol, self.stop_mode, self.fixed_steps
         max_iter = common.loop_bound(self.max_iter)
 
+        bound = _differentiable_bound(max_iter)
+        # Where the loop runs op by op and nothing differentiates it, a new iterate is
+        # checked for NaN or Inf at its next evaluation (`res.nonfinite_rows`), one
+        # pass less per iteration; elsewhere before it (`res.guard`), so that no
+        # non-finite value reaches `f`.
+        guard_each_step = bound is not None or not backend.runs_op_by_op()
+
         def advance(k, z, fz, state, best):
-            abs_res, rel_res = res.residuals(fz, z)
+            residual = res.residuals(fz, z)
+            abs_res, rel_res = residual.abs_residual, residual.rel_residual
             if fixed:
                 best = res.update_last(best, z, abs_res, rel_res, stop_mode)
             else:
                 best = res.update_best(best, z, abs_res, rel_res, stop_mode, tol)
-            z_next, state = self.step(f, z, res.finite_image(fz, z, abs_res), state, k)
-            z_next, best = res.guard(best, z_next)
+            z, fz, g = res.nonfinite_rows(residual, best, z, fz)
+            if self.uses_residual:
+                square = ops.where(ops.isfinite(residual.square), residual.square, 0.0)
+                z_next, state = self.step(f, z, fz, state, k, residual=(g, square))
+            else:
+                z_next, state = self.step(f, z, fz, state, k)
+            if guard_each_step:
+                z_next, best = res.guard(best, z_next)
             go = ops.any(~best.failed) if fixed else res.keep_going(best, tol, stop_mode)
             return k + 1, z_next, state, best, go
 
@@ -229,13 +251,14 @@ class Solver(configurable.Configurable):
 
         k0, go = ops.convert_to_tensor(0, "int32"), ops.convert_to_tensor(True)
         loop_vars = (k0, z0, self.init(f, z0), res.initial_best(z0), go)
-        bound = _differentiable_bound(max_iter)
         if bound is None:
             steps, z, _, best, _ = ops.while_loop(
                 cond, body, loop_vars, maximum_iterations=max_iter
             )
         else:
             steps, z, _, best, _ = backend.masked_while_loop(cond, body, loop_vars, bound)
+        if not guard_each_step:  # the last iterate, never evaluated
+            z, best = res.guard(best, z)
         if fixed:  # the last iterate (a frozen sample's is its last finite one)
             best = best._replace(z=z)
         return res.to_result(best, steps, tol, stop_mode, unpack or (lambda z: z))

@@ -88,16 +88,26 @@ def relative(abs_res, f_norm):
     return ops.where(ops.isfinite(abs_res), capped, ratio)
 
 
+class Residual(NamedTuple):
+    """An iterate's residual `g = f(z) - z` `(batch, n)`, its squared norm `square`
+    `(batch,)`, and the absolute and relative residuals `(batch,)` (see `residuals`)."""
+
+    g: Any
+    square: Any
+    abs_residual: Any
+    rel_residual: Any
+
+
 def residuals(fz, z):
-    """Per-sample absolute and relative residuals of flat `(batch, n)` states."""
-    acc = accumulation_dtype(z.dtype)
-    fz_acc = ops.cast(fz, acc)
-    diff = fz_acc - ops.cast(z, acc)
-    abs_res = ops.sqrt(ops.sum(diff * diff, axis=1))
-    f_norm = ops.sqrt(ops.sum(fz_acc * fz_acc, axis=1))
-    # Residuals only steer the solve; without stop_gradient, differentiating
-    # through an unrolled solve would keep `fz - z` of every iteration.
-    return ops.stop_gradient(abs_res), ops.stop_gradient(relative(abs_res, f_norm))
+    """The `Residual` of flat `(batch, n)` states `z` (float32 or float64) and their
+    images `fz`. The norms carry no gradient: they only steer the solve (without
+    `stop_gradient`, differentiating an unrolled solve would keep `fz - z` of every
+    iteration); `g` does."""
+    g = fz - z
+    square = ops.stop_gradient(ops.sum(g * g, axis=1))
+    abs_res = ops.sqrt(square)
+    f_norm = ops.sqrt(ops.stop_gradient(ops.sum(fz * fz, axis=1)))
+    return Residual(g, square, abs_res, relative(abs_res, f_norm))
 
 
 class Best(NamedTuple):
@@ -138,7 +148,7 @@ def update_best(best, z, abs_res, rel_res, stop_mode, tol):
     meets = residual <= tol
     better = (meets | (abs_res < best.abs_residual)) & ~(best_residual <= tol) & ~best.failed
     return Best(
-        ops.where(better[:, None], z, best.z),
+        where_rows(better, z, best.z),
         ops.where(better, abs_res, best.abs_residual),
         ops.where(better, rel_res, best.rel_residual),
         best.failed | ~ops.isfinite(residual),
@@ -152,37 +162,44 @@ def update_last(best, z, abs_res, rel_res, stop_mode):
     finite = ops.isfinite(criterion(abs_res, rel_res, stop_mode))
     take = finite & ~best.failed
     return Best(
-        ops.where(take[:, None], z, best.z),
+        where_rows(take, z, best.z),
         ops.where(take, abs_res, best.abs_residual),
         ops.where(take, rel_res, best.rel_residual),
         best.failed | ~finite,
     )
 
 
-def finite_image(fz, z, abs_res):
-    """`fz` for the samples whose image is finite, `z` (finite) for the others.
+def nonfinite_rows(residual, best, z, fz):
+    """`(z, fz, g)` with the rows whose residual is not finite replaced by
+    `(best.z, best.z, 0)`: what `step` receives.
 
-    A sample's image counts as finite when its residual `abs_res = ||fz - z||` is
-    (`z` is finite): the same test, without a pass over the state; a finite image
-    so far from `z` that the norm overflows is a failed sample too (`update_best`).
-
-    What `step` receives: the step of a sample whose `f(z)` is NaN or Inf is
-    discarded (`guard` freezes the sample at its best iterate) but still computed,
-    and autodiff through an unrolled solve goes through it; a `where` passes it a
-    zero cotangent, and zero times a NaN or Inf value is NaN, which reached the
-    gradient (Broyden on JAX). With `z` in its place the step computes on finite
-    values only; the other samples are unchanged.
+    A sample's residual is not finite when `f(z)` is not, when `z` is not (a step that
+    overflowed: the loop checks the new iterate only here, at its next evaluation,
+    where it runs op by op and no gradient goes through the loop), or when the two
+    are so far apart that the norm overflows. Its step is discarded (the loop
+    freezes the sample at its best iterate) but still computed, and autodiff through
+    an unrolled solve goes through it; a `where` passes it a zero cotangent, and zero
+    times a NaN or Inf value is NaN, which reached the gradient (Broyden on JAX).
+    From the best iterate, where `f` was finite, with a zero residual, the step
+    computes on finite values only; the other samples are unchanged.
     """
-    return replace_rows(~ops.isfinite(abs_res), z, fz)
+    g = residual.g
+    return replace_rows(
+        ~ops.isfinite(residual.abs_residual),
+        lambda: (best.z, best.z, ops.zeros_like(g)),
+        (z, fz, g),
+    )
 
 
 def guard(best, z_next):
-    """Freezes the samples that met a non-finite value at their best iterate.
+    """Freezes the samples whose new iterate is not finite at their best iterate.
 
     A failed sample (non-finite `f(z)` so far, or a non-finite `z_next` now) goes
     on from its best iterate, where `f` was finite, so the solver never feeds NaN
-    or Inf back into `f` (nor into autodiff of an unrolled solve), and it stops
-    counting for `keep_going`.
+    or Inf to `f` (nor to autodiff of an unrolled solve), and it stops counting for
+    `keep_going`. Where the loop runs op by op and is not differentiated, it checks
+    `z_next` at its next evaluation instead (`nonfinite_rows`), and here only after
+    the last iteration.
 
     Returns:
         `(z_next, best)` with the failed samples' `z_next` replaced and marked.
@@ -200,7 +217,7 @@ def where_rows(rows, new, old):
     new = new() if callable(new) else new
 
     def select(n, o):
-        return ops.where(ops.reshape(rows, (-1,) + (1,) * (len(o.shape) - 1)), n, o)
+        return backend.select_rows(rows, n, o)
 
     return keras.tree.map_structure(select, new, old)
 
