@@ -11,9 +11,10 @@ time of one call of a `tf.function`:
 - `DEQ forward + backward`: the same and the implicit backward with Anderson, exactly
   `--bwd` adjoint iterations, gradients of the input and the weights;
 
-the DEQ rows for `DEQ(jit_compile=False)` (the graph runs every op; what `"auto"` does for a
-conv cell on a machine without GPU or TPU) and `True` (each solve compiled whole by XLA,
-convolutions included), with each forward solver of `--solvers` (the adjoint: Anderson). The ratios are to the
+the DEQ rows for `DEQ(jit_compile=False)` (the graph runs every op), `"auto"` (on a machine
+without GPU or TPU, for a conv cell: the Anderson forward solve compiled whole, the
+fixed-point forward and the adjoint in the graph) and `True` (each solve compiled whole by
+XLA, convolutions included), with each forward solver of `--solvers` (the adjoint: Anderson). The ratios are to the
 bare loops of the same calls, so they show the solver's own cost.
 
     python benchmarks/conv_step.py            # 30 forward, 25 adjoint iterations
@@ -146,7 +147,7 @@ def main(argv=None):
     print(f"| bare cell loop ({args.fwd}) | - | - | {bare_fwd:.2f} | 1.00 |")
     print(f"| bare vjp loop ({args.bwd}) | - | - | {bare_bwd:.2f} | 1.00 |")
     for solver in args.solvers:
-        for jit_compile in (False, True):
+        for jit_compile in (False, "auto", True):
             forward, forward_backward = deq_calls(cell, x, args.fwd, args.bwd, jit_compile, solver)
             fwd_ms = median_ms(forward, args.repeats, args.calls)
             both_ms = median_ms(forward_backward, args.repeats, args.calls)

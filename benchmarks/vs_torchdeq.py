@@ -177,6 +177,15 @@ def keras_settings(config):
     }
 
 
+# `--model-jit-compile`: the value of Keras' `compile(jit_compile=...)` for each cell.
+MODEL_JIT_COMPILE = {
+    "auto": lambda cell: "auto",
+    "true": lambda cell: True,
+    "false": lambda cell: False,
+    "mlp": lambda cell: True if cell == "mlp" else "auto",
+}
+
+
 def run_keras(
     cell,
     config,
@@ -187,6 +196,7 @@ def run_keras(
     steps_per_execution=1,
     input_pipeline="numpy",
     deq_jit_compile="auto",
+    model_jit_compile="auto",
 ):
     import keras
 
@@ -235,6 +245,7 @@ def run_keras(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,
+        jit_compile=MODEL_JIT_COMPILE[model_jit_compile](cell),
     )
 
     class Timer(keras.callbacks.Callback):
@@ -495,6 +506,7 @@ def worker(args):
             steps_per_execution=args.steps_per_execution,
             input_pipeline=args.input,
             deq_jit_compile={"auto": "auto", "true": True, "false": False}[args.deq_jit_compile],
+            model_jit_compile=args.model_jit_compile,
         )
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -532,6 +544,8 @@ def spawn(lib, cell, config, args):
         args.input,
         "--deq-jit-compile",
         args.deq_jit_compile,
+        "--model-jit-compile",
+        args.model_jit_compile,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
@@ -582,6 +596,15 @@ def main(argv=None):
         choices=["auto", "true", "false"],
         help="keras_deq's DEQ(jit_compile=...): its solves compiled apart by XLA",
     )
+    parser.add_argument(
+        "--model-jit-compile",
+        default="auto",
+        choices=list(MODEL_JIT_COMPILE),
+        help="Keras' compile(jit_compile=...) for keras_deq on TensorFlow: the whole training "
+        "step compiled by XLA ('auto': Keras' default, no XLA on a CPU-only machine; 'mlp': "
+        "True for the mlp cell, 'auto' for the conv cell, whose convolution gradients XLA "
+        "computes slowly on CPU)",
+    )
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
     parser.add_argument("--cell", default="mlp", help=argparse.SUPPRESS)
@@ -595,7 +618,7 @@ def main(argv=None):
     print(
         f"epochs={args.epochs} threads={args.threads} repeats={args.repeats} batch=64 "
         f"Adam(1e-3) steps_per_execution={args.steps_per_execution} input={args.input} "
-        f"DEQ(jit_compile={args.deq_jit_compile}) "
+        f"DEQ(jit_compile={args.deq_jit_compile}) compile(jit_compile={args.model_jit_compile}) "
         "(keras_deq); "
         f"configurations: {CONFIGS}",
         flush=True,

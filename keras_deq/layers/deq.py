@@ -131,9 +131,11 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             evaluations cost instead of paying per-op dispatch (about 2x faster
             training of small cells; each new batch shape compiles once, a few
             seconds). `"auto"` (default): when every layer of the cell has
-            `supports_jit`, except a cell with a Keras convolution layer on a
-            machine without GPU or TPU (XLA's CPU convolutions ran about 2x
-            slower than TensorFlow's); `True`: always; `False`: never (the
+            `supports_jit`; for a cell with a Keras convolution layer on a
+            machine without GPU or TPU (XLA's CPU convolutions, their gradients
+            most, run slower than TensorFlow's), only a forward solve whose
+            step is more than a few elementwise ops (Anderson, Broyden);
+            `True`: always; `False`: never (the
             solvers' own small linear systems, which hold no layer of the
             cell, are compiled apart either way). A solve that is
             differentiated through (`backward="unrolled"`) is never compiled
@@ -285,18 +287,19 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         self._explicit_depth = value
 
     # ------------------------------------------------------------------- call
-    def _solver(self, solver, max_iter=None, differentiated=False, maps=None):
+    def _solver(self, solver, max_iter=None, differentiated=False, maps=None, adjoint=False):
         """`solver` as a function `(f, z0) -> SolverResult` over the solver batch dims,
         with `max_iter` (an int or a run-time tensor) replacing its own when given and
         `maps` (the cell's maps it asks for, `Solver.extra_maps`) passed to it,
-        compiled apart as `jit_compile` says (`arguments.compiles_solves`) unless it is
-        `differentiated`."""
+        compiled apart as `jit_compile` says (`arguments.compiles_solves`; `adjoint`:
+        the implicit backward's solve) unless it is `differentiated`."""
         overrides = {} if max_iter is None else {"max_iter": max_iter}
         solve = common.per_entry(
             lambda f, z0, **m: solver(f, z0, **m, **overrides), self.solver_batch_dims
         )
         solve = functools.partial(solve, **(maps or {}))
-        if not differentiated and arguments.compiles_solves(self.jit_compile, self.cell):
+        compiles = arguments.compiles_solves(self.jit_compile, self.cell, solver, adjoint)
+        if not differentiated and compiles:
             return backend.compiled_solve(solve)
         return solve
 
@@ -355,7 +358,7 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
                 differentiated=mode.differentiates_forward,
                 maps=state.solver_maps(self.cell, self._forward),
             ),
-            adjoint=self._solver(self._adjoint),
+            adjoint=self._solver(self._adjoint, adjoint=True),
             variables=tuple(self.cell.trainable_variables),
             # Statistics of the adjoint solve only while training: the gradient
             # function would otherwise capture the metric variables, which

@@ -235,7 +235,12 @@ def supports_jit(layer):
 # conv cell; the adjoint's transposed convolutions most), while a dense cell's took
 # half as long. Compiling each iteration's bookkeeping apart and leaving the cell to
 # the graph was tried (until 2026-12-03) and lost to the plain graph once Anderson's
-# graph-mode step was made lean (benchmarks/conv_step.py).
+# graph-mode step was made lean (benchmarks/conv_step.py). A forward solve whose
+# bookkeeping is more than a few elementwise ops (Anderson, Broyden) is compiled all the
+# same: once Anderson's compiled history was a ring buffer, XLA ran its 30 iterations
+# on the conv cell in 9.8 ms against 14.1 ms in the graph, while the fixed-point
+# forward (7.0 vs 5.8 ms) and the adjoint (its vector-Jacobian products of the
+# convolution: 0.8 ms each compiled, 0.12 ms in the graph) stay in the graph.
 _CONVOLUTIONS = (
     keras.layers.Conv1D,
     keras.layers.Conv2D,
@@ -250,12 +255,20 @@ _CONVOLUTIONS = (
 )
 
 
-def compiles_solves(jit_compile, cell):
-    """Whether `DEQ(jit_compile=...)` compiles each solve apart, as one XLA program,
+def compiles_solves(jit_compile, cell, solver=None, adjoint=False):
+    """Whether `DEQ(jit_compile=...)` compiles a solve apart, as one XLA program,
     inside a TensorFlow graph that runs op by op (`keras_deq.backend.compiled_solve`).
 
-    `"auto"` compiles when every layer of the cell supports XLA, except a cell with a
-    convolution layer on a machine without GPU or TPU (see `_CONVOLUTIONS`).
+    `"auto"` compiles when every layer of the cell supports XLA, except, with a
+    convolution layer in the cell on a machine without GPU or TPU (see
+    `_CONVOLUTIONS`), the adjoint solve and a forward solve whose step is a few
+    elementwise ops (`solver.cheap_step`, e.g. `FixedPoint`).
+
+    Args:
+        jit_compile: The layer's setting, `"auto"`, True or False.
+        cell: The layer's cell.
+        solver: The solver of that solve.
+        adjoint: Whether it is the adjoint solve of the implicit backward.
     """
     if jit_compile is True:
         return True
@@ -263,7 +276,9 @@ def compiles_solves(jit_compile, cell):
         return False
     if backend.has_accelerator():
         return True
-    return not any(isinstance(sub, _CONVOLUTIONS) for sub in cell._flatten_layers())
+    if not any(isinstance(sub, _CONVOLUTIONS) for sub in cell._flatten_layers()):
+        return True
+    return not adjoint and not getattr(solver, "cheap_step", True)
 
 
 def check_backend_support(on_failure):

@@ -123,6 +123,10 @@ class Solver(configurable.Configurable):
     extra_maps = ()
     # Whether `step` takes the residual the loop computed, `residual=(g, square)`.
     uses_residual = False
+    # Whether `step` is a few elementwise ops, which a TensorFlow graph runs about as
+    # fast as XLA: `DEQ(jit_compile="auto")` then leaves a solve of a convolutional
+    # cell to the graph on CPU (`layers.deq_arguments.compiles_solves`).
+    cheap_step = False
 
     def __init__(self, max_iter=50, tol=1e-4, stop_mode="rel"):
         self.max_iter = common.check_max_iter(max_iter)

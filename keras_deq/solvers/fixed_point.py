@@ -29,6 +29,7 @@ class FixedPoint(Solver):
     """
 
     name = "fixed_point"
+    cheap_step = True
 
     def __init__(self, max_iter=50, tol=1e-4, stop_mode="rel", damping=1.0, fixed_steps=False):
         super().__init__(max_iter, tol, stop_mode)

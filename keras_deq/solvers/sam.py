@@ -91,6 +91,7 @@ class SAM(Solver):
     """
 
     extra_maps = ("prior_gradient",)
+    cheap_step = True
 
     def __init__(
         self,
