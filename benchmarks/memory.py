@@ -30,6 +30,7 @@ statistic and not the RSS, and for what it does not count.
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -302,7 +303,7 @@ def check(args, results, ratios):
         if s["fwd_steps"] != [iters]:
             problems.append(f"{solver} {mode} {iters}: forward ran {s['fwd_steps']} steps")
     for (solver, mode), ratio in ratios.items():
-        if ratio != ratio:  # NaN: not measurable
+        if math.isnan(ratio):  # not measurable
             problems.append(f"{solver} {mode}: peak too small to compare")
         elif mode == "implicit" and ratio > 1.10:
             problems.append(f"{solver} implicit: peak ratio {ratio:.2f} > 1.10")

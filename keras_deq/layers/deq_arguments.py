@@ -255,7 +255,7 @@ _CONVOLUTIONS = (
 )
 
 
-def compiles_solves(jit_compile, cell, solver=None, adjoint=False):
+def compiles_solves(jit_compile, cell, solver, adjoint=False):
     """Whether `DEQ(jit_compile=...)` compiles a solve apart, as one XLA program,
     inside a TensorFlow graph that runs op by op (`keras_deq.backend.compiled_solve`).
 
@@ -278,7 +278,7 @@ def compiles_solves(jit_compile, cell, solver=None, adjoint=False):
         return True
     if not any(isinstance(sub, _CONVOLUTIONS) for sub in cell._flatten_layers()):
         return True
-    return not adjoint and not getattr(solver, "cheap_step", True)
+    return not adjoint and not solver.cheap_step
 
 
 def check_backend_support(on_failure):

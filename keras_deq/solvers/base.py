@@ -236,9 +236,8 @@ class Solver(configurable.Configurable):
                 best = res.update_last(best, z, abs_res, rel_res, stop_mode)
             else:
                 best = res.update_best(best, z, abs_res, rel_res, stop_mode, tol)
-            z, fz, g = res.nonfinite_rows(residual, best, z, fz)
+            z, fz, g, square = res.nonfinite_rows(residual, best, z, fz)
             if self.uses_residual:
-                square = ops.where(ops.isfinite(residual.square), residual.square, 0.0)
                 z_next, state = self.step(f, z, fz, state, k, residual=(g, square))
             else:
                 z_next, state = self.step(f, z, fz, state, k)

@@ -170,8 +170,8 @@ def update_last(best, z, abs_res, rel_res, stop_mode):
 
 
 def nonfinite_rows(residual, best, z, fz):
-    """`(z, fz, g)` with the rows whose residual is not finite replaced by
-    `(best.z, best.z, 0)`: what `step` receives.
+    """`(z, fz, g, square)` with the rows whose residual is not finite replaced by
+    `(best.z, best.z, 0, 0)`: what `step` receives (`square` is `residual.square`).
 
     A sample's residual is not finite when `f(z)` is not, when `z` is not (a step that
     overflowed: the loop checks the new iterate only here, at its next evaluation,
@@ -183,11 +183,11 @@ def nonfinite_rows(residual, best, z, fz):
     From the best iterate, where `f` was finite, with a zero residual, the step
     computes on finite values only; the other samples are unchanged.
     """
-    g = residual.g
+    g, square = residual.g, residual.square
     return replace_rows(
         ~ops.isfinite(residual.abs_residual),
-        lambda: (best.z, best.z, ops.zeros_like(g)),
-        (z, fz, g),
+        lambda: (best.z, best.z, ops.zeros_like(g), ops.zeros_like(square)),
+        (z, fz, g, square),
     )
 
 
