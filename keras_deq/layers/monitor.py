@@ -47,6 +47,13 @@ class _FiniteMean(keras.metrics.Mean):
         return keras.ops.where(count > 0, mean, float("nan"))
 
 
+class _Untracked:
+    """Holds a variable out of the layer's tracking (not a weight, not saved)."""
+
+    def __init__(self, variable):
+        self.variable = variable
+
+
 class SolverMonitor:
     """Mixin of `DEQ`: the solver metrics and the failure reports.
 
@@ -69,6 +76,19 @@ class SolverMonitor:
         }
         for key, metric in self._metrics_by_name.items():
             setattr(self, f"_{key}_metric", metric)
+        # 1 until the failure warning is shown: a traced step then stops calling the
+        # host (about 0.2 ms per call), which it would otherwise do at every failing
+        # step. Local to each replica like the metrics' variables; not a weight.
+        self._warning_gate = _Untracked(
+            keras.Variable(
+                1,
+                dtype="int32",
+                trainable=False,
+                synchronization="on_read",
+                aggregation="sum",
+                name=f"{self.name}_warning_gate",
+            )
+        )
 
     def _residual(self, result):
         return result.rel_residual if self.stop_mode == "rel" else result.abs_residual
@@ -140,7 +160,10 @@ class SolverMonitor:
 
     def _on_host_failure(self, which, n_failed, n_nonfinite, worst):
         # Called eagerly, from tf.py_function (eager tensors) or from a JAX host
-        # callback (numpy values): `int` and `float` read all of them.
+        # callback (numpy values): `int` and `float` read all of them. A traced step
+        # keeps calling after the one warning: return before building the message.
+        if self._warned and self.on_failure != "raise":
+            return 0
         message = self._failure_message(which, int(n_failed), int(n_nonfinite), float(worst))
         if self.on_failure == "raise":
             raise FloatingPointError(message)
@@ -200,8 +223,13 @@ class SolverMonitor:
         # run the host call.
         if self._warned or backend.in_save_context():
             return []
+        warn = n_failed > 0
+        if getattr(self, "_warning_gate", None) is not None:
+            gate = self._warning_gate.variable
+            warn = keras.ops.logical_and(warn, gate.value > 0)
+            gate.assign(keras.ops.where(warn, 0, gate.value))
         backend.host_call_if(
-            n_failed > 0,
+            warn,
             lambda a, b, c: self._on_host_failure(which, a, b, c),
             n_failed,
             n_nonfinite,
