@@ -110,6 +110,29 @@ def test_an_unconverged_solve_warns_from_the_compiled_step():
     assert layer.solver_statistics()["converged"] == 0.0
 
 
+def test_a_converged_step_makes_no_host_round_trip(monkeypatch):
+    from keras_deq import backend  # noqa: PLC0415
+
+    round_trips = []
+    original = backend.host_call
+
+    def counting(fn, *args):
+        def counted(*values):
+            round_trips.append(1)
+            return fn(*values)
+
+        return original(counted, *args)
+
+    monkeypatch.setattr(backend, "host_call", counting)
+    layer = keras_deq.DEQ(keras_deq.DenseCell(8), max_iter=50, tol=1e-3)
+    model = keras.Sequential([keras.Input((8,)), layer])
+    model.compile("sgd", "mse")
+    data = 0.1 * np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    model.fit(data, data, batch_size=8, epochs=2, verbose=0)
+    assert layer.solver_statistics()["converged"] == 1.0
+    assert round_trips == []
+
+
 def test_keras_file_round_trip(tmp_path):
     model = keras.Sequential(
         [keras.Input((6,)), keras_deq.DEQ(keras_deq.DenseCell(6), backward="phantom")]
