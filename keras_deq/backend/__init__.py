@@ -137,6 +137,26 @@ def select_rows(rows, new, old):
     return ops.where(ops.reshape(rows, (-1,) + (1,) * (len(old.shape) - 1)), new, old)
 
 
+def row_sums(matrix):
+    """The sums of the rows of a `(batch, n)` matrix, `(batch,)`.
+
+    Compiled for a CPU (XLA in TensorFlow, or JAX), the product with a vector of
+    ones: XLA's CPU row reductions are slow next to its matrix-vector products.
+    Elsewhere `ops.sum`. See `keras_deq.solvers.result.row_sums` for when to use it.
+    """
+    if _compiled_on_cpu():
+        return ops.matmul(matrix, ops.ones((ops.shape(matrix)[1],), dtype=matrix.dtype))
+    return ops.sum(matrix, axis=1)
+
+
+def _compiled_on_cpu():
+    if name() == "jax":
+        import jax  # noqa: PLC0415
+
+        return jax.default_backend() == "cpu"
+    return name() == "tensorflow" and not runs_op_by_op() and not has_accelerator()
+
+
 def has_accelerator():
     """True where TensorFlow sees a GPU or TPU (False on other backends, which do not
     compile solves apart)."""

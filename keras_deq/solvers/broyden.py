@@ -74,7 +74,7 @@ class Broyden(Solver):
         dtype = s.dtype
         acc = res.accumulation_dtype(dtype)
         v = _apply_inverse_transposed(us, vs, s)
-        denom = ops.sum(ops.cast(v, acc) * ops.cast(dg, acc), axis=1, keepdims=True)
+        denom = res.row_sums(ops.cast(v, acc) * ops.cast(dg, acc))[:, None]
         ok = (ops.abs(denom) > res.tiny_for(acc)) & ops.all(ops.isfinite(dg), axis=1, keepdims=True)
         u = (s - _apply_inverse(us, vs, dg)) / ops.cast(
             ops.where(ok, denom, ops.ones_like(denom)), dtype

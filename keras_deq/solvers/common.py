@@ -8,7 +8,7 @@ import numpy as np
 from keras import ops
 
 from keras_deq.solvers.packing import Packer, static_shape
-from keras_deq.solvers.result import STOP_MODES
+from keras_deq.solvers.result import STOP_MODES, row_sums_as_products
 
 # Iteration counters are int32 inside the solver loop (`keras.ops.while_loop`).
 MAX_COUNT = 2**31 - 1
@@ -133,7 +133,8 @@ def solve_structure(flat_solver, f, z0, maps=None, **kwargs):
             f"`z0` must be a floating-point tensor or a nest of them. Received: z0 with dtype={packer.dtype}"
         )
     flat_maps = {name: packer.flat_fn(g) for name, g in (maps or {}).items()}
-    return flat_solver(packer.flat_fn(f), packer.pack(z0), packer.unpack, **flat_maps, **kwargs)
+    with row_sums_as_products(packer.single_matrix):
+        return flat_solver(packer.flat_fn(f), packer.pack(z0), packer.unpack, **flat_maps, **kwargs)
 
 
 def per_entry(solve, batch_dims):

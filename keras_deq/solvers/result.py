@@ -4,6 +4,8 @@ Backend-agnostic: `keras.ops` only, so the same code runs on every Keras backend
 (TensorFlow graphs, XLA and `tf.custom_gradient` included, and `jax.jit`).
 """
 
+import contextlib
+import threading
 from typing import Any, NamedTuple
 
 import keras
@@ -13,6 +15,37 @@ from keras import ops
 from keras_deq import backend
 
 STOP_MODES = ("rel", "abs")
+
+# Whether the loops being traced sum rows as products (see `row_sums`).
+_ROW_SUMS = threading.local()
+
+
+@contextlib.contextmanager
+def row_sums_as_products(enabled):
+    """A scope in which `row_sums` may compute with matrix-vector products (`enabled`:
+    the solver's state is a `(batch, n)` matrix for its caller too, see `row_sums`)."""
+    previous = getattr(_ROW_SUMS, "products", False)
+    _ROW_SUMS.products = bool(enabled)
+    try:
+        yield
+    finally:
+        _ROW_SUMS.products = previous
+
+
+def row_sums(matrix):
+    """The sums of the rows of a `(batch, n)` matrix in the solver loop, `(batch,)`.
+
+    Inside `row_sums_as_products(True)`, compiled for a CPU, products with a vector of
+    ones (`backend.row_sums`): XLA's CPU row reductions cost more than the rest of a
+    fixed-point iteration's bookkeeping (the shared loop at batch 64, width 128: 1.26x
+    -> 1.05x the bare cell calls, `benchmarks/solvers.py`). Not for a state flattened
+    from images (`solve_structure` knows): there XLA fuses the product with the
+    reshaped output of a convolution into a loop about 15x slower than on a matrix
+    (30 against 2 us at 64 x 512), more than the reduction costs.
+    """
+    if getattr(_ROW_SUMS, "products", False):
+        return backend.row_sums(matrix)
+    return ops.sum(matrix, axis=1)
 
 
 class SolverResult(NamedTuple):
@@ -104,9 +137,9 @@ def residuals(fz, z):
     `stop_gradient`, differentiating an unrolled solve would keep `fz - z` of every
     iteration); `g` does."""
     g = fz - z
-    square = ops.stop_gradient(ops.sum(g * g, axis=1))
+    square = ops.stop_gradient(row_sums(g * g))
     abs_res = ops.sqrt(square)
-    f_norm = ops.sqrt(ops.stop_gradient(ops.sum(fz * fz, axis=1)))
+    f_norm = ops.sqrt(ops.stop_gradient(row_sums(fz * fz)))
     return Residual(g, square, abs_res, relative(abs_res, f_norm))
 
 
@@ -206,7 +239,7 @@ def guard(best, z_next):
     """
     # A row's sum is not finite when one of its entries is not (or when the entries
     # are so large that it overflows, where the residual would overflow next anyway).
-    failed = best.failed | ~ops.isfinite(ops.sum(z_next, axis=1))
+    failed = best.failed | ~ops.isfinite(row_sums(z_next))
     return replace_rows(failed, best.z, z_next), best._replace(failed=failed)
 
 
