@@ -254,7 +254,9 @@ def main(argv=None):
         "--threads", type=int, default=1, help="TensorFlow threads (0: leave TensorFlow's)"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="norms 1 and 8, seed 0, one start, 1 epoch"
+        "--quick",
+        action="store_true",
+        help="norms 1 and 8, seed 0, one start, 1 epoch on 256 images",
     )
     args = parser.parse_args(argv)
     if args.quick:
