@@ -67,6 +67,7 @@ class SolverMonitor:
         (made by `_build_statistics`), see `_make_stat_variables`."""
         if backend.name() != "tensorflow":
             self._metrics_by_name = {}
+            self._warning_gate = None
             return
         self._metrics_by_name = {
             key: (_FiniteMean if key == "fwd_residual" else keras.metrics.Mean)(
@@ -224,7 +225,7 @@ class SolverMonitor:
         if self._warned or backend.in_save_context():
             return []
         warn = n_failed > 0
-        if getattr(self, "_warning_gate", None) is not None:
+        if self._warning_gate is not None:
             gate = self._warning_gate.variable
             warn = keras.ops.logical_and(warn, gate.value > 0)
             gate.assign(keras.ops.where(warn, 0, gate.value))

@@ -37,8 +37,8 @@ def row_sums(matrix):
 
     Inside `row_sums_as_products(True)`, compiled for a CPU, products with a vector of
     ones (`backend.row_sums`): XLA's CPU row reductions cost more than the rest of a
-    fixed-point iteration's bookkeeping (the shared loop at batch 64, width 128: 1.26x
-    -> 1.05x the bare cell calls, `benchmarks/solvers.py`). Not for a state flattened
+    fixed-point iteration's bookkeeping (the shared loop at batch 64, width 128: 1.22x
+    -> 1.02x the bare cell calls, `benchmarks/solvers.py`). Not for a state flattened
     from images (`solve_structure` knows): there XLA fuses the product with the
     reshaped output of a convolution into a loop about 15x slower than on a matrix
     (30 against 2 us at 64 x 512), more than the reduction costs.
