@@ -1,4 +1,4 @@
-"""keras_deq: deep equilibrium models as Keras 3 layers (TensorFlow and JAX backends)."""
+"""keras_deq: deep equilibrium models as Keras 3 layers (TensorFlow, JAX and PyTorch backends)."""
 
 import os
 
@@ -6,10 +6,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 
-if keras.backend.backend() not in ("tensorflow", "jax"):
+if keras.backend.backend() not in ("tensorflow", "jax", "torch"):
     raise ImportError(
-        "keras_deq runs on Keras' TensorFlow and JAX backends (PyTorch is not supported "
-        "yet). Set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax before importing keras. "
+        "keras_deq runs on Keras' TensorFlow, JAX and PyTorch backends. Set KERAS_BACKEND "
+        "to 'tensorflow', 'jax' or 'torch' before importing keras. "
         f"Received: backend={keras.backend.backend()!r}"
     )
 
@@ -28,7 +28,6 @@ from keras_deq import (  # noqa: E402
 
 # `constraints_opteq`: the former module of `SpectralNorm` and `ConvSpectralNorm`.
 from keras_deq import constraints_opteq as constraints_opteq  # noqa: E402
-from keras_deq import distribute as distribute  # noqa: E402
 from keras_deq._version import __version__ as __version__  # noqa: E402
 from keras_deq.jacobian_penalty import JacobianPenalty  # noqa: E402
 from keras_deq.layers import (  # noqa: E402
@@ -61,3 +60,13 @@ __all__ = [
     "regularizers",
     "solvers",
 ]
+
+
+def __getattr__(name):
+    # `keras_deq.distribute` (TensorFlow's `tf.distribute`) is imported on first use,
+    # so that the package imports where TensorFlow is not installed (JAX, PyTorch).
+    if name == "distribute":
+        import importlib  # noqa: PLC0415
+
+        return importlib.import_module("keras_deq.distribute")
+    raise AttributeError(f"module 'keras_deq' has no attribute {name!r}")

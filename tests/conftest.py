@@ -1,7 +1,10 @@
 """Test set-up: the Keras backend, quiet logs, two logical CPUs for distribution tests.
 
-The backend is `KERAS_BACKEND` (TensorFlow when unset). Markers for tests that cannot
-run on every backend (registered here, applied in `pytest_collection_modifyitems`):
+The backend is `KERAS_BACKEND` (TensorFlow when unset); `.ci/run` runs the suite once
+per backend. On TensorFlow every file is collected; on JAX and PyTorch the files
+matched by `PORTABLE` (and that backend's own directory, `tests/jax`, `tests/torch`),
+see `pytest_ignore_collect`. Markers for tests that cannot run on every backend
+(registered here, applied in `pytest_collection_modifyitems`):
 
 - `@pytest.mark.tensorflow_only(reason)`: the test exercises TensorFlow itself
   (`tf.function` tracing, XLA, `tf.distribute`, ...); skipped on other backends.
@@ -10,8 +13,10 @@ run on every backend (registered here, applied in `pytest_collection_modifyitems
   silently in float32.
 """
 
+import fnmatch
 import functools
 import os
+import pathlib
 
 import pytest
 
@@ -29,6 +34,81 @@ if BACKEND == "tensorflow":
     tf.config.set_logical_device_configuration(
         _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
     )
+
+if BACKEND == "torch":
+    import torch
+
+    # The tests read results with `np.asarray` / `np.testing` (as on the other
+    # backends); a torch tensor that requires a gradient refuses that. Read such
+    # tensors as `keras.ops.convert_to_numpy` does: detached, on the CPU.
+    _torch_array = torch.Tensor.__array__
+
+    def _detached_array(self, *args, **kwargs):
+        return _torch_array(self.detach().cpu(), *args, **kwargs)
+
+    torch.Tensor.__array__ = _detached_array
+
+    # ... and numpy functions of a tensor (`np.isfinite(t)`) return numpy arrays, as
+    # they do for JAX arrays, rather than tensors wrapped back by torch.
+    def _numpy_result(self, array, *args, **kwargs):
+        return array
+
+    torch.Tensor.__array_wrap__ = _numpy_result
+
+# The backend matrix: the test files (globs relative to tests/) collected on JAX and
+# PyTorch besides their own directory (`tests/jax`, `tests/torch`). The others test
+# TensorFlow itself (`tf.distribute`, `tf.function` tracing, SavedModel export), the
+# documentation, the packaging, or benchmarks and examples measured on TensorFlow; a
+# few more pass on JAX but take minutes there (compiling), see BACKEND_EXTRA.
+PORTABLE = (
+    "solvers/test_*.py",
+    "backward/test_*.py",
+    "layers/test_multiscale*.py",
+    "layers/test_opteq*.py",
+    "layers/test_cell.py",
+    "layers/test_cell_state.py",
+    "layers/test_cells.py",
+    "layers/test_deq.py",
+    "layers/test_pcdeq.py",
+    "layers/test_lipschitz_multiscale_cell.py",
+    "layers/test_transformer.py",
+    "test_linalg.py",
+    "test_constraints.py",
+    "test_features.py",
+    "test_jacobian.py",
+    "test_regularizers.py",
+    "test_jacobian_penalty.py",
+    "test_callbacks.py",
+    "test_divergence.py",
+    "test_mixed_precision.py",
+    "test_resume.py",
+    "examples/test_language.py",
+    "examples/test_digits.py",
+    "examples/test_synthetic.py",
+    "examples/test_vision_data.py",
+)
+# Collected on one backend besides PORTABLE: on JAX these pass but compile for ~10 min
+# on 2 cores (every layer's serialization case, fit in every mode), too long for CI.
+BACKEND_EXTRA = {
+    "torch": (
+        "layers/test_layer_cases.py",
+        "layers/test_deq_training.py",
+        "layers/test_monitor.py",
+        "test_backward.py",
+    ),
+}
+_TESTS = pathlib.Path(__file__).parent
+
+
+def pytest_ignore_collect(collection_path, config):
+    """On JAX and PyTorch, leaves out the test files outside the backend matrix."""
+    if BACKEND == "tensorflow" or not collection_path.name.startswith("test_"):
+        return None
+    if collection_path.suffix != ".py":
+        return None
+    relative = collection_path.relative_to(_TESTS).as_posix()
+    patterns = (*PORTABLE, *BACKEND_EXTRA.get(BACKEND, ()), f"{BACKEND}/test_*.py")
+    return None if any(fnmatch.fnmatch(relative, p) for p in patterns) else True
 
 
 @functools.cache

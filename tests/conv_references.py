@@ -107,6 +107,8 @@ def compiled(fn, xla=False):
         import tensorflow as tf  # noqa: PLC0415
 
         return tf.function(fn, jit_compile=xla)
+    if keras.backend.backend() == "torch":
+        return fn  # eager: Keras' torch backend compiles nothing by default
     import jax  # noqa: PLC0415
 
     return jax.jit(fn)

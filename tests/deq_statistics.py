@@ -1,14 +1,15 @@
 """A `DEQ` layer's solver statistics, read the same way on every backend (not tests).
 
-On TensorFlow the layer keeps Keras metrics, `{name}_{key}`, which `fit` and `evaluate`
-log. On JAX a layer's metric cannot be updated in `fit` (keras-team/keras#21639): the
+On TensorFlow and PyTorch the layer keeps Keras metrics, `{name}_{key}`, which `fit` and
+`evaluate` log. On JAX a layer's metric cannot be updated in `fit` (keras-team/keras#21639): the
 layer keeps its last call's forward statistics in variables instead, read with
 `solver_statistics()`, and the logs hold none.
 """
 
 import keras
 
-TENSORFLOW = keras.backend.backend() == "tensorflow"
+# Whether the layer keeps metrics (TensorFlow, PyTorch) rather than variables (JAX).
+LAYER_METRICS = keras.backend.backend() in ("tensorflow", "torch")
 
 
 def layer_metric(layer, key):
@@ -21,7 +22,7 @@ def layer_metric(layer, key):
 def statistic(layer, key):
     """The layer's statistic `key`: on TensorFlow its metric's value (the mean since the
     last reset); on JAX the last call's."""
-    if not TENSORFLOW:
+    if not LAYER_METRICS:
         return layer.solver_statistics()[key]
     return float(layer_metric(layer, key).result())
 
@@ -35,7 +36,7 @@ def reset_statistics(layer):
 def logged(layer, logs, key):
     """The statistic `key` in the logs of `train_on_batch`, `evaluate` or `fit`; on JAX,
     whose logs hold none, the layer's last batch's."""
-    if not TENSORFLOW:
+    if not LAYER_METRICS:
         return layer.solver_statistics()[key]
     return logs[f"{layer.name}_{key}"]
 

@@ -33,6 +33,13 @@ def gradient(fn, *args):
             tape.watch(args)
             value = fn(*args)
         return tuple(tape.gradient(value, args))
+    if keras.backend.backend() == "torch":
+        import torch  # noqa: PLC0415
+
+        args = tuple(a.detach().requires_grad_(True) for a in args)
+        with torch.enable_grad():
+            value = fn(*args)
+        return tuple(torch.autograd.grad(value, args, allow_unused=True, materialize_grads=True))
     import jax  # noqa: PLC0415
 
     return tuple(jax.grad(fn, argnums=tuple(range(len(args))))(*args))
@@ -56,6 +63,8 @@ def layer_gradients(layer, x, loss_fn, variables, with_losses=False):
             return tape.gradient(loss, [x, *variables])
 
         return gradients(x)
+    if keras.backend.backend() == "torch":
+        return _torch_layer_gradients(layer, x, loss_fn, variables, with_losses)
     import jax  # noqa: PLC0415
 
     trainable = layer.trainable_variables
@@ -70,6 +79,21 @@ def layer_gradients(layer, x, loss_fn, variables, with_losses=False):
     grad_x, grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, [v.value for v in trainable])
     by_id = {id(v): g for v, g in zip(trainable, grads, strict=True)}
     return [grad_x, *(by_id[id(v)] for v in variables)]
+
+
+def _torch_layer_gradients(layer, x, loss_fn, variables, with_losses):
+    """`layer_gradients` by `torch.autograd` (eager)."""
+    import torch  # noqa: PLC0415
+
+    x = keras.tree.map_structure(lambda t: t.detach().requires_grad_(True), x)
+    with torch.enable_grad():
+        out = layer(x, training=True)
+        loss = loss_fn(out, layer.losses) if with_losses else loss_fn(out)
+    x_flat = keras.tree.flatten(x)
+    sources = [*x_flat, *(v.value for v in variables)]
+    grads = torch.autograd.grad(loss, sources, allow_unused=True, materialize_grads=True)
+    grad_x = keras.tree.pack_sequence_as(x, list(grads[: len(x_flat)]))
+    return [grad_x, *grads[len(x_flat) :]]
 
 
 def numpy_decorrelation(z):

@@ -308,10 +308,19 @@ def test_training_output_and_gradients_are_finite_after_a_failure(name, backward
     assert all(np.all(np.isfinite(g)) for g in grads)
 
 
+# The head's initial kernel, the same on every backend (their random initializers
+# differ), so that the training trajectory checked below is the same too.
+INIT = keras.initializers.Constant(0.3)
+
+
 def _fit_model(name, **deq_kwargs):
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
-        [keras.Input((3,)), threshold_layer(name, **deq_kwargs), keras.layers.Dense(1)]
+        [
+            keras.Input((3,)),
+            threshold_layer(name, **deq_kwargs),
+            keras.layers.Dense(1, kernel_initializer=INIT),
+        ]
     )
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=False)
     return model
@@ -416,7 +425,7 @@ def test_never_finite_sample_returns_z0_and_is_reported(cause):
     np.testing.assert_array_equal(z[2], 0.0)  # z0
     good = [0, 1, 3, 4]
     np.testing.assert_allclose(z[good], np.asarray(layer(x[good])), atol=1e-6)
-    if keras.backend.backend() == "tensorflow":  # the metric's mean over both calls
+    if keras.backend.backend() != "jax":  # the metric's mean over both calls
         assert statistic(layer, "converged") == pytest.approx((4 + 4) / (5 + 4))
 
 
@@ -637,7 +646,7 @@ def test_non_finite_upstream_gradient_moves_no_weight_through_the_layer(backward
     x = np.random.default_rng(2).normal(size=(4, 6)).astype("float32")
     layer = DEQ(DenseCell(6), backward=backward, solver="fixed_point", tol=1e-6)
     layer(x)
-    scale = np.array([1.0, np.inf, 1.0, np.nan], "float32")[:, None]
+    scale = ops.convert_to_tensor(np.array([1.0, np.inf, 1.0, np.nan], "float32")[:, None])
     variables = layer.trainable_variables
     grads = layer_gradients(layer, x, lambda z: ops.sum(ops.square(z) * scale), variables)
     want = layer_gradients(layer, x[[0, 2]], lambda z: ops.sum(ops.square(z)), variables)

@@ -7,9 +7,15 @@ operations each backend spells differently: loops that reverse-mode autodiff can
 through, vector-Jacobian products, gradients rewritten on the way back, host
 callbacks, compilation of a function with Python-value arguments, and the linear
 algebra Keras lacks (eigenvalues without eigenvectors, complex eigenvalues).
+
+`keras_deq.backend.tensorflow` and `keras_deq.backend.torch` hold the TensorFlow and
+PyTorch code (imported on first use); JAX's few lines are inline. The `DEQ` layer runs
+JAX and PyTorch on one path (the cell's weights passed in, `implicit_stateless`);
+PyTorch runs eagerly, so failures are reported and raised directly there.
 """
 
 import contextlib
+import sys
 
 import keras
 from keras import ops
@@ -105,9 +111,34 @@ def _tf():
     return tf_backend
 
 
+def _torch():
+    from keras_deq.backend import torch as torch_backend  # noqa: PLC0415
+
+    return torch_backend
+
+
+def layer_metrics():
+    """Whether a layer may own Keras metrics updated in its `call` under `fit`, so
+    that `fit` logs them: on TensorFlow and PyTorch; not on JAX
+    (keras-team/keras#21639), where statistics are kept in variables instead."""
+    return name() in ("tensorflow", "torch")
+
+
 def float32_metrics():
-    """A scope in which metric variables are read in float32 under mixed precision."""
-    return _tf().float32_metrics() if name() == "tensorflow" else contextlib.nullcontext()
+    """A scope in which metric variables are read in float32 under mixed precision.
+
+    Under a mixed-precision policy Keras reads float32 variables in the compute
+    dtype inside `call` (TensorFlow and PyTorch); metric totals accumulated in
+    float16/bfloat16 drift (or overflow). Keras has no public switch for this, so
+    its private scope is used when present.
+    """
+    if not layer_metrics():
+        return contextlib.nullcontext()
+    try:
+        from keras.src.backend import AutocastScope  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - private API moved
+        return contextlib.nullcontext()
+    return AutocastScope(None)
 
 
 def in_xla_context():
@@ -116,8 +147,14 @@ def in_xla_context():
 
 
 def in_save_context():
-    """True while TensorFlow traces functions for `tf.saved_model.save` / `export()`."""
-    return name() == "tensorflow" and _tf().in_save_context()
+    """True while TensorFlow traces functions for `tf.saved_model.save` / `export()`
+    (on JAX: while jax2tf converts the layer for `export()`)."""
+    if name() == "tensorflow":
+        return _tf().in_save_context()
+    # JAX: `model.export()` converts the layer with jax2tf, which traces it while a
+    # TensorFlow graph is being built (the only way JAX code runs there); a host
+    # callback cannot be serialized.
+    return name() == "jax" and "tensorflow" in sys.modules and not _tf().executing_eagerly()
 
 
 def runs_op_by_op():
@@ -166,8 +203,8 @@ def has_accelerator():
 def executing_eagerly():
     """True where tensors hold values now (eager TensorFlow), so a failure can be
     reported directly; False while tracing a graph (and on JAX, whose `call` is
-    traced under `fit`)."""
-    return name() == "tensorflow" and _tf().executing_eagerly()
+    traced under `fit`); always True on PyTorch."""
+    return name() == "torch" or (name() == "tensorflow" and _tf().executing_eagerly())
 
 
 def graph_assert(condition, data, name):  # noqa: A002 - TensorFlow's own argument name
@@ -202,7 +239,8 @@ def host_call_if(condition, fn, *args):
         # Under `cond`, a step whose condition is False makes no host round trip.
         jax.lax.cond(condition, lambda *a: host_call(fn, *a), lambda *a: None, *args)
         return
-    raise NotImplementedError(f"host_call_if is not used on the {name()!r} backend.")
+    if bool(condition):  # PyTorch: eager, the values are here
+        host_call(fn, *args)
 
 
 def serialize_shareable(cell):
@@ -256,7 +294,7 @@ def vjp(fn, *primals):
         from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
 
         return tf_backend.vjp(fn, *primals)
-    raise NotImplementedError(f"keras_deq does not run on the {name()!r} backend yet.")
+    return _torch().vjp(fn, *primals)
 
 
 def compiled(fn, static_argnums=()):
@@ -310,7 +348,7 @@ def eigvalsh(real, imag=None):
 
         matrices = real if imag is None else real + 1j * imag
         return jnp.linalg.eigvalsh(matrices).astype(real.dtype)
-    raise NotImplementedError(f"keras_deq does not run on the {name()!r} backend yet.")
+    return _torch().eigvalsh(real, imag)
 
 
 def eigenvalue_moduli(matrices):
@@ -333,7 +371,7 @@ def eigenvalue_moduli(matrices):
         import jax.numpy as jnp  # noqa: PLC0415
 
         return jnp.abs(jnp.linalg.eigvals(matrices)).astype(matrices.dtype)
-    raise NotImplementedError(f"keras_deq does not run on the {name()!r} backend yet.")
+    return _torch().eigenvalue_moduli(matrices)
 
 
 def identity_with_gradient(flat, rewrite):
@@ -344,7 +382,7 @@ def identity_with_gradient(flat, rewrite):
 
         return tf_backend.identity_with_gradient(flat, rewrite)
 
-    @keras.ops.custom_gradient
+    @custom_gradient
     def identity(*tensors):
         def grad(*args, upstream=None):
             return tuple(rewrite(upstream_list(args, upstream)))
@@ -352,6 +390,29 @@ def identity_with_gradient(flat, rewrite):
         return list(tensors), grad
 
     return list(identity(*flat))
+
+
+def custom_gradient(fn):
+    """`keras.ops.custom_gradient` for functions of several tensors with a list of
+    outputs: `fn(*tensors) -> (outputs, grad)`, `grad(*args, upstream=None)` (read the
+    upstream gradients with `upstream_list`) returning one gradient per input.
+
+    On PyTorch a `torch.autograd.Function` of our own: Keras' allows one output and
+    turns an error raised in `fn` into NaN gradients.
+    """
+    if name() == "torch":
+        return _torch().custom_gradient(fn)
+    return keras.ops.custom_gradient(fn)
+
+
+def twice_differentiable():
+    """A context in which the ops made can be differentiated twice (the Jacobian
+    penalty's gradient): on PyTorch, attention by its plain math kernel, since the
+    fused CPU kernels of `scaled_dot_product_attention` have no double backward.
+    Elsewhere a no-op."""
+    if name() == "torch":
+        return _torch().twice_differentiable()
+    return contextlib.nullcontext()
 
 
 def upstream_list(args, upstream=None):
@@ -369,6 +430,9 @@ def host_call(fn, *args):
         import jax  # noqa: PLC0415
 
         jax.debug.callback(fn, *args)
+        return
+    if name() == "torch":  # eager: call it now
+        fn(*(_torch().to_numpy(a) for a in args))
         return
     raise NotImplementedError(f"host_call is not used on the {name()!r} backend.")
 
@@ -444,4 +508,4 @@ def stateless_uniform(shape, seed, dtype="float32"):
 
         key = keras.ops.cast(seed, "uint32")
         return jax.random.uniform(key, tuple(shape), dtype=dtype)
-    raise NotImplementedError(f"stateless_uniform is not used on the {name()!r} backend.")
+    return _torch().stateless_uniform(shape, seed, dtype)

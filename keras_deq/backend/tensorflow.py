@@ -7,19 +7,7 @@ import contextlib
 
 import tensorflow as tf
 
-
-def float32_metrics():
-    """A scope in which metric variables are read in float32.
-
-    Under a mixed-precision policy Keras reads float32 variables in the compute
-    dtype inside `call`; metric totals accumulated in float16/bfloat16 drift.
-    Keras has no public switch for this, so the private scope is used when present.
-    """
-    try:
-        from keras.src.backend import AutocastScope  # noqa: PLC0415
-    except ImportError:  # pragma: no cover
-        return contextlib.nullcontext()
-    return AutocastScope(None)
+from keras_deq.backend import nests
 
 
 def in_save_context():
@@ -123,12 +111,7 @@ def vjp(fn, *primals):
         sources = [t for tensors in flat for t in tensors]
         grads = tape.gradient(out_flat, sources, output_gradients=tf.nest.flatten(cotangent))
         grads = [tf.zeros_like(t) if g is None else g for g, t in zip(grads, sources, strict=True)]
-        result, start = [], 0
-        for primal, tensors in zip(primals, flat, strict=True):
-            part = grads[start : start + len(tensors)]
-            start += len(tensors)
-            result.append(tf.nest.pack_sequence_as(primal, part))
-        return tuple(result)
+        return nests.split_like(primals, flat, grads)
 
     return out, pullback
 

@@ -79,7 +79,7 @@ def implicit_stateless(problem, adjoint_solver):
     def pack(structure, flat):
         return keras.tree.pack_sequence_as(structure, list(flat))
 
-    @ops.custom_gradient
+    @backend.custom_gradient
     def attach(*inputs):
         zs, xs, ws = inputs[:n_z], inputs[n_z : n_z + n_x], inputs[n_z + n_x : -1]
         ok = inputs[-1] > 0.5

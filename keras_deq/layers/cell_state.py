@@ -29,7 +29,7 @@ class FrozenCellState:
         self.variables = list(cell.non_trainable_variables)
         # On JAX, Keras runs the step in a stateless scope of its own, whose values an
         # inner scope does not see: there every variable of the cell is mapped.
-        mapped = self.variables if backend.name() == "tensorflow" else list(cell.variables)
+        mapped = list(cell.variables) if backend.name() == "jax" else self.variables
         # Values read now (a copy: TensorFlow would hand back the variable itself),
         # since the backward pass evaluates the cell after `advance` assigned.
         self._mapping = [(v, keras.ops.copy(v.value)) for v in mapped] if self.variables else []

@@ -341,11 +341,14 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             z0 = keras.tree.map_structure(keras.ops.stop_gradient, z0)
         stateless_fn, weights, cell_fn = None, (), fn
         if backend.name() != "tensorflow":
-            # JAX: custom gradients must receive the weights, not close over them.
+            # JAX: custom gradients must receive the weights, not close over them;
+            # PyTorch takes the same path (its own autograd.Function, see backend).
             stateless_fn = self._stateless_cell(training)
+            # The state as the call begins, for the backward pass too (a copy: on
+            # PyTorch `value` is the variable itself, which `advance` assigns).
             weights = (
                 tuple(v.value for v in self.cell.trainable_variables),
-                tuple(v.value for v in self.cell.non_trainable_variables),
+                tuple(keras.ops.copy(v.value) for v in self.cell.non_trainable_variables),
             )
             cell_fn = lambda z, x_in: stateless_fn(z, x_in, weights)  # noqa: E731
         problem = backward_lib.Equilibrium(
@@ -397,15 +400,25 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         return f
 
     # ----------------------------------------------------------------- saving
+    def _saved_variables(self):
+        """The layer's own variables that a `.keras` file holds: all but the JAX
+        statistics (`solver_statistics()`, a record of the last call, not state), so
+        that a file saved on one backend loads on the others."""
+        stats = {id(v) for v in getattr(self, "_stats", {}).values()}
+        own = self._trainable_variables + self._non_trainable_variables
+        return [v for v in own if id(v) not in stats]
+
     def save_own_variables(self, store):
         """Saves the layer's variables and the state of its random generator, so
         that a restored run (e.g. `keras.callbacks.BackupAndRestore`) draws the
         same Jacobian-regularizer steps and probes as an uninterrupted one."""
-        super().save_own_variables(store)
+        for i, variable in enumerate(self._saved_variables()):
+            store[str(i)] = variable
         store[_SEED_STATE_KEY] = self.seed_generator.state
 
     def load_own_variables(self, store):
-        variables = self._trainable_variables + self._non_trainable_variables
+        # Files saved on JAX by 0.1.0 hold the statistics too, after the others.
+        variables = self._saved_variables()
         keys = [str(i) for i in range(len(variables))]
         if not list(store.keys()):
             # None of them: a file of an `OptEqBlock` saved when its unrolled modes had

@@ -290,12 +290,12 @@ def check_backend_support(on_failure):
     name = backend.name()
     if name == "tensorflow":
         return
-    if name != "jax":
+    if name not in ("jax", "torch"):
         raise ValueError(
-            f"keras_deq's DEQ layer runs on the TensorFlow and JAX backends. "
+            f"keras_deq's DEQ layer runs on the TensorFlow, JAX and PyTorch backends. "
             f"Received: KERAS_BACKEND={name!r}"
         )
-    if on_failure == "raise":
+    if name == "jax" and on_failure == "raise":
         # Measured (jax 0.10.2, keras 3.15): an exception raised in a host callback
         # (`jax.debug.callback`) inside `fit`'s jitted step does surface, as a
         # `JaxRuntimeError`, but Keras donates the training state to that step, so

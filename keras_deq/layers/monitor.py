@@ -63,11 +63,11 @@ class SolverMonitor:
     """
 
     def _make_metrics(self):
-        """The layer's metrics, on TensorFlow; elsewhere the statistics are variables
-        (made by `_build_statistics`), see `_make_stat_variables`."""
-        if backend.name() != "tensorflow":
+        """The layer's metrics, on TensorFlow and PyTorch; on JAX the statistics are
+        variables (made by `_build_statistics`), see `_make_stat_variables`."""
+        self._warning_gate = None
+        if not backend.layer_metrics():
             self._metrics_by_name = {}
-            self._warning_gate = None
             return
         self._metrics_by_name = {
             key: (_FiniteMean if key == "fwd_residual" else keras.metrics.Mean)(
@@ -77,6 +77,8 @@ class SolverMonitor:
         }
         for key, metric in self._metrics_by_name.items():
             setattr(self, f"_{key}_metric", metric)
+        if backend.name() != "tensorflow":  # eager PyTorch reports failures directly
+            return
         # 1 until the failure warning is shown: a traced step then stops calling the
         # host (about 0.2 ms per call), which it would otherwise do at every failing
         # step. Local to each replica like the metrics' variables; not a weight.
@@ -95,7 +97,7 @@ class SolverMonitor:
         return result.rel_residual if self.stop_mode == "rel" else result.abs_residual
 
     def _record_forward(self, result, report=True):
-        """Records the forward statistics (metrics on TensorFlow, variables elsewhere)
+        """Records the forward statistics (metrics on TensorFlow and PyTorch, variables on JAX)
         and reports a failure; returns the checks the output must wait for."""
         if not self._metrics_by_name:
             self._record_in_variables(result, report)

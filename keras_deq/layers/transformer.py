@@ -209,7 +209,8 @@ class DEQTransformerCell(Cell):
 
     # ------------------------------------------------------------------- call
     def _attend(self, u, training):
-        return self.attention(u, u, use_causal_mask=True, training=training)
+        with backend.twice_differentiable():
+            return self.attention(u, u, use_causal_mask=True, training=training)
 
     def call(self, z, x, training=None):
         masks = self._masks(z) if (training and self.dropout > 0.0) else (1.0, 1.0)

@@ -257,7 +257,7 @@ def _coefficients(gram, rhs, current, ridge):
     floor = 100.0 * float(np.finfo(dtype).eps)
     ridges = ops.clip(min(ridge, _MAX_RIDGE) * current[:, None] / squares, floor, _MAX_RIDGE)
     scale = d[:, :, None] * ops.concatenate([d, ops.ones_like(d[:, :1])], axis=1)[:, None, :]
-    unit = np.eye(size, size + 1, dtype=dtype)
+    unit = ops.convert_to_tensor(np.eye(size, size + 1, dtype=dtype))
     system = ops.concatenate([gram, rhs[:, :, None]], axis=2) * scale + ridges[:, :, None] * unit
     # A sample whose system overflowed solves the identity system: gamma = 0.
     finite = ops.all(ops.isfinite(system), axis=(1, 2))[:, None]
@@ -278,7 +278,9 @@ def _filtered_solve(system, thresholds):
     earlier (newer) kept ones.
     """
     size = system.shape[1]
-    unit = np.eye(size, size + 1, dtype=keras.backend.standardize_dtype(system.dtype))
+    unit = ops.convert_to_tensor(
+        np.eye(size, size + 1, dtype=keras.backend.standardize_dtype(system.dtype))
+    )
     x, keeps = system, []
     for j, threshold in enumerate(ops.split(thresholds[:, :, None], size, axis=1)):
         pivot = x[:, j : j + 1, j : j + 1]

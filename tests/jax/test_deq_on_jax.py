@@ -16,34 +16,16 @@ if keras.backend.backend() != "jax":
     pytest.skip("JAX backend tests (KERAS_BACKEND=jax)", allow_module_level=True)
 
 import jax  # noqa: E402
+from linear_problem import B, F, N, dense_gradients, linear_layer, linear_problem  # noqa: E402
 
 import keras_deq  # noqa: E402
-
-B, F, N = 4, 3, 5
-
-
-def linear_problem(seed=0):
-    rng = np.random.default_rng(seed)
-    w = rng.normal(size=(N, N))
-    w = (0.6 * w / np.linalg.norm(w, 2)).astype("float32")
-    u = rng.normal(size=(F, N)).astype("float32")
-    b = rng.normal(size=(N,)).astype("float32")
-    x = rng.normal(size=(B, F)).astype("float32")
-    t = rng.normal(size=(B, N)).astype("float32")
-    return w, u, b, x, t
 
 
 @pytest.mark.parametrize("solver", ["anderson", "fixed_point", "broyden"])
 @pytest.mark.parametrize("backward", ["implicit", keras_deq.backward.Phantom(300, 1.0)])
 def test_gradient_matches_a_dense_solve_under_jit(solver, backward):
     w, u, b, x, t = linear_problem()
-    cell = keras_deq.DenseCell(N, activation="linear")
-    layer = keras_deq.DEQ(
-        cell, state_shape=(N,), solver=solver, backward=backward, tol=1e-7, max_iter=300
-    )
-    layer.build((None, F))
-    for variable, value in zip(cell.trainable_variables, (w, u, b), strict=True):
-        variable.assign(value)
+    layer = linear_layer(solver, backward, w, u, b)
     trainable = [v.value for v in layer.trainable_variables]
     non_trainable = [v.value for v in layer.non_trainable_variables]
 
@@ -52,11 +34,7 @@ def test_gradient_matches_a_dense_solve_under_jit(solver, backward):
         return keras.ops.sum(out * t)
 
     grads, grad_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(trainable, x)
-    # Dense reference in float64, row vectors: z* = z* W + x U + b, u = g + u W^T.
-    w64, u64, b64, x64, t64 = (a.astype("float64") for a in (w, u, b, x, t))
-    z = (x64 @ u64 + b64) @ np.linalg.inv(np.eye(N) - w64)
-    adjoint = t64 @ np.linalg.inv(np.eye(N) - w64.T)
-    want = [z.T @ adjoint, x64.T @ adjoint, adjoint.sum(0), adjoint @ u64.T]
+    want = dense_gradients(w, u, b, x, t)  # float64, row vectors
     for got, ref in zip([*grads, grad_x], want, strict=True):
         error = np.max(np.abs(np.asarray(got) - ref)) / np.max(np.abs(ref))
         assert error < 2e-5, error
@@ -432,3 +410,36 @@ def test_solver_logger_with_validation_shows_the_last_training_batch():
     validated = deq.solver_statistics()["fwd_steps"]
     assert validated != trained[-1]  # the test can tell the two apart
     assert float(lines[1].split()[2]) == pytest.approx(trained[-1], abs=0.01)
+
+
+def test_export_serves_the_keras_predictions_in_a_fresh_process(tmp_path):
+    # jax2tf cannot serialize a host callback: the layer makes none while it is converted.
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    x = np.random.default_rng(5).normal(size=(3, 4)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras_deq.DEQ(keras_deq.DenseCell(4))])
+    want = model.predict(x, verbose=0)
+    model.export(str(tmp_path / "exported"), verbose=False)
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        "served = tf.saved_model.load(sys.argv[1])\n"
+        "np.save(sys.argv[3], served.serve(np.load(sys.argv[2])).numpy())\n"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(tmp_path / "exported"),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "got.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "got.npy"), want, rtol=1e-5, atol=1e-6)

@@ -11,7 +11,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from deq_statistics import logged, reset_statistics, statistic
+from deq_statistics import LAYER_METRICS, logged, reset_statistics, statistic
 from feature_references import FLOAT_DTYPES, layer_gradients
 from keras import ops
 
@@ -280,6 +280,15 @@ def initial_state_gradient(layer, x, z0):
         with tf.GradientTape() as tape:
             z = layer(x, initial_state=z0)
         return tape.gradient(tf.reduce_sum(z), z0)
+    if keras.backend.backend() == "torch":
+        import torch  # noqa: PLC0415
+
+        z0 = z0.detach().requires_grad_(True)
+        z = layer(x, initial_state=z0)
+        if not z.requires_grad:
+            return None
+        (grad,) = torch.autograd.grad(ops.sum(z), z0, allow_unused=True)
+        return grad
     import jax  # noqa: PLC0415
 
     trainable = [v.value for v in layer.trainable_variables]
@@ -448,12 +457,12 @@ def test_nan_input_is_reported_not_silent(solver):
     assert statistic(layer, "converged") == 0.5
     # The residual metric averages the finite samples only.
     assert statistic(layer, "fwd_residual") == pytest.approx(
-        statistic(good, "fwd_residual"), rel=1e-3
+        statistic(good, "fwd_residual"), rel=1e-2
     )
     # The good sample is unaffected by the bad one.
     np.testing.assert_allclose(np.asarray(z)[1:], z_good, atol=1e-6)
 
-    if keras.backend.backend() == "tensorflow":  # JAX refuses on_failure="raise"
+    if keras.backend.backend() != "jax":  # JAX refuses on_failure="raise"
         with pytest.raises(FloatingPointError):
             DEQ(DenseCell(5), solver=solver, on_failure="raise")(x_bad)
 
@@ -586,9 +595,7 @@ def test_jacobian_loss_in_training_step_and_weight_change_after_build():
     evaluated = model.evaluate(x, y, verbose=0, return_dict=True)
     assert evaluated["loss"] == pytest.approx(base, rel=1e-5)
     # (On JAX the statistic is the last estimate applied: still the second step's.)
-    assert logged(layer, evaluated, "jac_loss") == (
-        0 if keras.backend.backend() == "tensorflow" else jac
-    )
+    assert logged(layer, evaluated, "jac_loss") == (0 if LAYER_METRICS else jac)
 
 
 def test_jacobian_weight_enabled_after_build_from_zero():

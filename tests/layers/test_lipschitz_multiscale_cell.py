@@ -51,6 +51,17 @@ def normal_product(cell, z, x):
             return tape.gradient(out, z, output_gradients=jv)
 
         return step
+    if keras.backend.backend() == "torch":
+        from torch.func import jvp, vjp  # noqa: PLC0415
+
+        def f_torch(*s):
+            return tuple(cell(list(s), x))
+
+        def step_torch(v):
+            _, jv = jvp(f_torch, tuple(z), tuple(v))
+            return vjp(f_torch, *z)[1](jv)
+
+        return step_torch
     import jax  # noqa: PLC0415
 
     def f(s):

@@ -312,7 +312,7 @@ def test_implicit_mode_forwards_solver_options_and_reports_deq_metrics():
     x, y = np.random.default_rng(15).normal(size=(16, 4)), np.arange(16) % 3
     history = model.fit(x, y, epochs=1, batch_size=16, verbose=0)
     assert block.deq.solver_statistics()["fwd_steps"] > 1
-    if keras.backend.backend() == "tensorflow":  # JAX `fit` logs lack the DEQ's metrics
+    if keras.backend.backend() != "jax":  # JAX `fit` logs lack the DEQ's metrics
         assert history.history["opteq_deq_fwd_steps"][0] > 1
     with pytest.raises((TypeError, ValueError)):
         OptEqBlock([8], training_mode="implicit", deq_options={"no_such_option": 1})
@@ -339,7 +339,7 @@ def test_conv_block_trains_with_fit_and_its_implicit_mode_has_gradients():
     loss = lambda out: ops.sum(out**2)  # noqa: E731
     grads = layer_gradients(implicit, x, loss, implicit.trainable_variables)
     assert all(g is not None and np.all(np.isfinite(np.asarray(g))) for g in grads)
-    assert float(np.max(implicit.relative_residual(x))) < 1e-5
+    assert float(np.max(ops.convert_to_numpy(implicit.relative_residual(x)))) < 1e-5
 
 
 def test_activity_regularizer_on_the_block_adds_the_feature_loss():

@@ -163,7 +163,7 @@ def test_backward_converges_and_matches_unrolled_gradient():
         return ops.sum((z - target) ** 2)
 
     implicit = layer_gradients(layer, x, loss, [layer.cell.kernel])
-    if keras.backend.backend() == "tensorflow":  # JAX keeps no adjoint statistics
+    if keras.backend.backend() != "jax":  # JAX keeps no adjoint statistics
         assert float(layer._metrics_by_name["bwd_residual"].result()) < 1e-10
     unrolled = layer_gradients(PicardFromInjection(layer.cell, 300), x, loss, [layer.cell.kernel])
     for a, b in zip(implicit, unrolled, strict=True):

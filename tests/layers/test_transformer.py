@@ -166,7 +166,7 @@ def test_model_trains_with_fit_and_reports_bits_and_solver_steps():
     np.testing.assert_allclose(logs["perplexity"][-1], np.exp(logs["loss"][-1]), rtol=0.05)
     stats = model.deq.solver_statistics()
     assert stats["fwd_steps"] >= 1
-    if keras.backend.backend() == "tensorflow":
+    if keras.backend.backend() != "jax":  # the layer keeps metrics that `fit` logs
         assert logs["deq_fwd_steps"][-1] >= 1 and logs["deq_bwd_steps"][-1] >= 1
         assert logs["deq_jac_loss"][-1] > 0
     else:  # JAX `fit` logs lack the DEQ's metrics; its variables hold the last step's

