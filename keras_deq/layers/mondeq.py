@@ -94,6 +94,7 @@ class MonDEQ(DEQ):
 
     @property
     def units(self):
+        """Size of the equilibrium state (the cell's `units`)."""
         return self.cell.units
 
     def build(self, input_shape):
