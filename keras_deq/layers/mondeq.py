@@ -73,7 +73,6 @@ class MonDEQ(DEQ):
         **kwargs,
     ):
         kwargs.pop("cell", None)
-        kwargs.pop("state_shape", None)
         if not is_fixed_point(solver):
             raise ValueError(
                 "MonDEQ's convergence is guaranteed for fixed-point iteration of the "
