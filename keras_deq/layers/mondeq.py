@@ -28,8 +28,8 @@ class MonDEQ(DEQ):
 
     Args:
         units: Size of the equilibrium state.
-        monotonicity: `m > 0` (see `MonotoneCell`); 0.1 as in the paper's fully
-            connected model.
+        monotonicity: `m > 0` (see `MonotoneCell`); 0.1 as in the paper's code
+            for its fully connected model.
         splitting: `"peaceman_rachford"` (default; a dense `units x units` inverse per
             solve, tens of iterations) or `"forward_backward"` (no inverse, but its
             guaranteed step `m / L^2` makes it slow when `||I - W||_2 / m` is large).

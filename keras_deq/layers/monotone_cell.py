@@ -94,7 +94,7 @@ class MonotoneCell(Cell):
         units: Size of the state (`n`).
         monotonicity: `m > 0`, the strong monotonicity of `I - W`. Larger `m` makes
             the splittings converge faster and restricts `W` more (its symmetric
-            part is at most `(1 - m) I`). The paper's fully connected model uses 0.1.
+            part is at most `(1 - m) I`). The paper's code uses 0.1 for its fully connected model.
         splitting: `"peaceman_rachford"` or `"forward_backward"`.
         alpha: Peaceman-Rachford's step, a positive float, or None for
             `1 / sqrt(m L_up)` at every call. Must be None for forward-backward,
