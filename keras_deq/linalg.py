@@ -4,6 +4,8 @@ Every operator-norm computation of the package lives here, and each name says wh
 returns:
 
 - `dense_spectral_norm_exact`: the largest singular value of a matrix (an SVD).
+- `dense_spectral_norm_upper`: an upper bound on it from matrix products only, within
+  a few percent of it (repeated squaring of the Gram matrix).
 - `circular_conv_norm_exact`: the norm of a circular 2-D convolution on a grid, exactly,
   from the kernel's DFT (Sedghi, Gupta and Long, ICLR 2019), strides included.
 - `same_conv_norm_upper`: an upper bound on the norm of a stride-1 "same" convolution
@@ -22,6 +24,7 @@ from below) are kept as aliases.
 import numbers
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_deq import backend
@@ -123,6 +126,59 @@ def dense_spectral_norm_exact(kernel):
             f"The kernel must be a matrix (in, out). Received: kernel.shape={kernel.shape}"
         )
     return ops.svd(kernel, compute_uv=False)[0]
+
+
+def dense_spectral_norm_upper(kernel, squarings=5):
+    """An upper bound on the largest singular value of a matrix, from matrix products.
+
+    With `P = K^T K` and `q = 2**squarings`, `||K||_2^(2q) = lambda_max(P)^q <= tr(P^q)`
+    (the other eigenvalues of `P` are nonnegative), so `tr(P^q)^(1/(2q))` bounds
+    `||K||_2` from above, and exceeds it at most by the factor `r^(1/(2q))`, `r` the
+    rank of `K` (1.07 for a 64 x 64 matrix with the default 5 squarings, 1.10 for
+    512 x 512). `P^q` is computed by `squarings` normalized squarings (no overflow);
+    no SVD, no iteration to converge, no randomness. In floating point the bound
+    holds up to the rounding of those products (a relative error of order
+    `squarings * n * eps`, far below the factor above). Used where a bound must be
+    certified and cheap, e.g. the forward-backward step of
+    `keras_deq.layers.MonotoneCell`.
+
+    Args:
+        kernel: A 2-D tensor.
+        squarings: A nonnegative int; 0 gives the Frobenius norm.
+
+    Returns:
+        A scalar tensor in the kernel's dtype.
+
+    Examples:
+        >>> from keras import ops
+        >>> k = ops.convert_to_tensor([[3.0, 0.0], [0.0, 1.0]])
+        >>> round(float(dense_spectral_norm_upper(k)), 4)  # 2^(1/64) * 3 at worst
+        3.0
+        >>> round(float(dense_spectral_norm_upper(k, squarings=0)), 4)  # Frobenius
+        3.1623
+    """
+    kernel = ops.convert_to_tensor(kernel)
+    if len(kernel.shape) != 2:
+        raise ValueError(
+            f"The kernel must be a matrix (in, out). Received: kernel.shape={kernel.shape}"
+        )
+    if isinstance(squarings, bool) or not isinstance(squarings, numbers.Integral) or squarings < 0:
+        raise ValueError(
+            f"`squarings` must be a nonnegative int. Received: squarings={squarings!r}"
+        )
+    rows, cols = kernel.shape
+    transposed = ops.transpose(kernel)
+    # The smaller of the two Gram matrices (same nonzero eigenvalues).
+    gram = ops.matmul(transposed, kernel) if cols <= rows else ops.matmul(kernel, transposed)
+    tiny = float(np.finfo(_dtype(gram)).tiny)
+    log_scale = ops.zeros((), _dtype(gram))  # P^(2^i) = exp(log_scale) * gram
+    for _ in range(int(squarings)):
+        norm = ops.maximum(ops.sqrt(ops.sum(gram * gram)), tiny)
+        gram = gram / norm
+        gram = ops.matmul(gram, gram)
+        log_scale = 2.0 * (log_scale + ops.log(norm))
+    trace = ops.maximum(ops.trace(gram), 0.0)
+    return ops.exp((log_scale + ops.log(trace)) / (2.0 * 2 ** int(squarings)))
 
 
 # ------------------------------------------------------------------ circular convolution

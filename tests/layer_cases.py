@@ -27,6 +27,7 @@ from keras_deq import (
     DenseCell,
     JacobianPenalty,
     LipschitzMultiscale,
+    MonDEQ,
     OptEqBlock,
     PcDEQ,
     constraints_opteq,
@@ -35,6 +36,7 @@ from keras_deq import (
 from keras_deq import backward as backward_lib
 from keras_deq import constraints as constraints_lib
 from keras_deq.layers import multiscale, opteq
+from keras_deq.layers.monotone_cell import MonotoneCell
 from keras_deq.layers.pcdeq import PositiveConcaveCell
 from keras_deq.layers.transformer import DEQTransformerCell
 from keras_deq.models import BitsPerCharacter, DEQTransformerLM, Perplexity
@@ -143,6 +145,13 @@ CASES = {
         PositiveConcaveCell,
         {"activation": "softsign", "kernel_size": 3, "weight_norm": True},
         _cell_inputs((4, 4, 3), (4, 4, 3)),
+        "cell",
+    ),
+    "MonDEQ": Case(MonDEQ, {"units": 4, "monotonicity": 0.5}, _vector(3)),
+    "MonotoneCell": Case(
+        MonotoneCell,
+        {"units": 4, "splitting": "forward_backward", "monotonicity": 0.5},
+        _cell_inputs((4,), (3,)),
         "cell",
     ),
     "ScaledReLU": Case(multiscale.ScaledReLU, {"slope": 0.3}, _vector(4)),

@@ -52,6 +52,34 @@ def test_dense_spectral_norm_is_the_largest_singular_value(dtype):
     assert float(norm) == pytest.approx(np.linalg.norm(w.astype("float64"), 2))
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (9, 5), (5, 9), (64, 64), (200, 200)])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4])
+def test_dense_upper_bound_is_above_the_norm_within_the_rank_factor(dtype, shape, scale):
+    rng = np.random.default_rng(shape[0] * shape[1])
+    w = (rng.normal(size=shape) * scale).astype(dtype)
+    exact = np.linalg.norm(w.astype("float64"), 2)
+    rank = min(shape)
+    # Rounding: a few float32 ulps below at worst (the bound is exact for rank 1).
+    below = 1e-6 if dtype == "float32" else 1e-12
+    for squarings in (0, 1, 5):
+        got = float(linalg.dense_spectral_norm_upper(tensor(w, dtype), squarings))
+        assert (
+            exact * (1 - below) <= got <= exact * rank ** (1 / 2 ** (squarings + 1)) * (1 + below)
+        )
+    frobenius = float(linalg.dense_spectral_norm_upper(tensor(w, dtype), 0))
+    assert frobenius == pytest.approx(np.linalg.norm(w.astype("float64")), rel=1e-5)
+
+
+def test_dense_upper_bound_of_zero_and_of_bad_arguments():
+    assert float(linalg.dense_spectral_norm_upper(np.zeros((3, 3), "float32"))) == 0.0
+    with pytest.raises(ValueError, match="matrix"):
+        linalg.dense_spectral_norm_upper(np.zeros((3,), "float32"))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="squarings"):
+            linalg.dense_spectral_norm_upper(np.eye(2, dtype="float32"), bad)
+
+
 # ------------------------------------------------------------------ circular convolution
 @pytest.mark.float64
 def test_circular_conv_norm_equals_the_circulant_matrix_norm():

@@ -8,6 +8,8 @@ from keras_deq.layers.cell import Cell
 from keras_deq.layers.cells import DenseCell
 from keras_deq.layers.deq import DEQ
 from keras_deq.layers.lipschitz_multiscale_cell import LipschitzMultiscaleCell
+from keras_deq.layers.mondeq import MonDEQ
+from keras_deq.layers.monotone_cell import MonotoneCell
 from keras_deq.layers.multiscale_cell import MultiscaleCell
 from keras_deq.layers.multiscale_deq import LipschitzMultiscale, MultiscaleDEQ
 from keras_deq.layers.opteq_block import OptEqBlock
@@ -22,6 +24,8 @@ __all__ = [
     "DenseCell",
     "LipschitzMultiscale",
     "LipschitzMultiscaleCell",
+    "MonDEQ",
+    "MonotoneCell",
     "MultiscaleCell",
     "MultiscaleDEQ",
     "OptEqBlock",

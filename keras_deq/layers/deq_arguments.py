@@ -24,6 +24,17 @@ def is_solver_object(solver):
     return isinstance(solver, (solvers_lib.Solver, Mapping))
 
 
+def is_fixed_point(solver):
+    """`"fixed_point"`, or a `keras_deq.solvers.FixedPoint` (or its config): the solver
+    that the paper layers whose guarantee covers plain (or damped) iteration accept."""
+    if isinstance(solver, str):
+        return solver == "fixed_point"
+    try:
+        return isinstance(solvers_lib.get(solver), solvers_lib.FixedPoint)
+    except (ValueError, TypeError):
+        return False
+
+
 def object_config(value, serialize):
     """A name (or None) as is; an object as its config dict."""
     return value if value is None or isinstance(value, str) else serialize(value)

@@ -12,25 +12,15 @@ import numbers
 import keras
 import numpy as np
 
-from keras_deq import solvers
 from keras_deq.layers.cell import Cell
 from keras_deq.layers.deq import DEQ
+from keras_deq.layers.deq_arguments import is_fixed_point
 from keras_deq.solvers.common import check_bool, check_positive_float
 
 # Activations allowed with each variant: pcDEQ-1 needs sigma(0) = 0 concave and
 # nonnegative on R+ with a strictly positive injection; pcDEQ-2 needs sigma
 # positive and concave on R+ with a nonnegative injection.
 VARIANT_ACTIVATIONS = {1: ("tanh", "softsign", "relu6"), 2: ("sigmoid",)}
-
-
-def _is_fixed_point(solver):
-    """`"fixed_point"`, or a `keras_deq.solvers.FixedPoint` (or its config)."""
-    if isinstance(solver, str):
-        return solver == "fixed_point"
-    try:
-        return isinstance(solvers.get(solver), solvers.FixedPoint)
-    except (ValueError, TypeError):
-        return False
 
 
 def injection_floor(dtype):
@@ -214,7 +204,7 @@ class PcDEQ(DEQ):
         **kwargs,
     ):
         kwargs.pop("cell", None)
-        if not _is_fixed_point(solver):
+        if not is_fixed_point(solver):
             raise ValueError(
                 "PcDEQ's unique fixed point is guaranteed for fixed-point iteration from a "
                 "nonnegative start, whose iterates stay in the nonnegative orthant; Anderson "
