@@ -4,10 +4,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_deq import backend
 from keras_deq.solvers import common
 from keras_deq.solvers import result as res
 from keras_deq.solvers.base import Solver, _differentiable_bound
+
+_BUCKETS = 4
+"""The Krylov steps of a cycle fall in up to this many groups of basis sizes."""
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
@@ -20,10 +22,12 @@ class GMRES(Solver):
     with its backward solver: `DEQ(..., backward_solver="gmres")` or
     `backward=keras_deq.backward.Implicit(solver="gmres")`. GMRES minimizes the
     residual `||h(u) - u||` over a Krylov space that grows by one vector per
-    evaluation of `h`, so it converges wherever `I - A` is invertible (in at most
-    `restart` evaluations per cycle on a problem of that dimension), also where
-    fixed-point iteration diverges (an eigenvalue of `J` outside the unit disk),
-    and it needs no tuning beyond `restart`.
+    evaluation of `h`. Without restarts (`restart` at least the number of unknowns
+    `n`) it solves any system with `I - A` invertible in at most `n + 2`
+    evaluations in exact arithmetic, also where fixed-point iteration diverges
+    (an eigenvalue of `A` outside the unit disk). Restarted every `restart`
+    vectors, it converges when the symmetric part of `I - A` is definite (for
+    instance `||A||_2 < 1`) and may stall otherwise.
 
     **Affine maps only.** The solver reads `A v` off differences of `h`, which is
     exact only for an affine `h`. A DEQ's cell is not affine, so `DEQ` refuses it
@@ -32,25 +36,30 @@ class GMRES(Solver):
     residuals, but is not expected to converge.
 
     Each sample of the batch is its own linear system, with its own Krylov basis,
-    cycle and stopping test, as the fixed-point solvers treat rows: a sample's
-    result does not depend on the rest of the batch. A cycle evaluates `h` once at
-    its starting iterate `x` (measuring its residual `r = h(x) - x`, which the
+    least-squares problem and stopping test, as the fixed-point solvers treat rows.
+    The cycles run in step over the batch, their boundaries set by the evaluation
+    count alone (a cycle is `restart + 1` evaluations), so a sample's iterates and
+    result do not depend on the rest of the batch. A cycle evaluates `h` once at
+    each sample's iterate `x` (measuring its residual `r = h(x) - x`, which the
     result's residuals, best iterate and `converged` come from, as for the other
-    solvers) and then once per Krylov vector `v_j`, at `x + c v_j` with `c` of the
-    size of `x` and `h(x)` (so that `A v_j = (h(x + c v_j) - h(x)) / c` keeps the
-    precision of `h`). Orthogonalization is classical Gram-Schmidt applied twice;
-    the small least-squares problem is kept triangular by Givens rotations, which
-    give the residual of the current Krylov iterate without evaluating `h`. When
-    that estimate meets `tol`, after `restart` Krylov vectors, or before the last
-    allowed evaluation, the sample forms its iterate and measures it with the next
-    evaluation; if the measured residual misses `tol`, a new cycle starts there.
-    So `steps` counts evaluations of `h` (matrix-vector products and one
-    measurement per cycle), every returned state was measured, and the last
-    evaluation of a solve stopped by `max_iter` is a measurement.
+    solvers), then once per Krylov vector `v_j`, at `x + c v_j`, `c` of the size of
+    `x` and `h(x)` (so that `A v_j = (h(x + c v_j) - h(x)) / c` keeps the precision
+    of `h`). The basis is orthogonalized by classical Gram-Schmidt applied twice;
+    Givens rotations keep the small least-squares problem triangular and give the
+    residual of the sample's current Krylov iterate without evaluating `h`. When
+    that estimate meets `tol`, or before the last evaluation `max_iter` allows, the
+    sample forms its iterate and leaves the cycle: the next evaluation measures it,
+    and if it misses `tol` (rounding), the sample waits for the next cycle, which
+    starts from there (as every sample does after `restart` vectors). So `steps`
+    counts evaluations of `h`, which are vector-Jacobian products in the adjoint
+    (the Krylov matrix-vector products and one measurement per cycle), every
+    returned state was measured, and a solve stopped by `max_iter` ends on a
+    measurement.
 
-    The loop runs in the solver's float32 or float64, with `keras.ops` only, and
-    keeps `(batch, restart, n)` Krylov vectors. A sample whose `h` gives NaN or Inf
-    is frozen at its best finite iterate, as in the other solvers.
+    The loop runs in the solver's float32 or float64 with `keras.ops` only, and
+    keeps `(batch, restart, n)` Krylov vectors: each evaluation costs about four
+    passes over them besides `h`. A sample whose `h` gives NaN or Inf is frozen at
+    its best finite iterate, as in the other solvers.
 
     Args:
         max_iter: Maximum number of evaluations of `h`.
@@ -91,130 +100,105 @@ class GMRES(Solver):
         """
         tol, stop_mode, m = self.tol, self.stop_mode, self.restart
         max_iter = common.loop_bound(self.max_iter)
-        bound = _differentiable_bound(max_iter)
+        if _differentiable_bound(max_iter) is not None:
+            raise ValueError(
+                "GMRES is an adjoint solver: its iterations are not differentiated "
+                "(`differentiable_loops`, `backward.Unrolled`). Received: "
+                f"{self!r} inside `keras_deq.solvers.base.differentiable_loops`"
+            )
         dtype = keras.backend.standardize_dtype(z0.dtype)
         tiny = res.tiny_for(dtype)
-        slots = ops.arange(m, dtype="int32")
-        slots1 = ops.arange(m + 1, dtype="int32")
-        upper = ops.convert_to_tensor(np.triu(np.ones((m, m), dtype=bool)))
-        eye = ops.convert_to_tensor(np.eye(m, dtype=dtype))
-        eye1 = ops.convert_to_tensor(np.eye(m + 1, dtype=dtype))
+        eye = ops.convert_to_tensor(np.eye(m + 1, dtype=dtype))
 
-        def norm(t):
-            return ops.sqrt(res.row_sums(t * t))
-
-        def body(k, p, measuring, x, hx, c, v, basis, qt, tri, beta, j, best, go):
+        def body(k, p, krylov, x, hx, c, v, basis, xv, qt, rinv, beta, best, go):
+            position = ops.mod(k, m + 1)
+            start = position == 0  # every sample measures its iterate: a new cycle
+            i = ops.maximum(position - 1, 0)  # else the Arnoldi step of v_i
+            # The vector v_i of the probe evaluated now joins the basis before any read
+            # of it (written at the end of the step, XLA would copy the basis).
+            basis = ops.slice_update(basis, (0, i, 0), v[:, None, :])
+            xv = ops.slice_update(xv, (0, i), res.row_sums(x * v)[:, None])
+            # A cycle's rotations and R^-1 start afresh at its first Arnoldi step (a
+            # sample that left the last cycle early computed on meaningless values).
+            qt = ops.where(position == 1, eye, qt)
+            rinv = ops.where(position == 1, 0.0, rinv)
             fp = f(p)
-            # 1. The residual of the evaluated point: the measurement of an iterate.
+            # 1. The residual of the evaluated point, a measurement where it is the
+            # sample's iterate (every sample at a cycle's start; mid-cycle, those that left
+            # the cycle); else a Krylov probe.
             residual = res.residuals(fp, p)
-            abs_res = residual.abs_residual
-            finite = ops.isfinite(abs_res)
-            measured = res.update_best(best, p, abs_res, residual.rel_residual, stop_mode, tol)
-            best = res.Best(
-                *res.where_rows(measuring, measured[:3], best[:3]), best.failed | ~finite
+            finite = ops.isfinite(residual.abs_residual)
+            measured = res.update_best(
+                best, p, residual.abs_residual, residual.rel_residual, stop_mode, tol
             )
+            best = res.Best(*res.where_rows(~krylov, measured[:3], best[:3]), best.failed | ~finite)
             # A non-finite image is replaced by `p` (its sample is frozen from now on), so
             # that its row of the Krylov state stays finite.
             fp = res.where_rows(finite, fp, p)
             last = k + 2 >= max_iter  # the next evaluation is the last: a measurement
 
-            # 2. Samples that measured an iterate: a new cycle from it (or stay, if done).
+            # 2. A new cycle from the measured iterate p: r = h(p) - p, v_0 = r / ||r||.
             r = fp - p
-            beta_new = norm(r)
+            beta_new = _norm(r)
             v0 = r / ops.where(beta_new > tiny, beta_new, 1.0)[:, None]
-            c_new = norm(p) + norm(fp)
+            c_new = _norm(p) + _norm(fp)
             c_new = ops.where(c_new > tiny, c_new, 1.0)
             stay = res.converged(best, tol, stop_mode) | best.failed | last
 
-            # 3. Samples in a cycle: one Arnoldi step with A v_j = (h(x + c v_j) - h(x)) / c.
+            # 3. The Arnoldi step, w = (I - A) v_i with A v_i = (h(x + c v_i) - h(x)) / c.
             w = v - (fp - hx) / c[:, None]
-            valid = ops.cast(slots[None, :] <= j[:, None], dtype)
-            coefficients = ops.zeros_like(valid)
-            for _ in range(2):  # classical Gram-Schmidt, twice
-                projection = ops.einsum("bmn,bn->bm", basis, w) * valid
-                w = w - ops.einsum("bm,bmn->bn", projection, basis)
-                coefficients = coefficients + projection
-            beta_next = norm(w)
+            w, coefficients = _orthogonalize(basis, w, i)
+            beta_next = _norm(w)
             v_next = w / ops.where(beta_next > tiny, beta_next, 1.0)[:, None]
-            is_j = slots1[None, :] == j[:, None]
-            is_j1 = slots1[None, :] == j[:, None] + 1
-            column = ops.concatenate([coefficients, ops.zeros_like(coefficients[:, :1])], axis=1)
-            column = ops.where(is_j1, beta_next[:, None], column)
-            # The rotations so far (qt, applied to a column at once), then the new one.
-            rotated = ops.einsum("bij,bj->bi", qt, column)
-            a = ops.sum(ops.where(is_j, rotated, 0.0), axis=1)
-            radius = ops.sqrt(a * a + beta_next * beta_next)
-            safe = ops.where(radius > tiny, radius, 1.0)
-            cos = ops.where(radius > tiny, a / safe, 1.0)[:, None]
-            sin = ops.where(radius > tiny, beta_next / safe, 0.0)[:, None]
-            row_j = ops.einsum("bi,bij->bj", ops.cast(is_j, dtype), qt)
-            row_j1 = ops.einsum("bi,bij->bj", ops.cast(is_j1, dtype), qt)
-            qt_next = ops.where(is_j[:, :, None], (cos * row_j + sin * row_j1)[:, None, :], qt)
-            qt_next = ops.where(
-                is_j1[:, :, None], (cos * row_j1 - sin * row_j)[:, None, :], qt_next
-            )
-            rotated = ops.where(is_j, radius[:, None], ops.where(is_j1, 0.0, rotated))
-            tri_next = ops.where(is_j[:, None, :m], rotated[:, :m, None], tri)
-            g = beta[:, None] * qt_next[:, :, 0]  # Q^T (beta e_1)
-            estimate = ops.abs(ops.sum(ops.where(is_j1, g, 0.0), axis=1))
-            # The Krylov iterate x_j = x + V y, R y = g (columns past j: identity, y = 0).
-            active = slots[None, :] <= j[:, None]
-            diagonal = ops.diagonal(tri_next, axis1=1, axis2=2)
-            diagonal = ops.where(active & (diagonal != 0.0), diagonal, 1.0)
-            system = ops.where(active[:, None, :] & upper[None], tri_next, 0.0)
-            system = system * (1.0 - eye) + eye * diagonal[:, None, :]
-            rhs = ops.where(active, g[:, :m], 0.0)
-            y = ops.solve_triangular(system, rhs[:, :, None], lower=False)[:, :, 0]
-            x_next = x + ops.einsum("bm,bmn->bn", y, basis)
-            # ||h(x_j)|| >= ||x_j|| - ||r_j||, for the relative estimate.
-            estimate_rel = res.relative(estimate, ops.maximum(norm(x_next) - estimate, 0.0))
+            qt, rinv, y, estimate = _least_squares(qt, rinv, coefficients, beta_next, beta, i)
+            # ||x_i||^2 = ||x||^2 + 2 <x, V y> + ||y||^2 (V orthonormal): the relative
+            # estimate, with ||h(x_i)|| >= ||x_i|| - ||r_i||.
+            squared = res.row_sums(x * x) + ops.sum((2.0 * xv + y) * y, axis=1)
+            x_norm = ops.sqrt(ops.maximum(squared, 0.0))
+            estimate_rel = res.relative(estimate, ops.maximum(x_norm - estimate, 0.0))
             done = res.criterion(estimate, estimate_rel, stop_mode) <= tol
-            switch = done | (j + 1 >= m) | last
+            switch = krylov & (done | last | (i + 1 >= m)) & ~start
+            # The Krylov iterate, formed only when a sample leaves the cycle.
+            x_i = ops.cond(
+                ops.any(switch), lambda: x + ops.einsum("bm,bmn->bn", y, basis), lambda: x
+            )
 
-            # 4. The next point: an iterate to measure, or the next Krylov probe.
-            measuring_next = ops.where(measuring, stay, switch)
-            probe = res.where_rows(measuring, p + c_new[:, None] * v0, x + c[:, None] * v_next)
-            p_next = res.where_rows(measuring_next, res.where_rows(measuring, p, x_next), probe)
-            # The cycle's state: restarted where an iterate was measured, else advanced.
-            v = res.where_rows(measuring, v0, v_next)
-            slot = ops.where(measuring, 0, ops.minimum(j + 1, m - 1))
-            basis = ops.where((slots[None, :] == slot[:, None])[:, :, None], v[:, None, :], basis)
-            x = res.where_rows(measuring, p, x)
-            hx = res.where_rows(measuring, fp, hx)
-            c = ops.where(measuring, c_new, c)
-            qt = ops.where(measuring[:, None, None], eye1[None], qt_next)
-            tri = res.where_rows(measuring, tri, tri_next)
-            beta = ops.where(measuring, beta_new, beta)
-            j = ops.where(measuring, 0, j + 1)
+            # 4. The next point: the iterate (measured at the next evaluation), or the next
+            # Krylov probe x + c v.
+            x = ops.where(start, p, x)
+            c = ops.where(start, c_new, c)
+            v = ops.where(start, v0, v_next)
+            krylov_next = ops.where(start, ~stay, krylov & ~switch)
+            iterate = ops.where(start, p, res.where_rows(switch, x_i, p))
+            p_next = res.where_rows(krylov_next, x + c[:, None] * v, iterate)
+            hx = ops.where(start, fp, hx)
+            beta = ops.where(start, beta_new, beta)
             p_next, best = res.guard(best, p_next)
             go = res.keep_going(best, tol, stop_mode)
-            return k + 1, p_next, measuring_next, x, hx, c, v, basis, qt, tri, beta, j, best, go
+            return k + 1, p_next, krylov_next, x, hx, c, v, basis, xv, qt, rinv, beta, best, go
 
         def cond(k, *loop_vars):
             return ops.logical_and(loop_vars[-1], k < max_iter)
 
         batch = ops.shape(z0)[0]
-        ones = ops.ones((batch,), dtype=dtype)
+        zeros = ops.zeros((batch,), dtype=dtype)
         loop_vars = (
             ops.convert_to_tensor(0, "int32"),
             z0,
-            ops.ones((batch,), dtype="bool"),
+            ops.zeros((batch,), dtype="bool"),
             z0,
             ops.zeros_like(z0),
-            ones,
+            zeros + 1.0,
             ops.zeros_like(z0),
             ops.zeros((batch, m, ops.shape(z0)[1]), dtype=dtype),
-            ops.broadcast_to(eye1, (batch, m + 1, m + 1)),
+            ops.zeros((batch, m), dtype=dtype),
+            ops.broadcast_to(eye, (batch, m + 1, m + 1)),
             ops.zeros((batch, m, m), dtype=dtype),
-            ops.zeros_like(ones),
-            ops.zeros((batch,), dtype="int32"),
+            zeros,
             res.initial_best(z0),
             ops.convert_to_tensor(True),
         )
-        if bound is None:
-            out = ops.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
-        else:
-            out = backend.masked_while_loop(cond, body, loop_vars, bound)
+        out = ops.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
         steps, best = out[0], out[-2]
         return res.to_result(best, steps, tol, stop_mode, unpack or (lambda z: z))
 
@@ -245,3 +229,84 @@ def gmres(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", restart=20):
     """
     common.check_callable("f", f)
     return GMRES(max_iter, tol, stop_mode, restart)(f, z0)
+
+
+def _norm(t):
+    return ops.sqrt(res.row_sums(t * t))
+
+
+def _orthogonalize(basis, w, i):
+    """`(w', h)`: `w` `(batch, n)` made orthogonal to the basis vectors `v_0 .. v_i` of
+    `basis` `(batch, m, n)` by classical Gram-Schmidt applied twice, and the
+    coefficients `h` `(batch, m)` it removed (0 past `i`).
+
+    It reads the first `size` vectors only, the smallest of up to `_BUCKETS` sizes that
+    holds `v_0 .. v_i` (an `ops.switch`): the work of a step grows with `i`, not `m`.
+    """
+    m = basis.shape[1]
+    sizes = sorted({min(m, -(-m * q // _BUCKETS)) for q in range(1, _BUCKETS + 1)})
+
+    def gram_schmidt(size):
+        def run(basis, w, i):
+            part = basis[:, :size]
+            active = ops.arange(size, dtype="int32") <= i
+            coefficients = ops.zeros((ops.shape(w)[0], m), dtype=w.dtype)
+            for _ in range(2):
+                projection = ops.where(active, ops.einsum("bmn,bn->bm", part, w), 0.0)
+                w = w - ops.einsum("bm,bmn->bn", projection, part)
+                coefficients = coefficients + ops.pad(projection, ((0, 0), (0, m - size)))
+            return w, coefficients
+
+        return run
+
+    if len(sizes) == 1:
+        return gram_schmidt(m)(basis, w, i)
+    index = ops.sum(ops.cast(i + 1 > ops.convert_to_tensor(sizes[:-1]), "int32"))
+    return ops.switch(index, [gram_schmidt(size) for size in sizes], basis, w, i)
+
+
+def _least_squares(qt, rinv, coefficients, beta_next, beta, i):
+    """Column `i` of the Hessenberg matrix into the cycle's small least-squares problem.
+
+    Args:
+        qt: `(batch, m + 1, m + 1)`, the product of the Givens rotations so far (one
+            orthogonal matrix, applied to the new column at once).
+        rinv: `(batch, m, m)`, the inverse of the triangular factor `R` so far (upper
+            triangular; its columns past `i` are not read).
+        coefficients: `(batch, m)`, the column's Gram-Schmidt coefficients (0 past `i`).
+        beta_next: `(batch,)`, its subdiagonal entry `||w'||`.
+        beta: `(batch,)`, the norm of the cycle's first residual.
+        i: The column, a scalar int32.
+
+    Returns:
+        `(qt, rinv, y, estimate)`: the rotations with the new one (of rows `i` and
+        `i + 1`, which zeroes the subdiagonal entry), `R^-1` with its column `i`,
+        the coefficients `y` of the Krylov iterate `x + V y`
+        (`y = R^-1 Q^T beta e_1`, 0 past `i`) and its residual norm `(batch,)`.
+    """
+    m = rinv.shape[1]
+    dtype = keras.backend.standardize_dtype(qt.dtype)
+    tiny = res.tiny_for(dtype)
+    slots = ops.arange(m, dtype="int32")
+    column = ops.concatenate([coefficients, ops.zeros_like(beta[:, None])], axis=1)
+    column = ops.where(ops.arange(m + 1) == i + 1, beta_next[:, None], column)
+    rotated = ops.einsum("bij,bj->bi", qt, column)
+    a = ops.take(rotated, i, axis=1)
+    radius = ops.sqrt(a * a + beta_next * beta_next)
+    safe = ops.where(radius > tiny, radius, 1.0)
+    cos = ops.where(radius > tiny, a / safe, 1.0)[:, None]
+    sin = ops.where(radius > tiny, beta_next / safe, 0.0)[:, None]
+    rows = ops.slice(qt, (0, i, 0), (ops.shape(qt)[0], 2, m + 1))
+    row_i, row_i1 = rows[:, 0], rows[:, 1]
+    rows = ops.stack([cos * row_i + sin * row_i1, cos * row_i1 - sin * row_i], axis=1)
+    qt = ops.slice_update(qt, (0, i, 0), rows)
+    g = beta[:, None] * qt[:, :, 0]  # Q^T (beta e_1)
+    estimate = ops.abs(ops.take(g, i + 1, axis=1))
+    # Column i of R is final: (R^-1)[:, i] = (e_i - R^-1 u) / r_ii, u the column above
+    # the diagonal (a zero pivot, I - A singular on the Krylov space, counts as 1).
+    above = ops.where(slots < i, rotated[:, :m], 0.0)
+    pivot = ops.where(radius != 0.0, radius, 1.0)[:, None]
+    new_column = (ops.cast(slots == i, dtype) - ops.einsum("bik,bk->bi", rinv, above)) / pivot
+    rinv = ops.slice_update(rinv, (0, 0, i), new_column[:, :, None])
+    y = ops.einsum("bik,bk->bi", rinv, ops.where(slots <= i, g[:, :m], 0.0))
+    return qt, rinv, y, estimate
