@@ -73,6 +73,7 @@ def build_model(adjoint, seed, args):
                 tol=args.tol,
                 backward=keras_deq.backward.Implicit(solver=solver),
                 on_failure="ignore",  # reported by the residual columns instead
+                jit_compile="auto" if args.compile else False,
                 name="deq",
             ),
             keras.layers.Dense(10, name="classifier"),
@@ -175,7 +176,7 @@ def solve_alone(model, data, args, progress):
             for adjoint in args.adjoints:
                 solver = adjoint_solver(adjoint, args, args.solve_max_iter, tol)
 
-                @tf.function(jit_compile=True)
+                @tf.function(jit_compile=args.compile)
                 def solve(g, solver=solver, scale=scale):
                     return solver(lambda u: scale * vjp(u) + g, g)
 
@@ -249,9 +250,14 @@ def main(argv=None):
         "--threads", type=int, default=1, help="TensorFlow threads (0: leave TensorFlow's)"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="1 epoch on 256 images; one scale, 3 repeats"
+        "--quick",
+        action="store_true",
+        help="1 epoch on 256 images, one scale and tolerance, 3 repeats, no XLA",
     )
     args = parser.parse_args(argv)
+    # As DEQ does on CPU: the solves compiled apart with XLA (not in --quick, to save
+    # the compilations).
+    args.compile = not args.quick
     if args.quick:
         args.epochs, args.seeds, args.scales, args.repeats = 1, [0], [1.0], 3
         args.solve_tols = [1e-4]

@@ -35,39 +35,42 @@ class GMRES(Solver):
     non-affine map it still returns its best measured iterate with honest
     residuals, but is not expected to converge.
 
-    Each sample of the batch is its own linear system, with its own Krylov basis,
-    least-squares problem and stopping test, as the fixed-point solvers treat rows.
-    The cycles run in step over the batch, their boundaries set by the evaluation
-    count alone (a cycle is `restart + 1` evaluations), so a sample's iterates and
-    result do not depend on the rest of the batch. A cycle evaluates `h` once at
-    each sample's iterate `x` (measuring its residual `r = h(x) - x`, which the
-    result's residuals, best iterate and `converged` come from, as for the other
-    solvers), then once per Krylov vector `v_j`, at `x + c v_j`, `c` of the size of
-    `x` and `h(x)` (so that `A v_j = (h(x + c v_j) - h(x)) / c` keeps the precision
-    of `h`). The basis is orthogonalized by classical Gram-Schmidt applied twice;
-    Givens rotations keep the small least-squares problem triangular and give the
-    residual of the sample's current Krylov iterate without evaluating `h`. When
-    that estimate meets `tol`, or before the last evaluation `max_iter` allows, the
-    sample forms its iterate and leaves the cycle: the next evaluation measures it,
-    and if it misses `tol` (rounding), the sample waits for the next cycle, which
-    starts from there (as every sample does after `restart` vectors). So `steps`
-    counts evaluations of `h`, which are vector-Jacobian products in the adjoint
-    (the Krylov matrix-vector products and one measurement per cycle), every
-    returned state was measured, and a solve stopped by `max_iter` ends on a
-    measurement.
+    Each sample of the batch is its own linear system, with its own Krylov process,
+    least-squares problem and stopping test, as the fixed-point solvers treat rows:
+    a sample's iterates and result do not depend on the rest of the batch. A process
+    evaluates `h` once at the sample's iterate `x` (measuring its residual
+    `r = h(x) - x`, which the result's residuals, best iterate and `converged` come
+    from, as for the other solvers), then once per Krylov vector `v_j`, at
+    `x + c v_j`, `c` of the size of `x` and `h(x)` (so that
+    `A v_j = (h(x + c v_j) - h(x)) / c` keeps the precision of `h`). The basis is
+    orthogonalized by classical Gram-Schmidt applied twice; Givens rotations keep the
+    small least-squares problem triangular and give the residual of the current
+    Krylov iterate without evaluating `h`. When that estimate meets `tol`, or before
+    the last evaluation `max_iter` allows, the sample forms its iterate, and the next
+    evaluation measures it; if it misses `tol` (the estimate's rounding), a new
+    process starts from there. The basis has `restart` slots, which the batch fills
+    in step (slot `j` at evaluation `j + 1` of every `restart + 1`, so that the
+    writes are in place under XLA): a process runs until the last slot is filled,
+    then its sample measures its iterate and starts again from the first slot
+    (restarted GMRES; a process started mid-way has fewer slots). So `steps` counts evaluations of `h`, which are vector-Jacobian
+    products in the adjoint (the Krylov matrix-vector products and one measurement
+    per process), every returned state was measured, and a solve stopped by
+    `max_iter` ends on a measurement.
 
     The loop runs in the solver's float32 or float64 with `keras.ops` only, and
-    keeps `(batch, restart, n)` Krylov vectors: each evaluation costs about four
-    passes over them besides `h`. A sample whose `h` gives NaN or Inf is frozen at
-    its best finite iterate, as in the other solvers.
+    keeps `(batch, restart, n)` Krylov vectors: an evaluation costs about four passes
+    over the slots filled so far (rounded up to a quarter of `restart`) besides `h`.
+    A sample whose `h` gives NaN or Inf is frozen at its best finite iterate, as in
+    the other solvers.
 
     Args:
         max_iter: Maximum number of evaluations of `h`.
         tol: Tolerance on the per-sample residual named by `stop_mode`.
         stop_mode: `"rel"` for `||h(u) - u|| / ||h(u)||`, `"abs"` for `||h(u) - u||`.
-        restart: Krylov vectors per cycle (the `m` of GMRES(m)), a positive integer.
-            Larger converges in fewer evaluations on hard systems, at `O(m n)`
-            memory and work per evaluation.
+        restart: Slots of the Krylov basis (the `m` of GMRES(m)): the most Krylov
+            vectors a process keeps before it restarts, a positive integer. Larger
+            converges in fewer evaluations on hard systems, at `O(m n)` memory per
+            sample and up to `O(m n)` work per evaluation.
 
     Examples:
         >>> from keras import ops
@@ -110,22 +113,19 @@ class GMRES(Solver):
         tiny = res.tiny_for(dtype)
         eye = ops.convert_to_tensor(np.eye(m + 1, dtype=dtype))
 
-        def body(k, p, krylov, x, hx, c, v, basis, xv, qt, rinv, beta, best, go):
+        def body(k, p, krylov, fresh, first, x, hx, c, v, basis, xv, qt, rinv, beta, best, go):
             position = ops.mod(k, m + 1)
-            start = position == 0  # every sample measures its iterate: a new cycle
-            i = ops.maximum(position - 1, 0)  # else the Arnoldi step of v_i
+            i = ops.maximum(position - 1, 0)  # the Arnoldi step of v_i (none at 0)
             # The vector v_i of the probe evaluated now joins the basis before any read
-            # of it (written at the end of the step, XLA would copy the basis).
+            # of it (written at the end of the step, XLA would copy the basis), and a
+            # sample whose process starts here has fresh rotations and R^-1.
             basis = ops.slice_update(basis, (0, i, 0), v[:, None, :])
             xv = ops.slice_update(xv, (0, i), res.row_sums(x * v)[:, None])
-            # A cycle's rotations and R^-1 start afresh at its first Arnoldi step (a
-            # sample that left the last cycle early computed on meaningless values).
-            qt = ops.where(position == 1, eye, qt)
-            rinv = ops.where(position == 1, 0.0, rinv)
+            qt = ops.where(fresh[:, None, None], eye, qt)
+            rinv = ops.where(fresh[:, None, None], 0.0, rinv)
             fp = f(p)
-            # 1. The residual of the evaluated point, a measurement where it is the
-            # sample's iterate (every sample at a cycle's start; mid-cycle, those that left
-            # the cycle); else a Krylov probe.
+            # 1. The residual of the evaluated point: a measurement where it is the
+            # sample's iterate (not in a Krylov process), else a Krylov probe.
             residual = res.residuals(fp, p)
             finite = ops.isfinite(residual.abs_residual)
             measured = res.update_best(
@@ -137,45 +137,52 @@ class GMRES(Solver):
             fp = res.where_rows(finite, fp, p)
             last = k + 2 >= max_iter  # the next evaluation is the last: a measurement
 
-            # 2. A new cycle from the measured iterate p: r = h(p) - p, v_0 = r / ||r||.
+            # 2. A measured sample short of `tol` starts a process from its iterate p:
+            # r = h(p) - p, v_0 = r / ||r||, in the slots from `position` on (none left
+            # at the last position: it measures again at the next, the slots' start).
             r = fp - p
             beta_new = _norm(r)
             v0 = r / ops.where(beta_new > tiny, beta_new, 1.0)[:, None]
             c_new = _norm(p) + _norm(fp)
             c_new = ops.where(c_new > tiny, c_new, 1.0)
-            stay = res.converged(best, tol, stop_mode) | best.failed | last
+            stay = res.converged(best, tol, stop_mode) | best.failed | last | (position == m)
+            restarting = ~krylov & ~stay
 
-            # 3. The Arnoldi step, w = (I - A) v_i with A v_i = (h(x + c v_i) - h(x)) / c.
+            # 3. The Arnoldi step of a process (slots first .. i), w = (I - A) v_i with
+            # A v_i = (h(x + c v_i) - h(x)) / c.
             w = v - (fp - hx) / c[:, None]
-            w, coefficients = _orthogonalize(basis, w, i)
+            w, coefficients = _orthogonalize(basis, w, first, i)
             beta_next = _norm(w)
             v_next = w / ops.where(beta_next > tiny, beta_next, 1.0)[:, None]
-            qt, rinv, y, estimate = _least_squares(qt, rinv, coefficients, beta_next, beta, i)
+            qt, rinv, y, estimate = _least_squares(
+                qt, rinv, coefficients, beta_next, beta, first, i
+            )
             # ||x_i||^2 = ||x||^2 + 2 <x, V y> + ||y||^2 (V orthonormal): the relative
             # estimate, with ||h(x_i)|| >= ||x_i|| - ||r_i||.
             squared = res.row_sums(x * x) + ops.sum((2.0 * xv + y) * y, axis=1)
             x_norm = ops.sqrt(ops.maximum(squared, 0.0))
             estimate_rel = res.relative(estimate, ops.maximum(x_norm - estimate, 0.0))
             done = res.criterion(estimate, estimate_rel, stop_mode) <= tol
-            switch = krylov & (done | last | (i + 1 >= m)) & ~start
-            # The Krylov iterate, formed only when a sample leaves the cycle.
+            switch = krylov & (done | last | (i + 1 >= m))
+            # The Krylov iterate, formed only when a sample leaves its process.
             x_i = ops.cond(
                 ops.any(switch), lambda: x + ops.einsum("bm,bmn->bn", y, basis), lambda: x
             )
 
-            # 4. The next point: the iterate (measured at the next evaluation), or the next
-            # Krylov probe x + c v.
-            x = ops.where(start, p, x)
-            c = ops.where(start, c_new, c)
-            v = ops.where(start, v0, v_next)
-            krylov_next = ops.where(start, ~stay, krylov & ~switch)
-            iterate = ops.where(start, p, res.where_rows(switch, x_i, p))
-            p_next = res.where_rows(krylov_next, x + c[:, None] * v, iterate)
-            hx = ops.where(start, fp, hx)
-            beta = ops.where(start, beta_new, beta)
+            # 4. The next point: the iterate (measured at the next evaluation), or the
+            # next Krylov probe x + c v.
+            x = res.where_rows(restarting, p, x)
+            c = ops.where(restarting, c_new, c)
+            v = res.where_rows(restarting, v0, v_next)
+            krylov_next = restarting | (krylov & ~switch)
+            p_next = res.where_rows(krylov_next, x + c[:, None] * v, res.where_rows(switch, x_i, p))
+            hx = res.where_rows(restarting, fp, hx)
+            beta = ops.where(restarting, beta_new, beta)
+            first = ops.where(restarting, position, first)
             p_next, best = res.guard(best, p_next)
             go = res.keep_going(best, tol, stop_mode)
-            return k + 1, p_next, krylov_next, x, hx, c, v, basis, xv, qt, rinv, beta, best, go
+            state = (x, hx, c, v, basis, xv, qt, rinv, beta)
+            return (k + 1, p_next, krylov_next, restarting, first, *state, best, go)
 
         def cond(k, *loop_vars):
             return ops.logical_and(loop_vars[-1], k < max_iter)
@@ -186,6 +193,8 @@ class GMRES(Solver):
             ops.convert_to_tensor(0, "int32"),
             z0,
             ops.zeros((batch,), dtype="bool"),
+            ops.zeros((batch,), dtype="bool"),
+            ops.zeros((batch,), dtype="int32"),
             z0,
             ops.zeros_like(z0),
             zeros + 1.0,
@@ -235,10 +244,10 @@ def _norm(t):
     return ops.sqrt(res.row_sums(t * t))
 
 
-def _orthogonalize(basis, w, i):
-    """`(w', h)`: `w` `(batch, n)` made orthogonal to the basis vectors `v_0 .. v_i` of
-    `basis` `(batch, m, n)` by classical Gram-Schmidt applied twice, and the
-    coefficients `h` `(batch, m)` it removed (0 past `i`).
+def _orthogonalize(basis, w, first, i):
+    """`(w', h)`: `w` `(batch, n)` made orthogonal to the basis vectors `v_first .. v_i` of
+    `basis` `(batch, m, n)` (`first` `(batch,)`, a sample's own) by classical Gram-Schmidt
+    applied twice, and the coefficients `h` `(batch, m)` it removed (0 elsewhere).
 
     It reads the first `size` vectors only, the smallest of up to `_BUCKETS` sizes that
     holds `v_0 .. v_i` (an `ops.switch`): the work of a step grows with `i`, not `m`.
@@ -247,9 +256,10 @@ def _orthogonalize(basis, w, i):
     sizes = sorted({min(m, -(-m * q // _BUCKETS)) for q in range(1, _BUCKETS + 1)})
 
     def gram_schmidt(size):
-        def run(basis, w, i):
+        def run(basis, w, first, i):
             part = basis[:, :size]
-            active = ops.arange(size, dtype="int32") <= i
+            slots = ops.arange(size, dtype="int32")[None, :]
+            active = (slots >= first[:, None]) & (slots <= i)
             coefficients = ops.zeros((ops.shape(w)[0], m), dtype=w.dtype)
             for _ in range(2):
                 projection = ops.where(active, ops.einsum("bmn,bn->bm", part, w), 0.0)
@@ -260,29 +270,35 @@ def _orthogonalize(basis, w, i):
         return run
 
     if len(sizes) == 1:
-        return gram_schmidt(m)(basis, w, i)
+        return gram_schmidt(m)(basis, w, first, i)
     index = ops.sum(ops.cast(i + 1 > ops.convert_to_tensor(sizes[:-1]), "int32"))
-    return ops.switch(index, [gram_schmidt(size) for size in sizes], basis, w, i)
+    return ops.switch(index, [gram_schmidt(size) for size in sizes], basis, w, first, i)
 
 
-def _least_squares(qt, rinv, coefficients, beta_next, beta, i):
-    """Column `i` of the Hessenberg matrix into the cycle's small least-squares problem.
+def _least_squares(qt, rinv, coefficients, beta_next, beta, first, i):
+    """Column `i` of the Hessenberg matrix into a process's small least-squares problem.
+
+    A sample's process occupies rows and columns `first .. i` (`first` `(batch,)`) of the
+    cycle's matrices; the rest of its `qt` is the identity and of its `rinv` zero.
 
     Args:
         qt: `(batch, m + 1, m + 1)`, the product of the Givens rotations so far (one
             orthogonal matrix, applied to the new column at once).
         rinv: `(batch, m, m)`, the inverse of the triangular factor `R` so far (upper
             triangular; its columns past `i` are not read).
-        coefficients: `(batch, m)`, the column's Gram-Schmidt coefficients (0 past `i`).
+        coefficients: `(batch, m)`, the column's Gram-Schmidt coefficients (0 outside
+            `first .. i`).
         beta_next: `(batch,)`, its subdiagonal entry `||w'||`.
-        beta: `(batch,)`, the norm of the cycle's first residual.
+        beta: `(batch,)`, the norm of the process's first residual.
+        first: `(batch,)`, the first slot of each sample's process.
         i: The column, a scalar int32.
 
     Returns:
         `(qt, rinv, y, estimate)`: the rotations with the new one (of rows `i` and
         `i + 1`, which zeroes the subdiagonal entry), `R^-1` with its column `i`,
         the coefficients `y` of the Krylov iterate `x + V y`
-        (`y = R^-1 Q^T beta e_1`, 0 past `i`) and its residual norm `(batch,)`.
+        (`y = R^-1 Q^T beta e_first`, 0 outside `first .. i`) and its residual norm
+        `(batch,)`.
     """
     m = rinv.shape[1]
     dtype = keras.backend.standardize_dtype(qt.dtype)
@@ -300,7 +316,8 @@ def _least_squares(qt, rinv, coefficients, beta_next, beta, i):
     row_i, row_i1 = rows[:, 0], rows[:, 1]
     rows = ops.stack([cos * row_i + sin * row_i1, cos * row_i1 - sin * row_i], axis=1)
     qt = ops.slice_update(qt, (0, i, 0), rows)
-    g = beta[:, None] * qt[:, :, 0]  # Q^T (beta e_1)
+    start = ops.cast(ops.arange(m + 1)[None, :] == first[:, None], dtype)
+    g = beta[:, None] * ops.einsum("bij,bj->bi", qt, start)  # Q^T (beta e_first)
     estimate = ops.abs(ops.take(g, i + 1, axis=1))
     # Column i of R is final: (R^-1)[:, i] = (e_i - R^-1 u) / r_ii, u the column above
     # the diagonal (a zero pivot, I - A singular on the Krylov space, counts as 1).
@@ -308,5 +325,6 @@ def _least_squares(qt, rinv, coefficients, beta_next, beta, i):
     pivot = ops.where(radius != 0.0, radius, 1.0)[:, None]
     new_column = (ops.cast(slots == i, dtype) - ops.einsum("bik,bk->bi", rinv, above)) / pivot
     rinv = ops.slice_update(rinv, (0, 0, i), new_column[:, :, None])
-    y = ops.einsum("bik,bk->bi", rinv, ops.where(slots <= i, g[:, :m], 0.0))
+    own = (slots[None, :] >= first[:, None]) & (slots[None, :] <= i)
+    y = ops.einsum("bik,bk->bi", rinv, ops.where(own, g[:, :m], 0.0))
     return qt, rinv, y, estimate
