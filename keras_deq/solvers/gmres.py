@@ -52,10 +52,10 @@ class GMRES(Solver):
     in step (slot `j` at evaluation `j + 1` of every `restart + 1`, so that the
     writes are in place under XLA): a process runs until the last slot is filled,
     then its sample measures its iterate and starts again from the first slot
-    (restarted GMRES; a process started mid-way has fewer slots). So `steps` counts evaluations of `h`, which are vector-Jacobian
-    products in the adjoint (the Krylov matrix-vector products and one measurement
-    per process), every returned state was measured, and a solve stopped by
-    `max_iter` ends on a measurement.
+    (restarted GMRES; a process started mid-way has fewer slots). So `steps` counts
+    evaluations of `h`, which are vector-Jacobian products in the adjoint (the
+    Krylov matrix-vector products and one measurement per process), every returned
+    state was measured, and a solve stopped by `max_iter` ends on a measurement.
 
     The loop runs in the solver's float32 or float64 with `keras.ops` only, and
     keeps `(batch, restart, n)` Krylov vectors: an evaluation costs about four passes
