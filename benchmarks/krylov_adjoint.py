@@ -12,21 +12,27 @@ injection -> `DEQ(DenseCell(128))` (tanh) -> Dense(10), Adam 1e-3, batch 64, on 
 `max_iter` 30 and relative `tol` 1e-4 for both solves (the example's settings).
 
 1. Training. One model per adjoint solver and seed, from the same initial weights,
-   `--epochs` epochs of `fit`. Columns: the adjoint's evaluations of `h(u) = J^T u + g`
-   (VJPs; for GMRES one of them per restart cycle measures the iterate, the others are
-   Krylov matrix-vector products) per training step, in the first and last epoch; its mean
-   relative residual in the last epoch; the time per training step (the median over the
-   epochs after the first, which traces and compiles), test accuracy and loss.
+   `--epochs` epochs of `fit` (GMRES with `--restart` 20). Columns: the adjoint's
+   evaluations of `h(u) = J^T u + g` (VJPs; for GMRES one of them per restart measures
+   its iterate, the others are Krylov matrix-vector products) per training step, in the
+   first and last epoch; its mean relative residual in the last epoch; the time per
+   training step (the median over the epochs after the first, which traces and
+   compiles), test accuracy and loss.
 
-2. Adjoint solves alone. On the model trained with the Anderson adjoint, the adjoint of
-   the test loss's gradient `g = dL/dz*` at the 360 test images is solved by each
-   solver, compiled as `DEQ` compiles its adjoint on CPU (one XLA program), to relative
-   `tol` 1e-4 and 1e-6 (budget 200). `scale` multiplies the Jacobian, `h(u) = s J^T u +
-   g`: `s = 1` is the trained model's adjoint; `s = 2` a harder, synthetic one (the
-   spectral radius doubled: an adjoint that fixed-point iteration may not solve).
+2. Adjoint solves alone. On the model trained with the Anderson adjoint (the first seed),
+   the adjoint of the test loss's gradient `g = dL/dz*` at the 360 test images is solved
+   by each solver (GMRES with each of `--solve-restarts`, 20 and 50), compiled as `DEQ`
+   compiles its adjoint on CPU (one XLA program), to relative `tol` 1e-4 and 1e-6
+   (budget 200 evaluations). `scale` multiplies the Jacobian, `h(u) = s J^T u + g`:
+   `s = 1` is the trained model's adjoint; `s = 2` a harder, synthetic one (the
+   spectral radius doubled: an adjoint that fixed-point iteration does not solve).
    Columns: evaluations (VJPs) to the tolerance (the solve's `steps`: until every sample
    met it, or the budget), the fraction of samples that met it, the largest relative
-   residual, the median time per solve and per evaluation.
+   residual, the median time per solve (over up to `--repeats` solves, at least 3) and
+   per evaluation.
+
+The timings are of one process on a CPU (`--threads 1` by default); on a shared machine
+they are indicative only.
 """
 
 import argparse
@@ -166,6 +172,20 @@ def adjoint_problem(model, x, y):
     return vjp, g
 
 
+def solve_specs(args):
+    """`[(label, name, options)]`: the solvers of the second table (GMRES once per
+    `--solve-restarts` value)."""
+    specs = []
+    for name in args.adjoints:
+        if name == "gmres":
+            specs += [(f"gmres({r})", name, {"restart": r}) for r in args.solve_restarts]
+        elif name == "anderson":
+            specs.append((f"anderson({args.window})", name, {"window": args.window}))
+        else:
+            specs.append((name, name, {}))
+    return specs
+
+
 def solve_alone(model, data, args, progress):
     """Rows of the second table: each adjoint solver on the trained model's adjoint."""
     _, _, x_test, y_test = data
@@ -173,16 +193,21 @@ def solve_alone(model, data, args, progress):
     rows = []
     for scale in args.scales:
         for tol in args.solve_tols:
-            for adjoint in args.adjoints:
-                solver = adjoint_solver(adjoint, args, args.solve_max_iter, tol)
+            for label, name, options in solve_specs(args):
+                solver = keras_deq.solvers.get(
+                    name, max_iter=args.solve_max_iter, tol=tol, **options
+                )
 
                 @tf.function(jit_compile=args.compile)
                 def solve(g, solver=solver, scale=scale):
                     return solver(lambda u: scale * vjp(u) + g, g)
 
                 result = solve(g)  # traces and compiles
-                seconds = []
-                for _ in range(args.repeats):
+                seconds, began_all = [], time.perf_counter()
+                # `--repeats` solves, or fewer (at least 3) past 2 s.
+                while len(seconds) < args.repeats and (
+                    len(seconds) < 3 or time.perf_counter() - began_all < 2.0
+                ):
                     began = time.perf_counter()
                     result = solve(g)
                     _ = result.state.numpy()
@@ -193,7 +218,7 @@ def solve_alone(model, data, args, progress):
                     {
                         "scale": scale,
                         "tol": tol,
-                        "adjoint": adjoint,
+                        "adjoint": label,
                         "steps": steps,
                         "conv": float(np.mean(result.converged.numpy())),
                         "res": float(np.max(result.rel_residual.numpy())),
@@ -243,6 +268,13 @@ def main(argv=None):
     parser.add_argument("--restart", type=int, default=20, help="GMRES's Krylov vectors per cycle")
     parser.add_argument("--window", type=int, default=5, help="Anderson's window")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0])
+    parser.add_argument(
+        "--solve-restarts",
+        type=int,
+        nargs="+",
+        default=[20, 50],
+        help="GMRES's restarts in the table of adjoint solves",
+    )
     parser.add_argument("--solve-tols", type=float, nargs="+", default=[1e-4, 1e-6])
     parser.add_argument("--solve-max-iter", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=20)
@@ -260,7 +292,7 @@ def main(argv=None):
     args.compile = not args.quick
     if args.quick:
         args.epochs, args.seeds, args.scales, args.repeats = 1, [0], [1.0], 3
-        args.solve_tols = [1e-4]
+        args.solve_tols, args.solve_restarts = [1e-4], [args.restart]
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
@@ -276,7 +308,7 @@ def main(argv=None):
     )
     began = time.perf_counter()
     units = len(args.seeds) * len(args.adjoints) * args.epochs
-    units += len(args.scales) * len(args.solve_tols) * len(args.adjoints)
+    units += len(args.scales) * len(args.solve_tols) * len(solve_specs(args))
     with Progress(units, unit_name="unit") as progress:
         train_rows, models = train(data, args, progress)
         reference = "anderson" if "anderson" in args.adjoints else args.adjoints[0]

@@ -18,5 +18,6 @@ def test_anderson_and_gmres_adjoints_train_and_solve(capsys):
     for row in trained.values():
         assert 1 < row["bwd"][0] <= 30 and row["bwd_res"] <= 1e-4 and row["ms_per_step"] > 0
     solves = {row["adjoint"]: row for row in result["solves"]}
-    assert solves["gmres"]["conv"] == 1.0 and solves["gmres"]["res"] <= 1e-4
-    assert solves["anderson"]["conv"] == 1.0
+    assert set(solves) == {"anderson(5)", "gmres(20)"}
+    assert solves["gmres(20)"]["conv"] == 1.0 and solves["gmres(20)"]["res"] <= 1e-4
+    assert solves["anderson(5)"]["conv"] == 1.0
