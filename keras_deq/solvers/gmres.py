@@ -57,9 +57,12 @@ class GMRES(Solver):
     Krylov matrix-vector products and one measurement per process), every returned
     state was measured, and a solve stopped by `max_iter` ends on a measurement.
 
-    The loop runs in the solver's float32 or float64 with `keras.ops` only, and
-    keeps `(batch, restart, n)` Krylov vectors: an evaluation costs about four passes
-    over the slots filled so far (rounded up to a quarter of `restart`) besides `h`.
+    The loop runs in the solver's float32 or float64 with `keras.ops` only. It keeps
+    two `(batch, restart, n)` buffers, the Krylov vectors and the directions
+    `V R^-1` that update the Krylov iterate at each step (so the iterate is never
+    formed by a triangular solve), and `(batch, restart + 1, restart + 1)` for the
+    rotations: an evaluation costs about five passes over the slots filled so far
+    (rounded up to a quarter of `restart`) and two over the rotations, besides `h`.
     A sample whose `h` gives NaN or Inf is frozen at its best finite iterate, as in
     the other solvers.
 
@@ -69,8 +72,8 @@ class GMRES(Solver):
         stop_mode: `"rel"` for `||h(u) - u|| / ||h(u)||`, `"abs"` for `||h(u) - u||`.
         restart: Slots of the Krylov basis (the `m` of GMRES(m)): the most Krylov
             vectors a process keeps before it restarts, a positive integer. Larger
-            converges in fewer evaluations on hard systems, at `O(m n)` memory per
-            sample and up to `O(m n)` work per evaluation.
+            converges in fewer evaluations on hard systems, at `O(m n + m^2)` memory
+            per sample and up to as much work per evaluation.
 
     Examples:
         >>> from keras import ops
@@ -113,16 +116,17 @@ class GMRES(Solver):
         tiny = res.tiny_for(dtype)
         eye = ops.convert_to_tensor(np.eye(m + 1, dtype=dtype))
 
-        def body(k, p, krylov, fresh, first, x, hx, c, v, basis, xv, qt, rinv, beta, best, go):
+        def body(k, p, krylov, fresh, first, state, best, go):
+            x, hx, c, v, direction, xk, g, basis, directions, qt = state
             position = ops.mod(k, m + 1)
             i = ops.maximum(position - 1, 0)  # the Arnoldi step of v_i (none at 0)
-            # The vector v_i of the probe evaluated now joins the basis before any read
-            # of it (written at the end of the step, XLA would copy the basis), and a
-            # sample whose process starts here has fresh rotations and R^-1.
+            # The vectors computed last step join their buffers before any read of them
+            # (written at the end of the step, XLA would copy the buffers): v_i, and the
+            # direction p_{i-1} (see 3.). A process starting here has fresh rotations.
             basis = ops.slice_update(basis, (0, i, 0), v[:, None, :])
-            xv = ops.slice_update(xv, (0, i), res.row_sums(x * v)[:, None])
+            slot = ops.clip(position - 2, 0, m - 1)
+            directions = ops.slice_update(directions, (0, slot, 0), direction[:, None, :])
             qt = ops.where(fresh[:, None, None], eye, qt)
-            rinv = ops.where(fresh[:, None, None], 0.0, rinv)
             fp = f(p)
             # 1. The residual of the evaluated point: a measurement where it is the
             # sample's iterate (not in a Krylov process), else a Krylov probe.
@@ -141,72 +145,72 @@ class GMRES(Solver):
             # r = h(p) - p, v_0 = r / ||r||, in the slots from `position` on (none left
             # at the last position: it measures again at the next, the slots' start).
             r = fp - p
-            beta_new = _norm(r)
-            v0 = r / ops.where(beta_new > tiny, beta_new, 1.0)[:, None]
+            beta = _norm(r)
+            v0 = r / ops.where(beta > tiny, beta, 1.0)[:, None]
             c_new = _norm(p) + _norm(fp)
             c_new = ops.where(c_new > tiny, c_new, 1.0)
             stay = res.converged(best, tol, stop_mode) | best.failed | last | (position == m)
             restarting = ~krylov & ~stay
 
             # 3. The Arnoldi step of a process (slots first .. i), w = (I - A) v_i with
-            # A v_i = (h(x + c v_i) - h(x)) / c.
+            # A v_i = (h(x + c v_i) - h(x)) / c; then the new column of the Hessenberg
+            # matrix rotated into column i of the triangular factor R, whose entries
+            # give the direction p_i = (v_i - sum_j R_ji p_j) / R_ii (the columns of
+            # V R^-1) and the Krylov iterate x_i = x_{i-1} + g_i p_i.
             w = v - (fp - hx) / c[:, None]
             w, coefficients = _orthogonalize(basis, w, first, i)
             beta_next = _norm(w)
             v_next = w / ops.where(beta_next > tiny, beta_next, 1.0)[:, None]
-            qt, rinv, y, estimate = _least_squares(
-                qt, rinv, coefficients, beta_next, beta, first, i
-            )
-            # ||x_i||^2 = ||x||^2 + 2 <x, V y> + ||y||^2 (V orthonormal): the relative
-            # estimate, with ||h(x_i)|| >= ||x_i|| - ||r_i||.
-            squared = res.row_sums(x * x) + ops.sum((2.0 * xv + y) * y, axis=1)
-            x_norm = ops.sqrt(ops.maximum(squared, 0.0))
-            estimate_rel = res.relative(estimate, ops.maximum(x_norm - estimate, 0.0))
+            qt, g, above, pivot = _rotate(qt, g, coefficients, beta_next, first, i)
+            direction = (v - _combine(directions, above, i)) / pivot[:, None]
+            # Out of a process, a sample's step is meaningless: its direction is kept
+            # at 0, so that no large value from it reaches the buffer.
+            direction = res.where_rows(krylov, direction, ops.zeros_like(direction))
+            xk = xk + ops.take(g, i, axis=1)[:, None] * direction
+            estimate = ops.abs(ops.take(g, i + 1, axis=1))
+            # ||h(x_i)|| >= ||x_i|| - ||r_i||, for the relative estimate.
+            estimate_rel = res.relative(estimate, ops.maximum(_norm(xk) - estimate, 0.0))
             done = res.criterion(estimate, estimate_rel, stop_mode) <= tol
             switch = krylov & (done | last | (i + 1 >= m))
-            # The Krylov iterate, formed only when a sample leaves its process.
-            x_i = ops.cond(
-                ops.any(switch), lambda: x + ops.einsum("bm,bmn->bn", y, basis), lambda: x
-            )
 
             # 4. The next point: the iterate (measured at the next evaluation), or the
             # next Krylov probe x + c v.
             x = res.where_rows(restarting, p, x)
             c = ops.where(restarting, c_new, c)
             v = res.where_rows(restarting, v0, v_next)
+            xk = res.where_rows(restarting, p, xk)
+            start = ops.cast(ops.arange(m + 1)[None, :] == position, dtype)
+            g = res.where_rows(restarting, beta[:, None] * start, g)  # beta e_first
             krylov_next = restarting | (krylov & ~switch)
-            p_next = res.where_rows(krylov_next, x + c[:, None] * v, res.where_rows(switch, x_i, p))
+            p_next = res.where_rows(krylov_next, x + c[:, None] * v, res.where_rows(switch, xk, p))
             hx = res.where_rows(restarting, fp, hx)
-            beta = ops.where(restarting, beta_new, beta)
             first = ops.where(restarting, position, first)
             p_next, best = res.guard(best, p_next)
             go = res.keep_going(best, tol, stop_mode)
-            state = (x, hx, c, v, basis, xv, qt, rinv, beta)
-            return (k + 1, p_next, krylov_next, restarting, first, *state, best, go)
+            state = (x, hx, c, v, direction, xk, g, basis, directions, qt)
+            return k + 1, p_next, krylov_next, restarting, first, state, best, go
 
         def cond(k, *loop_vars):
             return ops.logical_and(loop_vars[-1], k < max_iter)
 
         batch = ops.shape(z0)[0]
-        zeros = ops.zeros((batch,), dtype=dtype)
-        loop_vars = (
-            ops.convert_to_tensor(0, "int32"),
-            z0,
-            ops.zeros((batch,), dtype="bool"),
-            ops.zeros((batch,), dtype="bool"),
-            ops.zeros((batch,), dtype="int32"),
-            z0,
-            ops.zeros_like(z0),
-            zeros + 1.0,
-            ops.zeros_like(z0),
-            ops.zeros((batch, m, ops.shape(z0)[1]), dtype=dtype),
-            ops.zeros((batch, m), dtype=dtype),
-            ops.broadcast_to(eye, (batch, m + 1, m + 1)),
-            ops.zeros((batch, m, m), dtype=dtype),
-            zeros,
-            res.initial_best(z0),
-            ops.convert_to_tensor(True),
+        buffer = ops.zeros((batch, m, ops.shape(z0)[1]), dtype=dtype)
+        state = (
+            z0,  # x: the process's first iterate
+            ops.zeros_like(z0),  # hx: h(x)
+            ops.ones((batch,), dtype=dtype),  # c: the probes' scale
+            ops.zeros_like(z0),  # v: the Krylov vector of the next probe
+            ops.zeros_like(z0),  # direction: the newest p_i
+            z0,  # xk: the Krylov iterate
+            ops.zeros((batch, m + 1), dtype=dtype),  # g: Q^T beta e_first
+            buffer,  # basis: v_first .. v_i
+            buffer,  # directions: p_first .. p_i
+            ops.broadcast_to(eye, (batch, m + 1, m + 1)),  # qt: the rotations, Q^T
         )
+        false = ops.zeros((batch,), dtype="bool")
+        int_zero = ops.convert_to_tensor(0, "int32")
+        loop_vars = (int_zero, z0, false, false, ops.zeros((batch,), dtype="int32"), state)
+        loop_vars += (res.initial_best(z0), ops.convert_to_tensor(True))
         out = ops.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
         steps, best = out[0], out[-2]
         return res.to_result(best, steps, tol, stop_mode, unpack or (lambda z: z))
@@ -244,16 +248,26 @@ def _norm(t):
     return ops.sqrt(res.row_sums(t * t))
 
 
+def _sizes(m):
+    """The basis sizes the steps of a cycle read: up to `_BUCKETS` of them, the last `m`."""
+    return sorted({min(m, -(-m * q // _BUCKETS)) for q in range(1, _BUCKETS + 1)})
+
+
+def _by_size(fn, m, i, *args):
+    """`fn(size)(*args)` for the smallest size of `_sizes(m)` above `i` (an `ops.switch`):
+    the work of a step on the first `size` slots grows with `i`, not with `m`."""
+    sizes = _sizes(m)
+    if len(sizes) == 1:
+        return fn(m)(*args)
+    index = ops.sum(ops.cast(i + 1 > ops.convert_to_tensor(sizes[:-1]), "int32"))
+    return ops.switch(index, [fn(size) for size in sizes], *args)
+
+
 def _orthogonalize(basis, w, first, i):
     """`(w', h)`: `w` `(batch, n)` made orthogonal to the basis vectors `v_first .. v_i` of
     `basis` `(batch, m, n)` (`first` `(batch,)`, a sample's own) by classical Gram-Schmidt
-    applied twice, and the coefficients `h` `(batch, m)` it removed (0 elsewhere).
-
-    It reads the first `size` vectors only, the smallest of up to `_BUCKETS` sizes that
-    holds `v_0 .. v_i` (an `ops.switch`): the work of a step grows with `i`, not `m`.
-    """
+    applied twice, and the coefficients `h` `(batch, m)` it removed (0 elsewhere)."""
     m = basis.shape[1]
-    sizes = sorted({min(m, -(-m * q // _BUCKETS)) for q in range(1, _BUCKETS + 1)})
 
     def gram_schmidt(size):
         def run(basis, w, first, i):
@@ -269,43 +283,52 @@ def _orthogonalize(basis, w, first, i):
 
         return run
 
-    if len(sizes) == 1:
-        return gram_schmidt(m)(basis, w, first, i)
-    index = ops.sum(ops.cast(i + 1 > ops.convert_to_tensor(sizes[:-1]), "int32"))
-    return ops.switch(index, [gram_schmidt(size) for size in sizes], basis, w, first, i)
+    return _by_size(gram_schmidt, m, i, basis, w, first, i)
 
 
-def _least_squares(qt, rinv, coefficients, beta_next, beta, first, i):
-    """Column `i` of the Hessenberg matrix into a process's small least-squares problem.
+def _combine(directions, weights, i):
+    """`sum_j weights_j p_j` `(batch, n)` over the slots of `directions` `(batch, m, n)`
+    below `i` (`weights` `(batch, m)`, 0 elsewhere)."""
+    m = directions.shape[1]
 
-    A sample's process occupies rows and columns `first .. i` (`first` `(batch,)`) of the
-    cycle's matrices; the rest of its `qt` is the identity and of its `rinv` zero.
+    def combine(size):
+        def run(directions, weights):
+            return ops.einsum("bm,bmn->bn", weights[:, :size], directions[:, :size])
+
+        return run
+
+    return _by_size(combine, m, i, directions, weights)
+
+
+def _rotate(qt, g, coefficients, beta_next, first, i):
+    """Column `i` of the Hessenberg matrix into a process's triangular factor `R`.
+
+    A sample's process occupies rows and columns `first .. i` of the cycle's
+    matrices; the rest of its `qt` is the identity.
 
     Args:
-        qt: `(batch, m + 1, m + 1)`, the product of the Givens rotations so far (one
-            orthogonal matrix, applied to the new column at once).
-        rinv: `(batch, m, m)`, the inverse of the triangular factor `R` so far (upper
-            triangular; its columns past `i` are not read).
+        qt: `(batch, m + 1, m + 1)`, the product `Q^T` of the Givens rotations so far
+            (one orthogonal matrix, applied to the new column at once).
+        g: `(batch, m + 1)`, `Q^T beta e_first`, `beta` the norm of the process's first
+            residual.
         coefficients: `(batch, m)`, the column's Gram-Schmidt coefficients (0 outside
             `first .. i`).
         beta_next: `(batch,)`, its subdiagonal entry `||w'||`.
-        beta: `(batch,)`, the norm of the process's first residual.
         first: `(batch,)`, the first slot of each sample's process.
         i: The column, a scalar int32.
 
     Returns:
-        `(qt, rinv, y, estimate)`: the rotations with the new one (of rows `i` and
-        `i + 1`, which zeroes the subdiagonal entry), `R^-1` with its column `i`,
-        the coefficients `y` of the Krylov iterate `x + V y`
-        (`y = R^-1 Q^T beta e_first`, 0 outside `first .. i`) and its residual norm
-        `(batch,)`.
+        `(qt, g, above, pivot)`: the rotations and `g` with the new rotation (of rows
+        `i` and `i + 1`, which zeroes the subdiagonal entry; `g[i]` is then final and
+        `|g[i + 1]|` is the residual norm of the Krylov iterate), and column `i` of `R`:
+        its entries above the diagonal `(batch, m)` (0 elsewhere) and its diagonal
+        `(batch,)` (a zero one, `I - A` singular on the Krylov space, counts as 1).
     """
-    m = rinv.shape[1]
-    dtype = keras.backend.standardize_dtype(qt.dtype)
-    tiny = res.tiny_for(dtype)
-    slots = ops.arange(m, dtype="int32")
-    column = ops.concatenate([coefficients, ops.zeros_like(beta[:, None])], axis=1)
-    column = ops.where(ops.arange(m + 1) == i + 1, beta_next[:, None], column)
+    m = coefficients.shape[1]
+    tiny = res.tiny_for(keras.backend.standardize_dtype(qt.dtype))
+    rows1 = ops.arange(m + 1, dtype="int32")
+    column = ops.concatenate([coefficients, ops.zeros_like(beta_next[:, None])], axis=1)
+    column = ops.where(rows1 == i + 1, beta_next[:, None], column)
     rotated = ops.einsum("bij,bj->bi", qt, column)
     a = ops.take(rotated, i, axis=1)
     radius = ops.sqrt(a * a + beta_next * beta_next)
@@ -316,15 +339,8 @@ def _least_squares(qt, rinv, coefficients, beta_next, beta, first, i):
     row_i, row_i1 = rows[:, 0], rows[:, 1]
     rows = ops.stack([cos * row_i + sin * row_i1, cos * row_i1 - sin * row_i], axis=1)
     qt = ops.slice_update(qt, (0, i, 0), rows)
-    start = ops.cast(ops.arange(m + 1)[None, :] == first[:, None], dtype)
-    g = beta[:, None] * ops.einsum("bij,bj->bi", qt, start)  # Q^T (beta e_first)
-    estimate = ops.abs(ops.take(g, i + 1, axis=1))
-    # Column i of R is final: (R^-1)[:, i] = (e_i - R^-1 u) / r_ii, u the column above
-    # the diagonal (a zero pivot, I - A singular on the Krylov space, counts as 1).
-    above = ops.where(slots < i, rotated[:, :m], 0.0)
-    pivot = ops.where(radius != 0.0, radius, 1.0)[:, None]
-    new_column = (ops.cast(slots == i, dtype) - ops.einsum("bik,bk->bi", rinv, above)) / pivot
-    rinv = ops.slice_update(rinv, (0, 0, i), new_column[:, :, None])
-    own = (slots[None, :] >= first[:, None]) & (slots[None, :] <= i)
-    y = ops.einsum("bik,bk->bi", rinv, ops.where(own, g[:, :m], 0.0))
-    return qt, rinv, y, estimate
+    g_i = ops.take(g, i, axis=1)[:, None]
+    g = ops.where(rows1 == i, cos * g_i, ops.where(rows1 == i + 1, -sin * g_i, g))
+    slots = ops.arange(m, dtype="int32")[None, :]
+    above = ops.where((slots >= first[:, None]) & (slots < i), rotated[:, :m], 0.0)
+    return qt, g, above, ops.where(radius != 0.0, radius, 1.0)
