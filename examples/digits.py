@@ -70,7 +70,11 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--solver", default="anderson", choices=keras_deq.solvers.names())
+    # GMRES solves affine maps only: an adjoint solver, refused as a DEQ's forward solver.
+    forward_solvers = [
+        n for n in keras_deq.solvers.names() if not keras_deq.solvers.get(n).affine_only
+    ]
+    parser.add_argument("--solver", default="anderson", choices=forward_solvers)
     parser.add_argument("--backward", default="implicit", choices=keras_deq.backward.MODES)
     parser.add_argument("--max-iter", type=int, default=30)
     parser.add_argument("--tol", type=float, default=1e-4)

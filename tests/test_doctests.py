@@ -11,6 +11,7 @@ MODULES = [
     "keras_deq.solvers.fixed_point",
     "keras_deq.solvers.anderson",
     "keras_deq.solvers.broyden",
+    "keras_deq.solvers.gmres",
     "keras_deq.solvers.sam",
     "keras_deq.solvers.registry",
     "keras_deq.backward.base",

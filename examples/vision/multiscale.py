@@ -97,7 +97,11 @@ def main(argv=None):
     parser.add_argument(
         "--channels", type=parse_channels, default=(8, 16), help="per branch, e.g. 8,16"
     )
-    parser.add_argument("--solver", default="anderson", choices=keras_deq.solvers.names())
+    # GMRES solves affine maps only: an adjoint solver, refused as a DEQ's forward solver.
+    forward_solvers = [
+        n for n in keras_deq.solvers.names() if not keras_deq.solvers.get(n).affine_only
+    ]
+    parser.add_argument("--solver", default="anderson", choices=forward_solvers)
     parser.add_argument("--backward", default="implicit", choices=keras_deq.backward.MODES)
     parser.add_argument("--max-iter", type=int, default=18)
     parser.add_argument("--backward-max-iter", type=int, default=20)

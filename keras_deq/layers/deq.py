@@ -80,7 +80,8 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             `solver_options` as its settings; or a `keras_deq.solvers.Solver`
             object (or its config dict), which carries its own settings (then
             `max_iter`, `tol` and `stop_mode` are read from it and
-            `solver_options` must be empty).
+            `solver_options` must be empty). A solver for affine maps only
+            (`"gmres"`) is refused here: it is an adjoint solver.
         max_iter: Maximum forward iterations.
         tol: Forward tolerance on the per-sample residual.
         stop_mode: `"rel"` (`||f(z)-z|| / ||f(z)||`) or `"abs"` (`||f(z)-z||`).
@@ -92,8 +93,9 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             `"phantom"`, `"one_step"`, `"unrolled"`) for its default settings.
         backward_solver: Solver for the adjoint fixed point of the implicit mode (a
             name or a solver object); defaults to `solver` with
-            `backward_max_iter` and `backward_tol`. `Implicit(solver=...)` may set
-            it instead (not both).
+            `backward_max_iter` and `backward_tol`. The adjoint is linear, so
+            `"gmres"` (Krylov, `keras_deq.solvers.GMRES`) is accepted too.
+            `Implicit(solver=...)` may set it instead (not both).
         backward_max_iter: Maximum adjoint iterations; defaults to `max_iter`.
         backward_tol: Adjoint tolerance; defaults to `tol`.
         backward_solver_options: Extra options of the adjoint solver; default to

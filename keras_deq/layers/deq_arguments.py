@@ -127,6 +127,16 @@ def solver_settings(
         )
     # A run-time tensor budget is for direct calls of a solver, not for a layer's config.
     common.check_positive_int("max_iter", forward.max_iter)
+    if forward.affine_only:
+        kind = type(forward).__name__
+        label = repr(type(forward).name) if type(forward).name else f"{kind}(...)"
+        raise ValueError(
+            f"`solver`: {kind} solves affine fixed points only, and a DEQ's cell is not "
+            f"affine. Use it for the adjoint of the implicit backward instead: "
+            f"`backward_solver={label}` or "
+            f"`backward=keras_deq.backward.Implicit(solver={label})`. "
+            f"Received: solver={solver!r}"
+        )
     mode = backward_mode(backward, legacy)
     if not isinstance(backward, str) or legacy:
         backward = mode

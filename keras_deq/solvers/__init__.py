@@ -2,8 +2,10 @@
 
 `FixedPoint`, `Anderson` and `Broyden` subclass `Solver`; `get` turns a name, a config
 dict or an instance into a solver, like `keras.optimizers.get`. The function forms
-(`anderson(f, z0, max_iter=..., ...)`) call the objects. `SAM`, OptEq's sequential
-averaging method, is reachable as an object only (it takes a prior's gradient).
+(`anderson(f, z0, max_iter=..., ...)`) call the objects. `GMRES` (`"gmres"`) solves
+affine fixed points only: the adjoint of the implicit gradient, not a DEQ's forward
+pass. `SAM`, OptEq's sequential averaging method, is reachable as an object only (it
+takes a prior's gradient).
 """
 
 from keras_deq import configurable
@@ -14,6 +16,7 @@ from keras_deq.solvers.base import Solver
 from keras_deq.solvers.fixed_point import FixedPoint, fixed_point
 from keras_deq.solvers.anderson import Anderson, anderson
 from keras_deq.solvers.broyden import Broyden, broyden
+from keras_deq.solvers.gmres import GMRES, gmres
 
 # isort: on
 from keras_deq.solvers.registry import names
@@ -24,6 +27,7 @@ __all__ = [
     "Anderson",
     "Broyden",
     "FixedPoint",
+    "GMRES",
     "SAM",
     "Solver",
     "SolverResult",
@@ -32,6 +36,7 @@ __all__ = [
     "deserialize",
     "fixed_point",
     "get",
+    "gmres",
     "names",
     "serialize",
 ]
@@ -42,7 +47,7 @@ def get(identifier, **overrides):
 
     Args:
         identifier: A name from `names()` (`"fixed_point"`, `"anderson"`,
-            `"broyden"`), a config dict as made by `serialize` (for example
+            `"broyden"`, `"gmres"`), a config dict as made by `serialize` (for example
             `{"class_name": "Anderson", "config": {"window": 3}}`), or a `Solver`
             instance, returned as is when there are no `overrides`.
         **overrides: Settings for the solver (`max_iter=30, window=3`), checked by

@@ -127,6 +127,9 @@ class Solver(configurable.Configurable):
     # fast as XLA: `DEQ(jit_compile="auto")` then leaves a solve of a convolutional
     # cell to the graph on CPU (`layers.deq_arguments.compiles_solves`).
     cheap_step = False
+    # Whether the solver is correct for affine maps only (`GMRES`): `DEQ` then refuses
+    # it as the forward solver of its (non-linear) cell; it solves the adjoint.
+    affine_only = False
 
     def __init__(self, max_iter=50, tol=1e-4, stop_mode="rel"):
         self.max_iter = common.check_max_iter(max_iter)

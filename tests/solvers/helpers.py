@@ -14,7 +14,10 @@ from keras import ops
 
 from keras_deq import solvers
 
+# The fixed-point solvers (forward and adjoint), and those for affine maps only (the
+# adjoint), which the tests run on affine maps (tests/solvers/test_gmres.py).
 SOLVER_NAMES = ("fixed_point", "anderson", "broyden")
+AFFINE_SOLVER_NAMES = ("gmres",)
 BACKEND = keras.backend.backend()
 # For tests that hold in both precisions, with a tolerance per dtype: the float64 case
 # (skipped where the backend has no float64, see tests/conftest.py) keeps the tight

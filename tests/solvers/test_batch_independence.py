@@ -6,7 +6,7 @@ from keras import ops
 
 from keras_deq import solvers
 
-from .helpers import const
+from .helpers import SOLVER_NAMES, const
 
 W = np.random.default_rng(0).normal(size=(6, 6)) / np.sqrt(6)
 
@@ -17,7 +17,7 @@ def f(z, scale, shift):
 
 
 @pytest.mark.float64
-@pytest.mark.parametrize("name", solvers.names())
+@pytest.mark.parametrize("name", SOLVER_NAMES)  # GMRES's: tests/solvers/test_gmres.py
 def test_fast_sample_alone_or_beside_a_slow_one(name):
     scale = np.array([[0.2], [0.97]])
     shift = np.random.default_rng(1).normal(size=(2, 6))

@@ -17,6 +17,7 @@ from keras_deq import solvers
 from keras_deq.solvers import base, common, registry
 
 from .helpers import (
+    AFFINE_SOLVER_NAMES,
     FLOAT_DTYPES,
     SOLVER_NAMES,
     Counter,
@@ -320,7 +321,7 @@ def test_named_subclass_is_reachable_everywhere(monkeypatch):
         def step(self, f, z, fz, state, k):
             return z + self.rate * (fz - z), state
 
-    assert registry.names() == (*SOLVER_NAMES, "halving_test_solver")
+    assert registry.names() == (*SOLVER_NAMES, *AFFINE_SOLVER_NAMES, "halving_test_solver")
     assert type(solvers.get("halving_test_solver", rate=0.25)) is Halving
     fn = registry.get("halving_test_solver")
     assert list(registry.options_of("halving_test_solver")) == ["rate"]

@@ -5,15 +5,17 @@ import pytest
 from keras_deq import solvers
 from keras_deq.solvers import registry
 
-from .helpers import SOLVER_NAMES
+from .helpers import AFFINE_SOLVER_NAMES, SOLVER_NAMES
+
+ALL_NAMES = SOLVER_NAMES + AFFINE_SOLVER_NAMES
 
 
 def test_names():
-    assert solvers.names() == SOLVER_NAMES
-    assert registry.names() == SOLVER_NAMES
+    assert solvers.names() == ALL_NAMES
+    assert registry.names() == ALL_NAMES
 
 
-@pytest.mark.parametrize("name", SOLVER_NAMES)
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_get_by_name(name):
     # registry.get gives the function form; solvers.get an object of the solver's class.
     fn = registry.get(name)
@@ -50,7 +52,7 @@ def test_get_non_string(identifier):
 def test_unknown_name_message_lists_valid_names():
     with pytest.raises(ValueError) as info:
         solvers.get("newton")
-    for name in SOLVER_NAMES:
+    for name in ALL_NAMES:
         assert name in str(info.value)
 
 
@@ -58,6 +60,7 @@ def test_options_of():
     assert registry.options_of("fixed_point") == {"damping": 1.0, "fixed_steps": False}
     assert registry.options_of("anderson") == {"window": 5, "beta": 1.0, "ridge": 1e-4}
     assert registry.options_of("broyden") == {"memory": 20}
+    assert registry.options_of("gmres") == {"restart": 20}
 
 
 def test_options_of_matches_signatures():
@@ -65,7 +68,7 @@ def test_options_of_matches_signatures():
     # and the common arguments are excluded.
     import inspect
 
-    for name in SOLVER_NAMES:
+    for name in ALL_NAMES:
         params = inspect.signature(registry.get(name)).parameters
         assert list(params)[:5] == list(registry.COMMON_ARGS)
         for key, default in registry.options_of(name).items():
@@ -81,6 +84,7 @@ def test_options_of_matches_signatures():
         ("broyden", {"memory": 4}),
         ("broyden", {}),
         ("broyden", None),
+        ("gmres", {"restart": 5}),
     ],
 )
 def test_check_options_accepts_known(name, options):
@@ -97,6 +101,7 @@ def test_check_options_accepts_known(name, options):
         ("anderson", {"window": 3, "momentum": 0.1}, "momentum"),
         ("broyden", {"damping": 0.5}, "damping"),
         ("broyden", {"tol": 1e-3}, "tol"),  # common arguments are not options
+        ("gmres", {"window": 3}, "window"),
     ],
 )
 def test_check_options_refuses_unknown(name, options, bad):
