@@ -70,6 +70,7 @@ PORTABLE = (
     "layers/test_cells.py",
     "layers/test_deq.py",
     "layers/test_pcdeq.py",
+    "layers/test_monotone*.py",
     "layers/test_lipschitz_multiscale_cell.py",
     "layers/test_transformer.py",
     "test_linalg.py",

@@ -55,6 +55,13 @@ def compiled_call(layer):
             return np.asarray(graph(x, s), "float64"), layer.solver_statistics()
 
         return call
+    if keras.backend.backend() == "torch":  # eager
+
+        def call_eagerly(x, s):
+            z = layer(x, initial_state=s)
+            return np.asarray(z, "float64"), layer.solver_statistics()
+
+        return call_eagerly
     import jax  # noqa: PLC0415
 
     jitted = jax.jit(lambda t, n, x, s: layer.stateless_call(t, n, x, initial_state=s))
