@@ -232,6 +232,8 @@ CASES = {
         solvers.Anderson, {"window": 3, "ridge": 0.0, "stop_mode": "abs"}, _vector(4), "solver"
     ),
     "Broyden": Case(solvers.Broyden, {"memory": 4, "tol": 1e-6}, _vector(4), "solver"),
+    # Round-tripped on a non-affine map: its best measured iterate, the same after loading.
+    "GMRES": Case(solvers.GMRES, {"restart": 4, "tol": 1e-6}, _vector(4), "solver"),
     "SAM": Case(
         solvers.SAM,
         {"max_iter": 9, "rho": 0.4, "c": 0.1, "gamma": 0.2, "fixed_steps": False},
