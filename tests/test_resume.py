@@ -83,9 +83,13 @@ def snapshot(model):
     """Every piece of training state: model variables (trainable, non-trainable and the
     DEQ's seed generator state), the optimizer's variables, the Jacobian controls."""
     deq = deq_of(model)
+    # Not the JAX statistics (`solver_statistics()`): a record of the last call, which a
+    # `.keras` file does not hold (so that it loads on every backend).
+    stats = {id(v) for v in getattr(deq, "_stats", {}).values()}
+    weights = [v for v in model.weights if id(v) not in stats]
     return {
-        "model": [np.array(v.numpy()) for v in model.weights],
-        "names": [v.path.split("/", 1)[-1] for v in model.weights],
+        "model": [np.array(v.numpy()) for v in weights],
+        "names": [v.path.split("/", 1)[-1] for v in weights],
         "optimizer": [np.array(v.numpy()) for v in model.optimizer.variables],
         "seed_state": np.array(deq.seed_generator.state.numpy()),
         "jacobian_weight": float(deq.jacobian_weight.numpy()),
