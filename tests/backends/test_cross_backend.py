@@ -31,6 +31,7 @@ def _run(backend, action, directory):
     assert out.returncode == 0, f"{action} on {backend}:\n{out.stderr[-3000:]}"
 
 
+@pytest.mark.slow  # ~3.5 min on 2 cores: CI's three backends take ~36 min without it
 @pytest.mark.tensorflow_only("starts one process per backend itself")
 def test_every_layer_file_loads_on_every_other_backend_with_the_same_output(tmp_path):
     for backend in BACKENDS:
