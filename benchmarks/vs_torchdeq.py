@@ -84,7 +84,35 @@ CONFIGS = {
         f_solver="fixed_point_iter", b_solver=None, stop="abs", tol=1e-3, f_iter=40
     ),
 }
-LIBRARIES = ("torchdeq", "keras_deq", "keras_deq_jax")
+LIBRARIES = ("torchdeq", "keras_deq", "keras_deq_jax", "keras_deq_torch")
+# Keras backend of each keras_deq library.
+KERAS_BACKENDS = {"keras_deq": "tensorflow", "keras_deq_jax": "jax", "keras_deq_torch": "torch"}
+
+
+# ------------------------------------------------------------------ processes
+def set_threads(threads):
+    """Intra- and inter-op threads of the running Keras backend (JAX reads its
+    `XLA_FLAGS`, set by `spawn`)."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    elif keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        torch.set_num_interop_threads(threads)
+
+
+def peak_rss_mib():
+    """The process's peak resident memory so far (MiB): the operating system's
+    measure, the same for every library (`ru_maxrss` is in KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------- shared data
@@ -200,11 +228,7 @@ def run_keras(
 ):
     import keras
 
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    set_threads(threads)
     from keras import ops
 
     import keras_deq
@@ -265,6 +289,7 @@ def run_keras(
             self.times.append(time.perf_counter() - self.start)
 
     timer = Timer()
+    rss_before_fit = peak_rss_mib()
     if input_pipeline == "tf_data" and keras.backend.backend() == "tensorflow":
         history = model.fit(
             tf_data_pipeline(x_train, y_train, seed), epochs=epochs, verbose=0, callbacks=[timer]
@@ -279,6 +304,7 @@ def run_keras(
             shuffle=True,
             callbacks=[timer],
         )
+    fit_rss = peak_rss_mib() - rss_before_fit
     last = {k: v[-1] for k, v in history.history.items()}
     accuracy = float(np.mean(np.argmax(model.predict(x_test, verbose=0), -1) == y_test))
     model.predict_on_batch(x_test)
@@ -304,6 +330,7 @@ def run_keras(
         "epoch_times": timer.times,
         "infer_times": infer_times,
         "jit_compile": bool(model.jit_compile),
+        "fit_rss_mib": fit_rss,
         **_summary(rel, CONFIGS[config]["tol"]),
     }
 
@@ -453,6 +480,7 @@ def run_torch(cell, config, epochs, threads, repeats, seed):
         counts["bwd_res"].append(info["rel_lowest"].mean().item())
 
     epoch_times = []
+    rss_before_fit = peak_rss_mib()
     n = len(xtr)
     for _ in range(epochs):
         for v in counts.values():
@@ -469,6 +497,7 @@ def run_torch(cell, config, epochs, threads, repeats, seed):
             opt.step()
             counts["fwd_res"].append(model.info["rel_lowest"].mean().item())
         epoch_times.append(time.perf_counter() - start)
+    fit_rss = peak_rss_mib() - rss_before_fit
     last = {k: float(np.mean(v)) for k, v in counts.items()}
 
     model.eval()
@@ -491,6 +520,7 @@ def run_torch(cell, config, epochs, threads, repeats, seed):
         "bwd_res": last["bwd_res"],
         "epoch_times": epoch_times,
         "infer_times": infer_times,
+        "fit_rss_mib": fit_rss,
         **_summary(rel.numpy(), c["tol"]),
     }
 
@@ -513,7 +543,7 @@ def worker(args):
 
 def spawn(lib, cell, config, args):
     env = dict(os.environ)
-    env["KERAS_BACKEND"] = "jax" if lib == "keras_deq_jax" else "tensorflow"
+    env["KERAS_BACKEND"] = KERAS_BACKENDS.get(lib, "tensorflow")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["OMP_NUM_THREADS"] = str(args.threads)
     if lib == "keras_deq_jax" and args.threads == 1:
@@ -547,12 +577,17 @@ def spawn(lib, cell, config, args):
         "--model-jit-compile",
         args.model_jit_compile,
     ]
+    return run_worker(cmd, env, f"{lib} {cell} {config}")
+
+
+def run_worker(cmd, env, what):
+    """Runs a worker process; returns the JSON its `RESULT ` line prints."""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
     sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-    raise RuntimeError(f"{lib} {cell} {config} failed (exit {proc.returncode})")
+    raise RuntimeError(f"{what} failed (exit {proc.returncode})")
 
 
 def epoch_time(result):
@@ -605,7 +640,7 @@ def main(argv=None):
         "True for the mlp cell, 'auto' for the conv cell, whose convolution gradients XLA "
         "computes slowly on CPU)",
     )
-    parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
+    parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES[:3]), choices=LIBRARIES)
     parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
     parser.add_argument("--cell", default="mlp", help=argparse.SUPPRESS)
     parser.add_argument("--config", default="anderson", help=argparse.SUPPRESS)
@@ -664,6 +699,7 @@ def print_table(rows):
         "torchdeq": "TorchDEQ",
         "keras_deq": "keras_deq (TF)",
         "keras_deq_jax": "keras_deq (JAX)",
+        "keras_deq_torch": "keras_deq (PyTorch)",
     }
     for cell, config, runs in rows:
         base = runs.get("torchdeq")

@@ -467,6 +467,13 @@ def has_values(tensor):
     return True
 
 
+def detached(variable):
+    """Whether the variable's value is held outside it right now: during an epoch of
+    `fit` on JAX, Keras' trainer keeps the values in its own state and attaches them
+    again at the epoch's end (or on `model.jax_state_sync()`)."""
+    return name() == "jax" and getattr(variable, "_value", True) is None
+
+
 def with_runtime_checks(value, conditions, message):
     """`value`, with run-time assertions that every boolean tensor of `conditions()`
     (a function, called only where the checks run) holds: in a TensorFlow graph an

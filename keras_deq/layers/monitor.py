@@ -269,6 +269,14 @@ class SolverMonitor:
         metrics' current values (TensorFlow): `fwd_steps`, `fwd_residual`, `converged`;
         on JAX also `jac_loss`, the last Jacobian estimate applied (0 before any)."""
         if getattr(self, "_stats", None):
+            if any(backend.detached(v) for v in self._stats.values()):
+                raise RuntimeError(
+                    f"The statistics of layer {self.name!r} cannot be read during an epoch "
+                    "of `fit` on JAX: Keras' JAX trainer holds the variables' values outside "
+                    "the model until the epoch ends. In a callback's `on_train_batch_end`, "
+                    "call `self.model.jax_state_sync()` first (it costs one transfer per "
+                    "call), or read them in `on_epoch_end`."
+                )
             return {
                 key: float(keras.ops.convert_to_numpy(v.value)) for key, v in self._stats.items()
             }

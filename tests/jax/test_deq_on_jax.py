@@ -375,6 +375,28 @@ def test_solver_logger_shows_the_layers_last_statistics():
     assert cells[3] == "-"  # the adjoint's statistics are not kept on JAX
 
 
+def test_statistics_during_an_epoch_say_how_to_read_them():
+    """Keras' JAX trainer detaches the variables' values during an epoch: reading the
+    statistics then is a clear error that names the fix, and the fix gives the batch's."""
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+    deq = keras_deq.DEQ(keras_deq.DenseCell(6), max_iter=20, name="deq")
+    model = keras.Sequential([keras.Input((6,)), deq, keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    seen = []
+
+    class Reader(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            with pytest.raises(RuntimeError, match=r"'deq'.*jax_state_sync"):
+                deq.solver_statistics()
+            self.model.jax_state_sync()
+            seen.append(deq.solver_statistics())
+
+    model.fit(x, x[:, :2], batch_size=16, epochs=1, verbose=0, callbacks=[Reader()])
+    assert len(seen) == 2
+    assert all(2 <= s["fwd_steps"] <= 20 and s["converged"] == 1.0 for s in seen)
+    assert deq.solver_statistics() == seen[-1]  # after the epoch: attached again
+
+
 def test_solver_logger_with_validation_shows_the_last_training_batch():
     """The epoch's validation calls the layer after its last training batch: the
     training columns still show that batch (they showed the last validation batch)."""
