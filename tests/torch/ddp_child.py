@@ -1,0 +1,83 @@
+"""Trains a DEQ classifier with PyTorch's DistributedDataParallel around the Keras model
+(two CPU processes, the gloo backend, a custom training loop as in Keras' guide to
+distributed training with PyTorch), and, in the same run, on one process with the whole
+batch; prints both final weights as JSON. Run by tests/torch/test_ddp.py."""
+
+import json
+import os
+import sys
+import tempfile
+
+os.environ["KERAS_BACKEND"] = "torch"
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+import keras_deq  # noqa: E402
+
+STEPS, BATCH = 3, 16
+
+
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(STEPS * BATCH, 8)).astype("float32")
+    y = rng.integers(0, 3, size=(STEPS * BATCH,))
+    return torch.tensor(x), torch.tensor(y)
+
+
+def model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16),
+            keras_deq.DEQ(keras_deq.DenseCell(16), max_iter=40, name="deq"),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def train(net, module, shard=slice(None)):
+    """`STEPS` SGD steps; each process takes its `shard` of every batch."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x, y = data()
+    for step in range(STEPS):
+        rows = slice(step * BATCH, (step + 1) * BATCH)
+        xb, yb = x[rows][shard], y[rows][shard]
+        optimizer.zero_grad()
+        loss_fn(net(xb), yb).backward()
+        optimizer.step()
+    return [w.detach().cpu().numpy().tolist() for w in module.parameters()]
+
+
+def worker(rank, world, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    keras_model = model()
+    ddp = torch.nn.parallel.DistributedDataParallel(keras_model)
+    half = BATCH // world
+    weights = train(ddp, keras_model, slice(rank * half, (rank + 1) * half))
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump(weights, f)
+    dist.destroy_process_group()
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "ddp.json")
+        mp.spawn(worker, args=(2, os.path.join(tmp, "init"), out_file), nprocs=2, join=True)
+        with open(out_file) as f:
+            ddp_weights = json.load(f)
+    single = model()
+    initial = [w.detach().cpu().numpy().tolist() for w in single.parameters()]
+    result = {"ddp": ddp_weights, "single": train(single, single), "initial": initial}
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
