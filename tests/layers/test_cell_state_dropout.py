@@ -78,15 +78,7 @@ def test_each_training_call_solves_with_one_mask_and_the_next_call_draws_the_nex
     )
 
 
-TF_GRAPH_BUG = pytest.mark.xfail(
-    keras.backend.backend() == "tensorflow",
-    strict=True,
-    reason="TensorFlow graphs (tf.function): Implicit's backward pass does not see the "
-    "forward mask (eager TensorFlow does, and so do Unrolled, JAX and PyTorch); found here",
-)
-
-
-@pytest.mark.parametrize("backward", [pytest.param("implicit", marks=TF_GRAPH_BUG), "unrolled"])
+@pytest.mark.parametrize("backward", ["implicit", "unrolled"])
 def test_the_backward_pass_uses_the_forward_mask(backward):
     deq, x = make_deq(backward), inputs(1)
     deq.build(x.shape)
