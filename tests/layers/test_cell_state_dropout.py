@@ -78,7 +78,11 @@ def test_each_training_call_solves_with_one_mask_and_the_next_call_draws_the_nex
     )
 
 
-@pytest.mark.parametrize("backward", ["implicit", "unrolled"])
+@pytest.mark.parametrize(
+    "backward",
+    ["implicit", keras_deq.backward.Unrolled(remat=True)],
+    ids=["implicit", "unrolled_remat"],
+)
 def test_the_backward_pass_uses_the_forward_mask(backward):
     deq, x = make_deq(backward), inputs(1)
     deq.build(x.shape)
