@@ -84,3 +84,28 @@ def test_exclude_and_settings_are_checked():
         WeightNormalization(keras.layers.Dense(2), exclude="kernel")
     with pytest.raises(ValueError, match="found no kernel"):
         WeightNormalization(keras.layers.Dense(2), exclude=["kernel"])(np.zeros((1, 3)))
+
+
+def test_in_a_deq_the_gradient_is_that_of_the_cell_with_the_numpy_kernel():
+    """With gains moved away from `||v||`, the wrapped DEQ's input gradient
+    (the implicit backward, through the wrapper) equal those of a plain DEQ whose
+    kernel is numpy's `g v / ||v||`."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, 5)).astype("float32")
+    t = ops.convert_to_tensor(rng.normal(size=(3, 4)).astype("float32"))
+    options = {"state_shape": (4,), "tol": 1e-7, "max_iter": 100}
+    wrapped = keras_deq.DEQ(WeightNormalization(keras_deq.DenseCell(4), exclude=["inj"]), **options)
+    wrapped.build(x.shape)
+    (g,) = [w for w in wrapped.cell.trainable_variables if len(w.shape) == 1 and "_g" in w.path]
+    g.assign(rng.uniform(0.3, 0.8, size=4))
+    inner = wrapped.cell.layer
+    plain = keras_deq.DEQ(keras_deq.DenseCell(4), **options)
+    plain.build(x.shape)
+    v = ops.convert_to_numpy(inner.kernel).astype("float64")
+    plain.cell.kernel.assign(numpy_weight_norm(ops.convert_to_numpy(g).astype("float64"), v))
+    plain.cell.injection_kernel.assign(inner.injection_kernel)
+    plain.cell.bias.assign(inner.bias)
+    loss = lambda z: ops.sum(z * t)  # noqa: E731
+    (want,) = layer_gradients(plain, x, loss, [])
+    (got,) = layer_gradients(wrapped, x, loss, [])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
