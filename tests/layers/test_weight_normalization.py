@@ -88,7 +88,7 @@ def test_exclude_and_settings_are_checked():
 
 def test_in_a_deq_the_gradient_is_that_of_the_cell_with_the_numpy_kernel():
     """With gains moved away from `||v||`, the wrapped DEQ's input gradient
-    (the implicit backward, through the wrapper) equal those of a plain DEQ whose
+    (the implicit backward, through the wrapper) equals that of a plain DEQ whose
     kernel is numpy's `g v / ||v||`."""
     rng = np.random.default_rng(3)
     x = rng.normal(size=(3, 5)).astype("float32")
