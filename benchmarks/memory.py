@@ -8,12 +8,16 @@ One training step (forward, backward and Adam update, in Keras' compiled
 `train_on_batch`) of `Dense(64 -> width) -> DEQ(DenseCell(width)) -> Dense(10)`
 is run with the solver forced to do N iterations (relative tol=1e-12, which the
 float32 iterates do not reach; the table shows the steps actually run), for each
-N in --iters, with two backward modes:
+N in --iters, with two backward modes (--modes adds others):
 
 - `implicit`: the DEQ. The forward solve is not recorded; the gradient solves the
   adjoint fixed point (also N iterations here). Memory should not depend on N.
 - `unrolled`: autodiff through the forward solver's loop. The loop keeps the
   tensors its gradient needs at every iteration, so memory grows with N.
+- `unrolled_remat` (not run by default): `Unrolled(remat=True)`, which keeps only
+  each iteration's input state and recomputes the cell in the backward pass; memory
+  still grows with N, by less per iteration. `--check` asserts its peak is below
+  `unrolled`'s at the largest N when both run.
 
 Peak memory is TensorFlow's own CPU allocator statistic
 (`tf.config.experimental.get_memory_info("CPU:0")["peak"]`, reset just before the
@@ -74,8 +78,9 @@ def parse_args(argv=None):
         "--modes",
         nargs="+",
         default=["implicit", "unrolled"],
-        choices=["implicit", "phantom", "one_step", "unrolled"],
-        help="backward modes (default: implicit unrolled)",
+        choices=["implicit", "phantom", "one_step", "unrolled", "unrolled_remat"],
+        help="backward modes (default: implicit unrolled); unrolled_remat: Unrolled(remat=True), "
+        "each cell evaluation recomputed in the backward pass",
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="fresh processes per configuration (default 3)"
@@ -111,7 +116,9 @@ def build(args, solver, iters, keras, np, tf, keras_deq):
         solver=solver,
         max_iter=iters,
         tol=1e-12,  # unreachable in float32: the solver runs all `iters` steps
-        backward=args.mode,
+        backward=keras_deq.backward.Unrolled(remat=True)
+        if args.mode == "unrolled_remat"
+        else args.mode,
         on_failure="ignore",  # not converging is the point here
     )
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -265,7 +272,7 @@ def _steps_text(values):
 
 def print_table(args, results):
     header = (
-        f"{'solver':<12} {'backward':<9} {'iters':>5} {'fwd steps':>9} {'bwd steps':>9} "
+        f"{'solver':<12} {'backward':<14} {'iters':>5} {'fwd steps':>9} {'bwd steps':>9} "
         f"{'peak MiB':>9} {'min-max':>13} {'above resting':>13} {'warm-up RSS+':>12} {'step s':>7}"
     )
     print(header)
@@ -273,7 +280,7 @@ def print_table(args, results):
     for (solver, mode, iters), s in results.items():
         spread = f"{s['low']:.1f}-{s['high']:.1f}"
         print(
-            f"{solver:<12} {mode:<9} {iters:>5} {_steps_text(s['fwd_steps']):>9} "
+            f"{solver:<12} {mode:<14} {iters:>5} {_steps_text(s['fwd_steps']):>9} "
             f"{_steps_text(s['bwd_steps']):>9} {s['peak']:9.1f} "
             f"{spread:>13} {s['above']:13.1f} {s['warmup_rss']:12.1f} "
             f"{s['seconds']:7.2f}"
@@ -309,6 +316,13 @@ def check(args, results, ratios):
             problems.append(f"{solver} implicit: peak ratio {ratio:.2f} > 1.10")
         elif mode == "unrolled" and ratio <= 1.5:
             problems.append(f"{solver} unrolled: peak ratio {ratio:.2f} <= 1.5")
+    hi = max(args.iters)
+    for solver in args.solver:
+        if (solver, "unrolled", hi) in results and (solver, "unrolled_remat", hi) in results:
+            plain = results[solver, "unrolled", hi]["peak"]
+            remat = results[solver, "unrolled_remat", hi]["peak"]
+            if remat >= plain:
+                problems.append(f"{solver} unrolled_remat: peak {remat:.1f} >= {plain:.1f} MiB")
     if problems:
         raise SystemExit("check failed:\n  " + "\n  ".join(problems))
     print("check passed")

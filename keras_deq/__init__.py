@@ -39,6 +39,8 @@ from keras_deq.layers import (  # noqa: E402
     MultiscaleDEQ,
     OptEqBlock,
     PcDEQ,
+    SpectralReparametrization,
+    WeightNormalization,
 )
 
 __all__ = [
@@ -51,6 +53,8 @@ __all__ = [
     "MultiscaleDEQ",
     "OptEqBlock",
     "PcDEQ",
+    "SpectralReparametrization",
+    "WeightNormalization",
     "backward",
     "constraints",
     "callbacks",

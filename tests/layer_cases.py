@@ -30,6 +30,8 @@ from keras_deq import (
     MonDEQ,
     OptEqBlock,
     PcDEQ,
+    SpectralReparametrization,
+    WeightNormalization,
     constraints_opteq,
     solvers,
 )
@@ -139,6 +141,18 @@ CASES = {
     "DEQ": Case(_deq, {}, _vector(4)),
     "DenseCell": Case(
         DenseCell, {"units": 4, "activation": "softsign"}, _dense_cell_inputs, "cell"
+    ),
+    "WeightNormalization": Case(
+        lambda **kw: WeightNormalization(DenseCell(4), **kw),
+        {"exclude": ["injection"]},
+        _dense_cell_inputs,
+        "cell",
+    ),
+    "SpectralReparametrization": Case(
+        lambda **kw: SpectralReparametrization(DenseCell(4), **kw),
+        {"power_iterations": 2},
+        _dense_cell_inputs,
+        "cell",
     ),
     "PcDEQ": Case(PcDEQ, {"units": 4, "weight_norm": True}, _pcdeq_inputs),
     "PositiveConcaveCell": Case(

@@ -15,13 +15,17 @@ from keras_deq.layers.multiscale_deq import LipschitzMultiscale, MultiscaleDEQ
 from keras_deq.layers.opteq_block import OptEqBlock
 from keras_deq.layers.opteq_cell import OptEqCell
 from keras_deq.layers.pcdeq import PcDEQ, PositiveConcaveCell
+from keras_deq.layers.reparametrization import KernelReparametrization
+from keras_deq.layers.spectral_reparametrization import SpectralReparametrization
 from keras_deq.layers.transformer import DEQTransformerCell
+from keras_deq.layers.weight_normalization import WeightNormalization
 
 __all__ = [
     "DEQ",
     "Cell",
     "DEQTransformerCell",
     "DenseCell",
+    "KernelReparametrization",
     "LipschitzMultiscale",
     "LipschitzMultiscaleCell",
     "MonDEQ",
@@ -32,4 +36,6 @@ __all__ = [
     "OptEqCell",
     "PcDEQ",
     "PositiveConcaveCell",
+    "SpectralReparametrization",
+    "WeightNormalization",
 ]

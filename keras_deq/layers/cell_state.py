@@ -33,9 +33,13 @@ class FrozenCellState:
         # Values read now (a copy: TensorFlow would hand back the variable itself),
         # since the backward pass evaluates the cell after `advance` assigned.
         self._mapping = [(v, keras.ops.copy(v.value)) for v in mapped] if self.variables else []
+        # The other variables are mapped to their values at each evaluation, read through
+        # any enclosing scope (which this one hides), e.g. `Unrolled(remat=True)`'s.
+        self._live = [] if backend.name() == "jax" else list(cell.trainable_variables)
 
     def _scope(self):
-        return keras.StatelessScope(state_mapping=self._mapping)
+        live = [(v, v.value) for v in self._live]
+        return keras.StatelessScope(state_mapping=self._mapping + live)
 
     def call(self, fn, *args, **kwargs):
         """`fn(*args, **kwargs)` with the state of the call's start; updates discarded."""

@@ -283,7 +283,10 @@ def compiles_solves(jit_compile, cell, solver, adjoint=False):
     `"auto"` compiles when every layer of the cell supports XLA, except, with a
     convolution layer in the cell on a machine without GPU or TPU (see
     `_CONVOLUTIONS`), the adjoint solve and a forward solve whose step is a few
-    elementwise ops (`solver.cheap_step`, e.g. `FixedPoint`).
+    elementwise ops (`solver.cheap_step`, e.g. `FixedPoint`); and never for a cell that
+    draws random numbers (a `Dropout`: its layers have a `seed_generator`), since XLA's
+    stateless random numbers are not TensorFlow's: the compiled solve would use another
+    dropout mask than the backward pass.
 
     Args:
         jit_compile: The layer's setting, `"auto"`, True or False.
@@ -294,6 +297,8 @@ def compiles_solves(jit_compile, cell, solver, adjoint=False):
     if jit_compile is True:
         return True
     if jit_compile is False or not supports_jit(cell):
+        return False
+    if any(getattr(sub, "seed_generator", None) is not None for sub in cell._flatten_layers()):
         return False
     if backend.has_accelerator():
         return True
