@@ -69,6 +69,7 @@ PORTABLE = (
     "layers/test_cell_state.py",
     "layers/test_cells.py",
     "layers/test_deq.py",
+    "layers/test_deq_trace.py",
     "layers/test_pcdeq.py",
     "layers/test_monotone*.py",
     "layers/test_lipschitz_multiscale_cell.py",
