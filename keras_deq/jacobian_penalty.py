@@ -74,7 +74,8 @@ class JacobianPenalty(configurable.Configurable):
         Args:
             weight: The layer's current weight (a variable).
             frequency: The layer's current frequency (a variable).
-            max_iter: The forward solver's `max_iter`, an int.
+            max_iter: The step's forward budget: an int, or a scalar int32 tensor
+                (drawn by a `keras_deq.solvers.Budget`).
             seed: A `keras.random.SeedGenerator`: the draw comes first, then the
                 budget's jitter (the order of the TensorFlow path of `DEQ`).
         """

@@ -72,6 +72,7 @@ PORTABLE = (
     "layers/test_spectral_reparametrization.py",
     "layers/test_cells.py",
     "layers/test_deq.py",
+    "layers/test_deq_trace.py",
     "layers/test_pcdeq.py",
     "layers/test_monotone*.py",
     "layers/test_lipschitz_multiscale_cell.py",

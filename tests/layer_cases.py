@@ -74,7 +74,7 @@ class Case(NamedTuple):
     # a constraint's kernel, a regularizer's or prior's features, a solver's injection.
     inputs: Callable | None = None
     # "layer", "cell" (called as `cell(z, x)`), "model", or what a holder model keeps:
-    # "solver", "backward", "penalty", "constraint", "regularizer", "prior", "metric",
+    # "solver", "backward", "penalty", "budget", "constraint", "regularizer", "prior", "metric",
     # "cell_base".
     kind: str = "layer"
     mixed_output: str | None = "float16"  # output dtype under mixed_float16; None: unsupported
@@ -268,6 +268,9 @@ CASES = {
         JacobianPenalty,
         {"weight": 0.3, "frequency": 0.5, "probes": 2, "max_iter_delta": 1},
         kind="penalty",
+    ),
+    "Budget": Case(
+        solvers.Budget, {"max_iter": 6, "eval_max_iter": 9, "min_iter": 3}, kind="budget"
     ),
     "ConvOperatorNorm": Case(
         constraints_lib.ConvOperatorNorm,

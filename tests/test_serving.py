@@ -359,6 +359,7 @@ HOLDERS = {
     "solver": _solver_trip,
     "backward": _deq_trip("backward", "_mode"),
     "penalty": _deq_trip("regularizer", "regularizer"),
+    "budget": _deq_trip("max_iter", "budget"),
     "constraint": _constraint_trip,
     "regularizer": _regularizer_trip,
     "prior": _prior_trip,

@@ -84,6 +84,32 @@ def solver_residuals():
     return command, {"samples": int(x.shape[0]), "tols": tols, "traces": traces}
 
 
+def solver_trace():
+    """`DEQ.solver_trace` of the layer in the tutorial's "Watching convergence" section: a
+    `DenseCell(32)` with an orthogonal kernel of gain 0.95 (seed 0), 16 standard normal
+    inputs (numpy, seed 0), max_iter 80, tol 1e-5; fixed-point iteration and
+    Anderson (window 5). Per-sample relative residuals, None after the last iteration."""
+    import keras
+    import numpy as np
+
+    import keras_deq
+
+    x = np.random.default_rng(0).normal(size=(16, 32)).astype("float32")
+    keras.utils.set_random_seed(0)
+    cell = keras_deq.DenseCell(32, kernel_initializer=keras.initializers.Orthogonal(0.95, seed=0))
+    traces = {}
+    for name in ("fixed_point", "anderson"):
+        layer = keras_deq.DEQ(cell, solver=name, max_iter=80, tol=1e-5)
+        trace = layer.solver_trace(x)
+        rel = keras.ops.convert_to_numpy(trace.rel_residual).astype("float64")
+        traces[name] = {
+            "steps": int(trace.steps),
+            "per_sample": [[None if np.isnan(v) else float(v) for v in row] for row in rel.T],
+        }
+    command = "python docs/figures/make_figures.py --only solver_trace"
+    return command, {"samples": int(x.shape[0]), "tol": 1e-5, "traces": traces}
+
+
 def jacobian_regularization(epochs=15):
     """examples/digits.py's model at width 64 (the Jacobian-regularization tutorial's:
     Anderson, max_iter 30, tol 1e-4, Adam 1e-2, batch 64, seed 0), trained without and with

@@ -14,6 +14,7 @@ import pathlib
 import sys
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 
@@ -37,6 +38,7 @@ STYLE = {
 }
 COLORS = {
     "fixed_point": "C0",
+    "anderson": "C2",
     "anderson (window 3)": "C1",
     "anderson (window 5)": "C2",
     "anderson (window 8)": "C4",
@@ -72,6 +74,26 @@ def solver_residuals(record, path):
         ax.set_xlabel("iteration (evaluations of f)")
     axes[0].set_ylabel(r"$\|f(z_k) - z_k\| \,/\, \|f(z_k)\|$")
     axes[1].legend(loc="upper right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def solver_trace(record, path):
+    """`DEQ.solver_trace`: each sample's relative residual per iteration, and the batch mean."""
+    data = record["data"]
+    traces = data["traces"]
+    fig, axes = plt.subplots(1, len(traces), figsize=(9, 3.2), sharey=True)
+    for ax, (name, trace) in zip(axes, traces.items(), strict=True):
+        rows = np.array([[np.nan if v is None else v for v in r] for r in trace["per_sample"]])
+        steps = np.arange(rows.shape[1])
+        for i, row in enumerate(rows):
+            ax.semilogy(steps, row, color="0.75", lw=0.7, label="each sample" if i == 0 else None)
+        ax.semilogy(steps, rows.mean(axis=0), color=COLORS.get(name), lw=2, label="batch mean")
+        ax.axhline(data["tol"], color="0.4", ls="--", lw=0.8)
+        ax.set_title(f"{name}: {trace['steps']} iterations, {data['samples']} samples")
+        ax.set_xlabel("iteration k")
+        ax.legend(loc="upper right")
+    axes[0].set_ylabel(r"$\|f(z_k) - z_k\| \,/\, \|f(z_k)\|$")
     fig.tight_layout()
     _save(fig, path)
 
@@ -196,6 +218,7 @@ def synthetic_fits(record, path):
 
 FIGURES = {
     "solver_residuals": solver_residuals,
+    "solver_trace": solver_trace,
     "jacobian_regularization": jacobian_regularization,
     "memory_dense": memory_dense,
     "memory_transformer": memory_transformer,

@@ -13,7 +13,9 @@ from keras_deq.layers import deq_arguments as arguments
 from keras_deq.layers import deq_state as state
 from keras_deq.layers.cell_state import FrozenCellState
 from keras_deq.layers.deq_penalty import PenaltyControls
+from keras_deq.layers.deq_trace import SolverTraceMixin
 from keras_deq.layers.monitor import SolverMonitor, check_on_failure
+from keras_deq.solvers import budget as budget_lib
 from keras_deq.solvers import common
 
 _SEED_STATE_KEY = "seed_generator_state"
@@ -26,7 +28,7 @@ def _cast_floats(structure, dtype):
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
-class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
+class DEQ(SolverMonitor, PenaltyControls, SolverTraceMixin, keras.layers.Layer):
     """A deep equilibrium layer: returns the fixed point `z* = cell(z*, x)`.
 
     The cell is any Keras layer called as `cell(z, x)` that returns the next
@@ -82,7 +84,10 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             `max_iter`, `tol` and `stop_mode` are read from it and
             `solver_options` must be empty). A solver for affine maps only
             (`"gmres"`) is refused here: it is an adjoint solver.
-        max_iter: Maximum forward iterations.
+        max_iter: Maximum forward iterations: an int, or a
+            `keras_deq.solvers.Budget` (or its config dict) for a budget at
+            evaluation other than in training, or drawn at random in training.
+            It replaces the `max_iter` of a solver object.
         tol: Forward tolerance on the per-sample residual.
         stop_mode: `"rel"` (`||f(z)-z|| / ||f(z)||`) or `"abs"` (`||f(z)-z||`).
         solver_options: Extra options of the forward solver (e.g.
@@ -191,6 +196,7 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
                 f"Received: cell={cell!r}"
             )
         self.cell = cell
+        self.budget, max_iter = budget_lib.get(max_iter)
         settings = arguments.solver_settings(
             solver,
             max_iter,
@@ -209,6 +215,8 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         self.backward_solver = settings.backward_solver
         self.backward_solver_options = settings.backward_solver_options
         self._forward, self._adjoint = settings.forward, settings.adjoint
+        if self.budget is not None:  # it replaces a solver object's own
+            self._forward = solvers_lib.get(self._forward, max_iter=self.budget.max_iter)
         self.max_iter, self.tol = self._forward.max_iter, self._forward.tol
         self.stop_mode = self._forward.stop_mode
         self.backward_max_iter, self.backward_tol = self._adjoint.max_iter, self._adjoint.tol
@@ -289,13 +297,18 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         self._explicit_depth = value
 
     # ------------------------------------------------------------------- call
-    def _solver(self, solver, max_iter=None, differentiated=False, maps=None, adjoint=False):
+    def _solver(
+        self, solver, max_iter=None, differentiated=False, maps=None, adjoint=False, trace=False
+    ):
         """`solver` as a function `(f, z0) -> SolverResult` over the solver batch dims,
         with `max_iter` (an int or a run-time tensor) replacing its own when given and
         `maps` (the cell's maps it asks for, `Solver.extra_maps`) passed to it,
         compiled apart as `jit_compile` says (`arguments.compiles_solves`; `adjoint`:
-        the implicit backward's solve) unless it is `differentiated`."""
+        the implicit backward's solve) unless it is `differentiated`; `trace`: with
+        a `SolverTrace`."""
         overrides = {} if max_iter is None else {"max_iter": max_iter}
+        if trace:
+            overrides["trace"] = True
         solve = common.per_entry(
             lambda f, z0, **m: solver(f, z0, **m, **overrides), self.solver_batch_dims
         )
@@ -319,24 +332,13 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             The equilibrium state.
         """
         x = inputs
-        z0 = state.start(self.cell, x, self.state_shape, self.compute_dtype)
-        if initial_state is not None:
-            z0 = state.check_initial_state(initial_state, z0, self.compute_dtype)
-        cell_dtype = self.cell.compute_dtype
-        own_dtype = self.compute_dtype
-
-        def evaluate(z, x_in):
-            # The cell runs in its own dtype, the layer's state in the layer's.
-            if cell_dtype != own_dtype:
-                z, x_in = _cast_floats(z, cell_dtype), _cast_floats(x_in, cell_dtype)
-            out = self.cell(z, x_in, training=training)
-            return _cast_floats(out, own_dtype) if cell_dtype != own_dtype else out
-
+        z0, evaluate = self._start(x, initial_state, training)
         frozen = FrozenCellState(self.cell)
         fn = functools.partial(frozen.call, evaluate)
 
+        max_iter = self._budget(training)
         regularize = bool(training) and self._jacobian_enabled
-        picked, max_iter = self._plan_penalty() if regularize else (None, self.max_iter)
+        picked, max_iter = self._plan_penalty(max_iter) if regularize else (None, max_iter)
         explicit = self._explicit_depth is not None
         mode = backward_lib.Explicit(self._explicit_depth) if explicit else self._mode
         if not mode.differentiates_forward:  # a cell's own start is a constant here
@@ -359,7 +361,9 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             z0,
             forward=self._solver(
                 self._forward,
-                max_iter if keras.ops.is_tensor(max_iter) else None,
+                None
+                if not keras.ops.is_tensor(max_iter) and max_iter == self.max_iter
+                else max_iter,
                 differentiated=mode.differentiates_forward,
                 maps=state.solver_maps(self.cell, self._forward),
             ),
@@ -382,6 +386,29 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         if regularize:
             self._add_jacobian_loss(lambda z: cell_fn(z, x), result, x, picked)
         return backend.after(checks, backward_lib.finite_upstream(z))
+
+    def _start(self, x, initial_state, training):
+        """`(z0, evaluate)`: the starting state and the cell as `(z, x) -> next z`."""
+        z0 = state.start(self.cell, x, self.state_shape, self.compute_dtype)
+        if initial_state is not None:
+            z0 = state.check_initial_state(initial_state, z0, self.compute_dtype)
+        cell_dtype = self.cell.compute_dtype
+        own_dtype = self.compute_dtype
+
+        def evaluate(z, x_in):
+            # The cell runs in its own dtype, the layer's state in the layer's.
+            if cell_dtype != own_dtype:
+                z, x_in = _cast_floats(z, cell_dtype), _cast_floats(x_in, cell_dtype)
+            out = self.cell(z, x_in, training=training)
+            return _cast_floats(out, own_dtype) if cell_dtype != own_dtype else out
+
+        return z0, evaluate
+
+    def _budget(self, training):
+        """The forward `max_iter` of a call: `self.max_iter` itself, or the budget's."""
+        if self.budget is None:
+            return self.max_iter
+        return self.budget.for_call(training, self.seed_generator)
 
     def _stateless_cell(self, training):
         """The cell as `(z, x, (trainable, non_trainable)) -> next z`, weights passed in."""
@@ -444,7 +471,9 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             {
                 "cell": backend.serialize_shareable(self.cell),
                 "solver": arguments.object_config(self.solver, solvers_lib.serialize),
-                "max_iter": self.max_iter,
+                "max_iter": self.max_iter
+                if self.budget is None
+                else keras.saving.serialize_keras_object(self.budget),
                 "tol": self.tol,
                 "stop_mode": self.stop_mode,
                 "solver_options": dict(self.solver_options),

@@ -78,11 +78,11 @@ class PenaltyControls:
         """The penalty's random forward budget `d` (see `JacobianPenalty`)."""
         return self._penalty.max_iter_delta
 
-    def _plan_penalty(self):
-        """`(picked, max_iter)` of a training step. The per-step draw comes first:
-        on the steps it picks, the forward budget may be jittered."""
+    def _plan_penalty(self, max_iter):
+        """`(picked, max_iter)` of a training step whose budget is `max_iter`. The
+        per-step draw comes first: on the steps it picks, the budget may be jittered."""
         return self._penalty.plan(
-            self._jacobian_weight, self._jacobian_frequency, self.max_iter, self.seed_generator
+            self._jacobian_weight, self._jacobian_frequency, max_iter, self.seed_generator
         )
 
     def _add_jacobian_loss(self, f, result, x, picked):

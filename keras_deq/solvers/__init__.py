@@ -19,18 +19,22 @@ from keras_deq.solvers.broyden import Broyden, broyden
 from keras_deq.solvers.gmres import GMRES, gmres
 
 # isort: on
+from keras_deq.solvers.budget import Budget
 from keras_deq.solvers.registry import names
 from keras_deq.solvers.result import SolverResult
 from keras_deq.solvers.sam import SAM
+from keras_deq.solvers.trace import SolverTrace
 
 __all__ = [
     "Anderson",
     "Broyden",
+    "Budget",
     "FixedPoint",
     "GMRES",
     "SAM",
     "Solver",
     "SolverResult",
+    "SolverTrace",
     "anderson",
     "broyden",
     "deserialize",

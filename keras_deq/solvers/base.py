@@ -15,6 +15,7 @@ from keras import ops
 from keras_deq import backend, configurable
 from keras_deq.solvers import common
 from keras_deq.solvers import result as res
+from keras_deq.solvers import trace as trace_lib
 
 # Short name -> Solver subclass, for the subclasses that set `name` (see `Solver.name`).
 _BY_NAME = {}
@@ -194,21 +195,25 @@ class Solver(configurable.Configurable):
             f: The map, taking and returning a structure like `z0`.
             z0: The initial state: a `(batch, ...)` tensor or a nest of such tensors.
             **overrides: Settings that replace this solver's for this call (checked
-                like the constructor's), e.g. `solver(f, z0, max_iter=10)`; and the
-                maps named in `extra_maps` (structure to structure, like `f`).
+                like the constructor's), e.g. `solver(f, z0, max_iter=10)`; the
+                maps named in `extra_maps` (structure to structure, like `f`); and
+                `trace=True` to record the residuals of every iteration in
+                `SolverResult.trace` (a `SolverTrace`; needs an int `max_iter`).
 
         Returns:
             A `SolverResult`.
         """
         common.check_callable("f", f)
+        trace = common.check_bool("trace", overrides.pop("trace", False))
         maps = {name: overrides.pop(name) for name in self.extra_maps if name in overrides}
         maps = {name: common.check_callable(name, g) for name, g in maps.items() if g is not None}
         solver = self
         if overrides:
             solver = type(self).from_config({**self.get_config(), **overrides})
-        return common.solve_structure(solver.solve_flat, f, z0, maps=maps)
+        kwargs = {"trace": trace_lib.check_traceable(solver)} if trace else {}
+        return common.solve_structure(solver.solve_flat, f, z0, maps=maps, **kwargs)
 
-    def solve_flat(self, f, z0, unpack=None):
+    def solve_flat(self, f, z0, unpack=None, trace=False):
         """The shared loop, on `(batch, n)` matrices.
 
         A solver with `extra_maps` overrides it to take them (packed maps, as `f`)
@@ -218,6 +223,8 @@ class Solver(configurable.Configurable):
             f: The map on `(batch, n)` matrices.
             z0: The starting iterate, `(batch, n)`, float32 or float64.
             unpack: Applied to the returned state (identity if None).
+            trace: Whether to record a `SolverTrace` (a static switch: when False
+                the loop carries nothing for it).
 
         Returns:
             A `SolverResult`.
@@ -232,9 +239,11 @@ class Solver(configurable.Configurable):
         # non-finite value reaches `f`.
         guard_each_step = bound is not None or not backend.runs_op_by_op()
 
-        def advance(k, z, fz, state, best):
+        def advance(k, z, fz, state, best, history):
             residual = res.residuals(fz, z)
             abs_res, rel_res = residual.abs_residual, residual.rel_residual
+            if trace:
+                history = trace_lib.record(history, k, abs_res, rel_res)
             if fixed:
                 best = res.update_last(best, z, abs_res, rel_res, stop_mode)
             else:
@@ -247,24 +256,32 @@ class Solver(configurable.Configurable):
             if guard_each_step:
                 z_next, best = res.guard(best, z_next)
             go = ops.any(~best.failed) if fixed else res.keep_going(best, tol, stop_mode)
-            return k + 1, z_next, state, best, go
+            return k + 1, z_next, state, best, go, history
 
-        def body(k, z, state, best, _):
-            return advance(k, z, f(z), state, best)
+        def body(k, z, state, best, _, history):
+            return advance(k, z, f(z), state, best, history)
 
-        def cond(k, z, state, best, go):
+        def cond(k, z, state, best, go, history):
             return ops.logical_and(go, k < max_iter)
 
         k0, go = ops.convert_to_tensor(0, "int32"), ops.convert_to_tensor(True)
-        loop_vars = (k0, z0, self.init(f, z0), res.initial_best(z0), go)
+        best0 = res.initial_best(z0)
+        # `()` unless traced: the default loop carries nothing more.
+        history = ()
+        if trace:
+            history = trace_lib.empty(max_iter, ops.shape(z0)[0], best0.abs_residual.dtype)
+        loop_vars = (k0, z0, self.init(f, z0), best0, go, history)
         if bound is None:
-            steps, z, _, best, _ = ops.while_loop(
+            steps, z, _, best, _, history = ops.while_loop(
                 cond, body, loop_vars, maximum_iterations=max_iter
             )
         else:
-            steps, z, _, best, _ = backend.masked_while_loop(cond, body, loop_vars, bound)
+            steps, z, _, best, _, history = backend.masked_while_loop(cond, body, loop_vars, bound)
         if not guard_each_step:  # the last iterate, never evaluated
             z, best = res.guard(best, z)
         if fixed:  # the last iterate (a frozen sample's is its last finite one)
             best = best._replace(z=z)
-        return res.to_result(best, steps, tol, stop_mode, unpack or (lambda z: z))
+        result = res.to_result(best, steps, tol, stop_mode, unpack or (lambda z: z))
+        if trace:
+            result = result._replace(trace=trace_lib.SolverTrace(*history, result.steps))
+        return result

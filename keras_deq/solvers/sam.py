@@ -108,8 +108,8 @@ class SAM(Solver):
         self.gamma = common.check_nonnegative_float("gamma", gamma)
         self.fixed_steps = common.check_bool("fixed_steps", fixed_steps)
 
-    def solve_flat(self, f, z0, unpack=None, prior_gradient=None):
-        return super().solve_flat(_WithPrior(f, prior_gradient), z0, unpack)
+    def solve_flat(self, f, z0, unpack=None, prior_gradient=None, trace=False):
+        return super().solve_flat(_WithPrior(f, prior_gradient), z0, unpack, trace)
 
     def step(self, f, z, fz, state, k):
         # Python floats take the iterate's dtype exactly (no float32 rounding in float64).
