@@ -359,6 +359,8 @@ HOLDERS = {
     "solver": _solver_trip,
     "backward": _deq_trip("backward", "_mode"),
     "penalty": _deq_trip("regularizer", "regularizer"),
+    "correction": _deq_trip("correction", "correction"),
+    "start": _deq_trip("start", "start"),
     "constraint": _constraint_trip,
     "regularizer": _regularizer_trip,
     "prior": _prior_trip,

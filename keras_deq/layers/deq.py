@@ -13,6 +13,7 @@ from keras_deq.layers import deq_arguments as arguments
 from keras_deq.layers import deq_state as state
 from keras_deq.layers.cell_state import FrozenCellState
 from keras_deq.layers.deq_penalty import PenaltyControls
+from keras_deq.layers.deq_start import StartControls
 from keras_deq.layers.monitor import SolverMonitor, check_on_failure
 from keras_deq.solvers import common
 
@@ -26,7 +27,7 @@ def _cast_floats(structure, dtype):
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
-class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
+class DEQ(SolverMonitor, PenaltyControls, StartControls, keras.layers.Layer):
     """A deep equilibrium layer: returns the fixed point `z* = cell(z*, x)`.
 
     The cell is any Keras layer called as `cell(z, x)` that returns the next
@@ -143,6 +144,10 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             differentiated through (`backward="unrolled"`) is never compiled
             apart. No effect on JAX or under `model.compile(jit_compile=True)`,
             where the whole step is compiled anyway.
+        start: None, or a `keras_deq.RandomStart` (random starts in training).
+        stateful: If True, start from the last call's fixed point (as `keras.layers.RNN`).
+        correction: None, or a `keras_deq.FixedPointCorrection`: the layer then
+            returns `[state_1, ..., state_n, z*]`, states sampled along the solve.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -180,6 +185,9 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         seed=None,
         solver_batch_dims=1,
         jit_compile="auto",
+        start=None,
+        stateful=False,
+        correction=None,
         **kwargs,
     ):
         # Before 0.2 the phantom mode's settings were layer arguments.
@@ -232,6 +240,8 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         self.seed = arguments.check_seed(seed)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.jit_compile = arguments.check_jit_compile(jit_compile)
+        self._check_start(start, stateful)
+        self.correction = arguments.correction(correction, self.max_iter)
         self._warned = False
         self._explicit_depth = None
         arguments.check_backend_support(self.on_failure)
@@ -263,11 +273,13 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         state.check_cell_output(out, z_spec)
         self._build_penalty_variables()
         self._build_statistics()
+        self._build_warm_state(z_spec)
 
     def compute_output_shape(self, input_shape):
         multi = state.is_multi(input_shape)
         batch = state.first_shape(input_shape)[0] if multi else input_shape[0]
-        return state.batched(batch, state.state_shapes(self.state_shape, input_shape, self.cell))
+        shape = state.batched(batch, state.state_shapes(self.state_shape, input_shape, self.cell))
+        return shape if self.correction is None else [shape] * (self.correction.states + 1)
 
     @property
     def explicit_depth(self):
@@ -294,12 +306,15 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         with `max_iter` (an int or a run-time tensor) replacing its own when given and
         `maps` (the cell's maps it asks for, `Solver.extra_maps`) passed to it,
         compiled apart as `jit_compile` says (`arguments.compiles_solves`; `adjoint`:
-        the implicit backward's solve) unless it is `differentiated`."""
+        the implicit backward's solve) unless it is `differentiated`, recording the
+        forward iterates `correction` samples."""
         overrides = {} if max_iter is None else {"max_iter": max_iter}
         solve = common.per_entry(
             lambda f, z0, **m: solver(f, z0, **m, **overrides), self.solver_batch_dims
         )
         solve = functools.partial(solve, **(maps or {}))
+        if not adjoint and self.correction is not None:
+            solve = self.correction.recorded(solve, self.max_iter)
         compiles = arguments.compiles_solves(self.jit_compile, self.cell, solver, adjoint)
         if not differentiated and compiles:
             return backend.compiled_solve(solve)
@@ -311,15 +326,17 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
         Args:
             inputs: The injection `x`: a tensor or a list of tensors.
             initial_state: Optional starting state (the structure and shape of the
-                state). It receives no gradient. Defaults to the cell's
-                `initial_state(x, state_shape)` if it has that method, else zeros.
+                state). It receives no gradient. Defaults to the last fixed point
+                (`stateful`), else the cell's `initial_state(x, state_shape)` if it
+                has that method, else zeros (in training with `start`'s random rows).
             training: Passed to the cell.
 
         Returns:
-            The equilibrium state.
+            The equilibrium state (with `correction`: `[*sampled states, z*]`).
         """
         x = inputs
         z0 = state.start(self.cell, x, self.state_shape, self.compute_dtype)
+        z0 = self._initial(z0, training)
         if initial_state is not None:
             z0 = state.check_initial_state(initial_state, z0, self.compute_dtype)
         cell_dtype = self.cell.compute_dtype
@@ -376,11 +393,14 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
             max_steps=self._penalty.max_steps(self.max_iter),
         )
         z, result = mode(problem)
+        self._keep_state(z)
         if training:
             frozen.advance(evaluate, keras.tree.map_structure(keras.ops.stop_gradient, z), x)
         checks = self._record_forward(result, report=not explicit)
         if regularize:
             self._add_jacobian_loss(lambda z: cell_fn(z, x), result, x, picked)
+        if self.correction is not None:
+            z = [*self.correction(fn, x, result, z), z]
         return backend.after(checks, backward_lib.finite_upstream(z))
 
     def _stateless_cell(self, training):
@@ -461,6 +481,8 @@ class DEQ(SolverMonitor, PenaltyControls, keras.layers.Layer):
                 "seed": self.seed,
                 "solver_batch_dims": self.solver_batch_dims,
                 "jit_compile": self.jit_compile,
+                **self._start_config(),
+                "correction": keras.saving.serialize_keras_object(self.correction),
             }
         )
         return config

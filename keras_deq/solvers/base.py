@@ -63,6 +63,30 @@ def _differentiable_bound(max_iter):
     return stack[-1]
 
 
+# The iterations whose iterates the innermost open `recording` scope keeps.
+_RECORDING = threading.local()
+
+
+@contextlib.contextmanager
+def recording(indices):
+    """A scope in which a solver loop keeps its iterates `z_i` for `i` in `indices`.
+
+    `z_i` is the iterate after `i` iterations (`z_0` the start); an index past the
+    iteration the loop stopped at gets the returned state. The loop writes them into a
+    fixed-size buffer, returned as `SolverResult.trace` (a tuple, one state per index).
+    Used by `keras_deq.FixedPointCorrection`.
+
+    Args:
+        indices: A tuple of positive Python ints.
+    """
+    previous = getattr(_RECORDING, "indices", ())
+    _RECORDING.indices = tuple(indices)
+    try:
+        yield
+    finally:
+        _RECORDING.indices = previous
+
+
 def named_solvers():
     """The solver classes reachable by name, `{name: class}`, in registration order."""
     return dict(Solver._registry)
@@ -232,7 +256,12 @@ class Solver(configurable.Configurable):
         # non-finite value reaches `f`.
         guard_each_step = bound is not None or not backend.runs_op_by_op()
 
-        def advance(k, z, fz, state, best):
+        # Iterates kept for `recording`: a (m, batch, n) buffer, written in the loop.
+        record = getattr(_RECORDING, "indices", ())
+        _RECORDING.indices = ()  # this loop's only, not the loops `f` may run
+        indices = ops.convert_to_tensor(record or (0,), "int32")
+
+        def advance(k, z, fz, state, best, trace):
             residual = res.residuals(fz, z)
             abs_res, rel_res = residual.abs_residual, residual.rel_residual
             if fixed:
@@ -247,24 +276,34 @@ class Solver(configurable.Configurable):
             if guard_each_step:
                 z_next, best = res.guard(best, z_next)
             go = ops.any(~best.failed) if fixed else res.keep_going(best, tol, stop_mode)
-            return k + 1, z_next, state, best, go
+            if record:
+                trace = ops.where((indices == k + 1)[:, None, None], z_next[None], trace)
+            return k + 1, z_next, state, best, trace, go
 
-        def body(k, z, state, best, _):
-            return advance(k, z, f(z), state, best)
+        def body(k, z, state, best, trace, _):
+            return advance(k, z, f(z), state, best, trace)
 
-        def cond(k, z, state, best, go):
+        def cond(k, z, state, best, trace, go):
             return ops.logical_and(go, k < max_iter)
 
         k0, go = ops.convert_to_tensor(0, "int32"), ops.convert_to_tensor(True)
-        loop_vars = (k0, z0, self.init(f, z0), res.initial_best(z0), go)
+        trace0 = ops.zeros((len(record), *ops.shape(z0)), z0.dtype) if record else ()
+        loop_vars = (k0, z0, self.init(f, z0), res.initial_best(z0), trace0, go)
         if bound is None:
-            steps, z, _, best, _ = ops.while_loop(
+            steps, z, _, best, trace, _ = ops.while_loop(
                 cond, body, loop_vars, maximum_iterations=max_iter
             )
         else:
-            steps, z, _, best, _ = backend.masked_while_loop(cond, body, loop_vars, bound)
+            steps, z, _, best, trace, _ = backend.masked_while_loop(cond, body, loop_vars, bound)
         if not guard_each_step:  # the last iterate, never evaluated
             z, best = res.guard(best, z)
         if fixed:  # the last iterate (a frozen sample's is its last finite one)
             best = best._replace(z=z)
-        return res.to_result(best, steps, tol, stop_mode, unpack or (lambda z: z))
+        unpack = unpack or (lambda z: z)
+        result = res.to_result(best, steps, tol, stop_mode, unpack)
+        if not record:
+            return result
+        # Indices past the stop get the returned state.
+        late = (indices > steps)[:, None, None]
+        trace = ops.where(late, best.z[None], trace)
+        return result._replace(trace=tuple(unpack(trace[i]) for i in range(len(record))))

@@ -171,7 +171,8 @@ def per_entry(solve, batch_dims):
 
         maps = {name: entries(g) for name, g in maps.items()}
         result = solve(entries(f), merge(z0), **maps)
-        return result._replace(state=split(result.state))
+        trace = None if result.trace is None else tuple(split(t) for t in result.trace)
+        return result._replace(state=split(result.state), trace=trace)
 
     return solve_entries
 

@@ -77,6 +77,8 @@ class SolverResult(NamedTuple):
             for the sample during the solve. From then on the sample is frozen at
             its best finite iterate (which is what `state` holds) and no longer
             keeps the solver running. None where not tracked.
+        trace: The iterates kept inside `keras_deq.solvers.base.recording`, a tuple
+            of states; None outside it.
     """
 
     state: Any
@@ -85,6 +87,7 @@ class SolverResult(NamedTuple):
     rel_residual: Any
     converged: Any
     nonfinite: Any = None
+    trace: Any = None
 
 
 def accumulation_dtype(dtype):
