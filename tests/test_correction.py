@@ -88,7 +88,12 @@ def test_recording_keeps_the_iterates_of_plain_iteration():
 
 # ------------------------------------------------------------------------- gradient
 @pytest.mark.parametrize(
-    "gradient, steps, damping", [(OneStep(), 1, 1.0), (Phantom(steps=3, damping=0.7), 3, 0.7)]
+    "gradient, steps, damping",
+    [
+        (OneStep(), 1, 1.0),
+        # The same code path as `OneStep` with more steps; 7 s on JAX (compiling).
+        pytest.param(Phantom(steps=3, damping=0.7), 3, 0.7, marks=pytest.mark.slow),
+    ],
 )
 def test_correction_gradient_matches_a_hand_written_unrolled_loss(gradient, steps, damping):
     cell = contractive_cell()
@@ -148,6 +153,7 @@ def test_loss_weights():
     assert keras_deq.FixedPointCorrection(**n2, weighting="constant").loss_weights() == [1.0] * 3
 
 
+@pytest.mark.slow  # 9 s on JAX (compiling `fit`); the tutorial runs it on TensorFlow
 def test_fit_with_weighted_heads():
     """A functional model with one shared head per returned state trains under
     `compile(loss_weights=...)`, and the correction round-trips in the config."""

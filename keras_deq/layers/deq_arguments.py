@@ -58,7 +58,10 @@ def correction(value, max_iter):
     iterations fit in the forward budget `max_iter`."""
     value = optional_object("correction", value, FixedPointCorrection)
     if value is not None:
-        value.indices(max_iter)
+        try:
+            value.indices(max_iter)
+        except ValueError as error:
+            raise ValueError(f"`correction` does not fit in `max_iter`: {error}") from error
     return value
 
 
