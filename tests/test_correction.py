@@ -10,7 +10,7 @@ from keras import ops
 import keras_deq
 from keras_deq.backward import OneStep, Phantom
 from keras_deq.solvers import FixedPoint
-from keras_deq.solvers.base import recording
+from keras_deq.solvers.base import Solver, recording
 from keras_deq.solvers.common import per_entry
 
 UNITS, FEATURES, BATCH = 4, 3, 5
@@ -84,6 +84,25 @@ def test_recording_keeps_the_iterates_of_plain_iteration():
         entries = per_entry(FixedPoint(max_iter=40, tol=1e-5), 2)(f3, np.zeros((2, 2, 3), "f4"))
     assert tuple(entries.trace[0].shape) == (2, 2, 3)
     np.testing.assert_allclose(np.asarray(entries.trace[0])[1, 0], want[0][0], rtol=1e-6)
+
+
+class NaNAtStep2(Solver):
+    """Plain iteration whose step (not the map) makes sample 1's third iterate NaN."""
+
+    def step(self, f, z, fz, state, k):
+        row = ops.arange(ops.shape(z)[0])[:, None]
+        return ops.where((k == 2) & (row == 1), float("nan"), fz), state
+
+
+def test_a_non_finite_iterate_is_not_recorded():
+    """Sample 1's third iterate is NaN: its record there is one of its finite iterates
+    (0, 1, 2); sample 0 keeps `z_3 = 3`."""
+    f = lambda z: z + 1.0  # noqa: E731
+    with recording((3,)):
+        result = NaNAtStep2(max_iter=6, tol=1e-9)(f, np.zeros((2, 1), "float32"))
+    kept = np.asarray(result.trace[0])
+    assert kept[0, 0] == 3.0
+    assert kept[1, 0] in (0.0, 1.0, 2.0)
 
 
 # ------------------------------------------------------------------------- gradient

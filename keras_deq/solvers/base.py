@@ -72,7 +72,8 @@ def recording(indices):
     """A scope in which a solver loop keeps its iterates `z_i` for `i` in `indices`.
 
     `z_i` is the iterate after `i` iterations (`z_0` the start); an index past the
-    iteration the loop stopped at gets the returned state. The loop writes them into a
+    iteration the loop stopped at, or a sample's non-finite iterate, gets the returned
+    state. The loop writes them into a
     fixed-size buffer, returned as `SolverResult.trace` (a tuple, one state per index).
     Used by `keras_deq.FixedPointCorrection`.
 
@@ -303,7 +304,8 @@ class Solver(configurable.Configurable):
         result = res.to_result(best, steps, tol, stop_mode, unpack)
         if not record:
             return result
-        # Indices past the stop get the returned state.
+        # Indices past the stop get the returned state, and so do non-finite iterates.
         late = (indices > steps)[:, None, None]
-        trace = ops.where(late, best.z[None], trace)
+        bad = ops.logical_not(ops.all(ops.isfinite(trace), axis=-1, keepdims=True))
+        trace = ops.where(ops.logical_or(late, bad), best.z[None], trace)
         return result._replace(trace=tuple(unpack(trace[i]) for i in range(len(record))))
