@@ -26,6 +26,14 @@ def inputs(seed=1):
     return np.random.default_rng(seed).normal(size=(BATCH, FEATURES)).astype("float32")
 
 
+def unrolled_fixed_point(layer, x, steps=80):
+    """A long plain iteration of the cell from zeros (an independent fixed point)."""
+    z = np.zeros((x.shape[0], UNITS), "float32")
+    for _ in range(steps):
+        z = keras.ops.convert_to_numpy(layer.cell(z, x))
+    return z
+
+
 def test_a_fraction_of_the_rows_start_at_noise():
     """Counted against the binomial law: 400 rows, fraction 0.25, stddev 3."""
     start = keras_deq.RandomStart(fraction=0.25, stddev=3.0)
@@ -52,8 +60,9 @@ def test_random_starts_reach_the_zero_start_fixed_point():
     fixed point within the tolerance; the training calls did start elsewhere (2 steps
     from each start differ) and differ per call; inference ignores `start`."""
     x = inputs()
-    cold = np.asarray(contractive_deq(tol=1e-6, max_iter=100)(x))
     random = contractive_deq(tol=1e-6, max_iter=100, start=keras_deq.RandomStart(1.0, 3.0), seed=4)
+    cold = np.asarray(random(x, training=False))  # from zeros
+    np.testing.assert_allclose(cold, unrolled_fixed_point(random, x), atol=1e-5)
     np.testing.assert_allclose(np.asarray(random(x, training=True)), cold, atol=1e-5)
     short = dict(solver="fixed_point", max_iter=2, tol=1e-6)
     plain = np.asarray(contractive_deq(**short)(x, training=True))
