@@ -1,6 +1,8 @@
 """`FixedPointCorrection`: the sampled states against a hand-written unrolled iteration,
 their gradient against a hand-written unrolled loss, the weights, the settings."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -188,8 +190,23 @@ def test_fit_with_weighted_heads():
     y = np.ones((8, 2), "float32")
     history = model.fit(x, [y] * 3, epochs=2, batch_size=8, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
-    restored = keras_deq.DEQ.from_config(deq.get_config())
-    assert restored.correction.get_config() == correction.get_config()
+
+
+def test_config_round_trip():
+    """Every setting survives `DEQ.get_config` through JSON and `from_config`."""
+    correction = keras_deq.FixedPointCorrection(
+        states=2, indexing=[3, 7], gradient=Phantom(4, 0.3), weighting="linear", gamma=0.5
+    )
+    deq = keras_deq.DEQ(keras_deq.DenseCell(UNITS), max_iter=9, correction=correction)
+    config = json.loads(json.dumps(deq.get_config()))
+    restored = keras_deq.DEQ.from_config(config).correction
+    assert restored.get_config() == correction.get_config()
+    assert (restored.gradient.steps, restored.gradient.damping) == (4, 0.3)
+    assert restored.indices(9) == (3, 7) and restored.loss_weights() == [1 / 3, 2 / 3, 1.0]
+    assert (
+        keras_deq.DEQ.from_config(keras_deq.DEQ(keras_deq.DenseCell(2)).get_config()).correction
+        is None
+    )
 
 
 @pytest.mark.parametrize(
