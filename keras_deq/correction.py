@@ -37,13 +37,12 @@ class FixedPointCorrection(configurable.Configurable):
             `"linear"` (`(j + 1) / (n + 1)`) or `"constant"` (1).
         gamma: The ratio of the exponential weighting, in (0, 1].
 
-    Example:
-
-    ```python
-    correction = keras_deq.FixedPointCorrection(states=2)
-    deq = keras_deq.DEQ(keras_deq.DenseCell(16), max_iter=12, correction=correction)
-    correction.loss_weights()  # [0.64, 0.8, 1.0]
-    ```
+    Examples:
+        >>> correction = FixedPointCorrection(states=2)
+        >>> correction.indices(12)  # for `DEQ(max_iter=12, correction=correction)`
+        (4, 8)
+        >>> [round(w, 2) for w in correction.loss_weights()]
+        [0.64, 0.8, 1.0]
     """
 
     def __init__(
