@@ -29,6 +29,7 @@ from keras_deq import (  # noqa: E402
 # `constraints_opteq`: the former module of `SpectralNorm` and `ConvSpectralNorm`.
 from keras_deq import constraints_opteq as constraints_opteq  # noqa: E402
 from keras_deq._version import __version__ as __version__  # noqa: E402
+from keras_deq.correction import FixedPointCorrection  # noqa: E402
 from keras_deq.jacobian_penalty import JacobianPenalty  # noqa: E402
 from keras_deq.layers import (  # noqa: E402
     DEQ,
@@ -42,17 +43,20 @@ from keras_deq.layers import (  # noqa: E402
     SpectralReparametrization,
     WeightNormalization,
 )
+from keras_deq.random_start import RandomStart  # noqa: E402
 
 __all__ = [
     "DEQ",
     "Cell",
     "DenseCell",
+    "FixedPointCorrection",
     "JacobianPenalty",
     "LipschitzMultiscale",
     "MonDEQ",
     "MultiscaleDEQ",
     "OptEqBlock",
     "PcDEQ",
+    "RandomStart",
     "SpectralReparametrization",
     "WeightNormalization",
     "backward",

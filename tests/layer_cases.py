@@ -25,11 +25,13 @@ from keras_deq import (
     DEQ,
     Cell,
     DenseCell,
+    FixedPointCorrection,
     JacobianPenalty,
     LipschitzMultiscale,
     MonDEQ,
     OptEqBlock,
     PcDEQ,
+    RandomStart,
     SpectralReparametrization,
     WeightNormalization,
     constraints_opteq,
@@ -75,7 +77,7 @@ class Case(NamedTuple):
     inputs: Callable | None = None
     # "layer", "cell" (called as `cell(z, x)`), "model", or what a holder model keeps:
     # "solver", "backward", "penalty", "budget", "constraint", "regularizer", "prior", "metric",
-    # "cell_base".
+    # "cell_base", "correction", "start".
     kind: str = "layer"
     mixed_output: str | None = "float16"  # output dtype under mixed_float16; None: unsupported
     slow_export: bool = False  # tracing it for `model.export` takes 10 s or more
@@ -264,6 +266,12 @@ CASES = {
     "OneStep": Case(backward_lib.OneStep, kind="backward"),
     "Unrolled": Case(backward_lib.Unrolled, kind="backward"),
     "Explicit": Case(backward_lib.Explicit, {"depth": 4}, kind="backward"),
+    "FixedPointCorrection": Case(
+        FixedPointCorrection,
+        {"states": 2, "indexing": [3, 7], "gradient": "phantom", "weighting": "linear"},
+        kind="correction",
+    ),
+    "RandomStart": Case(RandomStart, {"fraction": 0.5, "stddev": 0.3}, kind="start"),
     "JacobianPenalty": Case(
         JacobianPenalty,
         {"weight": 0.3, "frequency": 0.5, "probes": 2, "max_iter_delta": 1},

@@ -20,6 +20,7 @@ MODULES = [
     "keras_deq.backward.one_step",
     "keras_deq.backward.unrolled",
     "keras_deq.backward.explicit",
+    "keras_deq.correction",
     "keras_deq.jacobian",
     "keras_deq.callbacks.jacobian_regularization_scheduler",
     "keras_deq.linalg",

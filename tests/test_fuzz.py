@@ -41,10 +41,12 @@ from layer_cases import CASES, FLOAT_DTYPES, floats, make, make_inputs
 from keras_deq import (
     DEQ,
     DenseCell,
+    FixedPointCorrection,
     JacobianPenalty,
     LipschitzMultiscale,
     OptEqBlock,
     PcDEQ,
+    RandomStart,
     solvers,
 )
 from keras_deq import backward as backward_lib
@@ -449,7 +451,22 @@ def table_target(name, run, args):
 
 def _deq_run(layer, kw):
     shape = kw.get("state_shape") or (4,)
-    run_deq_layer(layer, kw, make_inputs("DEQ"), [(3, *shape)], kw.get("max_iter"))
+    copies = 1 if layer.correction is None else layer.correction.states + 1
+    run_deq_layer(layer, kw, make_inputs("DEQ"), [(3, *shape)] * copies, kw.get("max_iter"))
+
+
+def _correction_valid(v, kw=None):
+    """None or a `FixedPointCorrection` (or its config) whose samples fit in `max_iter`."""
+    if isinstance(v, dict):
+        v = keras.saving.deserialize_keras_object(v)
+    if v is None:
+        return True
+    if not isinstance(v, FixedPointCorrection):
+        return False
+    max_iter = (kw or {}).get("max_iter", 30)
+    if not _int(max_iter) or max_iter < 1:
+        return None  # refused for `max_iter` itself
+    return max(v.indexing or [v.states + 1]) <= max_iter
 
 
 DEQ_ARGS = {
@@ -500,6 +517,22 @@ DEQ_ARGS = {
         ("auto", "AUTO", *FLAGS),
     ),
     "seed": Arg(keras_seed, (0, 7, -3, 2**40, np.int64(3), "7")),
+    "start": Arg(
+        lambda v, kw=None: v is None or isinstance(v, RandomStart),
+        (RandomStart(0.5), "normal", 0.5, backward_lib.OneStep()),
+    ),
+    # An eager call on a batch of 3 fixes the batch size (a stateful layer needs one).
+    "stateful": flag_arg(),
+    "correction": Arg(
+        _correction_valid,
+        (
+            FixedPointCorrection(2),
+            FixedPointCorrection(1, [40]),
+            keras.saving.serialize_keras_object(FixedPointCorrection(3, gradient="phantom")),
+            "exponential",
+            RandomStart(),
+        ),
+    ),
     # Keras' own argument: only the dtypes (Keras' messages for other values are its own).
     "dtype": Arg(deq_dtype, ("float32", "float64", "float16", "mixed_float16", "int32"), {}, False),
 }

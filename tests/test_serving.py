@@ -360,6 +360,8 @@ HOLDERS = {
     "backward": _deq_trip("backward", "_mode"),
     "penalty": _deq_trip("regularizer", "regularizer"),
     "budget": _deq_trip("max_iter", "budget"),
+    "correction": _deq_trip("correction", "correction"),
+    "start": _deq_trip("start", "start"),
     "constraint": _constraint_trip,
     "regularizer": _regularizer_trip,
     "prior": _prior_trip,

@@ -105,10 +105,14 @@ class JacobianFree(Backward):
         x_const = keras.tree.map_structure(keras.ops.stop_gradient, x)
         with backend.not_recorded():
             result = problem.forward(lambda z: fn(z, x_const), problem.z0)
-        z_star = keras.tree.map_structure(keras.ops.stop_gradient, result.state)
-        ok = rows.solved_rows(result, x)
-        z = self.refine(fn, rows.mask_rows(x, ok, lazy=True), rows.mask_rows(z_star, ok, lazy=True))
-        return rows.select_rows(ok, z, z_star, lazy=True), result
+        return self.differentiate(fn, x, result.state, rows.solved_rows(result, x)), result
+
+    def differentiate(self, fn, x, z, ok):
+        """`refine(fn, x, z)` from the constant state `z`; the samples not `ok` (no
+        finite iterate) keep `z` with an exactly zero gradient."""
+        z = keras.tree.map_structure(keras.ops.stop_gradient, z)
+        out = self.refine(fn, rows.mask_rows(x, ok, lazy=True), rows.mask_rows(z, ok, lazy=True))
+        return rows.select_rows(ok, out, z, lazy=True)
 
 
 def get(identifier, **overrides):

@@ -13,6 +13,7 @@ from keras_deq.layers import deq_arguments as arguments
 from keras_deq.layers import deq_state as state
 from keras_deq.layers.cell_state import FrozenCellState
 from keras_deq.layers.deq_penalty import PenaltyControls
+from keras_deq.layers.deq_start import StartControls, cast_floats
 from keras_deq.layers.deq_trace import SolverTraceMixin
 from keras_deq.layers.monitor import SolverMonitor, check_on_failure
 from keras_deq.solvers import budget as budget_lib
@@ -21,14 +22,8 @@ from keras_deq.solvers import common
 _SEED_STATE_KEY = "seed_generator_state"
 
 
-def _cast_floats(structure, dtype):
-    return keras.tree.map_structure(
-        lambda t: keras.ops.cast(t, dtype) if backend.is_float(t) else t, structure
-    )
-
-
 @keras.saving.register_keras_serializable(package="keras_deq")
-class DEQ(SolverMonitor, PenaltyControls, SolverTraceMixin, keras.layers.Layer):
+class DEQ(SolverMonitor, PenaltyControls, StartControls, SolverTraceMixin, keras.layers.Layer):
     """A deep equilibrium layer: returns the fixed point `z* = cell(z*, x)`.
 
     The cell is any Keras layer called as `cell(z, x)` that returns the next
@@ -148,6 +143,10 @@ class DEQ(SolverMonitor, PenaltyControls, SolverTraceMixin, keras.layers.Layer):
             differentiated through (`backward="unrolled"`) is never compiled
             apart. No effect on JAX or under `model.compile(jit_compile=True)`,
             where the whole step is compiled anyway.
+        start: None, or a `keras_deq.RandomStart` (random starts in training).
+        stateful: If True, start from the last call's fixed point (as `keras.layers.RNN`).
+        correction: None, or a `keras_deq.FixedPointCorrection`: the layer then
+            returns `[state_1, ..., state_n, z*]`, states sampled along the solve.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -185,6 +184,9 @@ class DEQ(SolverMonitor, PenaltyControls, SolverTraceMixin, keras.layers.Layer):
         seed=None,
         solver_batch_dims=1,
         jit_compile="auto",
+        start=None,
+        stateful=False,
+        correction=None,
         **kwargs,
     ):
         # Before 0.2 the phantom mode's settings were layer arguments.
@@ -240,6 +242,8 @@ class DEQ(SolverMonitor, PenaltyControls, SolverTraceMixin, keras.layers.Layer):
         self.seed = arguments.check_seed(seed)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.jit_compile = arguments.check_jit_compile(jit_compile)
+        self._check_start(start, stateful)
+        self.correction = arguments.correction(correction, self.max_iter)
         self._warned = False
         self._explicit_depth = None
         arguments.check_backend_support(self.on_failure)
@@ -271,11 +275,13 @@ class DEQ(SolverMonitor, PenaltyControls, SolverTraceMixin, keras.layers.Layer):
         state.check_cell_output(out, z_spec)
         self._build_penalty_variables()
         self._build_statistics()
+        self._build_warm_state(z_spec)
 
     def compute_output_shape(self, input_shape):
         multi = state.is_multi(input_shape)
         batch = state.first_shape(input_shape)[0] if multi else input_shape[0]
-        return state.batched(batch, state.state_shapes(self.state_shape, input_shape, self.cell))
+        shape = state.batched(batch, state.state_shapes(self.state_shape, input_shape, self.cell))
+        return shape if self.correction is None else [shape] * (self.correction.states + 1)
 
     @property
     def explicit_depth(self):
@@ -305,7 +311,8 @@ class DEQ(SolverMonitor, PenaltyControls, SolverTraceMixin, keras.layers.Layer):
         `maps` (the cell's maps it asks for, `Solver.extra_maps`) passed to it,
         compiled apart as `jit_compile` says (`arguments.compiles_solves`; `adjoint`:
         the implicit backward's solve) unless it is `differentiated`; `trace`: with
-        a `SolverTrace`."""
+        a `SolverTrace`; with `correction`, the forward solve records the iterates it
+        samples."""
         overrides = {} if max_iter is None else {"max_iter": max_iter}
         if trace:
             overrides["trace"] = True
@@ -313,6 +320,8 @@ class DEQ(SolverMonitor, PenaltyControls, SolverTraceMixin, keras.layers.Layer):
             lambda f, z0, **m: solver(f, z0, **m, **overrides), self.solver_batch_dims
         )
         solve = functools.partial(solve, **(maps or {}))
+        if not adjoint and self.correction is not None:
+            solve = self.correction.recorded(solve, self.max_iter)
         compiles = arguments.compiles_solves(self.jit_compile, self.cell, solver, adjoint)
         if not differentiated and compiles:
             return backend.compiled_solve(solve)
@@ -324,12 +333,13 @@ class DEQ(SolverMonitor, PenaltyControls, SolverTraceMixin, keras.layers.Layer):
         Args:
             inputs: The injection `x`: a tensor or a list of tensors.
             initial_state: Optional starting state (the structure and shape of the
-                state). It receives no gradient. Defaults to the cell's
-                `initial_state(x, state_shape)` if it has that method, else zeros.
+                state). It receives no gradient. Defaults to the last fixed point
+                (`stateful`), else the cell's `initial_state(x, state_shape)` if it
+                has that method, else zeros (in training with `start`'s random rows).
             training: Passed to the cell.
 
         Returns:
-            The equilibrium state.
+            The equilibrium state (with `correction`: `[*sampled states, z*]`).
         """
         x = inputs
         z0, evaluate = self._start(x, initial_state, training)
@@ -380,35 +390,15 @@ class DEQ(SolverMonitor, PenaltyControls, SolverTraceMixin, keras.layers.Layer):
             max_steps=self._penalty.max_steps(self.max_iter),
         )
         z, result = mode(problem)
+        self._keep_state(z)
         if training:
             frozen.advance(evaluate, keras.tree.map_structure(keras.ops.stop_gradient, z), x)
         checks = self._record_forward(result, report=not explicit)
         if regularize:
             self._add_jacobian_loss(lambda z: cell_fn(z, x), result, x, picked)
+        if self.correction is not None:
+            z = [*self.correction(fn, x, result, z), z]
         return backend.after(checks, backward_lib.finite_upstream(z))
-
-    def _start(self, x, initial_state, training):
-        """`(z0, evaluate)`: the starting state and the cell as `(z, x) -> next z`."""
-        z0 = state.start(self.cell, x, self.state_shape, self.compute_dtype)
-        if initial_state is not None:
-            z0 = state.check_initial_state(initial_state, z0, self.compute_dtype)
-        cell_dtype = self.cell.compute_dtype
-        own_dtype = self.compute_dtype
-
-        def evaluate(z, x_in):
-            # The cell runs in its own dtype, the layer's state in the layer's.
-            if cell_dtype != own_dtype:
-                z, x_in = _cast_floats(z, cell_dtype), _cast_floats(x_in, cell_dtype)
-            out = self.cell(z, x_in, training=training)
-            return _cast_floats(out, own_dtype) if cell_dtype != own_dtype else out
-
-        return z0, evaluate
-
-    def _budget(self, training):
-        """The forward `max_iter` of a call: `self.max_iter` itself, or the budget's."""
-        if self.budget is None:
-            return self.max_iter
-        return self.budget.for_call(training, self.seed_generator)
 
     def _stateless_cell(self, training):
         """The cell as `(z, x, (trainable, non_trainable)) -> next z`, weights passed in."""
@@ -421,10 +411,10 @@ class DEQ(SolverMonitor, PenaltyControls, SolverTraceMixin, keras.layers.Layer):
 
         def f(z, x, weights):
             if cast:
-                z, x = _cast_floats(z, cell.compute_dtype), _cast_floats(x, cell.compute_dtype)
+                z, x = cast_floats(z, cell.compute_dtype), cast_floats(x, cell.compute_dtype)
             trainable, non_trainable = weights
             out, _ = cell.stateless_call(list(trainable), list(non_trainable), z, x, **extra)
-            return _cast_floats(out, own_dtype) if cast else out
+            return cast_floats(out, own_dtype) if cast else out
 
         return f
 
@@ -490,6 +480,8 @@ class DEQ(SolverMonitor, PenaltyControls, SolverTraceMixin, keras.layers.Layer):
                 "seed": self.seed,
                 "solver_batch_dims": self.solver_batch_dims,
                 "jit_compile": self.jit_compile,
+                **self._start_config(),
+                "correction": keras.saving.serialize_keras_object(self.correction),
             }
         )
         return config

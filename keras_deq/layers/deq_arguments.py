@@ -16,6 +16,7 @@ import numpy as np
 from keras_deq import backend, jacobian_penalty
 from keras_deq import backward as backward_lib
 from keras_deq import solvers as solvers_lib
+from keras_deq.correction import FixedPointCorrection
 from keras_deq.solvers import common, registry
 
 
@@ -38,6 +39,30 @@ def is_fixed_point(solver):
 def object_config(value, serialize):
     """A name (or None) as is; an object as its config dict."""
     return value if value is None or isinstance(value, str) else serialize(value)
+
+
+def optional_object(argument, value, cls):
+    """None, or an instance of `cls` from an instance or its config dict."""
+    if isinstance(value, dict):
+        value = keras.saving.deserialize_keras_object(value)
+    if value is not None and not isinstance(value, cls):
+        raise ValueError(
+            f"`{argument}` must be None or a `keras_deq.{cls.__name__}`. "
+            f"Received: {argument}={value!r}"
+        )
+    return value
+
+
+def correction(value, max_iter):
+    """None, or the `FixedPointCorrection` `value` (or its config), whose sampled
+    iterations fit in the forward budget `max_iter`."""
+    value = optional_object("correction", value, FixedPointCorrection)
+    if value is not None:
+        try:
+            value.indices(max_iter)
+        except ValueError as error:
+            raise ValueError(f"`correction` does not fit in `max_iter`: {error}") from error
+    return value
 
 
 FLAT_PENALTY_DEFAULTS = {"weight": 0.0, "frequency": 1.0, "probes": 1, "max_iter_delta": 0}

@@ -64,6 +64,31 @@ def _differentiable_bound(max_iter):
     return stack[-1]
 
 
+# The iterations whose iterates the innermost open `recording` scope keeps.
+_RECORDING = threading.local()
+
+
+@contextlib.contextmanager
+def recording(indices):
+    """A scope in which a solver loop keeps its iterates `z_i` for `i` in `indices`.
+
+    `z_i` is the iterate after `i` iterations (`z_0` the start); an index past the
+    iteration the loop stopped at, or a sample's non-finite iterate, gets the returned
+    state. The loop writes them into a
+    fixed-size buffer, returned as `SolverResult.recorded` (a tuple, one state per index).
+    Used by `keras_deq.FixedPointCorrection`.
+
+    Args:
+        indices: A tuple of positive Python ints.
+    """
+    previous = getattr(_RECORDING, "indices", ())
+    _RECORDING.indices = tuple(indices)
+    try:
+        yield
+    finally:
+        _RECORDING.indices = previous
+
+
 def named_solvers():
     """The solver classes reachable by name, `{name: class}`, in registration order."""
     return dict(Solver._registry)
@@ -239,7 +264,12 @@ class Solver(configurable.Configurable):
         # non-finite value reaches `f`.
         guard_each_step = bound is not None or not backend.runs_op_by_op()
 
-        def advance(k, z, fz, state, best, history):
+        # Iterates kept for `recording`: a (m, batch, n) buffer, written in the loop.
+        record = getattr(_RECORDING, "indices", ())
+        _RECORDING.indices = ()  # this loop's only, not the loops `f` may run
+        indices = ops.convert_to_tensor(record or (0,), "int32")
+
+        def advance(k, z, fz, state, best, go, history, kept):
             residual = res.residuals(fz, z)
             abs_res, rel_res = residual.abs_residual, residual.rel_residual
             if trace:
@@ -256,32 +286,44 @@ class Solver(configurable.Configurable):
             if guard_each_step:
                 z_next, best = res.guard(best, z_next)
             go = ops.any(~best.failed) if fixed else res.keep_going(best, tol, stop_mode)
-            return k + 1, z_next, state, best, go, history
+            if record:
+                kept = ops.where((indices == k + 1)[:, None, None], z_next[None], kept)
+            return k + 1, z_next, state, best, go, history, kept
 
-        def body(k, z, state, best, _, history):
-            return advance(k, z, f(z), state, best, history)
+        def body(k, z, state, best, _, history, kept):
+            return advance(k, z, f(z), state, best, _, history, kept)
 
-        def cond(k, z, state, best, go, history):
+        def cond(k, z, state, best, go, history, kept):
             return ops.logical_and(go, k < max_iter)
 
         k0, go = ops.convert_to_tensor(0, "int32"), ops.convert_to_tensor(True)
         best0 = res.initial_best(z0)
-        # `()` unless traced: the default loop carries nothing more.
+        # `()` unless traced or recording: the default loop carries nothing more.
         history = ()
         if trace:
             history = trace_lib.empty(max_iter, ops.shape(z0)[0], best0.abs_residual.dtype)
-        loop_vars = (k0, z0, self.init(f, z0), best0, go, history)
+        kept0 = ops.zeros((len(record), *ops.shape(z0)), z0.dtype) if record else ()
+        loop_vars = (k0, z0, self.init(f, z0), best0, go, history, kept0)
         if bound is None:
-            steps, z, _, best, _, history = ops.while_loop(
+            steps, z, _, best, _, history, kept = ops.while_loop(
                 cond, body, loop_vars, maximum_iterations=max_iter
             )
         else:
-            steps, z, _, best, _, history = backend.masked_while_loop(cond, body, loop_vars, bound)
+            steps, z, _, best, _, history, kept = backend.masked_while_loop(
+                cond, body, loop_vars, bound
+            )
         if not guard_each_step:  # the last iterate, never evaluated
             z, best = res.guard(best, z)
         if fixed:  # the last iterate (a frozen sample's is its last finite one)
             best = best._replace(z=z)
-        result = res.to_result(best, steps, tol, stop_mode, unpack or (lambda z: z))
+        unpack = unpack or (lambda z: z)
+        result = res.to_result(best, steps, tol, stop_mode, unpack)
         if trace:
             result = result._replace(trace=trace_lib.SolverTrace(*history, result.steps))
-        return result
+        if not record:
+            return result
+        # Indices past the stop get the returned state, and so do non-finite iterates.
+        late = (indices > steps)[:, None, None]
+        bad = ops.logical_not(ops.all(ops.isfinite(kept), axis=-1, keepdims=True))
+        kept = ops.where(ops.logical_or(late, bad), best.z[None], kept)
+        return result._replace(recorded=tuple(unpack(kept[i]) for i in range(len(record))))

@@ -171,7 +171,8 @@ def per_entry(solve, batch_dims):
 
         maps = {name: entries(g) for name, g in maps.items()}
         result = solve(entries(f), merge(z0), **maps)
-        return result._replace(state=split(result.state))
+        recorded = None if result.recorded is None else tuple(split(t) for t in result.recorded)
+        return result._replace(state=split(result.state), recorded=recorded)
 
     return solve_entries
 

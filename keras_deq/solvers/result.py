@@ -79,6 +79,8 @@ class SolverResult(NamedTuple):
             keeps the solver running. None where not tracked.
         trace: A `SolverTrace` (the residuals of every iteration) when the solver
             was called with `trace=True`, else None.
+        recorded: The iterates kept inside `keras_deq.solvers.base.recording`, a tuple
+            of states; None outside it.
     """
 
     state: Any
@@ -88,6 +90,7 @@ class SolverResult(NamedTuple):
     converged: Any
     nonfinite: Any = None
     trace: Any = None
+    recorded: Any = None
 
 
 def accumulation_dtype(dtype):
