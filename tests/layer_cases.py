@@ -39,7 +39,7 @@ from keras_deq import (
 )
 from keras_deq import backward as backward_lib
 from keras_deq import constraints as constraints_lib
-from keras_deq.layers import multiscale, opteq
+from keras_deq.layers import KernelReparametrization, multiscale, opteq
 from keras_deq.layers.monotone_cell import MonotoneCell
 from keras_deq.layers.pcdeq import PositiveConcaveCell
 from keras_deq.layers.transformer import DEQTransformerCell
@@ -256,7 +256,11 @@ CASES = {
         _vector(4),
         "solver",
     ),
-    "Cell": Case(Cell, kind="cell_base"),  # the base class: no `call`, kept by a holder
+    "Cell": Case(Cell, kind="cell_base"),
+    # The base of the reparametrizations: no `build_kernel`, kept by a holder unbuilt.
+    "KernelReparametrization": Case(
+        lambda **kw: KernelReparametrization(DenseCell(4), **kw), kind="cell_base"
+    ),  # the base class: no `call`, kept by a holder
     "Implicit": Case(
         backward_lib.Implicit,
         {"solver": solvers.Broyden(memory=4, max_iter=25)},

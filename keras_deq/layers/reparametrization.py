@@ -5,6 +5,7 @@ from parameters of its own (the base of `WeightNormalization` and
 import keras
 
 
+@keras.saving.register_keras_serializable(package="keras_deq")
 class KernelReparametrization(keras.layers.Layer):
     """Calls `layer` with each of its kernels replaced by `effective_kernel(kernel)`.
 
