@@ -19,13 +19,14 @@ backward solver steps, and a sample continuation of a prompt: from the model's o
 """
 
 import argparse
-import os
 import pathlib
 import sys
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import backend_flag  # noqa: E402
+
+backend_flag.apply()  # `--backend NAME`, before Keras loads
 
 import keras  # noqa: E402
 
@@ -64,6 +65,7 @@ def build_model(vocab_size, args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    backend_flag.add_to(parser)
     parser.add_argument("--dataset", choices=data.DATASETS, default="shakespeare")
     parser.add_argument("--data-dir", default=None, help="local WikiText-103 directory")
     parser.add_argument(

@@ -32,12 +32,13 @@ matches the float64 numpy sawtooth to rounding of its last step at most.
 """
 
 import argparse
-import os
 import pathlib
 import sys
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import backend_flag  # noqa: E402
+
+backend_flag.apply()  # `--backend NAME`, before Keras loads
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -158,6 +159,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    backend_flag.add_to(parser)
     parser.add_argument("--k", type=int, default=5, help="tent-map compositions: 2^k pieces")
     parser.add_argument("--width", type=int, default=None, help="DEQ width (default 2k)")
     args = parser.parse_args(argv)

@@ -27,13 +27,14 @@ weights, and the DEQ's mean forward solver steps on the test set.
 """
 
 import argparse
-import os
 import pathlib
 import sys
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import backend_flag  # noqa: E402
+
+backend_flag.apply()  # `--backend NAME`, before Keras loads
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -227,6 +228,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    backend_flag.add_to(parser)
     parser.add_argument("--task", default="sawtooth5", choices=tasks_lib.TASKS)
     parser.add_argument("--model", default="deq", choices=MODELS)
     parser.add_argument(

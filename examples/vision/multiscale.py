@@ -20,12 +20,13 @@ epoch's wall time.
 """
 
 import argparse
-import os
 import pathlib
 import sys
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import backend_flag  # noqa: E402
+
+backend_flag.apply()  # `--backend NAME`, before Keras loads
 
 import keras  # noqa: E402
 
@@ -90,6 +91,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    backend_flag.add_to(parser)
     parser.add_argument("--model", default="lipschitz", choices=tuple(MODELS))
     parser.add_argument("--dataset", default="digits", choices=data.DATASETS)
     parser.add_argument("--epochs", type=int, default=15)
@@ -123,7 +125,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    if args.threads:
+    if args.threads and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)

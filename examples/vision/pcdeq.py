@@ -14,13 +14,14 @@ Architectures (Gabor et al., ICML 2024; parameter counts in tests):
 """
 
 import argparse
-import os
 import pathlib
 import sys
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import backend_flag  # noqa: E402
+
+backend_flag.apply()  # `--backend NAME`, before Keras loads
 
 import keras  # noqa: E402
 
@@ -110,6 +111,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    backend_flag.add_to(parser)
     parser.add_argument("--dataset", default="digits", choices=data.DATASETS)
     parser.add_argument("--net", default="linear", choices=("linear", "single_conv", "multi_conv"))
     parser.add_argument("--variant", type=int, default=1, choices=(1, 2))
