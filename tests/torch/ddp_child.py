@@ -1,10 +1,12 @@
 """Trains a DEQ classifier with PyTorch's DistributedDataParallel around the Keras model
-(two CPU processes, the gloo backend, a custom training loop as in Keras' guide to
+(two CPU worker processes started by this script, the gloo backend, a custom training loop as in Keras' guide to
 distributed training with PyTorch), and, in the same run, on one process with the whole
 batch; prints both final weights as JSON. Run by tests/torch/test_ddp.py."""
 
+import datetime
 import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -14,7 +16,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 import keras_deq  # noqa: E402
 
@@ -55,7 +56,13 @@ def train(net, module, shard=slice(None)):
 
 
 def worker(rank, world, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),  # an error, not a hang
+    )
     torch.set_num_threads(1)
     keras_model = model()
     ddp = torch.nn.parallel.DistributedDataParallel(keras_model)
@@ -68,15 +75,25 @@ def worker(rank, world, init_file, out_file):
 
 
 def main():
+    if len(sys.argv) == 5:  # a worker: rank, world size, init file, output file
+        rank, world, init_file, out_file = sys.argv[1:]
+        return worker(int(rank), int(world), init_file, out_file)
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "ddp.json")
-        mp.spawn(worker, args=(2, os.path.join(tmp, "init"), out_file), nprocs=2, join=True)
+        init_file = os.path.join(tmp, "init")
+        workers = [
+            subprocess.Popen([sys.executable, __file__, str(rank), "2", init_file, out_file])
+            for rank in range(2)
+        ]
+        if any(w.wait(timeout=300) != 0 for w in workers):
+            return 1
         with open(out_file) as f:
             ddp_weights = json.load(f)
     single = model()
     initial = [w.detach().cpu().numpy().tolist() for w in single.parameters()]
     result = {"ddp": ddp_weights, "single": train(single, single), "initial": initial}
     print("RESULT " + json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
