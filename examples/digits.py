@@ -9,13 +9,15 @@ accuracy and the solver's statistics (mean forward/backward steps and residuals)
 """
 
 import argparse
-import pathlib
+import os
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import backend_flag  # noqa: E402
-
-backend_flag.apply()  # `--backend NAME`, before Keras loads
+# `--backend NAME` (tensorflow, jax, torch) wins over KERAS_BACKEND; set before Keras loads.
+# (The other examples share examples/backend_flag.py; this one stays a single file.)
+if "--backend" in sys.argv[:-1]:
+    os.environ["KERAS_BACKEND"] = sys.argv[sys.argv.index("--backend") + 1]
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
@@ -70,7 +72,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    backend_flag.add_to(parser)
+    parser.add_argument(
+        "--backend",
+        choices=("tensorflow", "jax", "torch"),
+        help="Keras backend (default: $KERAS_BACKEND, else tensorflow)",
+    )
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=128)

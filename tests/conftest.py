@@ -105,6 +105,11 @@ BACKEND_EXTRA = {
         "test_backward.py",
     ),
 }
+# Left out on one backend although PORTABLE matches them: they pass there but compile for
+# minutes on 2 cores (JAX compiles each eager GMRES solve), and run on the two others.
+BACKEND_LEAVE_OUT = {
+    "jax": ("backward/test_gmres_adjoint.py",),
+}
 _TESTS = pathlib.Path(__file__).parent
 
 
@@ -115,6 +120,8 @@ def pytest_ignore_collect(collection_path, config):
     if collection_path.suffix != ".py":
         return None
     relative = collection_path.relative_to(_TESTS).as_posix()
+    if any(fnmatch.fnmatch(relative, p) for p in BACKEND_LEAVE_OUT.get(BACKEND, ())):
+        return True
     patterns = (*PORTABLE, *BACKEND_EXTRA.get(BACKEND, ()), f"{BACKEND}/test_*.py")
     return None if any(fnmatch.fnmatch(relative, p) for p in patterns) else True
 

@@ -8,8 +8,8 @@ through, vector-Jacobian products, gradients rewritten on the way back, host
 callbacks, compilation of a function with Python-value arguments, and the linear
 algebra Keras lacks (eigenvalues without eigenvectors, complex eigenvalues).
 
-`keras_deq.backend.tensorflow` and `keras_deq.backend.torch` hold the TensorFlow and
-PyTorch code (imported on first use); JAX's few lines are inline. The `DEQ` layer runs
+`keras_deq.backend.tensorflow`, `keras_deq.backend.jax` and `keras_deq.backend.torch` hold
+each framework's code (imported on first use); this module dispatches. The `DEQ` layer runs
 JAX and PyTorch on one path (the cell's weights passed in, `implicit_stateless`);
 PyTorch runs eagerly, so failures are reported and raised directly there.
 """
@@ -111,6 +111,12 @@ def _tf():
     return tf_backend
 
 
+def _jax():
+    from keras_deq.backend import jax as jax_backend  # noqa: PLC0415
+
+    return jax_backend
+
+
 def _torch():
     from keras_deq.backend import torch as torch_backend  # noqa: PLC0415
 
@@ -188,9 +194,7 @@ def row_sums(matrix):
 
 def _compiled_on_cpu():
     if name() == "jax":
-        import jax  # noqa: PLC0415
-
-        return jax.default_backend() == "cpu"
+        return _jax().compiled_on_cpu()
     return name() == "tensorflow" and not runs_op_by_op() and not has_accelerator()
 
 
@@ -234,10 +238,7 @@ def host_call_if(condition, fn, *args):
         return
 
     if name() == "jax":
-        import jax  # noqa: PLC0415
-
-        # Under `cond`, a step whose condition is False makes no host round trip.
-        jax.lax.cond(condition, lambda *a: host_call(fn, *a), lambda *a: None, *args)
+        _jax().host_call_if(condition, fn, *args)
         return
     if bool(condition):  # PyTorch: eager, the values are here
         host_call(fn, *args)
@@ -275,9 +276,7 @@ def not_recorded():
     """A context in which eager gradient tapes do not record (a no-op where autodiff
     only follows the data: `stop_gradient` on the inputs is enough there)."""
     if name() == "tensorflow":
-        from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
-
-        return tf_backend.not_recorded()
+        return _tf().not_recorded()
     return contextlib.nullcontext()
 
 
@@ -286,14 +285,9 @@ def vjp(fn, *primals):
     for each primal (nests in, nests out; differentiable, for second-order use).
     """
     if name() == "jax":
-        import jax  # noqa: PLC0415
-
-        out, pullback = jax.vjp(fn, *primals)
-        return out, pullback
+        return _jax().vjp(fn, *primals)
     if name() == "tensorflow":
-        from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
-
-        return tf_backend.vjp(fn, *primals)
+        return _tf().vjp(fn, *primals)
     return _torch().vjp(fn, *primals)
 
 
@@ -313,13 +307,9 @@ def compiled(fn, static_argnums=()):
         A function with `fn`'s signature.
     """
     if name() == "tensorflow":
-        from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
-
-        return tf_backend.compiled(fn)
+        return _tf().compiled(fn)
     if name() == "jax":
-        import jax  # noqa: PLC0415
-
-        return jax.jit(fn, static_argnums=static_argnums)
+        return _jax().compiled(fn, static_argnums)
     return fn
 
 
@@ -340,14 +330,9 @@ def eigvalsh(real, imag=None):
         A `(..., n)` real tensor in `real`'s dtype.
     """
     if name() == "tensorflow":
-        from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
-
-        return tf_backend.eigvalsh(real, imag)
+        return _tf().eigvalsh(real, imag)
     if name() == "jax":
-        import jax.numpy as jnp  # noqa: PLC0415
-
-        matrices = real if imag is None else real + 1j * imag
-        return jnp.linalg.eigvalsh(matrices).astype(real.dtype)
+        return _jax().eigvalsh(real, imag)
     return _torch().eigvalsh(real, imag)
 
 
@@ -364,13 +349,9 @@ def eigenvalue_moduli(matrices):
         A `(..., n)` real tensor in `matrices`' dtype (in no particular order).
     """
     if name() == "tensorflow":
-        from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
-
-        return tf_backend.eigenvalue_moduli(matrices)
+        return _tf().eigenvalue_moduli(matrices)
     if name() == "jax":
-        import jax.numpy as jnp  # noqa: PLC0415
-
-        return jnp.abs(jnp.linalg.eigvals(matrices)).astype(matrices.dtype)
+        return _jax().eigenvalue_moduli(matrices)
     return _torch().eigenvalue_moduli(matrices)
 
 
@@ -378,9 +359,7 @@ def identity_with_gradient(flat, rewrite):
     """The list of tensors `flat`, whose upstream gradients (a list like `flat`, with
     None for missing ones) are replaced by `rewrite(upstream)` on the way back."""
     if name() == "tensorflow":
-        from keras_deq.backend import tensorflow as tf_backend  # noqa: PLC0415
-
-        return tf_backend.identity_with_gradient(flat, rewrite)
+        return _tf().identity_with_gradient(flat, rewrite)
 
     @custom_gradient
     def identity(*tensors):
@@ -427,9 +406,7 @@ def host_call(fn, *args):
     """Calls the Python function `fn` on the host with the values of `args` (numpy),
     from inside a compiled function; its return value is ignored."""
     if name() == "jax":
-        import jax  # noqa: PLC0415
-
-        jax.debug.callback(fn, *args)
+        _jax().host_call(fn, *args)
         return
     if name() == "torch":  # eager: call it now
         fn(*(_torch().to_numpy(a) for a in args))
@@ -461,9 +438,7 @@ def has_values(tensor):
 
         return tf.executing_eagerly()
     if name() == "jax":
-        import jax  # noqa: PLC0415
-
-        return not isinstance(tensor, jax.core.Tracer)
+        return _jax().has_values(tensor)
     return True
 
 
@@ -511,8 +486,5 @@ def stateless_uniform(shape, seed, dtype="float32"):
 
         return tf.random.stateless_uniform(shape, seed=seed, dtype=dtype)
     if name() == "jax":
-        import jax  # noqa: PLC0415
-
-        key = keras.ops.cast(seed, "uint32")
-        return jax.random.uniform(key, tuple(shape), dtype=dtype)
+        return _jax().stateless_uniform(shape, seed, dtype)
     return _torch().stateless_uniform(shape, seed, dtype)
