@@ -21,6 +21,7 @@ def test_implicit_memory_flat_and_unrolled_growing():
     assert "check passed" in result.stdout
 
 
+@pytest.mark.slow  # two runs of the benchmark: 40-80 s on 2 cores
 def test_a_state_too_small_to_measure_is_reported_not_divided_by():
     # A 2x4 state allocates nothing the allocator shows (here: a peak of 0 MiB), and the
     # ratio used to raise ZeroDivisionError; `--check` must then fail, not pass.

@@ -26,7 +26,11 @@ def test_the_flag_wins_over_the_environment(monkeypatch):
         backend_flag.apply(["--backend", "numpy"])
 
 
-@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize(
+    # JAX's run (22 s on 2 cores) with the slow tests; the JAX suite runs the example's code.
+    "backend",
+    [pytest.param("jax", marks=pytest.mark.slow), "torch"],
+)
 def test_digits_example_trains_on_the_backend_it_is_given(backend):
     code = (
         "import runpy, sys; "
