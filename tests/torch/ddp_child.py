@@ -4,6 +4,7 @@ distributed training with PyTorch), and, in the same run, on one process with th
 batch; prints both final weights as JSON. Run by tests/torch/test_ddp.py."""
 
 import datetime
+import faulthandler
 import json
 import os
 import subprocess
@@ -56,6 +57,7 @@ def train(net, module, shard=slice(None)):
 
 
 def worker(rank, world, init_file, out_file):
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang prints where, then exits
     dist.init_process_group(
         "gloo",
         init_method=f"file://{init_file}",
@@ -71,6 +73,9 @@ def worker(rank, world, init_file, out_file):
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump(weights, f)
+    # The DDP wrapper goes before the process group: its destructor after
+    # `destroy_process_group` hung at exit in about one run of three.
+    del ddp
     dist.destroy_process_group()
 
 
@@ -85,7 +90,12 @@ def main():
             subprocess.Popen([sys.executable, __file__, str(rank), "2", init_file, out_file])
             for rank in range(2)
         ]
-        if any(w.wait(timeout=300) != 0 for w in workers):
+        try:
+            codes = [w.wait(timeout=300) for w in workers]
+        finally:
+            for w in workers:
+                w.kill()
+        if any(codes):
             return 1
         with open(out_file) as f:
             ddp_weights = json.load(f)
