@@ -128,3 +128,11 @@ def deserialize(base, config, argument, custom_objects=None):
             f"`keras.saving.register_keras_serializable`. Received: {argument}={config!r}"
         )
     return obj
+
+
+def config_value(value):
+    """`value` as a layer's config holds it: a `Configurable` (a solver, a backward
+    mode, a `Budget`) as its config dict, anything else (a name, a number) as is."""
+    if isinstance(value, Configurable):
+        return keras.saving.serialize_keras_object(value)
+    return value

@@ -9,6 +9,7 @@ priors come from `opteq_priors`.
 import keras
 from keras import ops
 
+from keras_deq.configurable import config_value
 from keras_deq.layers._opteq_checks import check_choice
 from keras_deq.layers.cell import Cell
 from keras_deq.layers.deq import DEQ
@@ -288,8 +289,8 @@ class OptEqBlock(keras.layers.Layer):
                 "sam_c": self.sam_c,
                 "training_mode": self.training_mode,
                 "unroll_steps": self.unroll_steps,
-                "solver": self.solver,
-                "max_iter": self.max_iter,
+                "solver": config_value(self.solver),
+                "max_iter": config_value(self.max_iter),
                 "tol": self.tol,
                 "deq_options": dict(self.deq_options),
                 "kernel_initializer": None

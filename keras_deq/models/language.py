@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_deq import backend
 from keras_deq import backward as backward_lib
+from keras_deq.configurable import config_value
 from keras_deq.layers import deq_arguments as arguments
 from keras_deq.layers.deq import DEQ
 from keras_deq.layers.transformer import DEQTransformerCell, sinusoidal_positions
@@ -377,8 +378,8 @@ class DEQTransformerLM(keras.Model):
                 "norm": self.norm,
                 "dropout": self.dropout,
                 "embedding_dropout": self.embedding_dropout,
-                "solver": self.solver,
-                "max_iter": self.max_iter,
+                "solver": config_value(self.solver),
+                "max_iter": config_value(self.max_iter),
                 "tol": self.tol,
                 "backward": arguments.object_config(self.backward, backward_lib.serialize),
                 "backward_max_iter": self.backward_max_iter,

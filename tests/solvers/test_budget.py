@@ -95,3 +95,62 @@ def test_fit_draws_a_budget_per_step_without_retracing(backward):
     assert traces.count(True) == (1 if compiled_steps else 10)
     logs = model.evaluate(x, np.zeros((BATCH, 1)), verbose=0, return_dict=True)
     assert (logs.get(f"{layer.name}_fwd_steps") or statistic(layer, "fwd_steps")) == 8
+
+
+def _presets():
+    """Each preset with a `Budget`, an input, and its `DEQ` (the layer or the one inside);
+    `tol` is out of reach: a training solve runs its 2 steps, an evaluation one more."""
+    import keras_deq
+    from keras_deq.models import DEQTransformerLM
+
+    rng = np.random.default_rng(0)
+    budget = Budget(2, eval_max_iter=7)
+    dense = rng.normal(size=(BATCH, 8)).astype("float32")
+    image = rng.normal(size=(2, 4, 4, 4)).astype("float32")
+    common = {"max_iter": budget, "tol": 1e-12}
+    return {
+        "PcDEQ": (lambda: keras_deq.PcDEQ(8, **common), dense, lambda layer: layer),
+        "MonDEQ": (lambda: keras_deq.MonDEQ(8, **common), dense, lambda layer: layer),
+        "MultiscaleDEQ": (
+            lambda: keras_deq.MultiscaleDEQ(channels=(4, 4), groups=2, **common),
+            image,
+            lambda layer: layer,
+        ),
+        "OptEqBlock": (
+            lambda: keras_deq.OptEqBlock(8, training_mode="implicit", **common),
+            dense,
+            lambda block: block.deq,
+        ),
+        "DEQTransformerLM": (
+            lambda: DEQTransformerLM(11, d_model=8, num_heads=2, **common),
+            rng.integers(0, 11, size=(2, 5)),
+            lambda model: model.deq,
+        ),
+    }
+
+
+# The hand-over of `max_iter` is the same code on every backend; on JAX, whose eager
+# calls compile op by op, the two largest presets cost 20-30 s each: left to TF and torch.
+_SLOW_ON_JAX = pytest.mark.skipif(BACKEND == "jax", reason="compile time; same code as TF")
+PRESETS = [
+    pytest.param(name, marks=_SLOW_ON_JAX)
+    if name in ("MultiscaleDEQ", "DEQTransformerLM")
+    else name
+    for name in _presets()
+]
+
+
+@pytest.mark.filterwarnings("ignore:DEQ layer:RuntimeWarning")  # tol out of reach
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_take_a_budget_and_keep_it_in_their_config(name):
+    make, x, inner = _presets()[name]
+    layer = make()
+    layer(x, training=True)
+    deq = inner(layer)
+    for training, low, high in ((True, 2, 2), (False, 3, 7)):  # beyond 2: the evaluation budget
+        reset_statistics(deq)
+        layer(x, training=training)
+        assert low <= statistic(deq, "fwd_steps") <= high, (training, statistic(deq, "fwd_steps"))
+    config = type(layer).from_config(layer.get_config()).get_config()
+    restored = keras.saving.deserialize_keras_object(config["max_iter"])
+    assert restored.get_config() == {"max_iter": 2, "eval_max_iter": 7, "min_iter": None}
