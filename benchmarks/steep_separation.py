@@ -2,6 +2,7 @@
 
     python benchmarks/steep_separation.py                # d = 6, 8, ..., 20, seeds 0 1
     python benchmarks/steep_separation.py --quick        # smoke run, a few seconds per model
+    python benchmarks/steep_separation.py --construction # the hand-set DEQ only
     python benchmarks/steep_separation.py --delta-per-d 0.5 --dims 6 10 14 20   # δ = 2^(-d/2)
 
 Paper 004 (Wu et al., NeurIPS 2024) shows that DEQs of polynomially bounded size and
@@ -190,6 +191,31 @@ def construction(model, delta):
     return model
 
 
+def construction_table(dims, log2_deltas, tol=1e-6):
+    """The hand-set one-unit DEQ against the float64 target on each d's test set."""
+    lines = [
+        "| d | δ | max abs weight | max abs error | max rel. error | 2^-24 / δ "
+        "| fwd steps | converged |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for d in dims:
+        for log2_delta in log2_deltas:
+            delta = 2.0**log2_delta
+            model = build_deq(d, width=1, tol=tol)
+            model.build((None, d))
+            construction(model, delta)
+            _, _, x, y = steep_ball(d, delta, 8, 1024, seed=0)
+            out = keras.ops.convert_to_numpy(model(x)).astype("float64")[:, 0]
+            err = np.abs(out - steep_target(x, delta))
+            stats = model.get_layer("deq").solver_statistics()
+            lines.append(
+                f"| {d} | 2^{log2_delta:g} | {train_lib.max_abs_weight(model):g} "
+                f"| {err.max():.2g} | {np.max(err / steep_target(x, delta)):.2g} "
+                f"| {2.0**-24 / delta:.2g} | {stats['fwd_steps']:.1f} | {stats['converged']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def matched_fnn_width(d, depth, target):
     return min(range(1, 4096), key=lambda w: (abs(train_lib.fnn_params(d, w, depth) - target), w))
 
@@ -277,6 +303,9 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="tiny budget: smoke run only")
+    parser.add_argument(
+        "--construction", action="store_true", help="only the hand-set DEQ's table (seconds)"
+    )
     parser.add_argument("--dims", nargs="+", type=int, default=list(DIMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--delta-log2", type=float, default=-10.0, help="δ = 2^this")
@@ -303,6 +332,9 @@ def main(argv=None):
         args.steps, args.n_train, args.dims, args.seeds = 16, 512, args.dims[:1], args.seeds[:1]
     if args.threads:
         set_threads(args.threads)
+    if args.construction:
+        print(construction_table(args.dims, (-5, -10)))
+        return None
     steepness = f"2^(-{args.delta_per_d:g} d)" if args.delta_per_d else f"2^{args.delta_log2:g}"
     print(
         f"δ = {steepness}, dims {args.dims}, seeds {args.seeds}, {args.steps} Adam "
