@@ -3,6 +3,7 @@
     python benchmarks/steep_separation.py                # d = 6, 8, ..., 20, seeds 0 1
     python benchmarks/steep_separation.py --quick        # smoke run, a few seconds per model
     python benchmarks/steep_separation.py --construction # the hand-set DEQ only
+    python benchmarks/steep_separation.py --dims 6 20 --depths --weight-decay 0.1  # AdamW, no matched FNNs
     python benchmarks/steep_separation.py --delta-per-d 0.5 --dims 6 10 14 20   # δ = 2^(-d/2)
 
 Paper 004 (Wu et al., NeurIPS 2024) shows that DEQs of polynomially bounded size and
@@ -240,7 +241,13 @@ def run(d, model_type, depth, seed, args, width=None):
     schedule = keras.optimizers.schedules.CosineDecay(
         args.learning_rate, epochs * per_epoch, alpha=0.01
     )
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="mse")
+    # AdamW's decay is decoupled and scaled by the schedule: w -= lr(t) weight_decay w.
+    optimizer = (
+        keras.optimizers.AdamW(schedule, weight_decay=args.weight_decay)
+        if args.weight_decay
+        else keras.optimizers.Adam(schedule)
+    )
+    model.compile(optimizer=optimizer, loss="mse")
     start = time.perf_counter()
     model.fit(x_train, y_train, batch_size=args.batch_size, epochs=epochs, verbose=0)
     train_time = time.perf_counter() - start
@@ -269,9 +276,9 @@ def delta_for(d, args):
     return 2.0 ** (-args.delta_per_d * d if args.delta_per_d else args.delta_log2)
 
 
-def configurations(wide):
+def configurations(wide, depths=DEPTHS):
     yield "deq", None, None
-    for depth in DEPTHS:
+    for depth in depths:
         yield "fnn", depth, None
     for width in wide:
         yield "fnn", 3, width
@@ -324,6 +331,10 @@ def main(argv=None):
     parser.add_argument(
         "--wide", nargs="*", type=int, default=[32], help="widths of extra depth-3 FNNs"
     )
+    parser.add_argument("--depths", nargs="*", type=int, default=list(DEPTHS))
+    parser.add_argument(
+        "--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay"
+    )
     parser.add_argument("--n-train", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=1, help="TF threads (0: TF's own)")
     parser.add_argument("--json", help="also write every per-seed result to this JSON file")
@@ -343,7 +354,7 @@ def main(argv=None):
         flush=True,
     )
     rows, raw, start = [], [], time.perf_counter()
-    configs = list(configurations(args.wide))
+    configs = list(configurations(args.wide, args.depths))
     runs = len(args.dims) * len(configs) * len(args.seeds)
     with Progress(runs, unit_name="run") as progress:
         for d in args.dims:
