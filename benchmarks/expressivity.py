@@ -64,9 +64,10 @@ def epochs_for(task, steps, batch_size, n_train):
     return max(1, round(steps / per_epoch))
 
 
-def median_result(results):
+def median_result(results, keys=NUMERIC):
+    """The first result with each of `keys` replaced by its median over `results`."""
     out = dict(results[0])
-    for key in NUMERIC:
+    for key in keys:
         values = [r[key] for r in results if r[key] is not None]
         out[key] = float(np.median(values)) if values else None
     return out

@@ -254,6 +254,14 @@ def synthetic_fits():
     return "python docs/figures/make_figures.py --only synthetic_fits", {"tasks": tasks}
 
 
+def steep_separation():
+    """benchmarks/steep_separation.py with its defaults (δ = 2^-10, d = 6, 8, ..., 20,
+    seeds 0 and 1, 800 Adam steps, one thread): every run's max |weight| and errors."""
+    bench = _load("benchmarks/steep_separation.py", "bench_steep_separation")
+    out = bench.main([])
+    return "python benchmarks/steep_separation.py", out
+
+
 # ----------------------------------------------------------------------- driver
 def _versions():
     import keras

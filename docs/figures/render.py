@@ -216,6 +216,46 @@ def synthetic_fits(record, path):
     _save(fig, path)
 
 
+def steep_separation(record, path):
+    """Max |weight| and relative L∞ error against the input dimension d: DEQ vs FNNs
+    (paper 004's Fig. 4 in our stand-in), median over the seeds with their range."""
+    runs = record["data"]["runs"]
+    models = sorted(
+        {(r["model"], r["match"], r["width"] if r["match"] == "none" else 0) for r in runs}
+    )
+    models.sort(key=lambda m: (m[0] != "deq", m[1] == "none", m[0]))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, title in zip(
+        axes,
+        ("max_weight", "linf"),
+        ("max |weight| (trainable weights)", "relative L∞ test error"),
+        strict=True,
+    ):
+        fnn_colors = iter(("C0", "C1", "C2", "C4", "C5", "C6"))
+        for model, match, width in models:
+            mine = [r for r in runs if (r["model"], r["match"]) == (model, match)]
+            mine = [r for r in mine if match != "none" or r["width"] == width]
+            dims = sorted({r["d"] for r in mine})
+            values = [[r[key] for r in mine if r["d"] == d] for d in dims]
+            mid = np.array([np.median(v) for v in values])
+            err = np.array([mid - [min(v) for v in values], [max(v) for v in values] - mid])
+            label = "DEQ" if model == "deq" else model.replace("fnn-L", "FNN depth ")
+            label += (
+                f", width {width}" if match == "none" else (" (params)" if match != "-" else "")
+            )
+            deq = model == "deq"
+            style = {"lw": 2.2 if deq else 1.2, "color": "C3" if deq else next(fnn_colors)}
+            ax.errorbar(dims, mid, yerr=err, marker="o", ms=3.5, capsize=2, label=label, **style)
+        ax.set_title(title)
+        ax.set_xlabel("input dimension d")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_ylim(0, 1.5 * axes[0].get_ylim()[1])  # room for the legend
+    axes[1].set_yscale("log")
+    axes[0].legend(loc="upper left", ncol=2)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 FIGURES = {
     "solver_residuals": solver_residuals,
     "solver_trace": solver_trace,
@@ -224,6 +264,7 @@ FIGURES = {
     "memory_transformer": memory_transformer,
     "multiscale_lipschitz": multiscale_lipschitz,
     "synthetic_fits": synthetic_fits,
+    "steep_separation": steep_separation,
 }
 
 
