@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 from scripts import load_script
 
 bench = load_script("benchmarks/jacobian_steps.py")
@@ -26,6 +27,8 @@ def test_matched_takes_the_best_quality_both_reach_and_the_first_time_each_does(
     assert target == 3.0 and reached["plain"]["at"] == 1 and reached["regularized"]["at"] == 1
 
 
+# ~26 s of CPU (two DEQ-Transformers traced, one with the second-order penalty): slow.
+@pytest.mark.slow
 def test_quick_language_model_run(capsys):
     result = bench.main(["--part", "lm", "--quick", "--threads", "0"])
     assert set(result["curves"]) == {"deq", "deq+jr"}
