@@ -128,15 +128,13 @@ def run(name, options, corpus, valid, args, progress=None):
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=200)
+def add_model_arguments(parser):
+    """The data, model, solver and regularizer options (benchmarks/jacobian_steps.py too)."""
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--norm", choices=("pre", "post"), default="pre")
-    parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--max-iter", type=int, default=12)
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--jac-weight", type=float, default=1.0)
@@ -144,9 +142,7 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--valid-batches", type=int, default=10)
     parser.add_argument("--dataset", choices=data.DATASETS, default="shakespeare")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", nargs="*", default=None, help="subset of the variants")
     parser.add_argument(
         "--solver-batch-dims",
         type=int,
@@ -154,6 +150,15 @@ def main(argv=None):
         default=2,
         help="2 (the model's default): solve each position separately; 1: whole sequences",
     )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", default=None, help="subset of the variants")
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)

@@ -262,6 +262,37 @@ def steep_separation():
     return "python benchmarks/steep_separation.py", out
 
 
+def jacobian_steps():
+    """benchmarks/jacobian_steps.py, both parts (one process each, at once, one thread each):
+    the DEQ-Transformer language model and the plain MDEQ on digits, with and without the
+    Jacobian regularizer, solver steps and validation quality per chunk or epoch. A part
+    whose `PART.json` is already in `$JACOBIAN_STEPS_DIR` (written by the benchmark's
+    `--json`, with the arguments it ran with) is read instead of run again; the parts'
+    printed tables are kept in the record."""
+    logs = pathlib.Path(os.environ.get("JACOBIAN_STEPS_DIR") or tempfile.mkdtemp())
+    script = str(ROOT / "benchmarks" / "jacobian_steps.py")
+    running, out = {}, {}
+    for part in ("lm", "vision"):
+        if (logs / f"{part}.json").exists():
+            continue
+        command = [sys.executable, script, "--part", part, "--json", str(logs / f"{part}.json")]
+        with open(logs / f"{part}.log", "w") as log, open(logs / f"{part}.err", "w") as err:
+            running[part] = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=err)
+        print(f"{part}: output in {logs / part}.log", flush=True)
+    for part, process in running.items():
+        if process.wait() != 0:
+            raise RuntimeError(f"benchmarks/jacobian_steps.py --part {part} failed")
+    commands = []
+    for part in ("lm", "vision"):
+        out[part] = json.loads((logs / f"{part}.json").read_text())
+        out[part]["table"] = (logs / f"{part}.log").read_text()
+        # The arguments it ran with (a run started by this function: its own command).
+        argv = out[part].get("argv", ["--part", part, "--json", "PATH"])
+        argv = argv[: argv.index("--json")] + argv[argv.index("--json") + 2 :]
+        commands.append("python benchmarks/jacobian_steps.py " + " ".join(argv) + " --json PATH")
+    return " & ".join(commands), out
+
+
 # ----------------------------------------------------------------------- driver
 def _versions():
     import keras

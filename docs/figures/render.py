@@ -256,6 +256,42 @@ def steep_separation(record, path):
     _save(fig, path)
 
 
+def jacobian_steps(record, path):
+    """Solver steps and validation quality over training, with and without the Jacobian
+    regularizer: the DEQ-Transformer (top) and the MDEQ on digits (bottom, each seed)."""
+    data = record["data"]
+    fig, axes = plt.subplots(2, 3, figsize=(10.5, 6.2))
+    parts = [("lm", "deq", "bpc", "step", {"0": data["lm"]["curves"]})]
+    parts.append(("vision", "mdeq", "accuracy", "epoch", {}))
+    parts[1][4].update({seed: run["curves"] for seed, run in data["vision"]["seeds"].items()})
+    for row, (part, base, key, unit, seeds) in zip(axes, parts, strict=True):
+        cap = data[part]["args"]["max_iter" if part == "lm" else "vision_max_iter"]
+        for k, (seed, curves) in enumerate(seeds.items()):
+            for name, curve in curves.items():
+                x = [r["at"] for r in curve]
+                jr = name != base
+                style = {"color": COLORS["regularized" if jr else "plain"], "lw": 1.3, "ms": 3}
+                style.update(marker="o" if k == 0 else "s", ls="-" if k == 0 else "--")
+                label = ("with" if jr else "without") + " regularizer"
+                label += f", seed {seed}" if part == "vision" else ""
+                row[0].plot(x, [r["fwd"] for r in curve], label=label, **style)
+                row[1].plot(x, [r["bwd"] for r in curve], label=label, **style)
+                quality = [r[key] * (100 if key == "accuracy" else 1) for r in curve]
+                row[2].plot(x, quality, label=label, **style)
+        name = "DEQ-Transformer" if part == "lm" else "MDEQ, digits"
+        row[0].set_title(f"{name}: forward steps (cap {cap})")
+        row[1].set_title(f"adjoint steps (cap {cap}), per batch")
+        row[2].set_title("validation bits per character" if part == "lm" else "test accuracy (%)")
+        for ax in row:
+            ax.set_xlabel(f"training {unit}")
+            ax.legend(fontsize=7)
+        for ax in row[:2]:
+            ax.axhline(cap, color="0.4", ls=":", lw=0.8)
+            ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 FIGURES = {
     "solver_residuals": solver_residuals,
     "solver_trace": solver_trace,
@@ -265,6 +301,7 @@ FIGURES = {
     "multiscale_lipschitz": multiscale_lipschitz,
     "synthetic_fits": synthetic_fits,
     "steep_separation": steep_separation,
+    "jacobian_steps": jacobian_steps,
 }
 
 
