@@ -1,6 +1,7 @@
 """Plain MDEQ against the Lipschitz multiscale DEQ on digits, with the same budget.
 
-    python benchmarks/lipschitz_speedup.py [--epochs 15] [--threads 1]
+    python benchmarks/lipschitz_speedup.py [--epochs 15] [--seeds 0 1 2] [--threads 1]
+    python benchmarks/lipschitz_speedup.py --quick   # seconds: a smoke run
 
 Builds the model of examples/vision/multiscale.py twice, once with
 `MultiscaleDEQ` and once with `LipschitzMultiscale` (same stem, channels, head,
@@ -19,15 +20,19 @@ and the time ratio is measured in one run. Prints one row per model:
   predict one batch of 64 test images.
 - test acc and the cell's Lipschitz bound (`inf` for plain MDEQ).
 
-The speed-ups are the MDEQ / Lipschitz ratios of the medians. `--json PATH` also
+The speed-ups are the MDEQ / Lipschitz ratios of the medians. With several
+`--seeds` (each its own digits split, initialization and batch order) a last
+table gives each seed's ratios and accuracy difference, and their medians. `--json PATH` also
 evaluates both models on the test set after every epoch (outside the timed steps) and
 writes the per-epoch statistics and the table's rows to PATH (docs/figures uses it).
 """
 
 import argparse
 import json
+import math
 import os
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -169,12 +174,12 @@ def print_table(rows):
         )
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="0: leave TensorFlow's")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--channels", type=parse_channels, default=(8, 16))
     parser.add_argument("--solver", default="anderson")
@@ -189,19 +194,37 @@ def main(argv=None):
         help="Jacobian regularization of the plain MDEQ (the paper's baseline uses it)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="passes over the test set")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="one run per seed (split, initialization and batch order); medians over them",
+    )
     parser.add_argument("--json", help="also write per-epoch statistics and the rows here")
+    parser.add_argument("--quick", action="store_true", help="1 epoch, 1 repeat: a smoke run")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="LOG",
+        help="no training: the seed table from the seed rows printed in these outputs",
+    )
     args = parser.parse_args(argv)
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    if args.quick:
+        args.epochs, args.repeats = 1, 1
+    return args
 
-    x_train, y_train, x_test, y_test = data.load("digits", args.seed)
+
+def run(args, seed):
+    """Trains and times both models with one seed; returns the run's record."""
+    args.seed = seed
+    x_train, y_train, x_test, y_test = data.load("digits", seed)
     models = {name: build(name, args) for name in MODELS}
     print(
-        f"digits: {len(x_train)} train / {len(x_test)} test; channels {args.channels}; "
-        f"{args.solver} max_iter {args.max_iter} / backward {args.backward_max_iter}, "
-        f"tol {args.tol}; {args.epochs} epochs, batch {args.batch_size}, "
-        f"{args.threads} thread(s)",
+        f"seed {seed}, digits: {len(x_train)} train / {len(x_test)} test; channels "
+        f"{args.channels}; {args.solver} max_iter {args.max_iter} / backward "
+        f"{args.backward_max_iter}, tol {args.tol}; {args.epochs} epochs, batch "
+        f"{args.batch_size}, {args.threads} thread(s)",
         flush=True,
     )
     per_epoch = {name: [] for name in models}
@@ -232,32 +255,140 @@ def main(argv=None):
         rows = summarize(models, records, x_test, y_test, args, progress)
     print()
     print_table(rows)
-    mdeq, lipschitz = rows["mdeq"], rows["lipschitz"]
+    ratios = speedups(rows)
     print()
     print(
         "speed-up (MDEQ / Lipschitz): "
-        f"train step {mdeq['step_ms'] / lipschitz['step_ms']:.2f}x, "
-        f"total train time {mdeq['train_s'] / lipschitz['train_s']:.2f}x, "
-        f"inference {mdeq['infer_ms'] / lipschitz['infer_ms']:.2f}x, "
-        f"forward steps {mdeq['fwd'] / lipschitz['fwd']:.2f}x, "
-        f"backward steps {mdeq['bwd'] / lipschitz['bwd']:.2f}x"
+        f"train step {ratios['step']:.2f}x, total train time {ratios['train']:.2f}x, "
+        f"inference {ratios['infer']:.2f}x, forward steps {ratios['fwd']:.2f}x, "
+        f"backward steps {ratios['bwd']:.2f}x"
     )
     constraints_ms = 1000 * constraint_time(models["lipschitz"])
-    print(f"Lipschitz weight constraints alone: {constraints_ms:.1f} ms per step (median)")
+    print(
+        f"Lipschitz weight constraints alone: {constraints_ms:.1f} ms per step (median), "
+        f"{constraints_ms / rows['lipschitz']['step_ms']:.0%} of its train step",
+        flush=True,
+    )
+    return {
+        "seed": seed,
+        "rows": rows,
+        "ratios": ratios,
+        "epochs": per_epoch,
+        "constraints_ms": constraints_ms,
+    }
+
+
+def speedups(rows):
+    """MDEQ / Lipschitz ratios, and the accuracy difference (Lipschitz - MDEQ)."""
+    mdeq, lipschitz = rows["mdeq"], rows["lipschitz"]
+    ratios = {
+        key: mdeq[column] / lipschitz[column]
+        for key, column in (
+            ("step", "step_ms"),
+            ("train", "train_s"),
+            ("infer", "infer_ms"),
+            ("fwd", "fwd"),
+            ("bwd", "bwd"),
+        )
+    }
+    ratios["acc"] = lipschitz["acc"] - mdeq["acc"]
+    return ratios
+
+
+def print_seed_table(runs):
+    """One row per seed and the medians."""
+    print()
+    print(
+        "| seed | train step | inference | fwd steps | bwd steps | acc MDEQ | acc Lipschitz "
+        "| acc diff (points) | Lipschitz step ms | constraints ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def line(label, r, rows, constraints):
+        print(
+            f"| {label} | {r['step']:.2f}x | {r['infer']:.2f}x | {r['fwd']:.2f}x | "
+            f"{r['bwd']:.2f}x | {100 * rows['mdeq']['acc']:.2f}% | "
+            f"{100 * rows['lipschitz']['acc']:.2f}% | {100 * r['acc']:+.2f} | "
+            f"{rows['lipschitz']['step_ms']:.1f} | {constraints:.1f} |"
+        )
+
+    for run_ in runs:
+        line(run_["seed"], run_["ratios"], run_["rows"], run_["constraints_ms"])
+
+    def median(get):
+        return statistics.median(get(run_) for run_ in runs)
+
+    ratios = {k: median(lambda r, k=k: r["ratios"][k]) for k in runs[0]["ratios"]}
+    rows = {
+        name: {k: median(lambda r, n=name, k=k: r["rows"][n][k]) for k in ("acc", "step_ms")}
+        for name in MODELS
+    }
+    line("median", ratios, rows, median(lambda r: r["constraints_ms"]))
+    return ratios
+
+
+def merge(paths):
+    """The runs of the seed rows printed in saved outputs (each seed's last row)."""
+    number = r"([-+]?[\d.]+)"
+    row = re.compile(
+        rf"^\| (\d+) \| {number}x \| {number}x \| {number}x \| {number}x \| {number}% "
+        rf"\| {number}% \| {number} \| {number} \| {number} \|$"
+    )
+    runs = {}
+    for path in paths:
+        for line in pathlib.Path(path).read_text().splitlines():
+            if match := row.match(line.strip()):
+                seed, step, infer, fwd, bwd, acc_mdeq, acc_lip, diff, step_ms, constraints = (
+                    float(v) for v in match.groups()
+                )
+                runs[int(seed)] = {
+                    "seed": int(seed),
+                    "ratios": {
+                        "step": step,
+                        "infer": infer,
+                        "fwd": fwd,
+                        "bwd": bwd,
+                        "acc": diff / 100,
+                    },
+                    "rows": {
+                        "mdeq": {"acc": acc_mdeq / 100, "step_ms": math.nan},
+                        "lipschitz": {"acc": acc_lip / 100, "step_ms": step_ms},
+                    },
+                    "constraints_ms": constraints,
+                }
+    return [runs[seed] for seed in sorted(runs)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.merge:
+        runs = merge(args.merge)
+        print(f"merged from {', '.join(args.merge)}: seeds {[r['seed'] for r in runs]}")
+        return {"runs": runs, "medians": print_seed_table(runs)}
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    runs = []
+    for seed in args.seeds:  # the seed table so far after each seed
+        runs.append(run(args, seed))
+        medians = print_seed_table(runs)
     if args.json:
-        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "seed")}
+        first = runs[0]  # docs/figures draws the first seed's epochs
         pathlib.Path(args.json).write_text(
             json.dumps(
                 {
-                    "args": settings,
-                    "rows": rows,
-                    "epochs": per_epoch,
-                    "constraints_ms": constraints_ms,
+                    "args": {**settings, "seed": first["seed"]},
+                    "rows": first["rows"],
+                    "epochs": first["epochs"],
+                    "constraints_ms": first["constraints_ms"],
+                    "runs": runs,
+                    "medians": medians,
                 },
                 indent=1,
             )
         )
-    return rows
+    return {"runs": runs, "medians": medians}
 
 
 if __name__ == "__main__":

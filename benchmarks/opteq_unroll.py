@@ -3,6 +3,7 @@
     python benchmarks/opteq_unroll.py                 # the table, dense units, ~3 min
     python benchmarks/opteq_unroll.py --kind conv     # the conv variant, ~10 min
     python benchmarks/opteq_unroll.py --must-show     # + prior vs no prior vs explicit, ~6 min
+    python benchmarks/opteq_unroll.py --table-seeds 3 # the table per seed, then mean ± std
 
 Table 8 of Xie et al. (TPAMI 2023) trains the same OptEq (alpha = 0.8, no
 prior) by unrolling K = 5/10/20/40 fixed-point steps and by the implicit
@@ -24,9 +25,11 @@ count, and prints their test accuracy.
 import argparse
 import os
 import pathlib
+import re
 import statistics
 import sys
 import time
+import types
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -74,6 +77,18 @@ def parse_args(argv=None):
     parser.add_argument("--calls", type=int, default=5, help="timing: calls per measurement")
     parser.add_argument("--timing-batch", type=int, default=125)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--table-seeds",
+        type=int,
+        default=1,
+        help="the table for seeds --seed .. --seed + N - 1, then mean ± std over them",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="LOG",
+        help="no training: the table over seeds from the per-seed tables in these outputs",
+    )
     parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--must-show", action="store_true")
     parser.add_argument("--seeds", type=int, default=5, help="must-show: seeds per model")
@@ -177,14 +192,14 @@ def build(args, seed, **options):
     return build_opteq_model("digits", args.kind, **options)
 
 
-def unroll_table(args, split, progress):
+def unroll_table(args, split, progress, seed):
     _, _, x_test, y_test = split
     x_time = tf.constant(x_test[: args.timing_batch])
     y_time = tf.constant(y_test[: args.timing_batch])
     trained, passes = [], {}
     for name, options in ROWS:
-        model = build(args, args.seed, **options)
-        accuracy, train_seconds = fit(model, split, args, args.seed, progress)
+        model = build(args, seed, **options)
+        accuracy, train_seconds = fit(model, split, args, seed, progress)
         residual = relative_residual(model, tf.constant(x_test))
         trained.append((name, accuracy, residual, train_seconds))
         passes[name] = compiled_passes(model, x_time, y_time)
@@ -192,6 +207,7 @@ def unroll_table(args, split, progress):
     times = time_passes(passes, args.repeats, args.calls)
     base_fwd, base_bwd = times[BASELINE_ROW]
     progress.print()
+    progress.print(f"seed {seed}:")
     progress.print(
         "| Method | Acc. | Inference (ms) | x K=20 | Back-prop (ms) | x K=20 | Rel. residual "
         "| Train time (s) |"
@@ -200,12 +216,57 @@ def unroll_table(args, split, progress):
     rows = []
     for name, accuracy, residual, seconds in trained:
         fwd, bwd = times[name]
-        rows.append((name, accuracy, fwd, bwd, residual, seconds))
+        rows.append((name, accuracy, fwd / base_fwd, bwd / base_bwd, residual, seconds))
         progress.print(
             f"| {name} | {100 * accuracy:.2f}% | {1e3 * fwd:.2f} | {fwd / base_fwd:.2f} "
             f"| {1e3 * bwd:.2f} | {bwd / base_bwd:.2f} | {residual:.2e} | {seconds:.0f} |"
         )
     return rows
+
+
+def seeds_table(tables, progress):
+    """Table 8 over seeds: accuracy mean ± std, medians of the time ratios and residuals."""
+    progress.print()
+    progress.print(f"over {len(tables)} seeds:")
+    progress.print(
+        "| Method | Acc. (mean ± std) | Acc. per seed | Inference x K=20 | Back-prop x K=20 "
+        "| Rel. residual |"
+    )
+    progress.print("|---|---|---|---|---|---|")
+    summary = []
+    for i, (name, *_) in enumerate(tables[0]):
+        accuracy, fwd, bwd, residual = (
+            [table[i][column] for table in tables] for column in (1, 2, 3, 4)
+        )
+        summary.append((name, accuracy, fwd, bwd, residual))
+        per_seed = ", ".join(f"{100 * a:.2f}" for a in accuracy)
+        progress.print(
+            f"| {name} | {100 * np.mean(accuracy):.2f} ± {100 * np.std(accuracy, ddof=1):.2f}% "
+            f"| {per_seed} | {statistics.median(fwd):.2f} | {statistics.median(bwd):.2f} "
+            f"| {statistics.median(residual):.2e} |"
+        )
+    return summary
+
+
+def merge(paths):
+    """The per-seed tables printed in saved outputs, `{seed: rows}` (as `unroll_table`'s)."""
+    names = "|".join(re.escape(name) for name, _ in ROWS)
+    row = re.compile(
+        rf"^\| ({names}) \| ([\d.]+)% \| [\d.]+ \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \| (\S+) \| (\d+) \|$"
+    )
+    tables = {}
+    for path in paths:
+        seed = None
+        for line in pathlib.Path(path).read_text().splitlines():
+            if match := re.match(r"^seed (\d+):$", line.strip()):
+                seed = int(match[1])
+                tables[seed] = []
+            elif (match := row.match(line.strip())) and seed is not None:
+                name, acc, fwd, bwd, residual, seconds = match.groups()
+                tables[seed].append(
+                    (name, float(acc) / 100, float(fwd), float(bwd), float(residual), int(seconds))
+                )
+    return {seed: rows for seed, rows in sorted(tables.items()) if len(rows) == len(ROWS)}
 
 
 def must_show(args, split, progress):
@@ -243,13 +304,26 @@ def _explicit(args, seed):
     return build_explicit_model("digits", args.kind, target_params=target)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def set_threads(threads):
+    """TensorFlow's intra- and inter-op threads (0: leave them)."""
+    if not threads:
+        return
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
     except RuntimeError:  # TensorFlow already started (e.g. under pytest): keep its threads
         print("note: TensorFlow was already initialized; --threads is ignored")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.merge:
+        tables = merge(args.merge)
+        print(f"merged from {', '.join(args.merge)}: seeds {sorted(tables)}")
+        return {
+            "seeds_table": seeds_table(list(tables.values()), types.SimpleNamespace(print=print))
+        }
+    set_threads(args.threads)
     split = data.load("digits", seed=0)
     print(
         f"digits: {len(split[0])} train / {len(split[2])} test, kind={args.kind}, "
@@ -257,12 +331,19 @@ def main(argv=None):
         f"IFT solver={args.solver}, kernel gain={args.kernel_gain or 'default'}"
     )
     # The bar counts training batches: `ROWS` models, then 3 models x `--seeds`.
-    trainings = (0 if args.skip_table else len(ROWS)) + (3 * args.seeds if args.must_show else 0)
+    trainings = (0 if args.skip_table else len(ROWS) * args.table_seeds) + (
+        3 * args.seeds if args.must_show else 0
+    )
     batches = -(-len(split[0]) // args.batch_size) * args.epochs
     results = {}
     with Progress(trainings * batches, unit_name="step") as progress:
         if not args.skip_table:
-            results["table"] = unroll_table(args, split, progress)
+            seeds = range(args.seed, args.seed + args.table_seeds)
+            tables = [unroll_table(args, split, progress, seed) for seed in seeds]
+            results["table"] = tables[0]
+            if args.table_seeds > 1:
+                results["tables"] = tables
+                results["seeds_table"] = seeds_table(tables, progress)
         if args.must_show:
             results["must_show"] = must_show(args, split, progress)
     return results
