@@ -101,6 +101,16 @@ def masked_while_loop(cond, body, loop_vars, max_steps):
     return tuple(keras.ops.while_loop(cond, body, loop_vars, maximum_iterations=max_steps))
 
 
+def remat(fn):
+    """`keras.remat(fn)` for `fn(*tensors) -> tuple of tensors` whose inputs and outputs
+    may be integer or boolean tensors (a loop's counter and flags): on TensorFlow a
+    recomputation of keras_deq's own, since `tf.recompute_grad` needs a gradient for
+    every output (`keras_deq.backend.tensorflow.recompute`)."""
+    if name() == "tensorflow":
+        return _tf().recompute(fn)
+    return keras.remat(fn)
+
+
 # ------------------------------------------------- layer statistics, failures, saving
 # Used by `keras_deq.layers.monitor` (metrics and `on_failure` on TensorFlow) and `DEQ`.
 
