@@ -24,7 +24,7 @@ N in --iters, with two backward modes (--modes adds others):
   iterations at a time, so memory grows like N/k + k iterations instead of N. k is
   --checkpoint-every, by default round(sqrt(N)). `--check` asserts its peak is below
   `unrolled`'s at the largest N, and its peak ratio (largest/smallest N) below
-  `unrolled`'s, when both run.
+  `unrolled`'s, when both run. `unrolled_remat_checkpoint`: both settings.
 
 Peak memory is TensorFlow's own CPU allocator statistic
 (`tf.config.experimental.get_memory_info("CPU:0")["peak"]`, reset just before the
@@ -92,10 +92,12 @@ def parse_args(argv=None):
             "unrolled",
             "unrolled_remat",
             "unrolled_checkpoint",
+            "unrolled_remat_checkpoint",
         ],
         help="backward modes (default: implicit unrolled); unrolled_remat: Unrolled(remat=True), "
         "each cell evaluation recomputed in the backward pass; unrolled_checkpoint: "
-        "Unrolled(checkpoint_every=k), the solver loop in rematerialized segments of k steps",
+        "Unrolled(checkpoint_every=k), the solver loop in rematerialized segments of k steps; "
+        "unrolled_remat_checkpoint: both",
     )
     parser.add_argument(
         "--checkpoint-every",
@@ -142,8 +144,11 @@ def backward_mode(args, iters, keras_deq):
     """The `DEQ(backward=...)` of `args.mode`."""
     if args.mode == "unrolled_remat":
         return keras_deq.backward.Unrolled(remat=True)
-    if args.mode == "unrolled_checkpoint":
-        return keras_deq.backward.Unrolled(checkpoint_every=checkpoint_every(args, iters))
+    if args.mode in ("unrolled_checkpoint", "unrolled_remat_checkpoint"):
+        return keras_deq.backward.Unrolled(
+            remat=args.mode == "unrolled_remat_checkpoint",
+            checkpoint_every=checkpoint_every(args, iters),
+        )
     return args.mode
 
 
@@ -324,9 +329,9 @@ def print_table(args, results):
         )
     lo, hi = min(args.iters), max(args.iters)
     ratios = {}
-    if "unrolled_checkpoint" in args.modes:
+    if {"unrolled_checkpoint", "unrolled_remat_checkpoint"} & set(args.modes):
         segments = ", ".join(f"{n}: {checkpoint_every(args, n)}" for n in args.iters)
-        print(f"\nunrolled_checkpoint segment length k per iterations: {segments}")
+        print(f"\ncheckpoint segment length k per iterations: {segments}")
     if "unrolled" in args.modes and len(args.modes) > 1:
         print()
         for (solver, mode, iters), s in results.items():
