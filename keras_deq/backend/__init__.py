@@ -102,10 +102,9 @@ def masked_while_loop(cond, body, loop_vars, max_steps):
 
 
 def remat(fn):
-    """`keras.remat(fn)` for `fn(*tensors) -> tuple of tensors` whose inputs and outputs
-    may be integer or boolean tensors (a loop's counter and flags): on TensorFlow a
-    recomputation of keras_deq's own, since `tf.recompute_grad` needs a gradient for
-    every output (`keras_deq.backend.tensorflow.recompute`)."""
+    """`keras.remat(fn)` for `fn(*tensors) -> tuple of tensors` with integer or boolean
+    tensors among them (a loop's counter, flags): on TensorFlow keras_deq's own
+    recomputation (`tf.recompute_grad` needs a gradient for every output)."""
     if name() == "tensorflow":
         return _tf().recompute(fn)
     return keras.remat(fn)
