@@ -18,6 +18,13 @@ N in --iters, with two backward modes (--modes adds others):
   each iteration's input state and recomputes the cell in the backward pass; memory
   still grows with N, by less per iteration. `--check` asserts its peak is below
   `unrolled`'s at the largest N when both run.
+- `unrolled_checkpoint` (not run by default): `Unrolled(checkpoint_every=k)`, the solver
+  loop run as rematerialized segments of k iterations (gradient checkpointing): the
+  backward pass keeps the loop state at the N/k segment boundaries and one segment's k
+  iterations at a time, so memory grows like N/k + k iterations instead of N. k is
+  --checkpoint-every, by default round(sqrt(N)). `--check` asserts its peak is below
+  `unrolled`'s at the largest N, and its peak ratio (largest/smallest N) below
+  `unrolled`'s, when both run. `unrolled_remat_checkpoint`: both settings.
 
 Peak memory is TensorFlow's own CPU allocator statistic
 (`tf.config.experimental.get_memory_info("CPU:0")["peak"]`, reset just before the
@@ -78,9 +85,25 @@ def parse_args(argv=None):
         "--modes",
         nargs="+",
         default=["implicit", "unrolled"],
-        choices=["implicit", "phantom", "one_step", "unrolled", "unrolled_remat"],
+        choices=[
+            "implicit",
+            "phantom",
+            "one_step",
+            "unrolled",
+            "unrolled_remat",
+            "unrolled_checkpoint",
+            "unrolled_remat_checkpoint",
+        ],
         help="backward modes (default: implicit unrolled); unrolled_remat: Unrolled(remat=True), "
-        "each cell evaluation recomputed in the backward pass",
+        "each cell evaluation recomputed in the backward pass; unrolled_checkpoint: "
+        "Unrolled(checkpoint_every=k), the solver loop in rematerialized segments of k steps; "
+        "unrolled_remat_checkpoint: both",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="k of unrolled_checkpoint (default: round(sqrt(iterations)) per iteration count)",
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="fresh processes per configuration (default 3)"
@@ -107,7 +130,26 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.iters) < 1:
         parser.error("--iters must be >= 1")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        parser.error("--checkpoint-every must be >= 1")
     return args
+
+
+def checkpoint_every(args, iters):
+    """The segment length of `unrolled_checkpoint` for `iters` iterations."""
+    return args.checkpoint_every or max(1, round(math.sqrt(iters)))
+
+
+def backward_mode(args, iters, keras_deq):
+    """The `DEQ(backward=...)` of `args.mode`."""
+    if args.mode == "unrolled_remat":
+        return keras_deq.backward.Unrolled(remat=True)
+    if args.mode in ("unrolled_checkpoint", "unrolled_remat_checkpoint"):
+        return keras_deq.backward.Unrolled(
+            remat=args.mode == "unrolled_remat_checkpoint",
+            checkpoint_every=checkpoint_every(args, iters),
+        )
+    return args.mode
 
 
 def build(args, solver, iters, keras, np, tf, keras_deq):
@@ -116,9 +158,7 @@ def build(args, solver, iters, keras, np, tf, keras_deq):
         solver=solver,
         max_iter=iters,
         tol=1e-12,  # unreachable in float32: the solver runs all `iters` steps
-        backward=keras_deq.backward.Unrolled(remat=True)
-        if args.mode == "unrolled_remat"
-        else args.mode,
+        backward=backward_mode(args, iters, keras_deq),
         on_failure="ignore",  # not converging is the point here
     )
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -233,6 +273,8 @@ def run_child(args, solver, mode, iters):
         f"--threads={args.threads}",
         f"--seed={args.seed}",
     ]
+    if args.checkpoint_every is not None:
+        command.append(f"--checkpoint-every={args.checkpoint_every}")
     env = dict(
         os.environ,
         KERAS_BACKEND="tensorflow",
@@ -272,7 +314,7 @@ def _steps_text(values):
 
 def print_table(args, results):
     header = (
-        f"{'solver':<12} {'backward':<14} {'iters':>5} {'fwd steps':>9} {'bwd steps':>9} "
+        f"{'solver':<12} {'backward':<19} {'iters':>5} {'fwd steps':>9} {'bwd steps':>9} "
         f"{'peak MiB':>9} {'min-max':>13} {'above resting':>13} {'warm-up RSS+':>12} {'step s':>7}"
     )
     print(header)
@@ -280,13 +322,25 @@ def print_table(args, results):
     for (solver, mode, iters), s in results.items():
         spread = f"{s['low']:.1f}-{s['high']:.1f}"
         print(
-            f"{solver:<12} {mode:<14} {iters:>5} {_steps_text(s['fwd_steps']):>9} "
+            f"{solver:<12} {mode:<19} {iters:>5} {_steps_text(s['fwd_steps']):>9} "
             f"{_steps_text(s['bwd_steps']):>9} {s['peak']:9.1f} "
             f"{spread:>13} {s['above']:13.1f} {s['warmup_rss']:12.1f} "
             f"{s['seconds']:7.2f}"
         )
     lo, hi = min(args.iters), max(args.iters)
     ratios = {}
+    if {"unrolled_checkpoint", "unrolled_remat_checkpoint"} & set(args.modes):
+        segments = ", ".join(f"{n}: {checkpoint_every(args, n)}" for n in args.iters)
+        print(f"\ncheckpoint segment length k per iterations: {segments}")
+    if "unrolled" in args.modes and len(args.modes) > 1:
+        print()
+        for (solver, mode, iters), s in results.items():
+            plain = results.get((solver, "unrolled", iters))
+            if mode != "unrolled" and plain:
+                print(
+                    f"step time / unrolled's, {solver} {mode} {iters} iterations: "
+                    f"{s['seconds'] / plain['seconds']:.2f}"
+                )
     print()
     for solver in args.solver:
         for mode in args.modes:
@@ -323,6 +377,18 @@ def check(args, results, ratios):
             remat = results[solver, "unrolled_remat", hi]["peak"]
             if remat >= plain:
                 problems.append(f"{solver} unrolled_remat: peak {remat:.1f} >= {plain:.1f} MiB")
+        if (solver, "unrolled", hi) in results and (solver, "unrolled_checkpoint", hi) in results:
+            plain = results[solver, "unrolled", hi]["peak"]
+            segmented = results[solver, "unrolled_checkpoint", hi]["peak"]
+            if segmented >= plain:
+                problems.append(
+                    f"{solver} unrolled_checkpoint: peak {segmented:.1f} >= {plain:.1f} MiB"
+                )
+            growth = ratios.get((solver, "unrolled_checkpoint"), float("nan"))
+            if not growth < ratios.get((solver, "unrolled"), float("nan")):
+                problems.append(
+                    f"{solver} unrolled_checkpoint: peak ratio {growth:.2f} not below unrolled's"
+                )
     if problems:
         raise SystemExit("check failed:\n  " + "\n  ".join(problems))
     print("check passed")

@@ -101,6 +101,15 @@ def masked_while_loop(cond, body, loop_vars, max_steps):
     return tuple(keras.ops.while_loop(cond, body, loop_vars, maximum_iterations=max_steps))
 
 
+def remat(fn):
+    """`keras.remat(fn)` for `fn(*tensors) -> tuple of tensors` with integer or boolean
+    tensors among them (a loop's counter, flags): on TensorFlow keras_deq's own
+    recomputation (`tf.recompute_grad` needs a gradient for every output)."""
+    if name() == "tensorflow":
+        return _tf().recompute(fn)
+    return keras.remat(fn)
+
+
 # ------------------------------------------------- layer statistics, failures, saving
 # Used by `keras_deq.layers.monitor` (metrics and `on_failure` on TensorFlow) and `DEQ`.
 

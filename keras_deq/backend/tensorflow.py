@@ -146,6 +146,60 @@ def identity_with_gradient(flat, rewrite):
     return list(identity(*flat))
 
 
+def recompute(fn):
+    """`fn` (`(*tensors) -> tuple of tensors`) whose gradient recomputes it from its
+    inputs, as `tf.recompute_grad`, which needs a gradient for every output of `fn`:
+    here an output that is not floating point (a loop counter, a flag) needs none,
+    and an input that is not floating point gets none. The outputs that get no
+    gradient (None: unconnected) count as zeros."""
+    from tensorflow.python.eager import record  # noqa: PLC0415
+
+    @tf.custom_gradient
+    def inner(*args):
+        with record.stop_recording():
+            result = tuple(fn(*args))
+        # The shapes, not the outputs: the gradient keeps nothing of the forward pass.
+        shapes = [tf.shape(t) for t in result]
+
+        def grad(*upstream):
+            sources = [i for i, t in enumerate(args) if t.dtype.is_floating]
+            outs = [i for i, t in enumerate(result) if t.dtype.is_floating]
+            cotangents = [
+                tf.zeros(shapes[i], result[i].dtype) if upstream[i] is None else upstream[i]
+                for i in outs
+            ]
+            inputs = list(args)
+            if cotangents and not tf.executing_eagerly():
+                # A data dependency on the upstream gradient (XLA ignores control
+                # dependencies): the recomputation runs when it is needed, not with the
+                # forward pass (as `tf.recompute_grad` does).
+                # A zero that graph optimizations cannot fold away (`tf.recompute_grad`'s).
+                first = tf.reduce_max(tf.reshape(cotangents[0], [-1])[:1])
+                known = tf.cast(first, tf.bool)
+                zero = tf.where(tf.equal(known, known), 0.0, float("nan"))
+                inputs = [
+                    t + tf.cast(zero, t.dtype) if i in sources else t for i, t in enumerate(args)
+                ]
+            with tf.GradientTape() as tape:
+                inputs = [tf.identity(t) for t in inputs]
+                tape.watch([inputs[i] for i in sources])
+                again = tuple(fn(*inputs))
+            grads = tape.gradient(
+                [again[i] for i in outs],
+                [inputs[i] for i in sources],
+                output_gradients=cotangents,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            out = [None] * len(args)
+            for i, g in zip(sources, grads, strict=True):
+                out[i] = g
+            return out
+
+        return result, grad
+
+    return inner
+
+
 @contextlib.contextmanager
 def not_recorded():
     """Keeps eager gradient tapes from recording (the forward solve)."""

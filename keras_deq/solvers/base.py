@@ -8,6 +8,7 @@ iterate, the non-finite guard, the stopping rule and the `SolverResult`.
 
 import contextlib
 import threading
+from typing import Any, NamedTuple
 
 import keras
 from keras import ops
@@ -21,12 +22,33 @@ from keras_deq.solvers import trace as trace_lib
 _BY_NAME = {}
 
 
-# The static iteration bounds of the open `differentiable_loops` scopes (innermost last).
+# The open `differentiable_loops` scopes (innermost last): `(max_steps, checkpoint)`.
 _DIFFERENTIABLE = threading.local()
 
 
+class Checkpointing(NamedTuple):
+    """How a differentiable solver loop is split into rematerialized segments.
+
+    See `differentiable_loops`. The loop body may read tensors from outside the loop
+    (the cell's injection and weights); where the backend's rematerialization drops
+    the gradient of what its function captures (TensorFlow's `tf.recompute_grad`),
+    they are handed to each segment as inputs: `inputs`, a tuple of tensors, and
+    `bind`, a function of a tuple like `inputs` returning a context manager under
+    which the loop body reads those tensors in place of `inputs`.
+
+    Attributes:
+        every: The solver iterations per segment, a positive Python int.
+        inputs: The tensors the loop body reads from outside the loop, or `()`.
+        bind: `tensors -> context manager`, or None (when `inputs` is empty).
+    """
+
+    every: int
+    inputs: tuple = ()
+    bind: Any = None
+
+
 @contextlib.contextmanager
-def differentiable_loops(max_steps=None):
+def differentiable_loops(max_steps=None, checkpoint=None):
     """A scope in which every solver loop can be reverse-differentiated on any backend.
 
     Inside it the shared loop runs as `keras_deq.backend.masked_while_loop`: on JAX
@@ -37,11 +59,20 @@ def differentiable_loops(max_steps=None):
     solver whose `max_iter` is a tensor (a budget drawn at run time) needs
     `max_steps`, a Python int at least as large as that budget.
 
+    With `checkpoint` (a `Checkpointing`), the loop runs as segments of
+    `checkpoint.every` iterations (the solver's own update and state included),
+    each rematerialized (`keras.remat`): the backward pass keeps the loop's state
+    at the segment boundaries only, and recomputes one segment's iterations at a
+    time from it. The iterations after the stop are skipped in the same way. Only
+    the solver loops this scope runs directly are segmented, not loops run inside
+    the map they solve.
+
     Args:
         max_steps: None, or the static bound for a run-time `max_iter`.
+        checkpoint: None, or a `Checkpointing`.
     """
     stack = _DIFFERENTIABLE.__dict__.setdefault("bounds", [])
-    stack.append(max_steps)
+    stack.append((max_steps, checkpoint))
     try:
         yield
     finally:
@@ -55,13 +86,62 @@ def _differentiable_bound(max_iter):
         return None
     if not ops.is_tensor(max_iter):
         return max_iter
-    if stack[-1] is None:
+    if stack[-1][0] is None:
         raise ValueError(
             "An unrolled (differentiable) solver loop needs a static bound, but `max_iter` "
             "is a tensor: pass `differentiable_loops(max_steps=...)` (in `Equilibrium`, "
             f"`max_steps=`). Received: max_iter={max_iter!r}"
         )
-    return stack[-1]
+    return stack[-1][0]
+
+
+def _checkpointing():
+    """The innermost `differentiable_loops` scope's `(max_steps, Checkpointing or None)`."""
+    stack = getattr(_DIFFERENTIABLE, "bounds", None)
+    return stack[-1] if stack else (None, None)
+
+
+def checkpointed_while_loop(cond, body, loop_vars, max_steps, checkpoint, max_steps_inside=None):
+    """`backend.masked_while_loop(cond, body, loop_vars, max_steps)` as rematerialized
+    segments of `checkpoint.every` iterations (see `differentiable_loops`).
+
+    An outer masked loop of `ceil(max_steps / every)` iterations runs, while `cond`
+    holds, one segment: `keras.remat` of a masked loop of `every` iterations of
+    `body` (an iteration after `cond` turns False is skipped, so a stop inside a
+    segment, or a `max_steps` that is not a multiple of `every`, runs exactly the
+    iterations the while loop would). Autodiff through the outer loop keeps each
+    segment's input (the loop variables and `checkpoint.inputs`), and recomputes the
+    segment's iterations when its gradient is needed. Inside a segment the solver
+    loops of the map see a `differentiable_loops(max_steps_inside)` scope, without
+    checkpointing, also when the segment is recomputed.
+
+    Args:
+        cond, body, loop_vars, max_steps: As for `backend.masked_while_loop`.
+        checkpoint: A `Checkpointing`.
+        max_steps_inside: The `max_steps` of the scope the segment's inner loops see.
+
+    Returns:
+        The final `loop_vars`, a tuple.
+    """
+    loop_vars = tuple(loop_vars)
+    inputs = tuple(checkpoint.inputs)
+    n = len(inputs)
+    bind = checkpoint.bind or (lambda tensors: contextlib.nullcontext())
+
+    def run_segment(*flat):
+        with bind(tuple(flat[:n])), differentiable_loops(max_steps_inside):
+            v = keras.tree.pack_sequence_as(loop_vars, flat[n:])
+            out = backend.masked_while_loop(cond, body, v, checkpoint.every)
+            return tuple(keras.tree.flatten(out))
+
+    segment = backend.remat(run_segment)
+
+    def segment_body(*v):
+        out = segment(*inputs, *keras.tree.flatten(v))
+        return tuple(keras.tree.pack_sequence_as(loop_vars, out))
+
+    segments = -(-max_steps // checkpoint.every)
+    return backend.masked_while_loop(cond, segment_body, loop_vars, segments)
 
 
 # The iterations whose iterates the innermost open `recording` scope keeps.
@@ -258,6 +338,7 @@ class Solver(configurable.Configurable):
         max_iter = common.loop_bound(self.max_iter)
 
         bound = _differentiable_bound(max_iter)
+        max_steps_inside, checkpoint = _checkpointing()
         # Where the loop runs op by op and nothing differentiates it, a new iterate is
         # checked for NaN or Inf at its next evaluation (`res.nonfinite_rows`), one
         # pass less per iteration; elsewhere before it (`res.guard`), so that no
@@ -308,9 +389,13 @@ class Solver(configurable.Configurable):
             steps, z, _, best, _, history, kept = ops.while_loop(
                 cond, body, loop_vars, maximum_iterations=max_iter
             )
-        else:
+        elif checkpoint is None:
             steps, z, _, best, _, history, kept = backend.masked_while_loop(
                 cond, body, loop_vars, bound
+            )
+        else:
+            steps, z, _, best, _, history, kept = checkpointed_while_loop(
+                cond, body, loop_vars, bound, checkpoint, max_steps_inside
             )
         if not guard_each_step:  # the last iterate, never evaluated
             z, best = res.guard(best, z)

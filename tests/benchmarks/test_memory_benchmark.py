@@ -38,3 +38,18 @@ def test_a_state_too_small_to_measure_is_reported_not_divided_by():
     )
     assert checked.returncode != 0
     assert "peak too small to compare" in checked.stdout + checked.stderr
+
+
+@pytest.mark.slow  # four processes of the benchmark: 2-4 minutes on 2 cores
+def test_checkpointed_unrolled_memory_grows_less_than_unrolled():
+    # `--check`: at 64 iterations the checkpointed peak is below plain unrolling's, and
+    # its growth from 8 to 64 iterations is smaller.
+    args = ["--iters", "8", "64", "--modes", "unrolled", "unrolled_checkpoint"]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--repeats", "1", "--steps", "1", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "check passed" in result.stdout
