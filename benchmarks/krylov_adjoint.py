@@ -2,6 +2,10 @@
 
     python benchmarks/krylov_adjoint.py [--epochs 10] [--seeds 0 1] [--threads 1]
     python benchmarks/krylov_adjoint.py --quick   # seconds: a smoke run
+    python benchmarks/krylov_adjoint.py --model lm [--steps 300]   # the DEQ-Transformer LM
+
+`--model lm` runs the same comparison on the DEQ-Transformer language model, per position
+(`benchmarks/krylov_adjoint_lm.py`, which describes it); what follows is the digits DEQ.
 
 The implicit gradient solves the adjoint system `u = J^T u + g` (`J = df/dz` at the
 fixed point) with one vector-Jacobian product (VJP) of the cell per solver step. It is
@@ -202,32 +206,34 @@ def solve_alone(model, data, args, progress):
                 def solve(g, solver=solver, scale=scale):
                     return solver(lambda u: scale * vjp(u) + g, g)
 
-                result = solve(g)  # traces and compiles
-                seconds, began_all = [], time.perf_counter()
-                # `--repeats` solves, or fewer (at least 3) past 2 s.
-                while len(seconds) < args.repeats and (
-                    len(seconds) < 3 or time.perf_counter() - began_all < 2.0
-                ):
-                    began = time.perf_counter()
-                    result = solve(g)
-                    _ = result.state.numpy()
-                    seconds.append(time.perf_counter() - began)
-                steps = int(result.steps)
-                median = float(np.median(seconds))
-                rows.append(
-                    {
-                        "scale": scale,
-                        "tol": tol,
-                        "adjoint": label,
-                        "steps": steps,
-                        "conv": float(np.mean(result.converged.numpy())),
-                        "res": float(np.max(result.rel_residual.numpy())),
-                        "ms": 1000.0 * median,
-                        "ms_per_eval": 1000.0 * median / max(steps, 1),
-                    }
-                )
+                row = timed_solve(solve, g, args)
+                rows.append({"scale": scale, "tol": tol, "adjoint": label, **row})
                 progress.advance()
     return rows
+
+
+def timed_solve(solve, g, args):
+    """The columns of a row of the table of adjoint solves: `solve(g)` (a compiled
+    function returning a `SolverResult`) traced and compiled, then timed over
+    `--repeats` solves, or fewer (at least 3) past 2 s."""
+    result = solve(g)  # traces and compiles
+    seconds, began_all = [], time.perf_counter()
+    while len(seconds) < args.repeats and (
+        len(seconds) < 3 or time.perf_counter() - began_all < 2.0
+    ):
+        began = time.perf_counter()
+        result = solve(g)
+        _ = result.state.numpy()
+        seconds.append(time.perf_counter() - began)
+    steps = int(result.steps)
+    median = float(np.median(seconds))
+    return {
+        "steps": steps,
+        "conv": float(np.mean(result.converged.numpy())),
+        "res": float(np.max(result.rel_residual.numpy())),
+        "ms": 1000.0 * median,
+        "ms_per_eval": 1000.0 * median / max(steps, 1),
+    }
 
 
 def print_training(rows):
@@ -254,20 +260,41 @@ def print_solves(rows):
         )
 
 
+# The options whose default depends on `--model` (the language model's: `krylov_adjoint_lm`).
+DIGITS_DEFAULTS = {
+    "batch_size": 64,
+    "learning_rate": 1e-3,
+    "max_iter": 30,
+    "tol": 1e-4,
+    "threads": 1,
+    "scales": [1.0, 2.0],
+    "solve_tols": [1e-4, 1e-6],
+}
+
+
 def main(argv=None):
+    import krylov_adjoint_lm as lm  # noqa: PLC0415 (it imports this module's helpers)
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        choices=("digits", "lm"),
+        default="digits",
+        help="the digits DEQ, or the DEQ-Transformer language model (benchmarks/"
+        "krylov_adjoint_lm.py); the options below marked * default to the model's settings",
     )
     parser.add_argument("--adjoints", nargs="+", default=["anderson", "gmres"], choices=ADJOINTS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--max-iter", type=int, default=30)
-    parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, help="* 64; lm: 32")
+    parser.add_argument("--learning-rate", type=float, help="* 1e-3; lm: 2e-3")
+    parser.add_argument("--max-iter", type=int, help="* both solves' budget: 30; lm: 12")
+    parser.add_argument("--tol", type=float, help="* both solves' tolerance: 1e-4; lm: 1e-3")
     parser.add_argument("--restart", type=int, default=20, help="GMRES's Krylov vectors per cycle")
     parser.add_argument("--window", type=int, default=5, help="Anderson's window")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0])
+    parser.add_argument("--scales", type=float, nargs="+", help="* 1 2; lm: 1")
     parser.add_argument(
         "--solve-restarts",
         type=int,
@@ -275,27 +302,35 @@ def main(argv=None):
         default=[20, 50],
         help="GMRES's restarts in the table of adjoint solves",
     )
-    parser.add_argument("--solve-tols", type=float, nargs="+", default=[1e-4, 1e-6])
+    parser.add_argument("--solve-tols", type=float, nargs="+", help="* 1e-4 1e-6; lm: 1e-3 1e-6")
     parser.add_argument("--solve-max-iter", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument(
-        "--threads", type=int, default=1, help="TensorFlow threads (0: leave TensorFlow's)"
+        "--threads", type=int, help="* TensorFlow threads, 1; lm: 2 (0: leave TensorFlow's)"
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="1 epoch on 256 images, one scale and tolerance, 3 repeats, no XLA",
+        help="1 epoch on 256 images (lm: 4 steps of a small model on a few lines of text), "
+        "one scale and tolerance, 3 repeats, no XLA",
     )
+    lm.add_arguments(parser)
     args = parser.parse_args(argv)
+    defaults = lm.DEFAULTS if args.model == "lm" else DIGITS_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     # As DEQ does on CPU: the solves compiled apart with XLA (not in --quick, to save
     # the compilations).
     args.compile = not args.quick
     if args.quick:
-        args.epochs, args.seeds, args.scales, args.repeats = 1, [0], [1.0], 3
-        args.solve_tols, args.solve_restarts = [1e-4], [args.restart]
+        args.epochs, args.seeds, args.scales, args.repeats = 1, args.seeds[:1], [1.0], 3
+        args.solve_tols, args.solve_restarts = args.solve_tols[:1], [args.restart]
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    if args.model == "lm":
+        return lm.main(args)
 
     data = load_digits_split(0)
     if args.quick:

@@ -123,7 +123,10 @@ class DEQ(SolverMonitor, PenaltyControls, StartControls, SolverTraceMixin, keras
             iterate). 1 (default): each sample is one vector. 2 with a
             `(batch, T, d)` sequence state: each position is solved separately,
             which keeps a causal cell exactly causal with Anderson or Broyden.
-            Statistics are then per position. Single-tensor states only.
+            Statistics are then per position. Single-tensor states only. A GMRES
+            adjoint (`joint_entries`) runs one Krylov process per sample, over all
+            its positions (which the cell may couple), and tests the tolerance per
+            position (`keras_deq.solvers.common.per_entry`).
         on_failure: `"warn"`, `"raise"` or `"ignore"` when a sample does not
             converge.
         seed: Seed for the regularizer's probes and its per-step draw.
@@ -317,7 +320,9 @@ class DEQ(SolverMonitor, PenaltyControls, StartControls, SolverTraceMixin, keras
         if trace:
             overrides["trace"] = True
         solve = common.per_entry(
-            lambda f, z0, **m: solver(f, z0, **m, **overrides), self.solver_batch_dims
+            lambda f, z0, **m: solver(f, z0, **m, **overrides),
+            self.solver_batch_dims,
+            joint=getattr(solver, "joint_entries", False),
         )
         solve = functools.partial(solve, **(maps or {}))
         if not adjoint and self.correction is not None:

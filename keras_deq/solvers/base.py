@@ -236,6 +236,11 @@ class Solver(configurable.Configurable):
     # Whether the solver is correct for affine maps only (`GMRES`): `DEQ` then refuses
     # it as the forward solver of its (non-linear) cell; it solves the adjoint.
     affine_only = False
+    # Whether, under `solver_batch_dims` > 1 (`common.per_entry`), the solver takes whole
+    # samples and tests its tolerance per entry (`solve_flat(..., entry_size=...)`)
+    # rather than solving each entry as a sample of its own: a Krylov process (`GMRES`)
+    # must span every entry that the map couples.
+    joint_entries = False
 
     def __init__(self, max_iter=50, tol=1e-4, stop_mode="rel"):
         self.max_iter = common.check_max_iter(max_iter)
@@ -303,19 +308,30 @@ class Solver(configurable.Configurable):
                 like the constructor's), e.g. `solver(f, z0, max_iter=10)`; the
                 maps named in `extra_maps` (structure to structure, like `f`); and
                 `trace=True` to record the residuals of every iteration in
-                `SolverResult.trace` (a `SolverTrace`; needs an int `max_iter`).
+                `SolverResult.trace` (a `SolverTrace`; needs an int `max_iter`);
+                for a solver with `joint_entries`, `entry_size` (see
+                `common.per_entry`).
 
         Returns:
             A `SolverResult`.
         """
         common.check_callable("f", f)
         trace = common.check_bool("trace", overrides.pop("trace", False))
+        entry_size = overrides.pop("entry_size", None)
+        if entry_size is not None and not self.joint_entries:
+            raise ValueError(
+                f"`entry_size` is for solvers with `joint_entries` (GMRES); "
+                f"{type(self).__name__} solves each entry as a sample of its own "
+                f"(`common.per_entry`). Received: entry_size={entry_size!r}"
+            )
         maps = {name: overrides.pop(name) for name in self.extra_maps if name in overrides}
         maps = {name: common.check_callable(name, g) for name, g in maps.items() if g is not None}
         solver = self
         if overrides:
             solver = type(self).from_config({**self.get_config(), **overrides})
         kwargs = {"trace": trace_lib.check_traceable(solver)} if trace else {}
+        if entry_size is not None:
+            kwargs["entry_size"] = entry_size
         return common.solve_structure(solver.solve_flat, f, z0, maps=maps, **kwargs)
 
     def solve_flat(self, f, z0, unpack=None, trace=False):

@@ -137,7 +137,7 @@ def solve_structure(flat_solver, f, z0, maps=None, **kwargs):
         return flat_solver(packer.flat_fn(f), packer.pack(z0), packer.unpack, **flat_maps, **kwargs)
 
 
-def per_entry(solve, batch_dims):
+def per_entry(solve, batch_dims, joint=False):
     """Wraps `solve(f, z0)` so that the first `batch_dims` axes are all batch axes.
 
     With `batch_dims=2` and a `(batch, T, d)` state, each of the `batch * T`
@@ -145,10 +145,18 @@ def per_entry(solve, batch_dims):
     Jacobian estimate (Broyden), residual, tolerance test and returned iterate.
     A cell that is causal along `T` then stays exactly causal whatever the solver.
 
+    With `joint` (a solver with `joint_entries`: `GMRES`), each position has its own
+    residual and tolerance test only: `solve` gets whole samples and
+    `entry_size=prod(z0.shape[batch_dims:])`, and runs one Krylov process per sample.
+    Processes per position would not solve a map that couples the positions (the
+    adjoint of attention): each would read the other positions' Krylov probes in its
+    differences of the map.
+
     Args:
         solve: A function `(f, z0, **maps) -> SolverResult` on single-tensor states
             (`maps`: further maps like `f`, see `Solver.extra_maps`).
         batch_dims: Number of leading axes to treat as batch axes, >= 1.
+        joint: Whether `solve` takes `entry_size` and whole samples (see above).
 
     Returns:
         A function `(f, z0, **maps) -> SolverResult` whose state has `z0`'s shape and
@@ -156,6 +164,12 @@ def per_entry(solve, batch_dims):
     """
     if batch_dims == 1:
         return solve
+    if joint:
+
+        def solve_joint(f, z0, **maps):
+            return solve(f, z0, entry_size=_entry_size(z0, batch_dims), **maps)
+
+        return solve_joint
 
     def solve_entries(f, z0, **maps):
         lead = ops.shape(z0)[:batch_dims]
@@ -175,6 +189,15 @@ def per_entry(solve, batch_dims):
         return result._replace(state=split(result.state), recorded=recorded)
 
     return solve_entries
+
+
+def _entry_size(z0, batch_dims):
+    """The number of values of each entry of `z0` past its `batch_dims` axes: an int
+    where the static shape knows it, else a scalar tensor."""
+    static = tuple(z0.shape)[batch_dims:]
+    if all(d is not None for d in static):
+        return int(np.prod(static, dtype=np.int64))
+    return ops.prod(ops.shape(z0)[batch_dims:])
 
 
 def _check_state(z0):

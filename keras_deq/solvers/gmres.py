@@ -5,6 +5,7 @@ import numpy as np
 from keras import ops
 
 from keras_deq.solvers import common
+from keras_deq.solvers import gmres_entries as entries_lib
 from keras_deq.solvers import result as res
 from keras_deq.solvers.base import Solver, _differentiable_bound
 
@@ -37,7 +38,11 @@ class GMRES(Solver):
 
     Each sample of the batch is its own linear system, with its own Krylov process,
     least-squares problem and stopping test, as the fixed-point solvers treat rows:
-    a sample's iterates and result do not depend on the rest of the batch. A process
+    a sample's iterates and result do not depend on the rest of the batch. Under
+    `DEQ(solver_batch_dims=2)` a sample is a whole sequence, one process over all its
+    positions (which attention couples: processes per position would read each
+    other's probes), with a residual and a tolerance test per position: it stops
+    when every position meets `tol` (see `solve_flat`'s `entry_size`). A process
     evaluates `h` once at the sample's iterate `x` (measuring its residual
     `r = h(x) - x`, which the result's residuals, best iterate and `converged` come
     from, as for the other solvers), then once per Krylov vector `v_j`, at
@@ -88,23 +93,33 @@ class GMRES(Solver):
 
     name = "gmres"
     affine_only = True
+    joint_entries = True
 
     def __init__(self, max_iter=50, tol=1e-4, stop_mode="rel", restart=20):
         super().__init__(max_iter, tol, stop_mode)
         self.restart = common.check_positive_int("restart", restart)
 
-    def solve_flat(self, f, z0, unpack=None):
+    def solve_flat(self, f, z0, unpack=None, entry_size=None):
         """The GMRES loop on `(batch, n)` matrices; see the class docstring.
 
         Args:
             f: The affine map on `(batch, n)` matrices.
             z0: The starting iterate, `(batch, n)`, float32 or float64.
             unpack: Applied to the returned state (identity if None).
+            entry_size: None: each sample has one residual and tolerance test. An int
+                (or scalar tensor) dividing `n`: each sample's entries of that width
+                (the rows of `reshape(z, (-1, entry_size))`) have their own, and the
+                result's residuals and `converged` are per entry (see
+                `keras_deq.solvers.common.per_entry`).
 
         Returns:
             A `SolverResult`.
         """
         tol, stop_mode, m = self.tol, self.stop_mode, self.restart
+        if entry_size is None:
+            rows = entries_lib.Samples(tol, stop_mode)
+        else:
+            rows = entries_lib.Entries(tol, stop_mode, entry_size, ops.shape(z0)[1] // entry_size)
         max_iter = common.loop_bound(self.max_iter)
         if _differentiable_bound(max_iter) is not None:
             raise ValueError(
@@ -130,12 +145,7 @@ class GMRES(Solver):
             fp = f(p)
             # 1. The residual of the evaluated point: a measurement where it is the
             # sample's iterate (not in a Krylov process), else a Krylov probe.
-            residual = res.residuals(fp, p)
-            finite = ops.isfinite(residual.abs_residual)
-            measured = res.update_best(
-                best, p, residual.abs_residual, residual.rel_residual, stop_mode, tol
-            )
-            best = res.Best(*res.where_rows(~krylov, measured[:3], best[:3]), best.failed | ~finite)
+            best, finite = rows.measure(best, p, fp, krylov)
             # A non-finite image is replaced by `p` (its sample is frozen from now on), so
             # that its row of the Krylov state stays finite.
             fp = res.where_rows(finite, fp, p)
@@ -149,7 +159,7 @@ class GMRES(Solver):
             v0 = r / ops.where(beta > tiny, beta, 1.0)[:, None]
             c_new = _norm(p) + _norm(fp)
             c_new = ops.where(c_new > tiny, c_new, 1.0)
-            stay = res.converged(best, tol, stop_mode) | best.failed | last | (position == m)
+            stay = rows.settled(best) | last | (position == m)
             restarting = ~krylov & ~stay
 
             # 3. The Arnoldi step of a process (slots first .. i), w = (I - A) v_i with
@@ -168,8 +178,7 @@ class GMRES(Solver):
             direction = res.where_rows(krylov, direction, ops.zeros_like(direction))
             xk = xk + ops.take(g, i, axis=1)[:, None] * direction
             estimate = ops.abs(ops.take(g, i + 1, axis=1))
-            # ||h(x_i)|| >= ||x_i|| - ||r_i||, for the relative estimate.
-            estimate_rel = res.relative(estimate, ops.maximum(_norm(xk) - estimate, 0.0))
+            estimate_rel = rows.estimate_rel(estimate, xk)
             done = res.criterion(estimate, estimate_rel, stop_mode) <= tol
             switch = krylov & (done | last | (i + 1 >= m))
 
@@ -185,8 +194,8 @@ class GMRES(Solver):
             p_next = res.where_rows(krylov_next, x + c[:, None] * v, res.where_rows(switch, xk, p))
             hx = res.where_rows(restarting, fp, hx)
             first = ops.where(restarting, position, first)
-            p_next, best = res.guard(best, p_next)
-            go = res.keep_going(best, tol, stop_mode)
+            p_next, best = rows.guard(best, p_next)
+            go = rows.keep_going(best)
             state = (x, hx, c, v, direction, xk, g, basis, directions, qt)
             return k + 1, p_next, krylov_next, restarting, first, state, best, go
 
@@ -210,10 +219,10 @@ class GMRES(Solver):
         false = ops.zeros((batch,), dtype="bool")
         int_zero = ops.convert_to_tensor(0, "int32")
         loop_vars = (int_zero, z0, false, false, ops.zeros((batch,), dtype="int32"), state)
-        loop_vars += (res.initial_best(z0), ops.convert_to_tensor(True))
+        loop_vars += (rows.initial_best(z0), ops.convert_to_tensor(True))
         out = ops.while_loop(cond, body, loop_vars, maximum_iterations=max_iter)
         steps, best = out[0], out[-2]
-        return res.to_result(best, steps, tol, stop_mode, unpack or (lambda z: z))
+        return rows.to_result(best, steps, unpack or (lambda z: z))
 
 
 def gmres(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", restart=20):

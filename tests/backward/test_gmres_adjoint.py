@@ -5,6 +5,7 @@ Row-vector convention of `DenseCell`: `z_next = act(z W + x U + b)`; the adjoint
 loss gradient `g` solves `u = u W^T + g` for a linear cell.
 """
 
+import keras
 import numpy as np
 import pytest
 from feature_references import FLOAT_DTYPES, gradient, layer_gradients
@@ -159,3 +160,49 @@ def test_equilibrium_takes_a_gmres_adjoint():
     want = u @ u_inj.T
     assert np.max(np.abs(np.asarray(gx) - want)) / np.max(np.abs(want)) < 1e-4
     assert captured  # the adjoint result reached `on_backward`
+
+
+@pytest.mark.float64
+def test_per_position_gradient_of_a_causal_transformer_matches_autodiff():
+    # `solver_batch_dims=2`, the language model's: the positions are coupled by
+    # attention, and GMRES runs one Krylov process per sequence with a tolerance per
+    # position (`keras_deq.solvers.common.per_entry(joint=True)`). The reference is
+    # autodiff through 80 unrolled fixed-point iterations (a contraction).
+    from keras_deq.layers.transformer import DEQTransformerCell  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    x = ops.convert_to_tensor(rng.normal(size=(2, 5, 8)), "float64")
+    w = ops.convert_to_tensor(rng.normal(size=(2, 5, 8)), "float64")
+
+    def layer(**kwargs):
+        keras.utils.set_random_seed(3)
+        cell = DEQTransformerCell(
+            2,
+            ff_dim=12,
+            kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.3),
+            dtype="float64",
+        )
+        deq = keras_deq.DEQ(cell, on_failure="ignore", dtype="float64", **kwargs)
+        deq.build(x.shape)
+        return deq
+
+    gmres = layer(
+        solver="anderson",
+        max_iter=100,
+        tol=1e-13,
+        solver_batch_dims=2,
+        backward=backward.Implicit(solver=solvers.GMRES(max_iter=100, tol=1e-13)),
+        jit_compile=False,
+    )
+    unrolled = layer(solver="fixed_point", max_iter=80, tol=1e-300, backward="unrolled")
+    unrolled.cell.set_weights(gmres.cell.get_weights())
+
+    def grads(deq):
+        loss = lambda out: ops.sum(ops.sin(out) * w)  # noqa: E731
+        return layer_gradients(deq, x, loss, deq.cell.trainable_variables)
+
+    got, want = grads(gmres), grads(unrolled)
+    for a, b in zip(got, want, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 1e-8 * (1.0 + np.abs(b).max())
+    assert np.abs(np.asarray(got[0])).max() > 1e-3
