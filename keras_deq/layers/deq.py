@@ -8,6 +8,7 @@ import keras
 from keras_deq import backend
 from keras_deq import backward as backward_lib
 from keras_deq import solvers as solvers_lib
+from keras_deq.configurable import config_value
 from keras_deq.jacobian_penalty import JacobianPenalty
 from keras_deq.layers import deq_arguments as arguments
 from keras_deq.layers import deq_state as state
@@ -123,10 +124,8 @@ class DEQ(SolverMonitor, PenaltyControls, StartControls, SolverTraceMixin, keras
             iterate). 1 (default): each sample is one vector. 2 with a
             `(batch, T, d)` sequence state: each position is solved separately,
             which keeps a causal cell exactly causal with Anderson or Broyden.
-            Statistics are then per position. Single-tensor states only. A GMRES
-            adjoint (`joint_entries`) runs one Krylov process per sample, over all
-            its positions (which the cell may couple), and tests the tolerance per
-            position (`keras_deq.solvers.common.per_entry`).
+            Statistics are then per position. Single-tensor states only. GMRES
+            solves each sample's positions jointly, with a tolerance per position.
         on_failure: `"warn"`, `"raise"` or `"ignore"` when a sample does not
             converge.
         seed: Seed for the regularizer's probes and its per-step draw.
@@ -319,10 +318,9 @@ class DEQ(SolverMonitor, PenaltyControls, StartControls, SolverTraceMixin, keras
         overrides = {} if max_iter is None else {"max_iter": max_iter}
         if trace:
             overrides["trace"] = True
+        joint = getattr(solver, "joint_entries", False)  # GMRES: one process per sample
         solve = common.per_entry(
-            lambda f, z0, **m: solver(f, z0, **m, **overrides),
-            self.solver_batch_dims,
-            joint=getattr(solver, "joint_entries", False),
+            lambda f, z0, **m: solver(f, z0, **m, **overrides), self.solver_batch_dims, joint
         )
         solve = functools.partial(solve, **(maps or {}))
         if not adjoint and self.correction is not None:
@@ -466,9 +464,7 @@ class DEQ(SolverMonitor, PenaltyControls, StartControls, SolverTraceMixin, keras
             {
                 "cell": backend.serialize_shareable(self.cell),
                 "solver": arguments.object_config(self.solver, solvers_lib.serialize),
-                "max_iter": self.max_iter
-                if self.budget is None
-                else keras.saving.serialize_keras_object(self.budget),
+                "max_iter": config_value(self.max_iter if self.budget is None else self.budget),
                 "tol": self.tol,
                 "stop_mode": self.stop_mode,
                 "solver_options": dict(self.solver_options),
