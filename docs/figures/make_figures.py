@@ -254,6 +254,16 @@ def synthetic_fits():
     return "python docs/figures/make_figures.py --only synthetic_fits", {"tasks": tasks}
 
 
+def pcdeq_norms():
+    """benchmarks/pcdeq_norms.py's weight-norm sweep (its defaults: norms 0.5 ... 16,
+    seeds 0, 1, 2, fixed-point iteration, tol 1e-4, at most 200 iterations; no
+    training): each model's converged fraction and iterations per norm and seed."""
+    bench = _load("benchmarks/pcdeq_norms.py", "bench_pcdeq_norms")
+    out = bench.main(["--train-starts"])
+    rows = [{"norm": norm, "seed": seed, "models": stats} for norm, seed, stats in out["sweep"]]
+    return "python benchmarks/pcdeq_norms.py --train-starts", {"sweep": rows, "max_iter": 200}
+
+
 def steep_separation():
     """benchmarks/steep_separation.py with its defaults (δ = 2^-10, d = 6, 8, ..., 20,
     seeds 0 and 1, 800 Adam steps, one thread): every run's max |weight| and errors."""

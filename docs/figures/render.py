@@ -216,6 +216,43 @@ def synthetic_fits(record, path):
     _save(fig, path)
 
 
+def pcdeq_norms(record, path):
+    """Converged fraction and forward iterations against the recurrent weight's norm:
+    pcDEQ against unconstrained DEQs (median over the seeds, their range as bars)."""
+    rows = record["data"]["sweep"]
+    labels = {
+        "pcdeq": "pcDEQ",
+        "deq": "DEQ, fixed point",
+        "deq-anderson": "DEQ, Anderson",
+        "deq-nonneg": "DEQ, pcDEQ's W >= 0",
+        "pcdeq-signed": "pcDEQ cell, signed W",
+    }
+    norms = sorted({r["norm"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for k, model in enumerate(labels):
+        for ax, key, scale in zip(axes, ("conv", "steps"), (100, 1), strict=True):
+            values = [
+                [scale * r["models"][model][key] for r in rows if r["norm"] == n] for n in norms
+            ]
+            mid = np.array([np.median(v) for v in values])
+            err = np.array([mid - [min(v) for v in values], [max(v) for v in values] - mid])
+            style = {
+                "lw": 2.2 if model == "pcdeq" else 1.2,
+                "color": f"C{(3, 0, 1, 2, 4)[k]}",
+            }
+            ax.errorbar(
+                norms, mid, yerr=err, marker="o", ms=3.5, capsize=2, label=labels[model], **style
+            )
+    axes[0].set_title("samples converged to tol (%)")
+    axes[1].set_title(f"forward iterations (cap {record['data']['max_iter']})")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("||W||_2 at the start")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def steep_separation(record, path):
     """Max |weight| and relative L∞ error against the input dimension d: DEQ vs FNNs
     (paper 004's Fig. 4 in our stand-in), median over the seeds with their range."""
@@ -301,6 +338,7 @@ FIGURES = {
     "multiscale_lipschitz": multiscale_lipschitz,
     "synthetic_fits": synthetic_fits,
     "steep_separation": steep_separation,
+    "pcdeq_norms": pcdeq_norms,
     "jacobian_steps": jacobian_steps,
 }
 
