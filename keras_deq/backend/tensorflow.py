@@ -171,9 +171,9 @@ def recompute(fn):
             inputs = list(args)
             if cotangents and not tf.executing_eagerly():
                 # A data dependency on the upstream gradient (XLA ignores control
-                # dependencies): the recomputation runs when it is needed, not with the
-                # forward pass (as `tf.recompute_grad` does).
-                # A zero that graph optimizations cannot fold away (`tf.recompute_grad`'s).
+                # dependencies), through a zero that graph optimizations cannot fold away
+                # (as `tf.recompute_grad` does): the recomputation runs when it is needed,
+                # not with the forward pass.
                 first = tf.reduce_max(tf.reshape(cotangents[0], [-1])[:1])
                 known = tf.cast(first, tf.bool)
                 zero = tf.where(tf.equal(known, known), 0.0, float("nan"))

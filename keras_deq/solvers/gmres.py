@@ -155,9 +155,9 @@ class GMRES(Solver):
             # r = h(p) - p, v_0 = r / ||r||, in the slots from `position` on (none left
             # at the last position: it measures again at the next, the slots' start).
             r = fp - p
-            beta = _norm(r)
+            beta = entries_lib.norm(r)
             v0 = r / ops.where(beta > tiny, beta, 1.0)[:, None]
-            c_new = _norm(p) + _norm(fp)
+            c_new = entries_lib.norm(p) + entries_lib.norm(fp)
             c_new = ops.where(c_new > tiny, c_new, 1.0)
             stay = rows.settled(best) | last | (position == m)
             restarting = ~krylov & ~stay
@@ -169,7 +169,7 @@ class GMRES(Solver):
             # V R^-1) and the Krylov iterate x_i = x_{i-1} + g_i p_i.
             w = v - (fp - hx) / c[:, None]
             w, coefficients = _orthogonalize(basis, w, first, i)
-            beta_next = _norm(w)
+            beta_next = entries_lib.norm(w)
             v_next = w / ops.where(beta_next > tiny, beta_next, 1.0)[:, None]
             qt, g, above, pivot = _rotate(qt, g, coefficients, beta_next, first, i)
             direction = (v - _combine(directions, above, i)) / pivot[:, None]
@@ -251,10 +251,6 @@ def gmres(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", restart=20):
     """
     common.check_callable("f", f)
     return GMRES(max_iter, tol, stop_mode, restart)(f, z0)
-
-
-def _norm(t):
-    return ops.sqrt(res.row_sums(t * t))
 
 
 def _sizes(m):

@@ -14,7 +14,8 @@ from keras import ops
 from keras_deq.solvers import result as res
 
 
-def _norm(t):
+def norm(t):
+    """The Euclidean norm of each row of `t`, `(batch,)`."""
     return ops.sqrt(res.row_sums(t * t))
 
 
@@ -46,7 +47,7 @@ class Samples:
     def estimate_rel(self, estimate, xk):
         """The relative residual of the Krylov iterate `xk` from the norm `estimate` of
         its residual: `||h(x)|| >= ||x|| - ||r||`."""
-        return res.relative(estimate, ops.maximum(_norm(xk) - estimate, 0.0))
+        return res.relative(estimate, ops.maximum(norm(xk) - estimate, 0.0))
 
     def guard(self, best, p_next):
         return res.guard(best, p_next)
@@ -86,6 +87,11 @@ class Entries(Samples):
         best = res.initial_best(self.rows(z0))
         return best._replace(z=z0)
 
+    def _each_entry(self, mask, like):
+        """`(batch,)` -> `(batch * entries,)`, the shape of `like`: each sample's value
+        for each of its entries."""
+        return ops.reshape(ops.broadcast_to(mask[:, None], ops.shape(self.by_sample(like))), (-1,))
+
     def _sample_failed(self, failed):
         return ops.any(self.by_sample(failed), axis=1)
 
@@ -101,13 +107,13 @@ class Entries(Samples):
         abs_res, rel_res = residual.abs_residual, residual.rel_residual
         finite = ops.isfinite(abs_res)
         failed = best.failed | ~finite
-        norm = self._sample_norm(abs_res)
+        sample_norm = self._sample_norm(abs_res)
         met = self._sample_met(best.abs_residual, best.rel_residual)
-        better = self._sample_met(abs_res, rel_res) | (norm < self._sample_norm(best.abs_residual))
-        better = better & ~met & ~self._sample_failed(failed) & ~krylov
-        entries = ops.reshape(
-            ops.broadcast_to(better[:, None], ops.shape(self.by_sample(abs_res))), (-1,)
+        better = self._sample_met(abs_res, rel_res) | (
+            sample_norm < self._sample_norm(best.abs_residual)
         )
+        better = better & ~met & ~self._sample_failed(failed) & ~krylov
+        entries = self._each_entry(better, abs_res)
         best = res.Best(
             res.where_rows(better, p, best.z),
             ops.where(entries, abs_res, best.abs_residual),
@@ -124,17 +130,14 @@ class Entries(Samples):
         # Every entry's residual is at most the sample's, `estimate`; its image at least
         # its norm less that: a bound for the entry of the smallest norm, so that the
         # Krylov iterate is measured once every entry should meet `tol`.
-        smallest = ops.min(self.by_sample(_norm(self.rows(xk))), axis=1)
+        smallest = ops.min(self.by_sample(norm(self.rows(xk))), axis=1)
         return res.relative(estimate, ops.maximum(smallest - estimate, 0.0))
 
     def guard(self, best, p_next):
         bad = ~ops.isfinite(res.row_sums(p_next))
         failed = self._sample_failed(best.failed) | bad
-        entries = ops.reshape(
-            ops.broadcast_to(bad[:, None], ops.shape(self.by_sample(best.failed))), (-1,)
-        )
         p_next = res.replace_rows(failed, best.z, p_next)
-        return p_next, best._replace(failed=best.failed | entries)
+        return p_next, best._replace(failed=best.failed | self._each_entry(bad, best.failed))
 
     def keep_going(self, best):
         return ops.any(~self.settled(best))
