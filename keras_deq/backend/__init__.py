@@ -189,6 +189,15 @@ def select_rows(rows, new, old):
     return ops.where(ops.reshape(rows, (-1,) + (1,) * (len(old.shape) - 1)), new, old)
 
 
+def slice_update(inputs, start_indices, updates):
+    """`keras.ops.slice_update(inputs, start_indices, updates)`, differentiable on every
+    backend: on TensorFlow under XLA (`jit_compile=True`) Keras' op has no gradient, so a
+    solver loop that writes its history with it could not be unrolled for autodiff."""
+    if name() != "tensorflow":
+        return ops.slice_update(inputs, start_indices, updates)
+    return _tf().slice_update(inputs, start_indices, updates)
+
+
 def row_sums(matrix):
     """The sums of the rows of a `(batch, n)` matrix, `(batch,)`.
 

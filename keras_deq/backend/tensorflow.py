@@ -51,6 +51,25 @@ def xla_call(fn, *args):
     return tf.function(fn, jit_compile=True, autograph=False)(*args)
 
 
+def slice_update(inputs, start_indices, updates):
+    """`keras.ops.slice_update` with a gradient: Keras writes it as XLA's
+    DynamicUpdateSlice, for which TensorFlow registers none. The gradient is the
+    upstream with the slice zeroed for `inputs`, the slice itself for `updates`."""
+    from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice  # noqa: PLC0415
+
+    start = tf.stack([tf.cast(i, tf.int32) for i in start_indices])
+
+    @tf.custom_gradient
+    def update(inputs, updates):
+        def grad(upstream):
+            rest = dynamic_update_slice(upstream, tf.zeros_like(updates), start)
+            return rest, tf.slice(upstream, start, tf.shape(updates))
+
+        return dynamic_update_slice(inputs, updates, start), grad
+
+    return update(inputs, updates)
+
+
 def has_accelerator():
     return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
 

@@ -175,7 +175,7 @@ def _history(zeros, size):
 def _write(ring, k, value):
     """`ring` with iteration `k`'s difference `value` `(batch, n)` in slot `k % size`."""
     slot = ops.mod(ops.cast(k, "int32"), ring.shape[1])
-    return ops.slice_update(ring, (0, slot, 0), value[:, None, :])
+    return backend.slice_update(ring, (0, slot, 0), value[:, None, :])
 
 
 def _newest_first(k, size):

@@ -169,3 +169,65 @@ def test_remat_and_checkpoint_every_are_checked_serialized_settings():
     for bad in (0, -2, 2.5, True, "8"):
         with pytest.raises(ValueError, match="`checkpoint_every` must be a positive integer"):
             Unrolled(checkpoint_every=bad)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's XLA path")
+def test_unrolled_anderson_under_xla_has_the_graph_gradient():
+    """Under XLA (`jit_compile=True`) Anderson keeps its history in a ring buffer written
+    with a slice update, which TensorFlow cannot differentiate by itself ("No gradient
+    defined for XlaDynamicUpdateSlice"); outside XLA it keeps a tuple. Both gradients of
+    the unrolled solve agree."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    keras.utils.set_random_seed(0)
+    layer = keras_deq.DEQ(
+        keras_deq.DenseCell(UNITS),
+        solver=keras_deq.solvers.Anderson(window=3),
+        max_iter=6,
+        tol=1e-30,
+        on_failure="ignore",
+        backward=Unrolled(),
+        state_shape=(UNITS,),
+    )
+    x = np.random.default_rng(1).normal(size=(BATCH, FEATURES)).astype("float32")
+    layer.build(x.shape)
+
+    def gradients(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.square(layer(x, training=True)))
+        return tape.gradient(loss, [x, *layer.trainable_variables])
+
+    x = tf.constant(x)
+    graph = tf.function(gradients)(x)
+    xla = tf.function(gradients, jit_compile=True)(x)
+    assert_same_gradients([g.numpy() for g in graph], [g.numpy() for g in xla])
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's XLA path")
+def test_slice_update_gradient_under_xla():
+    import tensorflow as tf  # noqa: PLC0415
+
+    from keras_deq import backend
+
+    rng = np.random.default_rng(3)
+    inputs = tf.constant(rng.normal(size=(2, 4, 3)).astype("float32"))
+    updates = tf.constant(rng.normal(size=(2, 1, 3)).astype("float32"))
+    weights = tf.constant(rng.normal(size=(2, 4, 3)).astype("float32"))
+
+    @tf.function(jit_compile=True)
+    def gradients(inputs, updates, slot):
+        with tf.GradientTape() as tape:
+            tape.watch([inputs, updates])
+            out = backend.slice_update(inputs, (0, slot, 0), updates)
+            loss = tf.reduce_sum(weights * out)
+        return out, tape.gradient(loss, [inputs, updates])
+
+    out, (d_inputs, d_updates) = gradients(inputs, updates, tf.constant(2))
+    expected = inputs.numpy().copy()
+    expected[:, 2:3] = updates.numpy()
+    np.testing.assert_array_equal(out.numpy(), expected)
+    mask = np.ones((2, 4, 3), "float32")
+    mask[:, 2] = 0.0
+    np.testing.assert_allclose(d_inputs.numpy(), weights.numpy() * mask)
+    np.testing.assert_allclose(d_updates.numpy(), weights.numpy()[:, 2:3])
