@@ -143,8 +143,17 @@ def solver_maps(cell, solver):
     """`{name: cell.name}` for the maps `solver` asks for besides `f` (its `extra_maps`,
     e.g. SAM's `prior_gradient`) that the cell has as methods; the solver goes without
     the others."""
-    methods = {name: getattr(cell, name, None) for name in getattr(solver, "extra_maps", ())}
+    methods = {name: _method(cell, name) for name in getattr(solver, "extra_maps", ())}
     return {name: method for name, method in methods.items() if callable(method)}
+
+
+def _method(cell, name):
+    """`cell.name`, or, for a cell wrapped by a kernel reparametrization, the wrapped
+    cell's method computed with the effective kernels."""
+    method = getattr(cell, name, None)
+    if callable(method) or not callable(getattr(cell, "wrapped_method", None)):
+        return method
+    return cell.wrapped_method(name)
 
 
 def start(cell, x, state_shape, dtype):

@@ -19,7 +19,9 @@ class KernelReparametrization(keras.layers.Layer):
     handed to `layer` in a `keras.StatelessScope`: any layer or cell works as is,
     and a `.keras` file holds the wrapper, the layer and both sets of variables.
     State that the wrapped layer updates in its call (a dropout seed) is passed on;
-    a cell's `state_shape` and `initial_state` methods too.
+    a cell's `state_shape` and `initial_state` methods too, and the maps a solver asks
+    the cell for (`wrapped_method`, e.g. SAM's `prior_gradient`), computed with the
+    effective kernels.
 
     A subclass implements `build_kernel(kernel)` (creates its variables for one
     kernel, returns what `effective_kernel` needs) and
@@ -81,20 +83,39 @@ class KernelReparametrization(keras.layers.Layer):
         return super().__call__(*args, **kwargs)
 
     def call(self, *args, training=None, **kwargs):
+        if training is not None:
+            kwargs["training"] = training
+        return self._with_effective_kernels(lambda: self.layer(*args, **kwargs), training)
+
+    def _with_effective_kernels(self, fn, training):
+        """`fn()` with `layer`'s kernels replaced by their effective values."""
         kernels = zip(self._kernels, self.effective_kernels(training), strict=True)
         replaced = {id(v): k for (v, _), k in kernels}
         # Every variable of `layer` is mapped (an inner scope hides the enclosing one, e.g.
         # JAX's training step): the kernels to their effective values, the rest as they are.
         mapping = [(v, replaced.get(id(v), v.value)) for v in self.layer.variables]
-        if training is not None:
-            kwargs["training"] = training
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            out = self.layer(*args, **kwargs)
+            out = fn()
             state = [(v, scope.get_current_value(v)) for v in self.layer.non_trainable_variables]
         for variable, value in state:  # assigned in the scope: pass the update on
             if value is not scope.state_mapping[id(variable)]:
                 variable.assign(value)
         return out
+
+    def wrapped_method(self, name):
+        """The wrapped layer's method `name` (through nested wrappers), computed with the
+        effective kernels, or None if it has none: the maps a solver asks the cell for
+        besides `f` (`Solver.extra_maps`, e.g. SAM's `prior_gradient`)."""
+        method = getattr(self.layer, name, None)
+        if not callable(method) and isinstance(self.layer, KernelReparametrization):
+            method = self.layer.wrapped_method(name)
+        if not callable(method):
+            return None
+
+        def method_with_effective_kernels(*args, **kwargs):
+            return self._with_effective_kernels(lambda: method(*args, **kwargs), None)
+
+        return method_with_effective_kernels
 
     def compute_output_shape(self, *args, **kwargs):
         return self.layer.compute_output_shape(*args, **kwargs)

@@ -109,3 +109,61 @@ def test_in_a_deq_the_gradient_is_that_of_the_cell_with_the_numpy_kernel():
     (want,) = layer_gradients(plain, x, loss, [])
     (got,) = layer_gradients(wrapped, x, loss, [])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+class KernelPriorCell(keras_deq.Cell):
+    """`z <- tanh(z W + x)` whose SAM prior gradient `z W^T W` reads the kernel."""
+
+    def build(self, z_shape, x_shape):
+        init = keras.initializers.Orthogonal(0.5, seed=3)
+        self.w = self.add_weight(shape=(z_shape[-1], z_shape[-1]), initializer=init, name="w")
+
+    def call(self, z, x):
+        return ops.tanh(ops.matmul(z, self.w) + x)
+
+    def prior_gradient(self, z):
+        return ops.matmul(ops.matmul(z, self.w), ops.transpose(self.w))
+
+
+def _gain(wrapper, size):
+    (gain,) = [w for w in wrapper.trainable_variables if w.shape == (size,) and "_g" in w.path]
+    return gain
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["one", "two-wrappers"])
+def test_a_solver_map_of_the_wrapped_cell_computes_with_the_effective_kernel(nested):
+    """SAM asks the cell for `prior_gradient`: a wrapped cell's is computed with the
+    effective kernel `g w / ||w||` (numpy), as the unwrapped cell with that kernel
+    computes it, and the two DEQs' SAM solves agree. Two weight normalizations in a row
+    normalize twice: the effective kernel is the inner one's."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 4)).astype("float32")
+    cell = KernelPriorCell()
+    inner = WeightNormalization(cell)
+    wrapped = WeightNormalization(inner) if nested else inner
+    solver = keras_deq.solvers.SAM(gamma=0.5, max_iter=40, tol=1e-6)
+    deq = keras_deq.DEQ(wrapped, solver=solver, state_shape=(4,))
+    deq(x)
+    w = rng.normal(size=(4, 4))
+    g = rng.uniform(0.3, 0.6, size=4)
+    cell.w.assign(w)
+    _gain(inner, 4).assign(g)
+    effective = numpy_weight_norm(g, w)
+
+    maps = keras_deq.layers.deq_state.solver_maps(wrapped, solver)
+    assert set(maps) == {"prior_gradient"}
+    z = rng.normal(size=(3, 4)).astype("float32")
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(maps["prior_gradient"](z)),
+        z @ effective @ effective.T,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    reference = KernelPriorCell()
+    plain = keras_deq.DEQ(reference, solver=solver, state_shape=(4,))
+    plain(x)
+    reference.w.assign(effective)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(deq(x)), ops.convert_to_numpy(plain(x)), rtol=1e-4, atol=1e-5
+    )
