@@ -713,3 +713,33 @@ def test_a_step_with_no_finite_sample_reports_a_nan_residual_not_zero():
     # A later finite step gives the mean over the finite samples alone.
     layer(np.ones((3, 4), "float32"))
     assert 0.0 <= statistic(layer, "fwd_residual") <= layer.tol
+
+
+def test_a_norm_that_overflows_is_not_a_relative_residual_of_zero():
+    # ||f(z)|| overflows float32 before ||f(z) - z|| does: the ratio was 0, so a
+    # diverged iterate "met" any relative tolerance.
+    from keras_deq.solvers import result as res
+
+    abs_res = ops.convert_to_tensor(np.array([1e19, 1.0, np.inf], "float32"))
+    f_norm = ops.convert_to_tensor(np.array([np.inf, 2.0, np.inf], "float32"))
+    rel = ops.convert_to_numpy(res.relative(abs_res, f_norm))
+    assert rel[0] == np.inf and rel[1] == 0.5 and not np.isfinite(rel[2])
+
+
+def test_a_diverging_adjoint_gives_a_bounded_gradient_not_a_huge_finite_one():
+    # Before: an expansive cell (orthogonal W of gain 2) whose fixed-point adjoint grows
+    # by about 2x per step: after 200 steps ||u|| overflowed float32 in the relative
+    # residual's denominator while ||u|| itself was still finite (1e18-1e19), the ratio
+    # was 0, the row counted as converged, and the layer returned gradients of 1e19
+    # (Adam then wrote NaN into the weights). Now the diverging rows keep their best
+    # iterate (the lowest absolute residual, an early one), as the forward solve does.
+    keras.utils.set_random_seed(0)
+    width = 64
+    x = np.random.default_rng(2).uniform(0.0, 1.0, size=(32, width)).astype("float32")
+    cell = DenseCell(width, kernel_initializer=keras.initializers.Orthogonal(2.0, seed=0))
+    layer = DEQ(cell, solver="fixed_point", max_iter=200, on_failure="ignore")
+    layer.build(x.shape)
+    grads = layer_gradients(layer, x, lambda z: ops.sum(ops.sin(z)), cell.trainable_variables)
+    for g in grads:
+        g = np.asarray(ops.convert_to_numpy(g))
+        assert np.all(np.isfinite(g)) and np.abs(g).max() < 1e3, np.abs(g).max()

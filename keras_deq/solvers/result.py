@@ -115,7 +115,9 @@ def tiny_for(dtype):
 
 def relative(abs_res, f_norm):
     """`abs_res / f_norm` without an epsilon: 0 where `abs_res` is 0, finite (at most
-    the dtype's largest value) where `abs_res` is finite, NaN/Inf where it is not.
+    the dtype's largest value) where both are finite, NaN/Inf where `abs_res` is not,
+    and Inf where `f_norm` is not (a norm that overflowed: the ratio would be 0 and
+    pass any tolerance, though the iterate diverged).
 
     An additive epsilon (`f_norm + eps`) would accept any state whose image is
     below `eps * tol`, e.g. `z = 0` when `f(0)` is tiny but not 0.
@@ -124,7 +126,8 @@ def relative(abs_res, f_norm):
     info = finfo(dtype)
     ratio = abs_res / ops.maximum(f_norm, ops.convert_to_tensor(float(info.tiny), dtype))
     capped = ops.minimum(ratio, ops.convert_to_tensor(float(info.max), dtype))
-    return ops.where(ops.isfinite(abs_res), capped, ratio)
+    ratio = ops.where(ops.isfinite(abs_res), capped, ratio)
+    return ops.where(ops.isfinite(f_norm), ratio, ops.convert_to_tensor(float("inf"), dtype))
 
 
 class Residual(NamedTuple):
