@@ -2,6 +2,7 @@
 
     python benchmarks/expressivity_recipe.py             # full run, about 20 minutes
     python benchmarks/expressivity_recipe.py --quick     # smoke run, about 2 minutes
+    python docs/figures/make_figures.py --only expressivity_recipe   # the run, table and figure
     python benchmarks/expressivity_recipe.py --recipes tied tied-curriculum --seeds 0 1 2
     python benchmarks/expressivity_recipe.py --deq-width 40 --recipes nilpotent-curriculum \
         --reference nilpotent-curriculum --seeds 0 --steps 6000   # a wider DEQ, longer
@@ -448,11 +449,6 @@ def main(argv=None):
         help="DEQ width (even: the block and tied recipes use levels of 2 neurons)",
     )
     parser.add_argument("--json", help="also write the rows and the best fits to this JSON file")
-    parser.add_argument(
-        "--figure",
-        help="write a PNG: per model and recipe, the target (black) and the fit of the "
-        "seed best on validation on a grid of [0, 1], one panel each, in the table's order",
-    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.seeds = 60, 10, args.seeds[:1]
@@ -515,34 +511,7 @@ def main(argv=None):
             "fits": {f"{m}|{r}": v for (m, r), v in fits.items()},
         }
         pathlib.Path(args.json).write_text(json.dumps(payload, indent=1))
-    if args.figure:
-        y_grid = tasks_lib.sawtooth_fn(grid[:, 0], args.k)
-        panels = [
-            [(grid[:, 0], y_grid, "black"), (grid[:, 0], fit["y"], "blue" if m == "deq" else "red")]
-            for (m, _), fit in fits.items()
-        ]
-        save_panels(args.figure, panels, [f"{m} {r}" for m, r in fits])
-        print("figure:", args.figure, "panels:", ", ".join(f"{m} {r}" for m, r in fits))
     return rows
-
-
-def save_panels(path, panels, titles):
-    """One panel per fit, stacked: `panels` lists `(x, y, color)` curves per panel. Agg,
-    fixed size and dpi, no timestamp: the same data gives the same bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.4 * len(panels)), squeeze=False)
-    for ax, curves, title in zip(axes[:, 0], panels, titles, strict=True):
-        for x, y, color in curves:
-            ax.plot(x, y, color=color, linewidth=1)
-        ax.set_title(title, fontsize=8, loc="left")
-        ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
 
 
 if __name__ == "__main__":

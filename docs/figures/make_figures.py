@@ -197,12 +197,13 @@ def memory_transformer():
     return command, data
 
 
-def multiscale_lipschitz(epochs=15):
+def multiscale_lipschitz(epochs=15, seeds=(0, 1, 2)):
     """benchmarks/lipschitz_speedup.py --json: plain MDEQ vs Lipschitz multiscale DEQ on
     digits, same budget (Anderson, 18 forward / 20 adjoint iterations, tol 1e-3, Adam 1e-3,
-    batch 64, seed 0, 1 thread), both evaluated on the test set after every epoch."""
+    batch 64, 1 thread), seeds 0, 1, 2, both evaluated on the test set after every epoch;
+    each seed's speed-ups (train step, inference, forward and adjoint steps)."""
     bench = _load("benchmarks/lipschitz_speedup.py", "bench_lipschitz")
-    argv = ["--epochs", str(epochs), "--threads", "1"]
+    argv = ["--epochs", str(epochs), "--seeds", *map(str, seeds), "--threads", "1"]
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "out.json"
         bench.main([*argv, "--json", str(path)])
@@ -213,6 +214,8 @@ def multiscale_lipschitz(epochs=15):
         "max_iter": out["args"]["max_iter"],
         "backward_max_iter": out["args"]["backward_max_iter"],
         "tol": out["args"]["tol"],
+        "runs": out["runs"],
+        "medians": out["medians"],
     }
     return "python benchmarks/lipschitz_speedup.py " + " ".join(argv) + " --json PATH", data
 
@@ -272,35 +275,102 @@ def steep_separation():
     return "python benchmarks/steep_separation.py", out
 
 
-def jacobian_steps():
-    """benchmarks/jacobian_steps.py, both parts (one process each, at once, one thread each):
-    the DEQ-Transformer language model and the plain MDEQ on digits, with and without the
-    Jacobian regularizer, solver steps and validation quality per chunk or epoch. A part
-    whose `PART.json` is already in `$JACOBIAN_STEPS_DIR` (written by the benchmark's
-    `--json`, with the arguments it ran with) is read instead of run again; the parts'
-    printed tables are kept in the record."""
+def jacobian_steps(lm_seeds=(0, 1, 2)):
+    """benchmarks/jacobian_steps.py, both parts (one process per language-model seed and
+    one for vision, two at a time, one thread each): the DEQ-Transformer language model
+    (seeds 0, 1, 2) and the plain MDEQ on digits (seeds 0, 1), with and without the
+    Jacobian regularizer, solver steps and validation quality per chunk or epoch. A run
+    whose `RUN.json` is already in `$JACOBIAN_STEPS_DIR` (`lm-seed0.json`, ...,
+    `vision.json`, written by the benchmark's `--json` with the arguments it ran with) is
+    read instead of run again; the runs' printed tables are kept in the record."""
     logs = pathlib.Path(os.environ.get("JACOBIAN_STEPS_DIR") or tempfile.mkdtemp())
     script = str(ROOT / "benchmarks" / "jacobian_steps.py")
-    running, out = {}, {}
-    for part in ("lm", "vision"):
-        if (logs / f"{part}.json").exists():
-            continue
-        command = [sys.executable, script, "--part", part, "--json", str(logs / f"{part}.json")]
-        with open(logs / f"{part}.log", "w") as log, open(logs / f"{part}.err", "w") as err:
-            running[part] = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=err)
-        print(f"{part}: output in {logs / part}.log", flush=True)
-    for part, process in running.items():
-        if process.wait() != 0:
-            raise RuntimeError(f"benchmarks/jacobian_steps.py --part {part} failed")
-    commands = []
-    for part in ("lm", "vision"):
-        out[part] = json.loads((logs / f"{part}.json").read_text())
-        out[part]["table"] = (logs / f"{part}.log").read_text()
+    runs = {f"lm-seed{seed}": ["--part", "lm", "--seed", str(seed)] for seed in lm_seeds}
+    runs["vision"] = ["--part", "vision"]
+    waiting = [name for name in runs if not (logs / f"{name}.json").exists()]
+    while waiting:
+        started = {}
+        for name in waiting[:2]:
+            command = [sys.executable, script, *runs[name], "--json", str(logs / f"{name}.json")]
+            with open(logs / f"{name}.log", "w") as log, open(logs / f"{name}.err", "w") as err:
+                started[name] = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=err)
+            print(f"{name}: output in {logs / name}.log", flush=True)
+        for name, process in started.items():
+            if process.wait() != 0:
+                raise RuntimeError(f"benchmarks/jacobian_steps.py {' '.join(runs[name])} failed")
+        waiting = waiting[2:]
+    out, commands = {"lm": {"seeds": {}}}, []
+    for name in runs:
+        record = json.loads((logs / f"{name}.json").read_text())
+        record["table"] = (logs / f"{name}.log").read_text()
+        if name == "vision":
+            out["vision"] = record
+        else:
+            out["lm"]["seeds"][str(record["args"]["seed"])] = record
         # The arguments it ran with (a run started by this function: its own command).
-        argv = out[part].get("argv", ["--part", part, "--json", "PATH"])
+        argv = record.get("argv", [*runs[name], "--json", "PATH"])
         argv = argv[: argv.index("--json")] + argv[argv.index("--json") + 2 :]
         commands.append("python benchmarks/jacobian_steps.py " + " ".join(argv) + " --json PATH")
     return " & ".join(commands), out
+
+
+def expressivity_recipe(every=4, argv=()):
+    """benchmarks/expressivity_recipe.py with its defaults (the 32-piece sawtooth, seeds 0,
+    1, 2, 2000 Adam steps with warm-up and cosine decay, every DEQ recipe and the FNNs): each
+    run's scores, and per model and recipe the fit of the seed best on validation, read on
+    every `every`-th point of the script's grid of [0, 1]."""
+    import numpy as np
+
+    bench = _load("benchmarks/expressivity_recipe.py", "bench_expressivity_recipe")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "out.json"
+        bench.main([*argv, "--json", str(path)])
+        out = json.loads(path.read_text())
+    grid = np.asarray(out["grid"][::every])
+    fits = {
+        key: {**fit, "y": [float(f"{v:.5g}") for v in fit["y"][::every]]}
+        for key, fit in out["fits"].items()
+    }
+    data = {
+        "k": out["args"]["k"],
+        "steps": out["args"]["steps"],
+        "seeds": out["args"]["seeds"],
+        "reference": out["args"]["reference"],
+        "rows": out["rows"],
+        "x": grid.tolist(),
+        "target": bench.tasks_lib.sawtooth_fn(grid, out["args"]["k"]).tolist(),
+        "fits": fits,
+    }
+    return "python benchmarks/expressivity_recipe.py --json PATH", data
+
+
+def opteq_seeds(seeds=8, table_seeds=3, epochs=15):
+    """OptEq on digits over seeds (dense units, alpha 0.8, Adam 1e-3, batch 64, 15 epochs,
+    1 thread): benchmarks/opteq_prior.py (the prior chosen on a validation split, seeds
+    0-7, then its test accuracy paired with the no-prior model's) and
+    benchmarks/opteq_unroll.py --table-seeds 3 (Table 8 in miniature: unrolled K = 5 ... 40
+    against implicit training, seeds 0-2, accuracy and time ratios to K = 20)."""
+    prior = _load("benchmarks/opteq_prior.py", "bench_opteq_prior")
+    unroll = _load("benchmarks/opteq_unroll.py", "bench_opteq_unroll")
+    prior_argv = ["--seeds", str(seeds), "--epochs", str(epochs), "--threads", "1"]
+    unroll_argv = ["--table-seeds", str(table_seeds), "--epochs", str(epochs), "--threads", "1"]
+    chosen = prior.main(prior_argv)
+    tables = unroll.main(unroll_argv)["tables"]
+    columns = ("method", "accuracy", "inference_x_k20", "backprop_x_k20", "residual", "train_s")
+    data = {
+        "epochs": epochs,
+        "prior": {
+            "results": chosen["results"],
+            "chosen": chosen["chosen"],
+            "paired": chosen["paired"],
+        },
+        "table8": [[dict(zip(columns, row, strict=True)) for row in table] for table in tables],
+    }
+    commands = [
+        "python benchmarks/opteq_prior.py " + " ".join(prior_argv),
+        "python benchmarks/opteq_unroll.py " + " ".join(unroll_argv),
+    ]
+    return " && ".join(commands), data
 
 
 # ----------------------------------------------------------------------- driver

@@ -171,17 +171,24 @@ def memory_transformer(record, path):
 
 
 def multiscale_lipschitz(record, path):
-    """Solver steps and test accuracy per epoch: plain MDEQ vs Lipschitz multiscale DEQ."""
+    """Solver steps and test accuracy per epoch, plain MDEQ vs Lipschitz multiscale DEQ, for
+    each seed (older records: the first seed only), and each seed's speed-ups."""
     data = record["data"]
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
-    for name, records in data["epochs"].items():
-        run = {key: [epoch[key] for epoch in records] for key in records[0]}
-        epochs = range(1, len(records) + 1)
-        style = {"color": COLORS.get(name), "marker": "o", "ms": 3, "lw": 1.4}
-        label = {"mdeq": "MDEQ", "lipschitz": "Lipschitz MDEQ"}[name]
-        axes[0].plot(epochs, run["fwd_steps"], label=label, **style)
-        axes[1].plot(epochs, run["bwd_steps"], label=label, **style)
-        axes[2].plot(epochs, [100 * a for a in run["test_accuracy"]], label=label, **style)
+    runs = data.get("runs") or [{"seed": 0, "epochs": data["epochs"]}]
+    fig, axes = plt.subplots(
+        1, 4 if "runs" in data else 3, figsize=(13 if "runs" in data else 10, 3.3)
+    )
+    labels = {"mdeq": "MDEQ", "lipschitz": "Lipschitz MDEQ"}
+    for k, run_ in enumerate(runs):
+        for name, records in run_["epochs"].items():
+            run = {key: [epoch[key] for epoch in records] for key in records[0]}
+            epochs = range(1, len(records) + 1)
+            style = {"color": COLORS.get(name), "marker": "osd^v"[k % 5], "ms": 3, "lw": 1.2}
+            style["ls"] = ("-", "--", ":", "-.")[k % 4]
+            label = labels[name] + (f", seed {run_['seed']}" if len(runs) > 1 else "")
+            axes[0].plot(epochs, run["fwd_steps"], label=label, **style)
+            axes[1].plot(epochs, run["bwd_steps"], label=label, **style)
+            axes[2].plot(epochs, [100 * a for a in run["test_accuracy"]], label=label, **style)
     axes[0].axhline(data["max_iter"], color="0.4", ls="--", lw=0.8)
     axes[1].axhline(data["backward_max_iter"], color="0.4", ls="--", lw=0.8)
     axes[0].set_title(f"forward steps per batch (cap {data['max_iter']})")
@@ -189,12 +196,39 @@ def multiscale_lipschitz(record, path):
     axes[2].set_title("test accuracy (%)")
     for ax in axes[:2]:
         ax.set_ylim(bottom=0)
-    for ax in axes:
+    for ax in axes[:3]:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend()
+    axes[0].legend(fontsize=7)
+    if "runs" in data:
+        _speedups(axes[3], data["runs"], data["medians"])
     fig.tight_layout()
     _save(fig, path)
+
+
+def _speedups(ax, runs, medians):
+    """MDEQ / Lipschitz ratios per seed (points) and their median (bar)."""
+    keys = {
+        "step": "train\nstep",
+        "infer": "inference",
+        "fwd": "forward\nsteps",
+        "bwd": "adjoint\nsteps",
+    }
+    ax.bar(range(len(keys)), [medians[k] for k in keys], color="C2", alpha=0.35, label="median")
+    for k, run_ in enumerate(runs):
+        x = np.arange(len(keys)) + 0.12 * (k - (len(runs) - 1) / 2)
+        ax.plot(
+            x,
+            [run_["ratios"][key] for key in keys],
+            "osd^v"[k % 5],
+            color="C2",
+            ms=4,
+            label=f"seed {run_['seed']}",
+        )
+    ax.axhline(1, color="0.4", lw=0.8)
+    ax.set_xticks(range(len(keys)), list(keys.values()), fontsize=8)
+    ax.set_title("speed-up, MDEQ / Lipschitz (×)")
+    ax.legend(fontsize=7)
 
 
 def synthetic_fits(record, path):
@@ -295,36 +329,142 @@ def steep_separation(record, path):
 
 def jacobian_steps(record, path):
     """Solver steps and validation quality over training, with and without the Jacobian
-    regularizer: the DEQ-Transformer (top) and the MDEQ on digits (bottom, each seed)."""
+    regularizer: the DEQ-Transformer (top, each seed) and the MDEQ on digits (bottom,
+    each seed)."""
     data = record["data"]
-    fig, axes = plt.subplots(2, 3, figsize=(10.5, 6.2))
-    parts = [("lm", "deq", "bpc", "step", {"0": data["lm"]["curves"]})]
+    fig, axes = plt.subplots(2, 3, figsize=(10.5, 6.6))
+    lm = data["lm"]["seeds"] if "seeds" in data["lm"] else {"0": data["lm"]}
+    parts = [("lm", "deq", "bpc", "step", {seed: run["curves"] for seed, run in lm.items()})]
     parts.append(("vision", "mdeq", "accuracy", "epoch", {}))
     parts[1][4].update({seed: run["curves"] for seed, run in data["vision"]["seeds"].items()})
+    caps = {"lm": next(iter(lm.values()))["args"]["max_iter"]}
+    caps["vision"] = data["vision"]["args"]["vision_max_iter"]
     for row, (part, base, key, unit, seeds) in zip(axes, parts, strict=True):
-        cap = data[part]["args"]["max_iter" if part == "lm" else "vision_max_iter"]
         for k, (seed, curves) in enumerate(seeds.items()):
             for name, curve in curves.items():
                 x = [r["at"] for r in curve]
                 jr = name != base
-                style = {"color": COLORS["regularized" if jr else "plain"], "lw": 1.3, "ms": 3}
-                style.update(marker="o" if k == 0 else "s", ls="-" if k == 0 else "--")
-                label = ("with" if jr else "without") + " regularizer"
-                label += f", seed {seed}" if part == "vision" else ""
+                style = {"color": COLORS["regularized" if jr else "plain"], "lw": 1.2, "ms": 3}
+                style.update(marker="osd^v"[k % 5], ls=("-", "--", ":", "-.")[k % 4])
+                label = ("with" if jr else "without") + f" regularizer, seed {seed}"
                 row[0].plot(x, [r["fwd"] for r in curve], label=label, **style)
                 row[1].plot(x, [r["bwd"] for r in curve], label=label, **style)
                 quality = [r[key] * (100 if key == "accuracy" else 1) for r in curve]
                 row[2].plot(x, quality, label=label, **style)
         name = "DEQ-Transformer" if part == "lm" else "MDEQ, digits"
-        row[0].set_title(f"{name}: forward steps (cap {cap})")
-        row[1].set_title(f"adjoint steps (cap {cap}), per batch")
+        row[0].set_title(f"{name}: forward steps (cap {caps[part]})")
+        row[1].set_title(f"adjoint steps (cap {caps[part]}), per batch")
         row[2].set_title("validation bits per character" if part == "lm" else "test accuracy (%)")
         for ax in row:
             ax.set_xlabel(f"training {unit}")
-            ax.legend(fontsize=7)
+        row[2].legend(fontsize=6.5)
         for ax in row[:2]:
-            ax.axhline(cap, color="0.4", ls=":", lw=0.8)
+            ax.axhline(caps[part], color="0.4", ls=":", lw=0.8)
             ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def expressivity_recipe(record, path):
+    """The 32-piece sawtooth and, per model and recipe, the fit of the seed best on
+    validation (its test MSE / variance in the title): the recipes of
+    benchmarks/expressivity_recipe.py, DEQs (red) and FNNs (blue)."""
+    data = record["data"]
+    fits = data["fits"]
+    columns = 3
+    rows = -(-len(fits) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(11, 1.9 * rows), squeeze=False)
+    for ax, (key, fit) in zip(axes.flat, fits.items(), strict=False):
+        model, recipe = key.split("|")
+        run = next(
+            r
+            for r in data["rows"]
+            if (r["model"], r["recipe"], r["seed"]) == (model, recipe, fit["seed"])
+        )
+        ax.plot(data["x"], data["target"], color="0.6", lw=1.6)
+        ax.plot(data["x"], fit["y"], color="C3" if model == "deq" else "C0", lw=1.0)
+        name = "DEQ" if model == "deq" else model.replace("fnn-L", "FNN depth ")
+        ax.set_title(
+            f"{name}, {recipe}: test MSE/var {run['test']:.3g} (seed {fit['seed']})", fontsize=8
+        )
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(-0.1, 1.1)
+    for ax in list(axes.flat)[len(fits) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def opteq_seeds(record, path):
+    """OptEq on digits over seeds: the prior chosen on validation and its paired test
+    difference to no prior (top); Table 8 in miniature, accuracy and cost against the
+    training method (bottom)."""
+    data = record["data"]
+    prior, tables = data["prior"], data["table8"]
+    fig, axes = plt.subplots(2, 2, figsize=(10.5, 6.6))
+    ax = axes[0, 0]
+    names = list(prior["results"])
+    for i, name in enumerate(names):
+        for j, split in enumerate(("val", "test")):
+            values = 100 * np.asarray(prior["results"][name][split])
+            x = i + (j - 0.5) * 0.3
+            ax.plot(np.full(len(values), x), values, "o", ms=3, alpha=0.5, color=f"C{j}")
+            ax.plot(
+                [x - 0.1, x + 0.1],
+                [values.mean()] * 2,
+                color=f"C{j}",
+                lw=2,
+                label=("validation" if j == 0 else "test") + " (mean)" if i == 0 else None,
+            )
+    ax.set_xticks(
+        range(len(names)),
+        [n.replace(":", "\n") + ("\n(chosen)" if n == prior["chosen"] else "") for n in names],
+        fontsize=7,
+    )
+    ax.set_title(f"accuracy per seed (%), {len(prior['results']['none']['val'])} seeds")
+    ax.legend(fontsize=7)
+    ax = axes[0, 1]
+    base, best = (np.asarray(prior["results"][n]["test"]) for n in ("none", prior["chosen"]))
+    diff, paired = 100 * (best - base), prior["paired"]
+    ax.bar(range(len(diff)), diff, color="C2")
+    ax.axhspan(
+        100 * paired["low"],
+        100 * paired["high"],
+        color="C3",
+        alpha=0.15,
+        label="95% t-interval of the mean",
+    )
+    ax.axhline(100 * paired["mean"], color="C3", lw=1.5, label=f"mean {100 * paired['mean']:+.2f}")
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.set_xticks(range(len(diff)))
+    ax.set_xlabel("seed")
+    ax.set_title(f"test accuracy, {prior['chosen']} - no prior (points)", fontsize=9)
+    ax.legend(fontsize=7)
+    methods = [row["method"] for row in tables[0]]
+    x = np.arange(len(methods))
+    ax = axes[1, 0]
+    for k, table in enumerate(tables):
+        ax.plot(
+            x,
+            [100 * row["accuracy"] for row in table],
+            "osd^v"[k % 5] + "-",
+            ms=4,
+            lw=1,
+            label=f"seed {k}",
+        )
+    ax.set_title("Table 8: test accuracy (%) by training method")
+    ax.legend(fontsize=7)
+    ax = axes[1, 1]
+    for j, (key, label) in enumerate(
+        (("inference_x_k20", "inference"), ("backprop_x_k20", "back-prop"))
+    ):
+        values = [np.median([table[i][key] for table in tables]) for i in range(len(methods))]
+        ax.bar(x + (j - 0.5) * 0.38, values, width=0.38, color=f"C{j}", label=label)
+    ax.axhline(1, color="0.4", lw=0.8)
+    ax.set_title("time × unrolled K=20 (median over seeds)")
+    ax.legend(fontsize=7)
+    for ax in axes[1]:
+        ax.set_xticks(x, [m.replace(" ", "\n", 1) for m in methods], fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 
@@ -340,6 +480,8 @@ FIGURES = {
     "steep_separation": steep_separation,
     "pcdeq_norms": pcdeq_norms,
     "jacobian_steps": jacobian_steps,
+    "expressivity_recipe": expressivity_recipe,
+    "opteq_seeds": opteq_seeds,
 }
 
 
