@@ -28,7 +28,9 @@ class Unrolled(Backward):
     intermediate tensors from it, one evaluation at a time. The gradient is the
     same; memory still grows with the steps, by the state (and the solver's own
     history) per step instead of everything the cell computes, at the cost of one
-    more cell evaluation per step.
+    more cell evaluation per step: a gain for cells that compute much per step
+    (attention), none for a cell that computes little besides its state (a dense
+    cell; use `checkpoint_every` there).
 
     With `checkpoint_every=k` the solver loop runs as segments of `k` iterations
     (the solver's whole update: its own state, e.g. Anderson's history, included),
