@@ -173,18 +173,26 @@ def in_save_context():
 
 
 def runs_op_by_op():
-    """True where TensorFlow runs each op apart (eager, or a graph outside XLA): there
-    each op costs its own dispatch and memory pass, so a computation written as a few
-    fused-by-hand elementwise ops beats one that XLA would fuse (a batched product of
-    a stacked copy). False inside XLA and on JAX, whose steps are compiled."""
+    """True where each op runs apart: TensorFlow eager or in a graph outside XLA, and
+    eager PyTorch (not while `torch.compile` traces). There each op costs its own
+    dispatch and memory pass, so a computation written as a few fused-by-hand
+    elementwise ops beats one that a compiler would fuse (a batched product of a
+    stacked copy). False inside XLA and on JAX, whose steps are compiled."""
+    if name() == "torch":
+        return _torch().runs_op_by_op()
     return name() == "tensorflow" and not _tf().in_xla_context()
 
 
 def select_rows(rows, new, old):
     """`new`'s rows (samples) where `rows` `(batch,)` is True, else `old`'s: tensors of
-    any rank >= 1. Where ops run one by one, TensorFlow's row select (no broadcast
+    any rank >= 1. Where TensorFlow runs ops one by one, its row select (no broadcast
     of `rows`: half the time of a broadcasting `where` on a `(64, 512)` state)."""
-    if runs_op_by_op() and tuple(new.shape) == tuple(old.shape) and new.dtype == old.dtype:
+    if (
+        name() == "tensorflow"
+        and runs_op_by_op()
+        and tuple(new.shape) == tuple(old.shape)
+        and new.dtype == old.dtype
+    ):
         return _tf().select_rows(rows, new, old)
     return ops.where(ops.reshape(rows, (-1,) + (1,) * (len(old.shape) - 1)), new, old)
 

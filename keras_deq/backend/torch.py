@@ -122,6 +122,11 @@ def stateless_uniform(shape, seed, dtype):
     return values.to(device=get_device(), dtype=getattr(torch, dtype))
 
 
+def runs_op_by_op():
+    """True unless `torch.compile` is tracing (where ops may be fused)."""
+    return not torch.compiler.is_compiling()
+
+
 def twice_differentiable():
     """Attention by the plain math kernel (the fused CPU kernels of
     `scaled_dot_product_attention` have no double backward)."""
