@@ -101,6 +101,15 @@ def masked_while_loop(cond, body, loop_vars, max_steps):
     return tuple(keras.ops.while_loop(cond, body, loop_vars, maximum_iterations=max_steps))
 
 
+def cond(pred, true_fn, false_fn):
+    """`keras.ops.cond(pred, true_fn, false_fn)`; on PyTorch a Python `if`, which is
+    what Keras' op runs there, without the `Operation` object the op builds at each
+    call (about as long as the rest of a skipped `solvers.result.replace_rows`)."""
+    if name() == "torch":
+        return _torch().cond(pred, true_fn, false_fn)
+    return ops.cond(pred, true_fn, false_fn)
+
+
 def remat(fn):
     """`keras.remat(fn)` for `fn(*tensors) -> tuple of tensors` with integer or boolean
     tensors among them (a loop's counter, flags): on TensorFlow keras_deq's own
