@@ -1,21 +1,21 @@
 """keras_deq's per-step overhead on PyTorch: this checkout against an earlier commit,
 on the digits DEQ of `benchmarks/backends.py`, in one run.
 
-    pip install torch==2.13.0 --no-deps  # this benchmark only
+    pip install torch==2.13.0 torchdeq==0.1.0 --no-deps  # this benchmark only
     python benchmarks/torch_overhead.py --before REF [--rounds 4] [--epochs 8] [--threads 1]
     python benchmarks/torch_overhead.py --growth [--epochs 12]
 
 `REF`'s `keras_deq` package (`git archive`) and this checkout's are each imported by
-their own subprocesses, which alternate (before, after, after, before, ...), so that
-a drift of the machine's load weighs on both. Each trains `vs_torchdeq.py`'s mlp
-model (Anderson forward and adjoint, tol 1e-4, 30 + 30 iterations, Adam 1e-3, batch
-64, the same initial weights) eagerly on PyTorch, Keras' defaults, for `--epochs`
-epochs.
+their own subprocesses; with TorchDEQ's run of the same model, they take turns in
+an order that rotates each round, so that a drift of the machine's load weighs on
+all. Each trains `vs_torchdeq.py`'s mlp model (Anderson forward and adjoint, tol
+1e-4, 30 + 30 iterations, Adam 1e-3, batch 64, the same initial weights) for
+`--epochs` epochs, keras_deq eagerly on PyTorch with Keras' defaults.
 
 Printed per version: the median over its runs of each run's median epoch time after
 the first epoch, the fastest run's, the mean forward and backward solver iterations
-of the last epoch and the test accuracy (the same in both versions when their
-arithmetic is), and the ratio of the medians.
+of the last epoch and the test accuracy (the same in both keras_deq versions when
+their arithmetic is), and the ratios of the medians.
 
 `--growth` asks why the epochs lengthen: in this process, with this checkout, the
 same model trains `--epochs` epochs; printed per epoch are its time, the mean forward
@@ -51,8 +51,9 @@ def extract(ref, destination):
 
 
 def train(root, args):
-    """One digits run on eager PyTorch with the `keras_deq` package under `root`."""
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(root), str(HERE)])
+    """One digits run on eager PyTorch with the `keras_deq` package under `root`, or
+    TorchDEQ's (`root` None)."""
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(root or HERE.parent), str(HERE)])
     run_args = argparse.Namespace(
         epochs=args.epochs,
         threads=args.threads,
@@ -63,7 +64,8 @@ def train(root, args):
         deq_jit_compile="auto",
         model_jit_compile="auto",
     )
-    return vs_torchdeq.spawn("keras_deq_torch", "mlp", "anderson", run_args)
+    library = "torchdeq" if root is None else "keras_deq_torch"
+    return vs_torchdeq.spawn(library, "mlp", "anderson", run_args)
 
 
 def summary(runs):
@@ -147,10 +149,10 @@ def main(argv=None):
         parser.error("--before REF is required (or --growth)")
     print(f"before={args.before} rounds={args.rounds} epochs={args.epochs} threads={args.threads}")
     with tempfile.TemporaryDirectory() as tmp:
-        roots = {"before": extract(args.before, tmp), "after": HERE.parent}
-        runs = {"before": [], "after": []}
+        roots = {"before": extract(args.before, tmp), "after": HERE.parent, "TorchDEQ": None}
+        runs = {version: [] for version in roots}
         for i in range(args.rounds):
-            order = ("before", "after") if i % 2 == 0 else ("after", "before")
+            order = list(roots)[i % 3 :] + list(roots)[: i % 3]
             for version in order:
                 r = train(roots[version], args)
                 runs[version].append(r)
@@ -158,16 +160,17 @@ def main(argv=None):
                 print(f"round {i} {version}: epoch times (s) {times}", flush=True)
     rows = {version: summary(r) for version, r in runs.items()}
     print(
-        "\n| version | median epoch ms | fastest run's epoch ms | fwd iters | bwd iters | test acc |"
+        "\n| version | median epoch ms | fastest run's epoch ms | fwd iters | bwd iters "
+        "| test acc | ratio to before | ratio to TorchDEQ |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for version, s in rows.items():
         print(
             f"| {version} | {s['median'] * 1e3:.0f} | {s['fastest'] * 1e3:.0f} | {s['fwd']:.1f} "
-            f"| {s['bwd']:.1f} | {s['accuracy'] * 100:.1f}% |"
+            f"| {s['bwd']:.1f} | {s['accuracy'] * 100:.1f}% "
+            f"| {s['median'] / rows['before']['median']:.2f} "
+            f"| {s['median'] / rows['TorchDEQ']['median']:.2f} |"
         )
-    ratio = rows["after"]["median"] / rows["before"]["median"]
-    print(f"\nafter / before (median epoch): {ratio:.2f}")
     return rows
 
 
