@@ -231,39 +231,12 @@ def run_keras(
     set_threads(threads)
     from keras import ops
 
-    import keras_deq
-
     keras.utils.set_random_seed(seed)
     x_train, y_train, x_test, y_test = load_digits_split(seed)
-    w = initial_weights(cell, seed)
-    deq_kwargs = dict(keras_settings(config), name="deq", jit_compile=deq_jit_compile)
-    if cell == "mlp":
-        deq_cell = keras_deq.DenseCell(WIDTH)
-        model = keras.Sequential(
-            [
-                keras.Input((64,)),
-                keras.layers.Dense(WIDTH, name="injection"),
-                keras_deq.DEQ(deq_cell, **deq_kwargs),
-                keras.layers.Dense(10, name="classifier"),
-            ]
-        )
-        model.get_layer("injection").set_weights([w["inj_w"], w["inj_b"]])
-        deq_cell.set_weights([w["cell_w"], w["cell_u"], w["cell_b"]])
-    else:
+    if cell != "mlp":
         x_train, x_test = x_train.reshape(-1, 8, 8, 1), x_test.reshape(-1, 8, 8, 1)
-        deq_cell = ConvCell()
-        model = keras.Sequential(
-            [
-                keras.Input((8, 8, 1)),
-                keras.layers.Conv2D(CHANNELS, 3, padding="same", name="injection"),
-                keras_deq.DEQ(deq_cell, **deq_kwargs),
-                keras.layers.Flatten(),
-                keras.layers.Dense(10, name="classifier"),
-            ]
-        )
-        model.get_layer("injection").set_weights([w["inj_w"], w["inj_b"]])
-        deq_cell.set_weights([w["cell_w"], w["cell_b"]])
-    model.get_layer("classifier").set_weights([w["head_w"], w["head_b"]])
+    deq_kwargs = dict(keras_settings(config), name="deq", jit_compile=deq_jit_compile)
+    model = keras_model(cell, initial_weights(cell, seed), deq_kwargs)
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-8),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -333,6 +306,41 @@ def run_keras(
         "fit_rss_mib": fit_rss,
         **_summary(rel, CONFIGS[config]["tol"]),
     }
+
+
+def keras_model(cell, w, deq_kwargs):
+    """The uncompiled keras_deq model of `cell` (`"mlp"` or `"conv"`) with the initial
+    weights `w` and the `DEQ` arguments `deq_kwargs`."""
+    import keras
+
+    import keras_deq
+
+    if cell == "mlp":
+        deq_cell = keras_deq.DenseCell(WIDTH)
+        model = keras.Sequential(
+            [
+                keras.Input((64,)),
+                keras.layers.Dense(WIDTH, name="injection"),
+                keras_deq.DEQ(deq_cell, **deq_kwargs),
+                keras.layers.Dense(10, name="classifier"),
+            ]
+        )
+        deq_cell.set_weights([w["cell_w"], w["cell_u"], w["cell_b"]])
+    else:
+        deq_cell = ConvCell()
+        model = keras.Sequential(
+            [
+                keras.Input((8, 8, 1)),
+                keras.layers.Conv2D(CHANNELS, 3, padding="same", name="injection"),
+                keras_deq.DEQ(deq_cell, **deq_kwargs),
+                keras.layers.Flatten(),
+                keras.layers.Dense(10, name="classifier"),
+            ]
+        )
+        deq_cell.set_weights([w["cell_w"], w["cell_b"]])
+    model.get_layer("injection").set_weights([w["inj_w"], w["inj_b"]])
+    model.get_layer("classifier").set_weights([w["head_w"], w["head_b"]])
+    return model
 
 
 def tf_data_pipeline(x, y, seed):

@@ -101,6 +101,15 @@ def masked_while_loop(cond, body, loop_vars, max_steps):
     return tuple(keras.ops.while_loop(cond, body, loop_vars, maximum_iterations=max_steps))
 
 
+def cond(pred, true_fn, false_fn):
+    """`keras.ops.cond(pred, true_fn, false_fn)`; on PyTorch a Python `if`, which is
+    what Keras' op runs there, without the `Operation` object the op builds at each
+    call (about as long as the rest of a skipped `solvers.result.replace_rows`)."""
+    if name() == "torch":
+        return _torch().cond(pred, true_fn, false_fn)
+    return ops.cond(pred, true_fn, false_fn)
+
+
 def remat(fn):
     """`keras.remat(fn)` for `fn(*tensors) -> tuple of tensors` with integer or boolean
     tensors among them (a loop's counter, flags): on TensorFlow keras_deq's own
@@ -173,18 +182,26 @@ def in_save_context():
 
 
 def runs_op_by_op():
-    """True where TensorFlow runs each op apart (eager, or a graph outside XLA): there
-    each op costs its own dispatch and memory pass, so a computation written as a few
-    fused-by-hand elementwise ops beats one that XLA would fuse (a batched product of
-    a stacked copy). False inside XLA and on JAX, whose steps are compiled."""
+    """True where each op runs apart: TensorFlow eager or in a graph outside XLA, and
+    eager PyTorch (not while `torch.compile` traces). There each op costs its own
+    dispatch and memory pass, so a computation written as a few fused-by-hand
+    elementwise ops beats one that a compiler would fuse (a batched product of a
+    stacked copy). False inside XLA and on JAX, whose steps are compiled."""
+    if name() == "torch":
+        return _torch().runs_op_by_op()
     return name() == "tensorflow" and not _tf().in_xla_context()
 
 
 def select_rows(rows, new, old):
     """`new`'s rows (samples) where `rows` `(batch,)` is True, else `old`'s: tensors of
-    any rank >= 1. Where ops run one by one, TensorFlow's row select (no broadcast
+    any rank >= 1. Where TensorFlow runs ops one by one, its row select (no broadcast
     of `rows`: half the time of a broadcasting `where` on a `(64, 512)` state)."""
-    if runs_op_by_op() and tuple(new.shape) == tuple(old.shape) and new.dtype == old.dtype:
+    if (
+        name() == "tensorflow"
+        and runs_op_by_op()
+        and tuple(new.shape) == tuple(old.shape)
+        and new.dtype == old.dtype
+    ):
         return _tf().select_rows(rows, new, old)
     return ops.where(ops.reshape(rows, (-1,) + (1,) * (len(old.shape) - 1)), new, old)
 

@@ -122,6 +122,19 @@ def stateless_uniform(shape, seed, dtype):
     return values.to(device=get_device(), dtype=getattr(torch, dtype))
 
 
+def cond(pred, true_fn, false_fn):
+    """What Keras' torch `cond` runs: a Python `if`, and `true_fn` on the meta device
+    (where Keras infers shapes, `compute_output_spec`)."""
+    if isinstance(pred, torch.Tensor) and pred.device.type == "meta":
+        return true_fn()
+    return true_fn() if pred else false_fn()
+
+
+def runs_op_by_op():
+    """True unless `torch.compile` is tracing (where ops may be fused)."""
+    return not torch.compiler.is_compiling()
+
+
 def twice_differentiable():
     """Attention by the plain math kernel (the fused CPU kernels of
     `scaled_dot_product_attention` have no double backward)."""

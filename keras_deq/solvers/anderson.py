@@ -162,9 +162,9 @@ def anderson(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", window=5, beta=1.0, 
 def _history(zeros, size):
     """An empty history of `size` differences shaped like `zeros` `(batch, n)`.
 
-    Where ops run one by one (a TensorFlow graph outside XLA), a tuple of `(batch, n)`
-    tensors, newest first: a new difference shifts the tuple, which copies nothing.
-    Compiled (XLA, JAX), a ring buffer `(batch, size, n)` written in place at slot
+    Where ops run one by one (a TensorFlow graph outside XLA, eager PyTorch), a tuple
+    of `(batch, n)` tensors, newest first: a new difference shifts the tuple, which
+    copies nothing. Compiled (XLA, JAX, `torch.compile`), a ring buffer `(batch, size, n)` written in place at slot
     `k % size` (a shifted tuple would be copied there at every iteration).
     """
     if backend.runs_op_by_op():
@@ -262,14 +262,14 @@ def _coefficients(gram, rhs, current, ridge):
     # A sample whose system overflowed solves the identity system: gamma = 0.
     finite = ops.all(ops.isfinite(system), axis=(1, 2))[:, None]
     system = ops.where(finite[:, :, None], system, unit)
-    gamma = _filtered_solve(system, ridges + _DROP) * d
+    gamma = _filtered_solve(system, ridges + _DROP, unit) * d
     return ops.where(finite & ops.isfinite(gamma), gamma, 0.0)
 
 
-def _filtered_solve(system, thresholds):
+def _filtered_solve(system, thresholds, unit):
     """Solves the augmented systems `system` `(batch, p, p + 1)` (`[a | b]`, `a`
     symmetric positive definite with unit diagonal plus ridges), dropping the nearly
-    dependent unknowns.
+    dependent unknowns; `unit` is the identity `(p, p + 1)` in `system`'s dtype.
 
     Gauss-Jordan elimination without pivoting (stable for such matrices), in order,
     unrolled over the `p` unknowns. Unknown j is dropped (set to 0, its column
@@ -278,9 +278,6 @@ def _filtered_solve(system, thresholds):
     earlier (newer) kept ones.
     """
     size = system.shape[1]
-    unit = ops.convert_to_tensor(
-        np.eye(size, size + 1, dtype=keras.backend.standardize_dtype(system.dtype))
-    )
     x, keeps = system, []
     for j, threshold in enumerate(ops.split(thresholds[:, :, None], size, axis=1)):
         pivot = x[:, j : j + 1, j : j + 1]

@@ -273,7 +273,7 @@ def replace_rows(rows, new, old):
     """
     if not backend.runs_op_by_op():
         return where_rows(rows, new, old)
-    return ops.cond(ops.any(rows), lambda: where_rows(rows, new, old), lambda: old)
+    return backend.cond(ops.any(rows), lambda: where_rows(rows, new, old), lambda: old)
 
 
 def converged(best, tol, stop_mode):

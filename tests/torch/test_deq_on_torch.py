@@ -4,7 +4,7 @@ The implicit gradient against a dense linear solve (with a nested state, which K
 own torch `custom_gradient` cannot carry); the Jacobian penalty's second-order gradient
 against autodiff of the dense Jacobian; `on_failure="raise"` stopping `fit` before any
 weight moves; the solver metrics in `fit`'s logs; the README model on digits; the
-package without TensorFlow.
+package without TensorFlow; the op-by-op paths and `backend.cond` on eager PyTorch.
 """
 
 import subprocess
@@ -76,6 +76,19 @@ def test_custom_gradient_lets_a_forward_error_through():
 
     with pytest.raises(ValueError, match="broken forward"):
         broken(torch.ones(2, requires_grad=True))
+
+
+def test_eager_torch_runs_op_by_op_and_cond_runs_the_branch_keras_runs():
+    # The solver loop's op-by-op paths (Anderson's tuple history, the skipped row
+    # replacement) are taken on eager PyTorch; `backend.cond` stands in for `ops.cond`.
+    assert backend.runs_op_by_op()
+    for pred in (True, False):
+        flag = torch.tensor(pred)
+        assert backend.cond(flag, lambda: "a", lambda: "b") == keras.ops.cond(
+            flag, lambda: "a", lambda: "b"
+        )
+    meta = torch.zeros((), dtype=torch.bool, device="meta")
+    assert backend.cond(meta, lambda: "a", lambda: "b") == "a"
 
 
 def test_penalty_gradient_matches_autodiff_of_the_dense_jacobian():
