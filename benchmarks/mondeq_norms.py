@@ -56,6 +56,7 @@ import keras_deq  # noqa: E402
 WIDTH = 64
 MONOTONICITY = 0.1
 SWEEP_MODELS = ("pr", "fb", "same-W", "deq", "same-W-anderson", "same-W-km")
+# Read by norm_sweep.main, with sweep, print_sweep, build_model and spectral_norm below.
 TRAIN_MODELS = ("mondeq", "deq")
 START_LABEL = "start norm"  # the training table's first column
 QUICK_START = "8"

@@ -44,9 +44,6 @@ def parse_args(argv, description, quick_start, quick_help):
     args = parser.parse_args(argv)
     if args.quick:
         args.norms, args.seeds, args.train_starts, args.epochs = [1.0, 8.0], [0], [quick_start], 1
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     return args
 
 
@@ -160,6 +157,9 @@ def main(argv, bench):
     """
     bench = types.SimpleNamespace(**bench)
     args = parse_args(argv, bench.__doc__, bench.QUICK_START, bench.QUICK_HELP)
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     data = load_data(args)
     print(
         f"{bench.SETTINGS}; norms {args.norms}; seeds {args.seeds}; max_iter {args.max_iter}, "

@@ -58,6 +58,7 @@ import keras_deq  # noqa: E402
 
 WIDTH = 64
 SWEEP_MODELS = ("pcdeq", "deq", "deq-anderson", "deq-nonneg", "pcdeq-signed")
+# Read by norm_sweep.main, with sweep, print_sweep, build_model and spectral_norm below.
 TRAIN_MODELS = ("pcdeq", "deq")
 START_LABEL = "start ‖W‖₂"  # the training table's first column
 QUICK_START = "4"
