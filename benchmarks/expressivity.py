@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "synthetic"))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train as train_lib  # noqa: E402
+from md_tables import fmt, markdown  # noqa: E402
 from progress import Progress  # noqa: E402
 
 TASKS = ("sawtooth5", "sawtooth10", "steep5", "steep10", "gotu")
@@ -73,16 +74,12 @@ def median_result(results, keys=NUMERIC):
     return out
 
 
-def fmt(value, spec=".3g"):
-    return "-" if value is None else format(value, spec)
-
-
 def table(rows):
     header = (
         "| task | model | match | width | params | FLOPs/iter (DEQ) or /forward (FNN) "
         "| train MSE | test MSE | L∞ error | GOTU error | max abs weight | DEQ fwd steps | DEQ converged | time s |"
     )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = []
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['model']} | {r['match']} | {r['width']} | {r['params']} "
@@ -91,7 +88,7 @@ def table(rows):
             f"| {fmt(r['max_weight'])} | {fmt(r['fwd_steps'], '.1f')} | {fmt(r['converged'], '.2f')} "
             f"| {fmt(r['train_time_s'], '.1f')} |"
         )
-    return "\n".join(lines)
+    return markdown(header, lines)
 
 
 def main(argv=None):

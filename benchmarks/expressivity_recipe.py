@@ -80,6 +80,7 @@ import tasks as tasks_lib  # noqa: E402
 import train as train_lib  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from md_tables import fmt, markdown  # noqa: E402
 
 DEQ_RECIPES = (
     "baseline",
@@ -374,23 +375,19 @@ def run_fnn(recipe, seed, width, depth, match, args):
 
 
 # ------------------------------------------------------------------- report
-def fmt(value, spec=".3g"):
-    return "-" if value is None else format(value, spec)
-
-
 def per_seed_table(rows):
     header = (
         "| model | recipe | seed | width | params | FLOPs/forward | DEQ steps "
         "| train MSE/var | val MSE/var | test MSE/var | time s |"
     )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = []
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['recipe']} | {r['seed']} | {r['width']} | {r['params']} "
             f"| {r['flops']} | {fmt(r['fwd_steps'], '.0f')} | {fmt(r['train'])} "
             f"| {fmt(r['val'])} | {fmt(r['test'])} | {fmt(r['train_time_s'], '.0f')} |"
         )
-    return "\n".join(lines)
+    return markdown(header, lines)
 
 
 def summary(rows, reference):
@@ -406,7 +403,7 @@ def summary(rows, reference):
         "| min test MSE/var | best-by-val seed | its test MSE/var | ratio to DEQ "
         f"{reference[1]} |"
     )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = []
     for key, g in groups.items():
         tests = [r["test"] for r in g]
         b = best[key]
@@ -416,7 +413,7 @@ def summary(rows, reference):
             f"| {','.join(str(r['seed']) for r in g)} | {np.median(tests):.3g} "
             f"| {min(tests):.3g} | {b['seed']} | {b['test']:.3g} | {fmt(ratio)} |"
         )
-    return "\n".join(lines)
+    return markdown(header, lines)
 
 
 def main(argv=None):

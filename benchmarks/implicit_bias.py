@@ -32,7 +32,9 @@ the DEQ's 20 features with more uniform magnitudes than the FNN's).
 
 import argparse
 import os
+import pathlib
 import platform
+import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -43,6 +45,9 @@ import numpy as np  # noqa: E402
 from scipy.optimize import linprog  # noqa: E402
 
 import keras_deq  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from md_tables import markdown  # noqa: E402
 
 MODELS = ("deq", "diag-net", "linear")
 
@@ -199,7 +204,7 @@ def summary(rows):
         "| teacher | model | seeds | train MSE | test MSE / E[y^2] | ‖θ‖₁ / min-l1 "
         "| ‖θ‖₂ / min-l2 | participation (min-l1, min-l2) | ratio of test MSE to DEQ |"
     )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = []
     groups = {}
     for r in rows:
         groups.setdefault((r["teacher"], r["model"]), []).append(r)
@@ -217,7 +222,7 @@ def summary(rows):
             f"({med('participation_l1'):.3g}, {med('participation_l2'):.3g}) "
             f"| {ratio:.3g} |"
         )
-    return "\n".join(lines)
+    return markdown(header, lines)
 
 
 def main(argv=None):

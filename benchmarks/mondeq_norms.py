@@ -36,11 +36,9 @@ ReLU DEQ whose `||W||_2` is well above 1, do not converge.
    the start and the end, and whether the weights stayed finite.
 """
 
-import argparse
 import os
 import pathlib
 import sys
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -50,20 +48,20 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from progress import Progress  # noqa: E402
-from vs_torchdeq import load_digits_split  # noqa: E402
+import norm_sweep  # noqa: E402
+from norm_sweep import scaled  # noqa: E402
 
 import keras_deq  # noqa: E402
 
 WIDTH = 64
 MONOTONICITY = 0.1
 SWEEP_MODELS = ("pr", "fb", "same-W", "deq", "same-W-anderson", "same-W-km")
+# Read by norm_sweep.main, with sweep, print_sweep, build_model and spectral_norm below.
 TRAIN_MODELS = ("mondeq", "deq")
-
-
-def scaled(matrix, norm):
-    """`matrix` scaled to spectral norm `norm` (float32)."""
-    return (matrix * (norm / np.linalg.norm(matrix, 2))).astype("float32")
+START_LABEL = "start norm"  # the training table's first column
+QUICK_START = "8"
+QUICK_HELP = "norms 1 and 8, seed 0, one start (8), 1 epoch on 256 images"
+SETTINGS = f"width {WIDTH}, m {MONOTONICITY}"  # printed first
 
 
 def weight_matrix(a, b):
@@ -169,39 +167,29 @@ def error(z, reference):
 
 def sweep(x_test, args, progress):
     """Rows `(norm, seed, ||W||_2, {model: stats})` of the weight-norm sweep."""
-    rows = []
-    for norm in args.norms:
-        for seed in args.seeds:
-            rng = np.random.default_rng([seed, 1])
-            limit = np.sqrt(6.0 / (x_test.shape[1] + WIDTH))
-            injection = rng.uniform(-limit, limit, (x_test.shape[1], WIDTH)).astype("float32")
-            a = scaled(rng.normal(size=(WIDTH, WIDTH)), norm)
-            b = scaled(rng.normal(size=(WIDTH, WIDTH)), norm)
-            gaussian = scaled(rng.normal(size=(WIDTH, WIDTH)), norm)
-            w = weight_matrix(a, b)
-            same = w.T.astype("float32")  # z W^T on rows
-            weights = {"pr": (a, b), "fb": (a, b), "deq": gaussian}
-            u = x_test.astype("float64") @ injection.astype("float64")
-            reference = reference_equilibrium(w, u)
-            alpha = forward_backward_step(a, b)
-            stats = {}
-            for model in SWEEP_MODELS:
-                s, z = solve(model, weights.get(model, same), x_test, injection, args, alpha)
-                stats[model] = {
-                    "conv": s["converged"],
-                    "steps": s["fwd_steps"],
-                    # The DEQ with a Gaussian W solves another equation.
-                    "err": float("nan") if model == "deq" else error(z, reference),
-                }
-            rows.append((norm, seed, float(np.linalg.norm(w, 2)), stats))
-            progress.advance()
-            progress.print(
-                f"  ||A||, ||B|| {norm:g}, seed {seed}: "
-                + ", ".join(
-                    f"{m} conv {s['conv']:.2f} steps {s['steps']:.0f}" for m, s in stats.items()
-                )
-            )
-    return rows
+
+    def point(norm, seed, rng, injection):
+        a = scaled(rng.normal(size=(WIDTH, WIDTH)), norm)
+        b = scaled(rng.normal(size=(WIDTH, WIDTH)), norm)
+        gaussian = scaled(rng.normal(size=(WIDTH, WIDTH)), norm)
+        w = weight_matrix(a, b)
+        same = w.T.astype("float32")  # z W^T on rows
+        weights = {"pr": (a, b), "fb": (a, b), "deq": gaussian}
+        u = x_test.astype("float64") @ injection.astype("float64")
+        reference = reference_equilibrium(w, u)
+        alpha = forward_backward_step(a, b)
+        stats = {}
+        for model in SWEEP_MODELS:
+            s, z = solve(model, weights.get(model, same), x_test, injection, args, alpha)
+            stats[model] = {
+                "conv": s["converged"],
+                "steps": s["fwd_steps"],
+                # The DEQ with a Gaussian W solves another equation.
+                "err": float("nan") if model == "deq" else error(z, reference),
+            }
+        return norm, seed, float(np.linalg.norm(w, 2)), stats
+
+    return norm_sweep.sweep(x_test, WIDTH, args, progress, point, "||A||, ||B||")
 
 
 def build_model(model, start, seed, args):
@@ -224,52 +212,6 @@ def build_model(model, start, seed, args):
         metrics=["accuracy"],
     )
     return net, layer
-
-
-def train(data, args, progress):
-    """Rows of the training table, one per start, seed and model."""
-    x_train, y_train, x_test, y_test = data
-    rows = []
-    for start in args.train_starts:
-        for seed in args.seeds:
-            for model in TRAIN_MODELS:
-                net, layer = build_model(model, start, seed, args)
-                norm_start = spectral_norm(layer)
-                began = time.perf_counter()
-                history = net.fit(
-                    x_train,
-                    y_train,
-                    batch_size=args.batch_size,
-                    epochs=args.epochs,
-                    shuffle=True,
-                    verbose=0,
-                ).history
-                seconds = time.perf_counter() - began
-                test = net.evaluate(x_test, y_test, verbose=0, return_dict=True)
-                finite = all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in net.weights)
-                rows.append(
-                    {
-                        "start": start,
-                        "seed": seed,
-                        "model": model,
-                        "fwd": (history["deq_fwd_steps"][0], history["deq_fwd_steps"][-1]),
-                        "bwd": (history["deq_bwd_steps"][0], history["deq_bwd_steps"][-1]),
-                        "conv": history["deq_converged"][-1],
-                        "test_conv": test["deq_converged"],
-                        "acc": test["accuracy"],
-                        "norm": (norm_start, spectral_norm(layer)),
-                        "finite": finite,
-                        "seconds": seconds,
-                    }
-                )
-                progress.advance()
-                r = rows[-1]
-                progress.print(
-                    f"  start {start}, seed {seed}, {model}: test acc {r['acc']:.3f}, "
-                    f"conv {r['conv']:.2f}, ||W|| {r['norm'][0]:.2f} -> {r['norm'][1]:.2f} "
-                    f"({seconds:.0f} s)"
-                )
-    return rows
 
 
 def print_sweep(rows):
@@ -298,70 +240,8 @@ def print_sweep(rows):
         print(f"| {norm:g} | {seed} | {cells} |")
 
 
-def print_training(rows):
-    print(
-        "| start norm | seed | model | fwd steps (first → last epoch) | bwd steps | "
-        "conv (last epoch) | test conv | test acc | ‖W‖₂ start → end | finite |"
-    )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---|")
-    for r in rows:
-        print(
-            f"| {r['start']} | {r['seed']} | {r['model']} | {r['fwd'][0]:.1f} → {r['fwd'][1]:.1f} | "
-            f"{r['bwd'][0]:.1f} → {r['bwd'][1]:.1f} | {r['conv']:.2f} | {r['test_conv']:.2f} | "
-            f"{r['acc']:.3f} | {r['norm'][0]:.2f} → {r['norm'][1]:.2f} | "
-            f"{'yes' if r['finite'] else 'no'} |"
-        )
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--norms", type=float, nargs="+", default=[0.5, 1, 2, 4, 8, 16])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--train-starts", nargs="*", default=["init", "4", "8"])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--max-iter", type=int, default=200)
-    parser.add_argument("--tol", type=float, default=1e-4)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="TensorFlow threads (0: leave TensorFlow's)"
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="norms 1 and 8, seed 0, one start (8), 1 epoch on 256 images",
-    )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.norms, args.seeds, args.train_starts, args.epochs = [1.0, 8.0], [0], ["8"], 1
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-
-    data = load_digits_split(0)
-    if args.quick:
-        data = (data[0][:256], data[1][:256], data[2], data[3])
-    print(
-        f"width {WIDTH}, m {MONOTONICITY}; norms {args.norms}; seeds {args.seeds}; "
-        f"max_iter {args.max_iter}, tol {args.tol}; training from {args.train_starts}, "
-        f"{args.epochs} epochs, {args.threads} thread(s)",
-        flush=True,
-    )
-    began = time.perf_counter()
-    units = len(args.norms) * len(args.seeds)
-    units += len(args.train_starts) * len(args.seeds) * len(TRAIN_MODELS)
-    with Progress(units, unit_name="run") as progress:
-        sweep_rows = sweep(data[2], args, progress)
-        train_rows = train(data, args, progress)
-    print()
-    print_sweep(sweep_rows)
-    print()
-    if train_rows:
-        print_training(train_rows)
-    print(f"\ntotal {time.perf_counter() - began:.0f} s")
-    return {"sweep": sweep_rows, "train": train_rows}
+    return norm_sweep.main(argv, globals())
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ import keras_deq  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "synthetic"))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train as train_lib  # noqa: E402
-from expressivity import fmt, median_result  # noqa: E402
+from expressivity import median_result  # noqa: E402
+from md_tables import fmt, markdown  # noqa: E402
 from progress import Progress  # noqa: E402
 from vs_torchdeq import set_threads  # noqa: E402
 
@@ -194,11 +195,11 @@ def construction(model, delta):
 
 def construction_table(dims, log2_deltas, tol=1e-6):
     """The hand-set one-unit DEQ against the float64 target on each d's test set."""
-    lines = [
+    header = (
         "| d | δ | max abs weight | max abs error | max rel. error | 2^-24 / δ "
-        "| fwd steps | converged |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        "| fwd steps | converged |"
+    )
+    lines = []
     for d in dims:
         for log2_delta in log2_deltas:
             delta = 2.0**log2_delta
@@ -214,7 +215,7 @@ def construction_table(dims, log2_deltas, tol=1e-6):
                 f"| {err.max():.2g} | {np.max(err / steep_target(x, delta)):.2g} "
                 f"| {2.0**-24 / delta:.2g} | {stats['fwd_steps']:.1f} | {stats['converged']:.2f} |"
             )
-    return "\n".join(lines)
+    return markdown(header, lines)
 
 
 def matched_fnn_width(d, depth, target):
@@ -290,7 +291,7 @@ def table(rows):
         "| d | model | match | width | params | test MSE | rel. L∞ error | max abs weight "
         "| FNN/DEQ max abs weight | FNN/DEQ L∞ | DEQ fwd steps | DEQ converged | time s |"
     )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = []
     for r in rows:
         ref = deq.get(r["d"])
         is_fnn = r["model"] != "deq" and ref is not None
@@ -302,7 +303,7 @@ def table(rows):
             f"| {fmt(r['fwd_steps'], '.1f')} | {fmt(r['converged'], '.2f')} "
             f"| {fmt(r['train_time_s'], '.1f')} |"
         )
-    return "\n".join(lines)
+    return markdown(header, lines)
 
 
 def main(argv=None):
