@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from keras_deq import backend
+from keras_deq.backend import eigen
 from keras_deq.solvers.common import check_nonnegative_int, check_positive_int
 
 # Machine epsilon of the float dtypes a state may have.
@@ -99,7 +100,7 @@ def spectral_radius(fn, z, num_iters=100, seed=None, krylov_size=16):
     from `v` build an orthonormal basis of the Krylov subspace
     `span(v, J^T v, J^T^2 v, ...)`, and the estimate is the largest modulus of
     the eigenvalues of `J^T` projected on it (the Ritz values, from
-    `keras_deq.backend.eigenvalue_moduli` of the small Hessenberg matrix).
+    `keras_deq.backend.eigen.eigenvalue_moduli` of the small Hessenberg matrix).
 
     Unlike the growth factor `||J^T v||` of plain power iteration, which
     oscillates forever when the largest eigenvalues are a complex-conjugate pair
@@ -209,5 +210,5 @@ def spectral_radius(fn, z, num_iters=100, seed=None, krylov_size=16):
     basis = ops.concatenate([v[:, None, :], ops.zeros((batch, krylov_size, n), work)], axis=1)
     hessenberg = ops.zeros((batch, krylov_size + 1, krylov_size), work)
     _, hessenberg = ops.fori_loop(0, krylov_size, arnoldi_step, (basis, hessenberg))
-    moduli = backend.eigenvalue_moduli(hessenberg[:, :krylov_size])
+    moduli = eigen.eigenvalue_moduli(hessenberg[:, :krylov_size])
     return ops.cast(ops.max(moduli, axis=1), flat[0].dtype)

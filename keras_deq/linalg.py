@@ -28,6 +28,7 @@ import numpy as np
 from keras import ops
 
 from keras_deq import backend
+from keras_deq.backend import eigen
 from keras_deq.solvers.common import check_positive_int
 
 PADDINGS = ("same", "valid")
@@ -257,7 +258,7 @@ def circular_conv_norm_exact(kernel, grid_shape, strides=1):
     b = ops.concatenate([imag, -real], axis=-2)
     gram = ops.matmul(ops.swapaxes(a, -1, -2), ops.concatenate([a, b], axis=-1))
     gram_real, gram_imag = ops.split(gram, 2, axis=-1)
-    largest = ops.max(backend.eigvalsh(gram_real, gram_imag)) / (s1 * s2)
+    largest = ops.max(eigen.eigvalsh(gram_real, gram_imag)) / (s1 * s2)
     return ops.sqrt(ops.maximum(largest, ops.zeros_like(largest)))
 
 
@@ -432,7 +433,7 @@ def _lanczos_max_eigenvalue(op, shape, dtype, steps):
     _, _, alphas, betas = ops.fori_loop(0, steps, body, state)
     off = betas[:-1]
     tridiagonal = ops.diag(alphas) + ops.diag(off, k=1) + ops.diag(off, k=-1)
-    largest = ops.max(backend.eigvalsh(tridiagonal))
+    largest = ops.max(eigen.eigvalsh(tridiagonal))
     return ops.maximum(largest, ops.zeros_like(largest))
 
 

@@ -6,7 +6,8 @@ that import TensorFlow for it), which predates the seam. This package holds the 
 operations each backend spells differently: loops that reverse-mode autodiff can go
 through, vector-Jacobian products, gradients rewritten on the way back, host
 callbacks, compilation of a function with Python-value arguments, and the linear
-algebra Keras lacks (eigenvalues without eigenvectors, complex eigenvalues).
+algebra Keras lacks (`keras_deq.backend.eigen`: eigenvalues without eigenvectors,
+complex eigenvalues).
 
 `keras_deq.backend.tensorflow`, `keras_deq.backend.jax` and `keras_deq.backend.torch` hold
 each framework's code (imported on first use); this module dispatches. The `DEQ` layer runs
@@ -346,48 +347,6 @@ def compiled(fn, static_argnums=()):
     if name() == "jax":
         return _jax().compiled(fn, static_argnums)
     return fn
-
-
-def eigvalsh(real, imag=None):
-    """The eigenvalues of the Hermitian matrices `real + i imag`, ascending, without
-    eigenvectors (`imag=None`: real symmetric matrices).
-
-    Keras tensors are real and `keras.ops.eigh` computes the eigenvectors too; the
-    real form of a Hermitian `n x n` matrix, `[[A, -B], [B, A]]`, would double `n`.
-    Either would at least double the time of the operator norms (`keras_deq.linalg`),
-    taken after every optimizer step.
-
-    Args:
-        real: A `(..., n, n)` real symmetric tensor, the real part.
-        imag: None, or a tensor like `real`, antisymmetric: the imaginary part.
-
-    Returns:
-        A `(..., n)` real tensor in `real`'s dtype.
-    """
-    if name() == "tensorflow":
-        return _tf().eigvalsh(real, imag)
-    if name() == "jax":
-        return _jax().eigvalsh(real, imag)
-    return _torch().eigvalsh(real, imag)
-
-
-def eigenvalue_moduli(matrices):
-    """The moduli `|lambda|` of the (complex) eigenvalues of real square matrices.
-
-    Keras has no op for the eigenvalues of a non-symmetric matrix without its
-    eigenvectors, and its tensors are real: the complex eigenvalues stay here.
-
-    Args:
-        matrices: A `(..., n, n)` real tensor.
-
-    Returns:
-        A `(..., n)` real tensor in `matrices`' dtype (in no particular order).
-    """
-    if name() == "tensorflow":
-        return _tf().eigenvalue_moduli(matrices)
-    if name() == "jax":
-        return _jax().eigenvalue_moduli(matrices)
-    return _torch().eigenvalue_moduli(matrices)
 
 
 def identity_with_gradient(flat, rewrite):
