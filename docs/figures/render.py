@@ -170,21 +170,23 @@ def memory_transformer(record, path):
     _save(fig, path)
 
 
+def _seed_style(k):
+    """The marker and line style of the `k`-th seed's curves."""
+    return {"marker": "osd^v"[k % 5], "ls": ("-", "--", ":", "-.")[k % 4]}
+
+
 def multiscale_lipschitz(record, path):
     """Solver steps and test accuracy per epoch, plain MDEQ vs Lipschitz multiscale DEQ, for
-    each seed (older records: the first seed only), and each seed's speed-ups."""
+    each seed, and each seed's speed-ups."""
     data = record["data"]
-    runs = data.get("runs") or [{"seed": 0, "epochs": data["epochs"]}]
-    fig, axes = plt.subplots(
-        1, 4 if "runs" in data else 3, figsize=(13 if "runs" in data else 10, 3.3)
-    )
+    runs = data["runs"]
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.3))
     labels = {"mdeq": "MDEQ", "lipschitz": "Lipschitz MDEQ"}
     for k, run_ in enumerate(runs):
         for name, records in run_["epochs"].items():
             run = {key: [epoch[key] for epoch in records] for key in records[0]}
             epochs = range(1, len(records) + 1)
-            style = {"color": COLORS.get(name), "marker": "osd^v"[k % 5], "ms": 3, "lw": 1.2}
-            style["ls"] = ("-", "--", ":", "-.")[k % 4]
+            style = {"color": COLORS.get(name), "ms": 3, "lw": 1.2, **_seed_style(k)}
             label = labels[name] + (f", seed {run_['seed']}" if len(runs) > 1 else "")
             axes[0].plot(epochs, run["fwd_steps"], label=label, **style)
             axes[1].plot(epochs, run["bwd_steps"], label=label, **style)
@@ -200,8 +202,7 @@ def multiscale_lipschitz(record, path):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=7)
-    if "runs" in data:
-        _speedups(axes[3], data["runs"], data["medians"])
+    _speedups(axes[3], runs, data["medians"])
     fig.tight_layout()
     _save(fig, path)
 
@@ -217,10 +218,11 @@ def _speedups(ax, runs, medians):
     ax.bar(range(len(keys)), [medians[k] for k in keys], color="C2", alpha=0.35, label="median")
     for k, run_ in enumerate(runs):
         x = np.arange(len(keys)) + 0.12 * (k - (len(runs) - 1) / 2)
+        marker = _seed_style(k)["marker"]
         ax.plot(
             x,
             [run_["ratios"][key] for key in keys],
-            "osd^v"[k % 5],
+            marker,
             color="C2",
             ms=4,
             label=f"seed {run_['seed']}",
@@ -333,7 +335,7 @@ def jacobian_steps(record, path):
     each seed)."""
     data = record["data"]
     fig, axes = plt.subplots(2, 3, figsize=(10.5, 6.6))
-    lm = data["lm"]["seeds"] if "seeds" in data["lm"] else {"0": data["lm"]}
+    lm = data["lm"]["seeds"]
     parts = [("lm", "deq", "bpc", "step", {seed: run["curves"] for seed, run in lm.items()})]
     parts.append(("vision", "mdeq", "accuracy", "epoch", {}))
     parts[1][4].update({seed: run["curves"] for seed, run in data["vision"]["seeds"].items()})
@@ -344,8 +346,8 @@ def jacobian_steps(record, path):
             for name, curve in curves.items():
                 x = [r["at"] for r in curve]
                 jr = name != base
-                style = {"color": COLORS["regularized" if jr else "plain"], "lw": 1.2, "ms": 3}
-                style.update(marker="osd^v"[k % 5], ls=("-", "--", ":", "-.")[k % 4])
+                color = COLORS["regularized" if jr else "plain"]
+                style = {"color": color, "lw": 1.2, "ms": 3, **_seed_style(k)}
                 label = ("with" if jr else "without") + f" regularizer, seed {seed}"
                 row[0].plot(x, [r["fwd"] for r in curve], label=label, **style)
                 row[1].plot(x, [r["bwd"] for r in curve], label=label, **style)
@@ -444,14 +446,8 @@ def opteq_seeds(record, path):
     x = np.arange(len(methods))
     ax = axes[1, 0]
     for k, table in enumerate(tables):
-        ax.plot(
-            x,
-            [100 * row["accuracy"] for row in table],
-            "osd^v"[k % 5] + "-",
-            ms=4,
-            lw=1,
-            label=f"seed {k}",
-        )
+        accuracy = [100 * row["accuracy"] for row in table]
+        ax.plot(x, accuracy, _seed_style(k)["marker"] + "-", ms=4, lw=1, label=f"seed {k}")
     ax.set_title("Table 8: test accuracy (%) by training method")
     ax.legend(fontsize=7)
     ax = axes[1, 1]
