@@ -164,8 +164,9 @@ def _history(zeros, size):
 
     Where ops run one by one (a TensorFlow graph outside XLA, eager PyTorch), a tuple
     of `(batch, n)` tensors, newest first: a new difference shifts the tuple, which
-    copies nothing. Compiled (XLA, JAX, `torch.compile`), a ring buffer `(batch, size, n)` written in place at slot
-    `k % size` (a shifted tuple would be copied there at every iteration).
+    copies nothing. Compiled (XLA, JAX, `torch.compile`), a ring buffer
+    `(batch, size, n)` written in place at slot `k % size` (a shifted tuple would be
+    copied there at every iteration).
     """
     if backend.runs_op_by_op():
         return (zeros,) * size
